@@ -1,0 +1,35 @@
+# card_megatron: `make setup`, `make test`, `make demo`, `make bench`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NPROC ?= 2
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP) card_megatron/_indexer.stamp
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# Rebuild the C++ extension in place whenever csrc/ or setup.py changes.
+card_megatron/_indexer.stamp: $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	bash tools/demo.sh
+
+bench: setup
+	$(PY) tools/benchmark_data.py
+	$(PY) tools/benchmark_objectives.py
+	$(PY) tools/benchmark_train.py
+
+clean:
+	rm -rf build *.egg-info card_megatron/*.so card_megatron/_indexer.stamp

@@ -1,0 +1,46 @@
+"""Builds card_megatron and its C++ data indexer (pybind11 extension ``card_megatron._indexer``)."""
+
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    from pybind11.setup_helpers import Pybind11Extension, build_ext
+except ImportError:
+    sys.exit(
+        "error: pybind11 is required to build the C++ indexer (csrc/). "
+        "Install it first: pip install pybind11==3.1.0  (or run `make setup`)."
+    )
+
+if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+    sys.exit("error: no C++ compiler found (g++, c++ or clang++); install one, e.g. apt-get install g++.")
+
+ext = Pybind11Extension(
+    "card_megatron._indexer",
+    sources=["csrc/indexer.cpp"],
+    cxx_std=17,
+    extra_compile_args=["-O3"],
+)
+
+setup(
+    name="card_megatron",
+    version="0.1.0",
+    description="Pretraining for CARD (causal autoregressive diffusion) and its ARM/MDLM/BD3LM baselines "
+    "on Megatron-core and DeepSpeed",
+    packages=find_packages(include=["card_megatron", "card_megatron.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": build_ext},
+    python_requires=">=3.11",
+    install_requires=[
+        "torch==2.13.0",
+        "megatron-core==0.16.1",
+        "deepspeed==0.19.8",
+        "sentencepiece",
+        "numpy",
+        "wandb",
+        "pybind11",
+        "PyYAML",
+    ],
+    extras_require={"test": ["pytest"]},
+)
