@@ -1,5 +1,6 @@
 """Builds card_megatron and its C++ data indexer (pybind11 extension ``card_megatron._indexer``)."""
 
+import glob
 import shutil
 import sys
 
@@ -18,7 +19,7 @@ if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
 
 ext = Pybind11Extension(
     "card_megatron._indexer",
-    sources=["csrc/indexer.cpp"],
+    sources=sorted(glob.glob("csrc/*.cpp")),
     cxx_std=17,
     extra_compile_args=["-O3"],
 )
