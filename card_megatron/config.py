@@ -37,7 +37,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
-    untie_embeddings_and_output_weights: bool = False
+    untie_embeddings_and_output_weights: bool = True
     recompute_activations: bool = False  # activation checkpointing of each layer
 
 
@@ -77,7 +77,6 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0-3); 0-1 with pipeline parallelism
-    sequence_parallel: bool = False
     distributed_backend: Optional[str] = None  # None = nccl with CUDA, gloo without
     distributed_timeout_minutes: int = 10
 
@@ -290,8 +289,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                 f"model.num_layers ({m.num_layers}) must be divisible by "
                 f"parallel.pipeline_model_parallel_size ({pp})"
             )
-        if par.sequence_parallel and m.seq_length % tp:
-            p.append(f"model.seq_length ({m.seq_length}) must be divisible by tensor_model_parallel_size ({tp}) with sequence_parallel")
+        if pp > 1 and not m.untie_embeddings_and_output_weights:
+            p.append(
+                f"model.untie_embeddings_and_output_weights must be true with "
+                f"parallel.pipeline_model_parallel_size ({pp}) > 1"
+            )
     if par.zero_stage not in (0, 1, 2, 3):
         p.append(f"parallel.zero_stage ({par.zero_stage}) must be 0, 1, 2 or 3")
     elif pp > 1 and par.zero_stage > 1:

@@ -1,0 +1,105 @@
+"""Process groups: created once here (Megatron-core's parallel_state) and passed down.
+
+Rank layout (Megatron's default order, and DeepSpeed's PipeModelDataParallelTopology):
+tensor-parallel rank varies fastest, then data-parallel, then pipeline stage, so
+``rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank``. Megatron's groups and the
+groups DeepSpeed's pipeline grid builds therefore coincide.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from card_megatron.config import ParallelConfig
+from card_megatron.parallel.cpu_adapter import apply_cpu_adapter, cuda_available, reset_rng_tracker
+
+
+@dataclass(frozen=True)
+class ParallelInfo:
+    """Where this process sits in the layout; everything a component needs to know."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
+    """Starts torch.distributed (env:// from torchrun/deepspeed) and Megatron's parallel state.
+
+    Works without a launcher too (a single process, world size 1).
+    """
+    apply_cpu_adapter()
+    import deepspeed  # after the adapter: DS_ACCELERATOR must be set first
+    from megatron.core import parallel_state
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    backend = cfg.distributed_backend or ("nccl" if cuda_available() else "gloo")
+    if cuda_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=datetime.timedelta(minutes=cfg.distributed_timeout_minutes)
+        )
+    world = dist.get_world_size()
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    if world % (tp * pp):
+        raise ValueError(
+            f"world size ({world}) must be divisible by tensor_model_parallel_size ({tp}) x "
+            f"pipeline_model_parallel_size ({pp})"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+    reset_rng_tracker()
+    return ParallelInfo(
+        rank=dist.get_rank(),
+        world_size=world,
+        local_rank=local_rank,
+        tp_size=tp,
+        pp_size=pp,
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device,
+        backend=backend,
+    )
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

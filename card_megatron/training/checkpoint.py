@@ -1,0 +1,141 @@
+"""Checkpoints: DeepSpeed engine state plus everything needed to continue exactly.
+
+Layout of ``{run_dir}/checkpoints``::
+
+    step_00000100/            DeepSpeed engine checkpoint (model, optimizer, ZeRO shards)
+        client state            consumed samples, step, RNG states (inside DeepSpeed's files)
+        config.yaml             the resolved config
+        tokenizer.model         the tokenizer the run used
+        export/model.pt         consolidated weights, canonical names, loadable under any layout
+    latest                    names the newest *complete* checkpoint
+
+``latest`` is replaced atomically only after every rank has finished writing, so a job
+killed mid-save resumes from the previous checkpoint. Only the last N are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoints_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    """The path of the newest complete checkpoint of a run directory, or None."""
+    pointer = os.path.join(checkpoints_dir(run_dir), "latest")
+    if not os.path.exists(pointer):
+        return None
+    tag = open(pointer).read().strip()
+    path = os.path.join(checkpoints_dir(run_dir), tag)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{pointer} names {tag!r}, but {path} does not exist")
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(engine, run_dir: str, step: int, client_state: dict, *, config_yaml: str,
+                    tokenizer_model: str, export_state: Optional[dict], export_writer: bool,
+                    stage_index: int, num_stages: int, keep_last: int, rank: int) -> str:
+    """Saves a checkpoint collectively (every rank calls it); returns its directory.
+
+    ``export_state`` is this stage's canonical weights (from ``model.export``) on the ranks
+    with ``export_writer`` True (data- and tensor-parallel rank 0 of each pipeline stage).
+    """
+    root = checkpoints_dir(run_dir)
+    tag = tag_for(step)
+    path = os.path.join(root, tag)
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+    dist.barrier()
+    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    export_dir = os.path.join(path, "export")
+    if export_writer and export_state is not None:
+        os.makedirs(export_dir, exist_ok=True)
+        part = os.path.join(export_dir, f"stage_{stage_index:03d}.pt")
+        torch.save(export_state, part + ".tmp")
+        os.replace(part + ".tmp", part)
+    dist.barrier()
+    if rank == 0:
+        merged: dict[str, torch.Tensor] = {}
+        for i in range(num_stages):
+            part = os.path.join(export_dir, f"stage_{i:03d}.pt")
+            merged.update(torch.load(part, weights_only=True))
+        torch.save({"state_dict": merged, "step": step}, os.path.join(export_dir, "model.pt.tmp"))
+        os.replace(os.path.join(export_dir, "model.pt.tmp"), os.path.join(export_dir, "model.pt"))
+        for i in range(num_stages):
+            os.remove(os.path.join(export_dir, f"stage_{i:03d}.pt"))
+        _atomic_write(os.path.join(path, "config.yaml"), config_yaml)
+        _atomic_write(os.path.join(export_dir, "config.yaml"), config_yaml)
+        if tokenizer_model and os.path.exists(tokenizer_model):
+            for dst in (path, export_dir):
+                shutil.copyfile(tokenizer_model, os.path.join(dst, "tokenizer.model"))
+                sidecar = os.path.splitext(tokenizer_model)[0] + ".tokenizer.json"
+                if os.path.exists(sidecar):
+                    shutil.copyfile(sidecar, os.path.join(dst, "tokenizer.tokenizer.json"))
+        meta = {"step": step, "consumed_samples": client_state["consumed_samples"]}
+        _atomic_write(os.path.join(path, "meta.json"), json.dumps(meta))
+        _atomic_write(os.path.join(root, "latest"), tag)
+        _prune(root, keep_last)
+    dist.barrier()
+    return path
+
+
+def _prune(root: str, keep_last: int) -> None:
+    tags = sorted(t for t in os.listdir(root) if _TAG.match(t))
+    latest = open(os.path.join(root, "latest")).read().strip()
+    done = [t for t in tags if t <= latest]
+    for t in done[:-keep_last]:
+        shutil.rmtree(os.path.join(root, t), ignore_errors=True)
+
+
+def load_checkpoint(engine, path: str) -> dict:
+    """Loads a DeepSpeed checkpoint directory saved by :func:`save_checkpoint`; returns the client state."""
+    root, tag = os.path.split(path.rstrip("/"))
+    load_path, client_state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+    return client_state

@@ -1,0 +1,414 @@
+"""The training loop: one objective, one model, DeepSpeed for ZeRO, pipelining and checkpoints.
+
+Nothing here is objective-specific: the objective turns clean samples into model
+inputs and loss inputs, and turns per-token NLL into the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from card_megatron.config import Config, config_to_dict, save_config, validate
+from card_megatron.parallel.state import ParallelInfo, init_distributed
+from card_megatron.training import checkpoint as ckpt
+from card_megatron.training.metrics import MetricsWriter, format_step, model_flops_per_token, peak_flops
+from card_megatron.training.schedule import learning_rate
+
+log = logging.getLogger("card_megatron")
+
+STOP_FILE = "SAVE_AND_EXIT"  # touched by slurm/pretrain.sh when SLURM signals the batch shell
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Builds everything from a Config and trains. ``Trainer(cfg).train()``."""
+
+    def __init__(self, cfg: Config, info: Optional[ParallelInfo] = None):
+        import deepspeed  # noqa: F401  (imported after the CPU adapter inside init_distributed)
+
+        self.cfg = cfg
+        self.info = info or init_distributed(cfg.parallel)
+        validate(cfg, self.info.world_size)
+        self.is_rank0 = self.info.rank == 0
+        self.run_dir = cfg.train.run_dir
+        if self.is_rank0:
+            os.makedirs(self.run_dir, exist_ok=True)
+        dist.barrier()
+        self._stop_requested = False
+        self._install_signal_handlers()
+
+        from card_megatron.tokenizer import Tokenizer
+
+        self.tokenizer = Tokenizer.load(cfg.data.tokenizer_model)
+        self._build_objective_and_model()
+        self._build_engine()
+        self._build_data()
+
+        self.step = 0
+        self.consumed_samples = 0
+        self.skipped_steps = 0
+        self.consecutive_nonfinite = 0
+        self.resumed_from: Optional[str] = None
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest:
+            self._resume(latest)
+        if self.is_rank0:
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.metrics = MetricsWriter(self.run_dir, cfg.logging, self.is_rank0, config_to_dict(cfg))
+
+    # ------------------------------------------------------------------ construction
+
+    def _build_objective_and_model(self) -> None:
+        from card_megatron.model.gpt import CardGPT, padded_vocab_size
+        from card_megatron.objectives import build_objective
+        from card_megatron.parallel.deepspeed_glue import resolve_dtype
+
+        cfg, info = self.cfg, self.info
+        vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
+        if vocab < self.tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({self.tokenizer.vocab_size})")
+        self.vocab_size = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, info.tp_size)
+        self.vocab_start = info.tp_rank * (self.vocab_size // info.tp_size)
+        self.objective = build_objective(cfg.objective, cfg.model.seq_length, self.tokenizer.mask_id,
+                                         self.tokenizer.vocab_size)
+        precision = resolve_dtype(cfg.train.precision, info.device.type == "cuda")
+        self.params_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+        if info.pp_size == 1:
+            self.model = CardGPT(cfg.model, self.objective.mask_kind, self.vocab_size, info.tp_size,
+                                 seed=cfg.train.seed, params_dtype=torch.float32)
+        else:
+            from card_megatron.model.pipeline import build_pipeline_model
+
+            self.model = build_pipeline_model(cfg.model, self.objective.mask_kind, self.vocab_size, info.tp_size,
+                                              info.pp_size, info.dp_size, cfg.train.seed, self._pipeline_loss,
+                                              torch.float32)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+
+    def _build_engine(self) -> None:
+        import deepspeed
+
+        from card_megatron.parallel.deepspeed_glue import MegatronMPU, deepspeed_config
+
+        cfg, info = self.cfg, self.info
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim < 2 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+                                      eps=cfg.optim.adam_eps, fused=info.device.type == "cuda")
+        self.ds_config = deepspeed_config(cfg, info.dp_size, info.device.type == "cuda")
+        self.accumulation = self.ds_config["gradient_accumulation_steps"]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model,
+            optimizer=optimizer,
+            config=self.ds_config,
+            mpu=MegatronMPU() if info.pp_size == 1 else None,
+        )
+
+    def _build_data(self) -> None:
+        from card_megatron.data import build_datasets
+
+        cfg, info = self.cfg, self.info
+        t = cfg.train
+        self.valid_samples = t.eval_iters * t.micro_batch_size * info.dp_size
+        self.datasets = build_datasets(
+            cfg.data, cfg.model.seq_length, t.seed,
+            {"train": t.train_iters * t.global_batch_size, "valid": self.valid_samples, "test": 0},
+        )
+
+    # ------------------------------------------------------------------ batches
+
+    def _micro_batches(self, split: str, start: int, count: int) -> Iterator[dict]:
+        """This rank's next ``count`` micro-batches of ``split`` from global sample ``start``."""
+        from card_megatron.data import MicroBatchSampler, collate
+
+        t, info = self.cfg.train, self.info
+        dataset = self.datasets[split]
+        sampler = MicroBatchSampler(len(dataset), start, t.micro_batch_size, info.dp_rank, info.dp_size)
+        if self.cfg.data.num_workers > 0:
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                                 num_workers=self.cfg.data.num_workers)
+            it = iter(loader)
+        else:
+            it = (collate([dataset[i] for i in ids]) for ids in sampler)
+        for _ in range(count):
+            batch = next(it)
+            yield {k: v.to(info.device) for k, v in batch.items()}
+
+    def _prepare(self, batch: dict):
+        return self.objective.prepare(batch["tokens"], batch["noise_seeds"], batch["sample_ids"])
+
+    def _pipeline_item(self, model_inputs, loss_inputs):
+        mask = model_inputs.attention_mask
+        mask = mask.long() if mask is not None else torch.zeros(1, dtype=torch.long, device=self.info.device)
+        suppress = torch.tensor(1 if loss_inputs.suppress_mask_logit else 0, device=self.info.device)
+        return ((model_inputs.input_ids, model_inputs.position_ids, mask),
+                (loss_inputs.targets, loss_inputs.weights, loss_inputs.normaliser.reshape(1).float(), suppress))
+
+    def _nll(self, logits, loss_inputs):
+        from card_megatron.model.gpt import per_token_nll
+
+        suppress = self.tokenizer.mask_id if loss_inputs.suppress_mask_logit else None
+        return per_token_nll(logits, loss_inputs.targets, suppress, self.vocab_start)
+
+    def _pipeline_loss(self, logits, labels):
+        from card_megatron.objectives.base import LossInputs
+
+        targets, weights, normaliser, suppress = labels
+        li = LossInputs(targets=targets, weights=weights, normaliser=normaliser.reshape(()),
+                        suppress_mask_logit=bool(suppress.item()), is_masked=None)
+        loss, _ = self.objective.loss(self._nll(logits, li), li)
+        return loss
+
+    # ------------------------------------------------------------------ steps
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _all_max(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def _zero_loss(self) -> torch.Tensor:
+        """A finite loss whose gradient is zero everywhere (stands in for a non-finite micro-batch)."""
+        return sum((p.reshape(-1)[:1] * 0.0).sum() for p in self.model.parameters() if p.requires_grad)
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; returns the step's metrics (on every rank)."""
+        cfg = self.cfg
+        lr = learning_rate(self.step, cfg.optim, cfg.train.train_iters)
+        self._set_lr(lr)
+        batches = self._micro_batches("train", self.consumed_samples, self.accumulation)
+        metrics: dict[str, float] = {}
+        bad = False
+        if self.info.pp_size > 1:
+            items = (self._pipeline_item(*self._prepare(b)) for b in batches)
+            loss_value = float(self.engine.train_batch(data_iter=items))
+            bad = not math.isfinite(loss_value)
+            if bad and not self.engine.was_step_applied():
+                pass  # DeepSpeed detected the invalid gradient norm and skipped the update itself
+        else:
+            total = 0.0
+            for m, batch in enumerate(batches):
+                model_inputs, loss_inputs = self._prepare(batch)
+                logits = self.engine(model_inputs.input_ids, model_inputs.position_ids, model_inputs.attention_mask)
+                loss, micro_metrics = self.objective.loss(self._nll(logits, loss_inputs), loss_inputs)
+                micro_bad = self._all_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0
+                if micro_bad:
+                    if cfg.parallel.zero_stage == 3:
+                        raise NonFiniteLossError(
+                            f"non-finite loss at step {self.step + 1}; under ZeRO-3 a step cannot be skipped safely"
+                        )
+                    bad = True
+                    self.engine.backward(self._zero_loss())
+                else:
+                    total += loss.item()
+                    self.engine.backward(loss)
+                    for k, v in micro_metrics.items():
+                        metrics[k] = metrics.get(k, 0.0) + float(v) / self.accumulation
+                if m == self.accumulation - 1 and bad:
+                    self._set_lr(0.0)  # parameters stay unchanged: the step is skipped
+                self.engine.step()
+            # Mean over micro-batches, then over data-parallel ranks.
+            t = torch.tensor([total / self.accumulation], dtype=torch.float64, device=self.info.device)
+            dist.all_reduce(t, group=self.optimizer_dp_group())
+            loss_value = float(t.item()) / self.info.dp_size if not bad else float("nan")
+        self.step += 1
+        self.consumed_samples += cfg.train.global_batch_size
+        if bad:
+            self.skipped_steps += 1
+            self.consecutive_nonfinite += 1
+            log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.step, self.consecutive_nonfinite)
+            if self.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss (train.max_nonfinite_steps="
+                    f"{cfg.train.max_nonfinite_steps}); stopping. Lower optim.lr or check the data."
+                )
+        else:
+            self.consecutive_nonfinite = 0
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics.update({"loss": loss_value, "lr": lr,
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None})
+        return metrics
+
+    def optimizer_dp_group(self):
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group()
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation perplexity: exact for ARM/CARD, an upper bound (ELBO) for MDLM/BD3LM."""
+        cfg = self.cfg
+        self.engine.eval()
+        iters = cfg.train.eval_iters
+        total, count = 0.0, 0.0
+        if self.info.pp_size > 1:
+            losses = []
+            for batch in self._micro_batches("valid", 0, iters):
+                passes = self.objective.eval_passes(batch["tokens"], batch["noise_seeds"], batch["sample_ids"])
+                items = iter([self._pipeline_item(mi, li) for mi, li in passes])
+                for _ in passes:
+                    losses.append(float(self.engine.eval_batch(items, num_micro_batches=1)))
+            nll = sum(losses) / len(losses)
+        else:
+            for batch in self._micro_batches("valid", 0, iters):
+                for mi, li in self.objective.eval_passes(batch["tokens"], batch["noise_seeds"], batch["sample_ids"]):
+                    logits = self.engine(mi.input_ids, mi.position_ids, mi.attention_mask)
+                    s, c = self.objective.nll_terms(self._nll(logits, li), li)
+                    total += float(s)
+                    count += float(c)
+            t = torch.tensor([total, count], dtype=torch.float64, device=self.info.device)
+            dist.all_reduce(t, group=self.optimizer_dp_group())
+            nll = float(t[0] / t[1])
+        self.engine.train()
+        return {"val_nll": nll, "val_ppl": math.exp(min(nll, 50.0)), "val_ppl_is_bound": self.objective.is_bound}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _client_state(self) -> dict:
+        return {"step": self.step, "consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
+                "rng": ckpt.rng_state()}
+
+    def save(self) -> str:
+        from megatron.core import parallel_state
+
+        from card_megatron.model.export import gather_canonical_state
+
+        info = self.info
+        state = gather_canonical_state(self.model, self.cfg.model.num_layers,
+                                       parallel_state.get_tensor_model_parallel_group(), info.tp_size,
+                                       zero3=self.cfg.parallel.zero_stage == 3)
+        writer = info.dp_rank == 0 and info.tp_rank == 0
+        import yaml
+
+        path = ckpt.save_checkpoint(
+            self.engine, self.run_dir, self.step, self._client_state(),
+            config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
+            tokenizer_model=self.cfg.data.tokenizer_model, export_state=state if writer else None,
+            export_writer=writer, stage_index=info.pp_rank, num_stages=info.pp_size,
+            keep_last=self.cfg.train.keep_last_checkpoints, rank=info.rank,
+        )
+        if self.is_rank0:
+            log.info("saved checkpoint %s", path)
+        return path
+
+    def _resume(self, path: str) -> None:
+        state = ckpt.load_checkpoint(self.engine, path)
+        self.step = state["step"]
+        self.consumed_samples = state["consumed_samples"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        ckpt.set_rng_state(state["rng"])
+        self.resumed_from = path
+        if self.is_rank0:
+            log.info("resumed from %s at step %d (%d samples consumed)", path, self.step, self.consumed_samples)
+
+    # ------------------------------------------------------------------ signals
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self._stop_requested = True
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+    def _should_stop(self) -> bool:
+        local = self._stop_requested or os.path.exists(os.path.join(self.run_dir, STOP_FILE))
+        return self._all_max(1.0 if local else 0.0) > 0
+
+    # ------------------------------------------------------------------ loop
+
+    def _log_line(self, text: str) -> None:
+        if self.is_rank0:
+            log.info(text)
+
+    def train(self) -> dict:
+        """Runs until train.train_iters, train.exit_interval, or a stop request; returns a summary."""
+        cfg, t = self.cfg, self.cfg.train
+        summary: dict = {"start_step": self.step}
+        for name in ("finished", "preempted"):
+            if self.is_rank0 and os.path.exists(os.path.join(self.run_dir, name)):
+                os.remove(os.path.join(self.run_dir, name))
+        if self.step == 0 or t.eval_interval:
+            ev = self.evaluate()
+            summary["initial_eval"] = ev
+            self._log_eval(ev)
+        tokens_per_step = t.global_batch_size * cfg.model.seq_length * self.objective.sequence_length_multiplier
+        flops_per_token = model_flops_per_token(self.num_params * self.info.tp_size * self.info.pp_size,
+                                                cfg.model.num_layers, cfg.model.hidden_size,
+                                                cfg.model.seq_length * self.objective.sequence_length_multiplier)
+        peak = peak_flops(torch.cuda.get_device_name()) if self.info.device.type == "cuda" else None
+        steps_this_run = 0
+        stopped_by = None
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < t.train_iters:
+            metrics = self.train_step()
+            steps_this_run += 1
+            window_steps += 1
+            if self.step % t.log_interval == 0 or self.step == t.train_iters:
+                elapsed = time.perf_counter() - window_start
+                tps = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                record = {"step": self.step, **metrics, "tokens_per_sec": tps,
+                          "consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
+                          "memory_gb": _memory_gb(self.info.device)}
+                if peak:
+                    record["mfu"] = tps * flops_per_token / (peak * self.info.world_size)
+                self._log_line(format_step(record))
+                self.metrics.write(record)
+                window_start, window_steps = time.perf_counter(), 0
+            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_iters:
+                self._log_eval(self.evaluate())
+            if self._should_stop():
+                stopped_by = "signal"
+                break
+            if t.exit_interval and steps_this_run >= t.exit_interval and self.step < t.train_iters:
+                stopped_by = "exit_interval"
+                break
+            if t.save_interval and self.step % t.save_interval == 0 and self.step < t.train_iters:
+                self.save()
+        self.save()
+        if stopped_by is None:
+            ev = self.evaluate()
+            summary["final_eval"] = ev
+            self._log_eval(ev)
+        if self.is_rank0:
+            if stopped_by == "signal":
+                ckpt._atomic_write(os.path.join(self.run_dir, "preempted"), str(self.step))
+                stop_file = os.path.join(self.run_dir, STOP_FILE)
+                if os.path.exists(stop_file):
+                    os.remove(stop_file)
+            elif stopped_by is None:
+                ckpt._atomic_write(os.path.join(self.run_dir, "finished"), str(self.step))
+        dist.barrier()
+        summary.update({"end_step": self.step, "stopped_by": stopped_by, "skipped_steps": self.skipped_steps})
+        self.metrics.close()
+        return summary
+
+    def _log_eval(self, ev: dict) -> None:
+        bound = "<= " if ev["val_ppl_is_bound"] else ""
+        self._log_line(f"step {self.step:>7d} | validation nll {ev['val_nll']:.4f} | perplexity {bound}{ev['val_ppl']:.2f}")
+        self.metrics.write({"step": self.step, **ev}, filename="eval.jsonl")
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
