@@ -415,3 +415,24 @@ def test_user_errors():
         build_objective(ObjectiveConfig(), L, VOCAB, VOCAB)
     with pytest.raises(ValueError, match="t must"):
         card.prepare(tokens, seeds, ids, t=torch.tensor([0.5, 1.5]))
+
+
+# ------------------------------------------------------------------ device independence
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["card", "arm", "mdlm", "bd3lm"])
+def test_cuda_corruption_equals_cpu(name):
+    L = 64
+    tokens, seeds, ids = batch(8, L, seed=13)
+    obj = make(name, L)
+    cm, cl = obj.prepare(tokens, seeds, ids)
+    gm, gl = obj.prepare(tokens.cuda(), seeds.cuda(), ids.cuda())
+    assert gm.input_ids.is_cuda and gl.weights.is_cuda
+    assert torch.equal(gm.input_ids.cpu(), cm.input_ids)
+    assert torch.equal(gl.is_masked.cpu(), cl.is_masked)
+    torch.testing.assert_close(gl.weights.cpu(), cl.weights)
+    if cm.attention_mask is not None:
+        assert torch.equal(gm.attention_mask.cpu(), cm.attention_mask)
+    assert torch.equal(noise.uniform(seeds.cuda(), torch.arange(100).cuda()).cpu(), noise.uniform(seeds, torch.arange(100)))
