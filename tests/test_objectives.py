@@ -435,4 +435,5 @@ def test_cuda_corruption_equals_cpu(name):
     torch.testing.assert_close(gl.weights.cpu(), cl.weights)
     if cm.attention_mask is not None:
         assert torch.equal(gm.attention_mask.cpu(), cm.attention_mask)
-    assert torch.equal(noise.uniform(seeds.cuda(), torch.arange(100).cuda()).cpu(), noise.uniform(seeds, torch.arange(100)))
+    counters = torch.arange(100)
+    assert torch.equal(noise.uniform(seeds.cuda(), counters.cuda()).cpu(), noise.uniform(seeds, counters))

@@ -124,7 +124,9 @@ class Objective(abc.ABC):
         """
         weights = loss_inputs.weights
         if nll.shape != weights.shape:
-            raise ValueError(f"objective {self.name}: nll shape {tuple(nll.shape)} != weights shape {tuple(weights.shape)}")
+            raise ValueError(
+                f"objective {self.name}: nll shape {tuple(nll.shape)} != weights shape {tuple(weights.shape)}"
+            )
         loss = (weights * nll).sum() / loss_inputs.normaliser
         with torch.no_grad():
             carries = weights > 0
@@ -195,7 +197,9 @@ class Objective(abc.ABC):
             u = noise.uniform(noise_seeds, noise.T_STREAM + blocks)
         return t_min + (1.0 - t_min) * u
 
-    def eval_t(self, noise_seeds: torch.Tensor, pass_index: int, num_passes: int, num_blocks: int, t_min: float) -> torch.Tensor:
+    def eval_t(
+        self, noise_seeds: torch.Tensor, pass_index: int, num_passes: int, num_blocks: int, t_min: float
+    ) -> torch.Tensor:
         """Stratified t of evaluation pass k of K: t_min + (1 - t_min) * frac(u + k / K).
 
         u = uniform(seed, EVAL_OFFSET_STREAM + b) per sample and block, so each pass's t

@@ -20,7 +20,9 @@ from card_megatron.objectives.base import Batch, LossInputs, ModelInputs, Object
 from card_megatron.objectives.mdlm import masked_diffusion_corruption
 
 
-def block_diffusion_attention_mask(seq_len: int, block_size: int, device: Optional[torch.device] = None) -> torch.Tensor:
+def block_diffusion_attention_mask(
+    seq_len: int, block_size: int, device: Optional[torch.device] = None
+) -> torch.Tensor:
     """BoolTensor [2L, 2L], True where query (row) may attend key (column).
 
     Rows/columns 0..L-1 are the noised half, L..2L-1 the clean half; block(i) =
