@@ -1,0 +1,43 @@
+"""Training objectives: CARD and its ARM / MDLM / BD3LM baselines (pure tensor math).
+
+``build_objective`` is the only name the training loop needs; nothing outside this
+package chooses anything objective-specific by name. No module here imports
+``torch.distributed`` or knows about parallelism.
+"""
+
+from __future__ import annotations
+
+from card_megatron.config import ObjectiveConfig
+from card_megatron.objectives.arm import ArmObjective
+from card_megatron.objectives.base import LossInputs, ModelInputs, Objective
+from card_megatron.objectives.bd3lm import Bd3lmObjective, block_diffusion_attention_mask
+from card_megatron.objectives.card import CardObjective, context_aware_weights, soft_tail_mask
+from card_megatron.objectives.mdlm import MdlmObjective
+
+__all__ = [
+    "build_objective",
+    "Objective",
+    "ModelInputs",
+    "LossInputs",
+    "soft_tail_mask",
+    "context_aware_weights",
+    "block_diffusion_attention_mask",
+]
+
+_OBJECTIVES: dict[str, type[Objective]] = {
+    "card": CardObjective,
+    "arm": ArmObjective,
+    "mdlm": MdlmObjective,
+    "bd3lm": Bd3lmObjective,
+}
+
+
+def build_objective(objective_cfg: ObjectiveConfig, seq_length: int, mask_token_id: int, vocab_size: int) -> Objective:
+    """The objective named by ``objective_cfg.name`` for samples of seq_length + 1 tokens.
+
+    mask_token_id: the [MASK] id (inside vocab_size; unused by ARM).
+    """
+    cls = _OBJECTIVES.get(objective_cfg.name)
+    if cls is None:
+        raise ValueError(f"objective.name ({objective_cfg.name!r}) must be one of {', '.join(_OBJECTIVES)}")
+    return cls(objective_cfg, seq_length, mask_token_id, vocab_size)
