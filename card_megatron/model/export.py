@@ -36,8 +36,8 @@ def _is_glu_fc1(name: str) -> bool:
     return name.endswith("mlp.linear_fc1.weight")
 
 
-def _gather_tp(name: str, param: torch.Tensor, tp_group, tp_size: int) -> torch.Tensor:
-    tensor = param.detach()
+def _gather_tp(name: str, param: torch.Tensor, tp_group, tp_size: int, grads: bool = False) -> torch.Tensor:
+    tensor = (param.grad if grads else param).detach()
     if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
         return tensor.clone()
     dim = param.partition_dim
@@ -50,11 +50,12 @@ def _gather_tp(name: str, param: torch.Tensor, tp_group, tp_size: int) -> torch.
 
 
 def gather_canonical_state(module: torch.nn.Module, num_layers: int, tp_group=None, tp_size: int = 1,
-                           zero3: bool = False) -> dict[str, torch.Tensor]:
+                           zero3: bool = False, grads: bool = False) -> dict[str, torch.Tensor]:
     """This process's parameters, un-sharded over tensor parallelism, under canonical names (CPU tensors).
 
     Every rank of the tensor-parallel group must call it (collective). Under ZeRO-3 the
-    parameters are gathered over data parallelism first.
+    parameters are gathered over data parallelism first. With ``grads`` it gathers the
+    parameters' gradients instead (for parity tests).
     """
     params = list(module.named_parameters())
     ctx = None
@@ -66,7 +67,7 @@ def gather_canonical_state(module: torch.nn.Module, num_layers: int, tp_group=No
     try:
         out = {}
         for name, p in params:
-            out[canonical_name(name, num_layers)] = _gather_tp(name, p, tp_group, tp_size).cpu()
+            out[canonical_name(name, num_layers)] = _gather_tp(name, p, tp_group, tp_size, grads).cpu()
         return out
     finally:
         if ctx is not None:
