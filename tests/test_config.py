@@ -1,0 +1,82 @@
+"""Configuration: every YAML in configs/ loads and validates; bad values are named."""
+
+import glob
+import os
+
+import pytest
+
+from card_megatron.config import ConfigError, load_config, validate
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+
+
+def test_there_are_configs():
+    names = {os.path.basename(c) for c in CONFIGS}
+    assert {"tiny-cpu.yaml", "gpt-125m.yaml", "gpt-350m.yaml", "card-1b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_loads_and_validates(path):
+    cfg = load_config(path)
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    dp = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    validate(cfg, world_size=tp * pp)  # the smallest world the layout admits
+    assert cfg.model.hidden_size % cfg.model.num_attention_heads == 0
+    assert dp >= 1
+
+
+def test_paper_config_is_the_paper_model():
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "card-1b.yaml"))
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size, m.seq_length) == (33, 1536, 24, 4096, 128)
+
+
+def test_overrides_and_types():
+    cfg = load_config(None, ["objective.name=arm", "train.train_iters=7", "optim.lr=1e-3", "logging.wandb=true"])
+    assert (cfg.objective.name, cfg.train.train_iters, cfg.optim.lr, cfg.logging.wandb) == ("arm", 7, 1e-3, True)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.nonexistent=1"], "unknown key model.nonexistent"),
+        (["nosection.key=1"], "unknown section 'nosection'"),
+        (["train.train_iters=abc"], "train.train_iters: expected an integer"),
+        (["objective.name=gpt"], "objective.name ('gpt') must be one of"),
+        (["model.num_attention_heads=6", "parallel.tensor_model_parallel_size=4"],
+         "num_attention_heads (6) must be divisible by parallel.tensor_model_parallel_size (4)"),
+        (["parallel.pipeline_model_parallel_size=2", "parallel.zero_stage=2"], "zero_stage (2) with pipeline"),
+        (["objective.name=bd3lm", "objective.block_size=5"], "block_size (5) must divide model.seq_length (128)"),
+        (["train.global_batch_size=10", "train.micro_batch_size=4"], "must be a multiple of train.micro_batch_size"),
+        (["objective.tail_factor=0.5"], "tail_factor (0.5) must be >= 1"),
+        (["noequals"], "expected section.key=value"),
+    ],
+)
+def test_bad_values_are_named(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["objective.name=x", "objective.masking=y", "train.precision=z"])
+    text = str(e.value)
+    assert "objective.name" in text and "objective.masking" in text and "train.precision" in text
+
+
+def test_world_size_checks():
+    cfg = load_config(None, ["parallel.tensor_model_parallel_size=2", "train.global_batch_size=8",
+                             "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match=r"world size \(3\) must be divisible"):
+        validate(cfg, world_size=3)
+    with pytest.raises(ConfigError, match=r"multiple of micro_batch_size \(4\) x data-parallel size \(4\)"):
+        validate(cfg, world_size=8)
+    validate(cfg, world_size=4)
+
+
+def test_unknown_yaml_key_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  hiden_size: 3\n")
+    with pytest.raises(ConfigError, match=f"{path}: unknown key model.hiden_size"):
+        load_config(str(path))
