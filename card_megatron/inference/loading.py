@@ -1,0 +1,94 @@
+"""Loading a trained model into one process (CPU or one GPU), whatever layout trained it.
+
+``PATH`` may be a run directory (its latest checkpoint is used), a checkpoint directory
+(``.../checkpoints/step_00000100``), or a consolidated export (``.../export``, or the
+``model.pt`` inside it). The export holds canonical (single-process) weights, the
+resolved config and the tokenizer, so no DeepSpeed or ZeRO tooling is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import yaml
+
+from card_megatron.config import Config, config_from_dict
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # CardGPT, eval mode
+    config: Config
+    tokenizer: object  # card_megatron.tokenizer.Tokenizer
+    vocab_size: int  # padded model vocabulary
+    device: torch.device
+    step: int
+    path: str
+
+
+def resolve_export_dir(path: str) -> str:
+    """The export directory for a run dir, checkpoint dir, export dir or model.pt path."""
+    from card_megatron.training.checkpoint import latest_checkpoint
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isfile(path):
+        return os.path.dirname(os.path.abspath(path))
+    if os.path.exists(os.path.join(path, "model.pt")):
+        return path
+    if os.path.exists(os.path.join(path, "export", "model.pt")):
+        return os.path.join(path, "export")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path} is a run directory without a complete checkpoint (no checkpoints/latest)")
+        return resolve_export_dir(latest)
+    raise FileNotFoundError(
+        f"{path} is neither a run directory, a checkpoint directory nor an export (no model.pt found)"
+    )
+
+
+def load_model(path: str, device: Optional[str] = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Loads weights, config and tokenizer; initialises a single-process parallel state if needed."""
+    from card_megatron.config import ParallelConfig
+    from card_megatron.model.export import load_canonical_state
+    from card_megatron.model.gpt import CardGPT
+    from card_megatron.objectives import build_objective
+    from card_megatron.parallel.state import init_distributed
+    from card_megatron.tokenizer import Tokenizer
+
+    export = resolve_export_dir(path)
+    cfg_path, weights_path = os.path.join(export, "config.yaml"), os.path.join(export, "model.pt")
+    tok_path = os.path.join(export, "tokenizer.model")
+    for needed in (cfg_path, weights_path, tok_path):
+        if not os.path.exists(needed):
+            raise FileNotFoundError(f"incomplete checkpoint export: {needed} is missing")
+    with open(cfg_path) as f:
+        cfg = config_from_dict(yaml.safe_load(f))
+    try:
+        blob = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        raise ValueError(f"{weights_path}: not a card_megatron export ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict) or "state_dict" not in blob:
+        raise ValueError(f"{weights_path}: not a card_megatron export (no state_dict)")
+    state = blob["state_dict"]
+    tokenizer = Tokenizer.load(tok_path)
+    init_distributed(ParallelConfig())
+    embed = state.get("embedding.embedding.word_embeddings.weight")
+    if embed is None:
+        raise ValueError(f"{weights_path}: no embedding weights; not a card_megatron export")
+    vocab_size = embed.shape[0]
+    if vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"tokenizer mismatch: {tok_path} has {tokenizer.vocab_size} tokens but the model only {vocab_size}"
+        )
+    mask_kind = build_objective(cfg.objective, cfg.model.seq_length, tokenizer.mask_id, tokenizer.vocab_size).mask_kind
+    model = CardGPT(cfg.model, mask_kind, vocab_size, tensor_parallel_size=1, seed=cfg.train.seed)
+    load_canonical_state(model, state, cfg.model.num_layers)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device=dev, dtype=dtype).eval()
+    return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, vocab_size=vocab_size, device=dev,
+                       step=int(blob.get("step", 0)), path=export)
