@@ -65,11 +65,25 @@ struct ShuffleRng {
   }
 };
 
+// Draws are consumed in the textbook order (i = n-1 down to 1); they are only computed
+// kAhead steps early so that the random element a[j] can be prefetched.
 template <typename T>
 void fisher_yates(T* a, int64_t n, uint64_t key) {
+  constexpr int64_t kAhead = 32;
   ShuffleRng rng(key);
-  for (int64_t i = n - 1; i > 0; --i) {
-    const int64_t j = static_cast<int64_t>(rng.bounded(static_cast<uint64_t>(i) + 1));
+  int64_t ring[kAhead];
+  for (int64_t t = 0; t < kAhead && n - 1 - t > 0; ++t) {
+    ring[t] = static_cast<int64_t>(rng.bounded(static_cast<uint64_t>(n - t)));
+    __builtin_prefetch(a + ring[t], 1);
+  }
+  for (int64_t i = n - 1, t = 0; i > 0; --i, ++t) {
+    const int64_t slot = t % kAhead;
+    const int64_t j = ring[slot];
+    const int64_t ahead = i - kAhead;
+    if (ahead > 0) {
+      ring[slot] = static_cast<int64_t>(rng.bounded(static_cast<uint64_t>(ahead) + 1));
+      __builtin_prefetch(a + ring[slot], 1);
+    }
     const T tmp = a[i];
     a[i] = a[j];
     a[j] = tmp;

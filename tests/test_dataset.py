@@ -285,3 +285,26 @@ def test_dataset_pickles_for_workers(shard, tmp_path):
     assert len(pickle.dumps(ds)) < 10_000  # paths, not array contents
     for k in (0, 19):
         np.testing.assert_array_equal(clone[k]["tokens"], ds[k]["tokens"])
+
+
+def test_offline_build_tool_fills_the_same_cache(shard, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    prefix, _ = shard
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cache = str(tmp_path / "offline")
+    cmd = [sys.executable, os.path.join(root, "tools", "build_index.py"), "--data-path", prefix, "--cache-dir",
+           cache, "--seq-length", "16", "--seed", "3", "--train-samples", "40", "--valid-samples", "6",
+           "data.split=8,1,1"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "train" in done.stdout and cache in done.stdout
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the offline build should have filled the cache")
+
+    monkeypatch.setattr(idx, "build_split_arrays", no_build)
+    out = build_datasets(cfg_for(prefix, cache), 16, 3, {"train": 40, "valid": 6})
+    assert len(out["train"]) == 40 and len(out["valid"]) == 6

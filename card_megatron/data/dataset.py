@@ -5,14 +5,15 @@ the cache) the sample index of each split (see :mod:`card_megatron.data.index`),
 returns one :class:`PackedDataset` per split. ``dataset[k]`` is the k-th sample of the
 split's global stream: its L+1 tokens, its noise seed and ``k`` itself.
 
-The dataset needs three things from a shard: ``sequence_lengths`` (int32, one entry per
-document), ``document_indices`` and a token accessor reading ``length`` tokens of one
-document from ``offset``: ``shard.get(doc, offset=, length=)`` where the reader has it,
-else ``shard[doc][offset:offset + length]``.
+The dataset needs two things from a shard: ``sequence_lengths`` (int32; each sequence is
+a document, as in Megatron's ``GPTDataset``) and a token accessor reading ``length``
+tokens of one document from ``offset``: ``shard.get(doc, offset, length)`` where the
+reader has it, else ``shard[doc][offset:offset + length]``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -59,7 +60,7 @@ def open_shard(prefix: str) -> Any:
 
 def _token_reader(shard: Any) -> Callable[[int, int, int], np.ndarray]:
     if hasattr(shard, "get"):
-        return lambda doc, offset, length: shard.get(doc, offset=offset, length=length)
+        return lambda doc, offset, length: shard.get(doc, offset, length)
     return lambda doc, offset, length: shard[doc][offset : offset + length]
 
 
@@ -272,12 +273,12 @@ def build_datasets(
             [(w, fp, b, e) for (w, _), fp, (b, e) in zip(blend, fingerprints, ranges)],
         )  # fmt: skip
         parts = [idx.ShardSplit(p, sizes, b, e) for p, sizes, (b, e) in zip(prefixes, shards.sizes, ranges)]
-
-        def build(parts: list = parts, n: int = n, split: str = split) -> dict[str, np.ndarray]:
-            return idx.build_split_arrays(parts, [w for w, _ in blend], seq_length, seed, split, n)
-
+        build = functools.partial(
+            idx.build_split_arrays, parts, [w for w, _ in blend], seq_length, seed, split, n
+        )
         start = time.monotonic()
         arrays, entry = idx.load_or_build(cache_dir, split, description, build, lock_timeout_s)
-        logger.info("%s split: %d samples of %d+1 tokens ready in %.2f s", split, n, seq_length, time.monotonic() - start)
+        seconds = time.monotonic() - start
+        logger.info("%s split: %d samples of %d+1 tokens ready in %.2f s", split, n, seq_length, seconds)
         datasets[split] = PackedDataset(shards, entry, seq_length, n, split, arrays)
     return datasets
