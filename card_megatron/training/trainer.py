@@ -122,7 +122,8 @@ class Trainer:
 
         cfg, info = self.cfg, self.info
         t = cfg.train
-        self.valid_samples = t.eval_iters * t.micro_batch_size * info.dp_size
+        # eval_iters global batches, whatever the layout: the same validation set for every run.
+        self.valid_samples = t.eval_iters * t.global_batch_size
         self.datasets = build_datasets(
             cfg.data, cfg.model.seq_length, t.seed,
             {"train": t.train_iters * t.global_batch_size, "valid": self.valid_samples, "test": 0},
@@ -195,6 +196,7 @@ class Trainer:
         batches = self._micro_batches("train", self.consumed_samples, self.accumulation)
         metrics: dict[str, float] = {}
         bad = False
+        grad_norm = None
         if self.info.pp_size > 1:
             items = (self._pipeline_item(*self._prepare(b)) for b in batches)
             loss_value = float(self.engine.train_batch(data_iter=items))
@@ -220,8 +222,11 @@ class Trainer:
                     self.engine.backward(loss)
                     for k, v in micro_metrics.items():
                         metrics[k] = metrics.get(k, 0.0) + float(v) / self.accumulation
-                if m == self.accumulation - 1 and bad:
-                    self._set_lr(0.0)  # parameters stay unchanged: the step is skipped
+                if m == self.accumulation - 1:
+                    if bad:
+                        self._set_lr(0.0)  # parameters stay unchanged: the step is skipped
+                    if cfg.parallel.zero_stage == 0:
+                        grad_norm = self._grad_norm()
                 self.engine.step()
             # Mean over micro-batches, then over data-parallel ranks.
             t = torch.tensor([total / self.accumulation], dtype=torch.float64, device=self.info.device)
@@ -240,10 +245,20 @@ class Trainer:
                 )
         else:
             self.consecutive_nonfinite = 0
-        grad_norm = self.engine.get_global_grad_norm()
+        if self.info.pp_size > 1 or cfg.parallel.zero_stage > 0:
+            grad_norm = self.engine.get_global_grad_norm()
         metrics.update({"loss": loss_value, "lr": lr,
                         "grad_norm": float(grad_norm) if grad_norm is not None else None})
         return metrics
+
+    def _grad_norm(self) -> float:
+        """Global gradient norm before clipping (DeepSpeed reports it only under ZeRO)."""
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        from card_megatron.parallel.deepspeed_glue import MegatronMPU
+
+        # max_norm=inf: measure only (tensor-parallel shards counted once, replicas once).
+        return float(clip_grad_norm_(list(self.model.parameters()), max_norm=float("inf"), mpu=MegatronMPU()))
 
     def optimizer_dp_group(self):
         from megatron.core import parallel_state
@@ -257,7 +272,7 @@ class Trainer:
         """Validation perplexity: exact for ARM/CARD, an upper bound (ELBO) for MDLM/BD3LM."""
         cfg = self.cfg
         self.engine.eval()
-        iters = cfg.train.eval_iters
+        iters = cfg.train.eval_iters * self.accumulation  # micro-batches of this rank
         total, count = 0.0, 0.0
         if self.info.pp_size > 1:
             losses = []
