@@ -1,0 +1,180 @@
+"""Training: every parallel layout matches the single-process run; exact resume; failures handled.
+
+Multi-process tests run under torchrun on gloo (2 ranks) with timeouts.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.training_runs import REPO, command, env, losses, overrides, records, train
+
+ITERS = 6
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_corpus, tmp_path_factory):
+    """One process, no ZeRO: global batch 8 = micro-batch 4 x 2 accumulation steps."""
+    run = str(tmp_path_factory.mktemp("baseline"))
+    train(1, overrides(tiny_corpus, run, ITERS))
+    return run
+
+
+LAYOUTS = {
+    "dp2_zero0": ["parallel.zero_stage=0"],
+    "dp2_zero1": ["parallel.zero_stage=1"],
+    "dp2_zero2": ["parallel.zero_stage=2"],
+    "dp2_zero3": ["parallel.zero_stage=3"],
+    "tp2": ["parallel.tensor_model_parallel_size=2"],
+    "pp2": ["parallel.pipeline_model_parallel_size=2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(layout, baseline, tiny_corpus, tmp_path):
+    """Same data, same seed: the loss of every step and the trained weights match one process (fp32)."""
+    run = str(tmp_path / layout)
+    train(2, overrides(tiny_corpus, run, ITERS, *LAYOUTS[layout]))
+    expected, got = losses(baseline), losses(run)
+    assert sorted(got) == list(range(1, ITERS + 1))
+    for step in expected:
+        assert math.isclose(got[step], expected[step], rel_tol=2e-5), (layout, step, got[step], expected[step])
+    assert got[ITERS] < got[1]
+    # Validation is on the same samples whatever the layout.
+    v0, v1 = records(baseline, "eval.jsonl"), records(run, "eval.jsonl")
+    assert math.isclose(v0[0]["val_nll"], v1[0]["val_nll"], rel_tol=1e-5)
+    # The consolidated export is layout-independent: same weights as the single-process run.
+    # (Adam divides by sqrt(v): for near-zero gradients, reduction-order rounding can move a
+    # weight by up to ~lr, so the tolerance is absolute, 1e-4 at lr 3e-3, on weights of ~0.1.)
+    a = torch.load(os.path.join(baseline, "checkpoints", f"step_{ITERS:08d}", "export", "model.pt"))["state_dict"]
+    b = torch.load(os.path.join(run, "checkpoints", f"step_{ITERS:08d}", "export", "model.pt"))["state_dict"]
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["arm", "mdlm", "bd3lm"])
+def test_each_objective_trains(objective, tiny_corpus, tmp_path):
+    run = str(tmp_path / objective)
+    train(1, overrides(tiny_corpus, run, 8, f"objective.name={objective}", "objective.block_size=8"))
+    steps = losses(run)
+    assert all(math.isfinite(v) for v in steps.values())
+    assert steps[8] < steps[1]
+    evals = records(run, "eval.jsonl")
+    assert evals[0]["val_ppl_is_bound"] == (objective != "arm")
+    assert evals[-1]["val_nll"] < evals[0]["val_nll"]
+
+
+@pytest.mark.slow
+def test_exact_resume_after_exit_interval_and_kill(tiny_corpus, tmp_path):
+    """Interrupted (exit_interval; kill -9 after a checkpoint) and resumed: bit-identical later losses."""
+    extra = ["parallel.zero_stage=1"]
+    full = str(tmp_path / "full")
+    train(2, overrides(tiny_corpus, full, 8, *extra))
+    reference = losses(full)
+
+    stopped = str(tmp_path / "exit_interval")
+    train(2, overrides(tiny_corpus, stopped, 8, *extra, "train.exit_interval=3"))
+    assert max(losses(stopped)) == 3
+    assert open(os.path.join(stopped, "checkpoints", "latest")).read().strip() == "step_00000003"
+    train(2, overrides(tiny_corpus, stopped, 8, *extra))
+    resumed = losses(stopped)
+    for step in range(4, 9):
+        assert resumed[step] == reference[step], (step, resumed[step], reference[step])
+
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen(command(2, overrides(tiny_corpus, killed, 8, *extra, "train.save_interval=2")),
+                            cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = os.path.join(killed, "checkpoints", "latest")
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(latest) and open(latest).read().strip() >= "step_00000002":
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = int(open(latest).read().strip().split("_")[1])
+    assert killed_at < 8, "the run finished before it could be killed"
+    train(2, overrides(tiny_corpus, killed, 8, *extra))
+    resumed = losses(killed)
+    for step in range(killed_at + 1, 9):
+        assert resumed[step] == reference[step], (step, resumed[step], reference[step])
+
+
+@pytest.mark.slow
+def test_resume_with_a_different_data_parallel_size(tiny_corpus, tmp_path):
+    """Trained on 1 rank, resumed on 2: the same global sample stream, the same losses (to fp32 rounding)."""
+    full = str(tmp_path / "full")
+    train(1, overrides(tiny_corpus, full, 6))
+    run = str(tmp_path / "resized")
+    train(1, overrides(tiny_corpus, run, 6, "train.exit_interval=3"))
+    train(2, overrides(tiny_corpus, run, 6))
+    a, b = records(full), records(run)
+    by_step = {r["step"]: r for r in b}
+    for r in a:
+        assert by_step[r["step"]]["consumed_samples"] == r["consumed_samples"]
+        assert math.isclose(by_step[r["step"]]["loss"], r["loss"], rel_tol=2e-5)
+
+
+@pytest.mark.slow
+def test_signal_and_stop_file_save_and_exit(tiny_corpus, tmp_path):
+    """SIGUSR1 (or the SAVE_AND_EXIT file) -> checkpoint at the next step boundary, 'preempted', exit 0."""
+    for how in ("signal", "file"):
+        run = str(tmp_path / how)
+        proc = subprocess.Popen(command(1, overrides(tiny_corpus, run, 500)), cwd=REPO, env=env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        metrics = os.path.join(run, "metrics.jsonl")
+        deadline = time.time() + 120
+        while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
+            time.sleep(0.1)
+        if how == "signal":
+            proc.send_signal(signal.SIGUSR1)
+        else:
+            open(os.path.join(run, "SAVE_AND_EXIT"), "w").close()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        step = int(open(os.path.join(run, "preempted")).read())
+        assert 2 <= step < 500
+        assert open(os.path.join(run, "checkpoints", "latest")).read().strip() == f"step_{step:08d}"
+        assert not os.path.exists(os.path.join(run, "finished"))
+        assert not os.path.exists(os.path.join(run, "SAVE_AND_EXIT"))
+        assert max(losses(run)) == step
+
+
+def test_nonfinite_loss_skips_the_step_then_stops(tiny_corpus, tmp_path, monkeypatch):
+    """A non-finite loss leaves the weights unchanged and is counted; too many in a row stop the run."""
+    from card_megatron.config import load_config
+    from card_megatron.training.trainer import NonFiniteLossError, Trainer
+
+    cfg = load_config(os.path.join(REPO, "configs", "tiny-cpu.yaml"),
+                      overrides(tiny_corpus, str(tmp_path / "nan"), 10, "train.max_nonfinite_steps=3"))
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    real_loss = trainer.objective.loss
+    monkeypatch.setattr(trainer.objective, "loss",
+                        lambda nll, li: (real_loss(nll, li)[0] * float("nan"), real_loss(nll, li)[1]))
+    trainer.train_step()
+    assert trainer.skipped_steps == 1 and trainer.step == 2
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    trainer.train_step()
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+        trainer.train_step()
+    monkeypatch.setattr(trainer.objective, "loss", real_loss)
+
+
+def test_bad_config_is_reported_before_training(tiny_corpus, tmp_path):
+    proc = subprocess.run(command(1, overrides(tiny_corpus, str(tmp_path / "bad"), 5, "model.num_attention_heads=5")),
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "model.hidden_size (64) must be divisible by model.num_attention_heads (5)" in proc.stderr
