@@ -182,14 +182,25 @@ def builtin_documents(name: str = "python-docs") -> Iterator[str]:
         name = name[len(BUILTIN_PREFIX):]
     if name != "python-docs":
         raise ValueError(f"unknown built-in corpus {name!r} (available: {', '.join(BUILTIN_CORPORA)})")
+    if _BUILTIN_CACHE:  # parsing the stdlib takes seconds; a run may read the corpus twice
+        yield from _BUILTIN_CACHE
+        return
+    docs: list[str] = []
     for module, path in _stdlib_sources():
-        yield from _module_documents(module, path)
+        for doc in _module_documents(module, path):
+            docs.append(doc)
+            yield doc
     from pydoc_data.topics import topics
 
     for key in sorted(topics):
         text = topics[key].strip()
         if text:
+            docs.append(text)
             yield text
+    _BUILTIN_CACHE.extend(docs)  # only once complete (about 2 MB)
+
+
+_BUILTIN_CACHE: list[str] = []
 
 
 # -- chunked reading -----------------------------------------------------------------

@@ -247,17 +247,17 @@ class _Progress:
         self.last = self.start
         self.docs = self.tokens = self.text_bytes = self.disk_done = 0
 
-    def update(self, docs: int, tokens: int, text_bytes: int, disk_pos: int, force: bool = False) -> None:
+    def update(self, docs: int, tokens: int, text_bytes: int, disk_pos: int) -> None:
         self.docs += docs
         self.tokens += tokens
         self.text_bytes += text_bytes
         now = time.monotonic()
-        if not force and now - self.last < self.interval:
+        if now - self.last < self.interval:
             return
         self.last = now
         dt = max(now - self.start, 1e-9)
         msg = (
-            f"{self.docs} docs ({self.docs / dt:,.0f}/s), {self.tokens} tokens ({self.tokens / dt:,.0f}/s), "
+            f"{self.docs:,} docs ({self.docs / dt:,.0f} docs/s), {self.tokens:,} tokens ({self.tokens / dt:,.0f} tokens/s), "
             f"{self.text_bytes / 1e6 / dt:.2f} MB/s"
         )
         if self.total and disk_pos:
@@ -390,7 +390,6 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
             w.abort()
         raise
     stats.elapsed_s = time.monotonic() - t0
-    progress.update(0, 0, 0, disk_pos[-1] if disk_pos else 0, force=True)
     return stats
 
 
