@@ -1,0 +1,420 @@
+"""Text -> token shards: the library behind ``tools/preprocess_data.py``.
+
+Pipeline: the main process reads raw blocks of input lines (:func:`corpus.iter_chunks`) and
+hands them, in order, to a pool of worker processes, at most a few per worker in flight so
+memory stays bounded. Each worker decodes UTF-8, parses JSON, takes the ``json_keys``,
+tokenizes with SentencePiece, appends the end-of-document id and returns the tokens as one
+packed array per key. The main process streams them into one C++ shard writer per key
+(``{output_prefix}_{key}_document.bin/.idx``), reports progress and renames the shards into
+place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from card_megatron.data.corpus import Chunk, InputSource, iter_chunks, resolve_inputs
+from card_megatron.data.shards import ShardStats, ShardWriter, shard_exists, token_dtype
+from card_megatron.tokenizer import Tokenizer, train_tokenizer, write_tokenizer_sidecar
+
+logger = logging.getLogger(__name__)
+
+
+class PreprocessError(ValueError):
+    """A user error in the input or the options (the tool prints it without a traceback)."""
+
+
+@dataclass
+class PreprocessOptions:
+    """Settings of one preprocessing run (the tool's flags)."""
+
+    inputs: Sequence[str]
+    output_prefix: str
+    json_keys: Sequence[str] = ("text",)
+    tokenizer_model: Optional[str] = None
+    train_tokenizer: bool = False
+    vocab_size: Optional[int] = None
+    tokenizer_type: str = "unigram"
+    tokenizer_sample_sentences: int = 1_000_000
+    tokenizer_scan_sentences: int = 10_000_000
+    workers: int = 1
+    overwrite: bool = False
+    skip_bad_lines: bool = False
+    chunk_bytes: int = 1 << 20
+    log_interval: float = 2.0
+    seed: int = 0
+
+
+@dataclass
+class PreprocessStats:
+    """Summary of a run: counts per output key, lines skipped and why, and timing."""
+
+    outputs: dict[str, ShardStats] = field(default_factory=dict)
+    num_lines: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    text_bytes: int = 0
+    elapsed_s: float = 0.0
+    tokenizer: Optional[dict] = None
+
+    def summary(self) -> str:
+        lines = [f"read {self.num_lines} lines/documents ({self.text_bytes / 1e6:.1f} MB) in {self.elapsed_s:.1f} s"]
+        for key, s in self.outputs.items():
+            lines.append(
+                f"  {key}: {s.num_documents} documents, {s.num_tokens} tokens ({s.dtype}) -> {s.prefix}.bin/.idx"
+            )
+        if self.skipped:
+            lines.append("  skipped: " + ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())))
+        else:
+            lines.append("  skipped: none")
+        return "\n".join(lines)
+
+
+def output_prefix_for(output_prefix: str, key: str) -> str:
+    """Megatron's naming: ``{output_prefix}_{key}_document``."""
+    return f"{output_prefix}_{key}_document"
+
+
+# -- parsing (shared by the workers and tokenizer training) ---------------------------
+_SCAN_ONCE = json.JSONDecoder().scan_once
+
+
+def _json_loads(line: str):
+    """``json.loads`` with a fast path for the common case (no surrounding whitespace)."""
+    try:
+        obj, end = _SCAN_ONCE(line, 0)
+        if end == len(line):
+            return obj
+    except StopIteration:
+        pass
+    return json.loads(line)  # whitespace, trailing data or an error: the reference path
+
+
+def _parse_chunk(
+    chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool
+) -> tuple[list[list[str]], Counter, int, int, Optional[tuple[int, str]]]:
+    """Parses one chunk.
+
+    Returns (texts per key, skip counts, number of lines, text bytes, first error). The error,
+    when not skipping bad lines, is (0-based line index within the chunk, message).
+    """
+    texts: list[list[str]] = [[] for _ in keys]
+    skipped: Counter = Counter()
+    data = chunk.data()
+    if chunk.kind == "builtin":
+        for t in data:
+            if t.strip():
+                texts[0].append(t)
+            else:
+                skipped["empty documents"] += 1
+        return texts, skipped, len(data), chunk.length, None
+
+    lines = data.split(b"\n")
+    lines.pop()  # the data ends with a line end
+    num_lines = len(lines)
+    error: Optional[tuple[int, str]] = None
+
+    def bad(i: int, reason: str, message: str) -> bool:
+        nonlocal error
+        if skip_bad_lines:
+            skipped[reason] += 1
+            return False
+        error = (i, message)
+        return True
+
+    is_json = chunk.kind == "jsonl"
+    for i, raw in enumerate(lines):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if bad(i, "lines with invalid UTF-8", f"invalid UTF-8 at byte {e.start} of the line"):
+                break
+            continue
+        if not is_json:
+            line = line.rstrip("\r")
+            if line.strip():
+                texts[0].append(line)
+            else:
+                skipped["empty documents"] += 1
+            continue
+        if not line.strip():
+            skipped["blank lines"] += 1
+            continue
+        try:
+            obj = _json_loads(line)
+        except json.JSONDecodeError as e:
+            if bad(i, "lines with invalid JSON", f"invalid JSON ({e.msg} at column {e.colno})"):
+                break
+            continue
+        if not isinstance(obj, dict):
+            if bad(i, "lines that are not JSON objects", f"expected a JSON object, got {type(obj).__name__}"):
+                break
+            continue
+        values = []
+        for key in keys:
+            v = obj.get(key)
+            if v is None:
+                what = "missing" if key not in obj else "null"
+                bad(i, f"lines with key {key!r} {what}", f"key {key!r} is {what}")
+                break
+            if not isinstance(v, str):
+                bad(i, f"lines with non-string {key!r}", f"key {key!r} is a {type(v).__name__}, not a string")
+                break
+            values.append(v)
+        else:
+            for k, v in enumerate(values):
+                if v.strip():
+                    texts[k].append(v)
+                else:
+                    skipped["empty documents" if len(keys) == 1 else f"empty {keys[k]!r} documents"] += 1
+        if error:
+            break
+    return texts, skipped, num_lines, len(data), error
+
+
+# -- workers --------------------------------------------------------------------------
+_W: dict = {}
+
+
+def _init_worker(model_bytes: bytes, keys: tuple[str, ...], skip_bad_lines: bool, dtype: str) -> None:
+    # Forked workers inherit the parent's Python signal handlers; a worker must die on SIGTERM
+    # (Pool.terminate) and leave Ctrl-C to the parent, which cleans up.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _W.update(_worker_state(model_bytes, keys, skip_bad_lines, dtype))
+
+
+def _worker_state(model_bytes: bytes, keys: tuple[str, ...], skip_bad_lines: bool, dtype: str) -> dict:
+    return {"tok": Tokenizer.from_serialized(model_bytes), "keys": keys, "skip": skip_bad_lines, "dtype": np.dtype(dtype)}
+
+
+@dataclass
+class _ChunkResult:
+    tokens: list  # per key: packed tokens, shard dtype
+    lengths: list  # per key: int32 lengths
+    skipped: Counter
+    num_lines: int
+    text_bytes: int
+    error: Optional[tuple[int, str]]  # (line index within the chunk, message)
+
+
+def _encode_chunk(chunk: Chunk) -> _ChunkResult:
+    tok: Tokenizer = _W["tok"]
+    try:
+        texts, skipped, num_lines, text_bytes, error = _parse_chunk(chunk, _W["keys"], _W["skip"])
+    except ValueError as e:  # the file could not be read
+        return _ChunkResult([], [], Counter(), 0, 0, (-1, str(e)))
+    out_tokens, out_lengths = [], []
+    if error is None:
+        for key_texts in texts:
+            ids = tok.encode_batch(key_texts, add_eos=True) if key_texts else []
+            lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+            packed = np.concatenate(ids).astype(_W["dtype"], copy=False) if ids else np.empty(0, _W["dtype"])
+            out_tokens.append(packed)
+            out_lengths.append(lengths)
+    return _ChunkResult(out_tokens, out_lengths, skipped, num_lines, text_bytes, error)
+
+
+def _ordered_map(pool: ProcessPoolExecutor, fn, items: Iterable, max_in_flight: int) -> Iterator:
+    """Like ``Pool.imap(fn, items)`` (ordered) but reads ``items`` only as results are consumed."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= max_in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+# -- progress -------------------------------------------------------------------------
+class _Progress:
+    def __init__(self, total_bytes: Optional[int], interval: float) -> None:
+        self.total = total_bytes
+        self.interval = interval
+        self.start = time.monotonic()
+        self.last = self.start
+        self.docs = self.tokens = self.text_bytes = self.disk_done = 0
+
+    def update(self, docs: int, tokens: int, text_bytes: int, disk_pos: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        self.text_bytes += text_bytes
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        dt = max(now - self.start, 1e-9)
+        msg = (
+            f"{self.docs:,} docs ({self.docs / dt:,.0f} docs/s), {self.tokens:,} tokens ({self.tokens / dt:,.0f} tokens/s), "
+            f"{self.text_bytes / 1e6 / dt:.2f} MB/s"
+        )
+        if self.total and disk_pos:
+            frac = min(disk_pos / self.total, 1.0)
+            eta = dt * (1 - frac) / max(frac, 1e-9)
+            msg += f", {100 * frac:.1f}% done, ETA {eta:,.0f} s"
+        logger.info(msg)
+
+
+# -- the run --------------------------------------------------------------------------
+def _iter_texts_for_training(sources: Sequence[InputSource], keys: Sequence[str], skip_bad: bool) -> Iterator[str]:
+    for src in sources:
+        line = 0
+        for chunk in iter_chunks(src):
+            texts, _, num_lines, _, error = _parse_chunk(chunk, keys, skip_bad)
+            if error:
+                raise PreprocessError(_error_message(chunk, line, error))
+            line += num_lines
+            for key_texts in texts:
+                yield from key_texts
+
+
+def _error_message(chunk: Chunk, first_line: int, error: tuple[int, str]) -> str:
+    if error[0] < 0:
+        return error[1]
+    unit = "document" if chunk.kind == "builtin" else "line"
+    sep = " " + unit + " " if chunk.kind == "builtin" else ":"
+    return f"{chunk.source}{sep}{first_line + error[0] + 1}: {error[1]}"
+
+
+def _prepare_tokenizer(opts: PreprocessOptions, sources: Sequence[InputSource], keys: tuple[str, ...]) -> Tokenizer:
+    if opts.train_tokenizer:
+        if opts.tokenizer_model:
+            raise PreprocessError("give either --tokenizer-model or --train-tokenizer, not both")
+        if not opts.vocab_size:
+            raise PreprocessError("--train-tokenizer needs --vocab-size")
+        model_path = f"{opts.output_prefix}.model"
+        if os.path.exists(model_path) and not opts.overwrite:
+            raise PreprocessError(f"output {model_path} already exists (pass --overwrite to replace it)")
+        import itertools
+
+        sentences = itertools.islice(
+            _iter_texts_for_training(sources, keys, opts.skip_bad_lines), opts.tokenizer_scan_sentences
+        )
+        return train_tokenizer(
+            sentences, model_path, opts.vocab_size, opts.tokenizer_type, opts.tokenizer_sample_sentences, opts.seed
+        )
+    if not opts.tokenizer_model:
+        raise PreprocessError("no tokenizer: give --tokenizer-model PATH or --train-tokenizer --vocab-size N")
+    return Tokenizer.load(opts.tokenizer_model)
+
+
+def _all_chunks(sources: Sequence[InputSource], chunk_bytes: int, disk_before: list[int]) -> Iterator[Chunk]:
+    done = 0
+    for src in sources:
+        last = 0
+        for chunk in iter_chunks(src, chunk_bytes):
+            disk_before.append(done + chunk.input_pos)
+            last = chunk.input_pos
+            yield chunk
+        done += src.size_bytes() or last
+
+
+def preprocess(opts: PreprocessOptions) -> PreprocessStats:
+    """Tokenizes ``opts.inputs`` into one shard per JSON key; returns the run's statistics.
+
+    Raises PreprocessError (a ValueError) for every user error: bad input lines (naming file
+    and line), missing key, missing tokenizer, existing output without ``overwrite``. On any
+    error or interruption no finished-looking shard is left behind.
+    """
+    t0 = time.monotonic()
+    keys = tuple(opts.json_keys)
+    if not keys:
+        raise PreprocessError("--json-keys needs at least one key")
+    if opts.workers < 1:
+        raise PreprocessError(f"--workers ({opts.workers}) must be at least 1")
+    sources = resolve_inputs(opts.inputs)
+    for src in sources:
+        if src.kind != "jsonl" and keys != ("text",):
+            raise PreprocessError(
+                f"input {src.name} has one document per line (no JSON keys); --json-keys must be 'text', got {list(keys)}"
+            )
+    prefixes = {k: output_prefix_for(opts.output_prefix, k) for k in keys}
+    if not opts.overwrite:
+        for p in prefixes.values():
+            if shard_exists(p):
+                raise PreprocessError(f"output {p}.bin/.idx already exists (pass --overwrite to replace it)")
+    out_dir = os.path.dirname(os.path.abspath(opts.output_prefix))
+    if not os.path.isdir(out_dir):
+        raise PreprocessError(f"output directory {out_dir} does not exist")
+
+    tok = _prepare_tokenizer(opts, sources, keys)
+    write_tokenizer_sidecar(tok, f"{opts.output_prefix}.tokenizer.json")
+    dtype = token_dtype(tok.vocab_size)
+    logger.info("tokenizer %s; tokens stored as %s", tok, dtype)
+
+    stats = PreprocessStats(tokenizer=tok.metadata())
+    sizes = [s.size_bytes() for s in sources]
+    progress = _Progress(sum(sizes) if all(x is not None for x in sizes) else None, opts.log_interval)
+    disk_pos: list[int] = []
+    writers: dict[str, ShardWriter] = {}
+    try:
+        for k in keys:
+            writers[k] = ShardWriter(prefixes[k], dtype=dtype, overwrite=opts.overwrite)
+        meta: list[Chunk] = []  # submitted chunks, in order (payloads dropped once consumed)
+        chunks = _track(_all_chunks(sources, opts.chunk_bytes, disk_pos), meta)
+        init_args = (tok.serialized(), keys, opts.skip_bad_lines, dtype.str)
+        if opts.workers == 1:
+            _W.update(_worker_state(*init_args))
+            _run(map(_encode_chunk, chunks), meta, keys, writers, stats, progress, disk_pos)
+        else:
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            # ProcessPoolExecutor rather than Pool: a worker that dies (OOM killer, signal) raises
+            # BrokenProcessPool instead of leaving its task unanswered forever.
+            pool = ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_init_worker, initargs=init_args)
+            try:
+                results = _ordered_map(pool, _encode_chunk, chunks, 2 * opts.workers)
+                _run(results, meta, keys, writers, stats, progress, disk_pos)
+            except BrokenProcessPool:
+                raise PreprocessError("a tokenizer worker process died (out of memory or killed?)") from None
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        for k, w in writers.items():
+            if w.num_documents == 0:
+                raise PreprocessError(f"no documents for key {k!r} in the input (all skipped: {dict(stats.skipped)})")
+        for k, w in writers.items():
+            stats.outputs[k] = w.finalize()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    stats.elapsed_s = time.monotonic() - t0
+    return stats
+
+
+def _track(chunks: Iterable[Chunk], meta: list) -> Iterator[Chunk]:
+    for c in chunks:
+        meta.append(c)
+        yield c
+
+
+def _run(results, meta, keys, writers, stats, progress, disk_pos) -> None:
+    # meta holds the chunks in submission order: result n belongs to meta[n]
+    line_base: dict[str, int] = {}
+    for n, res in enumerate(results):
+        chunk = meta[n]
+        meta[n] = None
+        first_line = line_base.get(chunk.source, 0)
+        if res.error:
+            raise PreprocessError(_error_message(chunk, first_line, res.error))
+        line_base[chunk.source] = first_line + res.num_lines
+        docs = toks = 0
+        for k, key in enumerate(keys):
+            writers[key].add_documents(res.tokens[k], res.lengths[k])
+            docs += len(res.lengths[k])
+            toks += len(res.tokens[k])
+        stats.skipped.update(res.skipped)
+        stats.num_lines += res.num_lines
+        stats.text_bytes += res.text_bytes
+        progress.update(docs // max(len(keys), 1), toks, res.text_bytes, disk_pos[n])

@@ -1,0 +1,326 @@
+"""Tokenizer, built-in corpus and tools/preprocess_data.py end to end (CLI and library)."""
+
+import gzip
+import hashlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from card_megatron.data import preprocess as pp
+from card_megatron.data.corpus import builtin_documents
+from card_megatron.data.shards import TokenShard
+from card_megatron.tokenizer import MASK_PIECE, Tokenizer, train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "preprocess_data.py")
+ENV = {**os.environ, "PYTHONPATH": ROOT}
+
+
+def run_tool(*args, timeout=120):
+    return subprocess.run([sys.executable, TOOL, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return list(itertools.islice(builtin_documents(), 200))
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory, docs):
+    path = str(tmp_path_factory.mktemp("tok") / "tok.model")
+    train_tokenizer(docs, path, vocab_size=600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(tok_path):
+    return Tokenizer.load(tok_path)
+
+
+def write_jsonl(path, records, raw_lines=()):
+    with open(path, "wb") as f:
+        for r in records:
+            f.write(json.dumps(r).encode() + b"\n")
+        for line in raw_lines:
+            f.write(line + b"\n")
+    return str(path)
+
+
+def expected_tokens(tok, texts):
+    return [np.array(tok.encode(t) + [tok.eos_id]) for t in texts]
+
+
+def assert_shard(prefix, tok, texts):
+    s = TokenShard(prefix)
+    ref = expected_tokens(tok, texts)
+    assert len(s) == len(ref)
+    for i, r in enumerate(ref):
+        np.testing.assert_array_equal(s[i], r)
+
+
+# -- tokenizer ---------------------------------------------------------------------
+def test_tokenizer_reserved_ids_and_round_trip(tok, docs):
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    assert tok.vocab_size == tok.num_pieces <= 600 and tok.sp.id_to_piece(4) == MASK_PIECE
+    for text in docs[:50] + ["x <mask> y", "<mask>", "tabs\tand\nnewlines  and ünïcödé ✓"]:
+        ids = tok.encode(text)
+        assert tok.mask_id not in ids and tok.pad_id not in ids and tok.eos_id not in ids
+        assert tok.decode(ids) == text
+    assert tok.decode(tok.encode("ab") + [tok.mask_id, tok.eos_id, tok.pad_id]) == "ab"
+
+
+def test_tokenizer_training_deterministic(tmp_path, docs, tok_path):
+    again = str(tmp_path / "again.model")
+    train_tokenizer(docs, again, vocab_size=600)
+    assert open(again, "rb").read() == open(tok_path, "rb").read()
+
+
+def test_tokenizer_without_mask_appends_it(tmp_path, docs):
+    prefix = str(tmp_path / "plain")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(d for doc in docs[:100] for d in doc.splitlines() if d.strip()),
+        model_prefix=prefix, vocab_size=300, pad_id=-1, minloglevel=2, hard_vocab_limit=False,
+    )
+    t = Tokenizer.load(prefix + ".model")
+    n = t.sp.get_piece_size()
+    assert t.mask_id == n and t.pad_id == n + 1 and t.vocab_size == n + 2
+    assert t.eos_id == t.sp.eos_id() and t.bos_id == t.sp.bos_id()
+    assert t.decode(t.encode("hello") + [t.mask_id]) == t.sp.decode(t.encode("hello"))
+
+
+def test_tokenizer_missing_or_corrupt(tmp_path):
+    with pytest.raises(ValueError, match="not found: .*nope.model"):
+        Tokenizer.load(tmp_path / "nope.model")
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"this is not a protobuf" * 10)
+    with pytest.raises(ValueError, match="bad.model is not a valid SentencePiece model"):
+        Tokenizer.load(bad)
+
+
+# -- built-in corpus -------------------------------------------------------------------
+def test_builtin_corpus_deterministic_and_non_trivial(docs):
+    code = (
+        "import hashlib; from card_megatron.data.corpus import builtin_documents as b;"
+        "d = list(b()); print(len(d), sum(map(len, d)), hashlib.sha256('\\x00'.join(d).encode()).hexdigest())"
+    )
+    other_run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    full = list(builtin_documents())
+    here = f"{len(full)} {sum(map(len, full))} {hashlib.sha256(chr(0).join(full).encode()).hexdigest()}"
+    assert other_run.stdout.strip() == here
+    assert full[:200] == docs and list(builtin_documents()) == full
+    assert len(full) > 2000 and sum(map(len, full)) > 1_500_000  # about 2 MB of prose
+    assert len(set(docs)) == len(docs) and all(d.strip() for d in full)
+    assert any(d.startswith("Module json\n") for d in full)  # stdlib docstrings
+    from pydoc_data.topics import topics
+
+    assert topics["if"].strip() in full[-len(topics):]  # pydoc topics
+
+
+# -- the tool end to end -----------------------------------------------------------
+def test_cli_end_to_end_workers(tmp_path, docs, tok_path, tok):
+    records = [{"text": d, "id": i} for i, d in enumerate(docs)]
+    inp = write_jsonl(tmp_path / "in.jsonl", records)
+    outs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        r = run_tool("--input", inp, "--tokenizer-model", tok_path, "--output-prefix", out, "--workers", workers,
+                     "--log-interval", "0")
+        assert r.returncode == 0, r.stderr
+        assert "tokens/s" in r.stderr and "docs/s" in r.stderr and "MB/s" in r.stderr and "ETA" in r.stderr
+        assert "text: 200 documents" in r.stderr
+        prefix = f"{out}_text_document"
+        assert_shard(prefix, tok, docs)
+        outs[workers] = open(prefix + ".bin", "rb").read() + open(prefix + ".idx", "rb").read()
+        meta = json.load(open(f"{out}.tokenizer.json"))
+        assert (meta["pad_id"], meta["bos_id"], meta["eos_id"], meta["mask_id"]) == (0, 2, 3, 4)
+        assert meta["vocab_size"] == tok.vocab_size
+    assert outs[1] == outs[2]
+
+
+def test_small_chunks_many_workers_keep_order(tmp_path, docs, tok):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in docs])
+    opts = pp.PreprocessOptions(inputs=[inp], output_prefix=str(tmp_path / "o"), tokenizer_model=tok.source,
+                                workers=2, chunk_bytes=2000)
+    stats = pp.preprocess(opts)
+    assert stats.outputs["text"].num_documents == len(docs) and stats.num_lines == len(docs)
+    assert_shard(str(tmp_path / "o_text_document"), tok, docs)
+
+
+def test_txt_gzip_glob_and_keys(tmp_path, docs, tok_path, tok):
+    lines = [d.replace("\n", " ") for d in docs[:40]]
+    (tmp_path / "a.txt").write_text("\n".join(lines[:20]) + "\n\n")  # + an empty document
+    with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
+        f.write("\n".join(lines[20:]))  # no final line end
+    r = run_tool("--input", tmp_path / "*.txt*", "--tokenizer-model", tok_path, "--output-prefix", tmp_path / "t")
+    assert r.returncode == 0, r.stderr
+    assert "1 empty documents" in r.stderr
+    assert_shard(f"{tmp_path}/t_text_document", tok, lines)
+
+    recs = [{"title": f"T{i}", "body": d} for i, d in enumerate(docs[:10])]
+    inp = str(tmp_path / "k.jsonl.gz")
+    with gzip.open(inp, "wt") as f:
+        f.write("".join(json.dumps(x) + "\n" for x in recs))
+    r = run_tool("--input", inp, "--json-keys", "title", "body", "--tokenizer-model", tok_path,
+                 "--output-prefix", tmp_path / "k", "--workers", 2)
+    assert r.returncode == 0, r.stderr
+    assert_shard(f"{tmp_path}/k_title_document", tok, [x["title"] for x in recs])
+    assert_shard(f"{tmp_path}/k_body_document", tok, [x["body"] for x in recs])
+
+
+def test_cli_train_tokenizer(tmp_path, docs):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in docs[:100]])
+    out = tmp_path / "tr"
+    r = run_tool("--input", inp, "--train-tokenizer", "--vocab-size", 500, "--output-prefix", out, "--workers", 2)
+    assert r.returncode == 0, r.stderr
+    t = Tokenizer.load(f"{out}.model")
+    assert t.mask_id == 4 and t.vocab_size <= 500
+    assert_shard(f"{out}_text_document", t, docs[:100])
+    r = run_tool("--input", inp, "--train-tokenizer", "--vocab-size", 500, "--output-prefix", out)
+    assert r.returncode != 0 and "already exists" in r.stderr
+    r = run_tool("--input", inp, "--train-tokenizer", "--output-prefix", tmp_path / "nv")
+    assert r.returncode != 0 and "--vocab-size" in r.stderr
+
+
+# -- bad input -----------------------------------------------------------------------
+def assert_user_error(r, *fragments):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    for f in fragments:
+        assert f in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    (b'{"text": "unterminated', "invalid JSON"),
+    (b'{"text": "caf\xe9"}', "invalid UTF-8"),
+    (b'["a", "list"]', "expected a JSON object"),
+    (b'{"text": 12}', "not a string"),
+])
+def test_bad_line_names_file_and_line(tmp_path, tok_path, bad_line, message):
+    inp = write_jsonl(tmp_path / "bad.jsonl", [{"text": "good one"}, {"text": "good two"}], [bad_line])
+    out = tmp_path / "o"
+    r = run_tool("--input", inp, "--tokenizer-model", tok_path, "--output-prefix", out, "--workers", 2)
+    assert_user_error(r, f"{inp}:3:", message)
+    assert not os.path.exists(f"{out}_text_document.bin") and not os.path.exists(f"{out}_text_document.idx")
+    assert [p for p in os.listdir(tmp_path) if ".tmp" in p] == []
+    r = run_tool("--input", inp, "--tokenizer-model", tok_path, "--output-prefix", out, "--skip-bad-lines")
+    assert r.returncode == 0, r.stderr
+    assert "skipped: 1 lines" in r.stderr
+    assert len(TokenShard(f"{out}_text_document")) == 2
+
+
+def test_bad_line_number_across_chunks(tmp_path, tok):
+    good = [{"text": f"document number {i}"} for i in range(500)]
+    inp = write_jsonl(tmp_path / "many.jsonl", good, [b"{oops"])
+    opts = pp.PreprocessOptions(inputs=[inp], output_prefix=str(tmp_path / "o"), tokenizer_model=tok.source,
+                                workers=2, chunk_bytes=1000)
+    with pytest.raises(pp.PreprocessError, match=r"many\.jsonl:501: invalid JSON"):
+        pp.preprocess(opts)
+
+
+def test_skip_counts_and_empty_documents(tmp_path, tok, docs):
+    inp = write_jsonl(tmp_path / "mix.jsonl", [{"text": docs[0]}, {"text": "  "}, {"other": "x"}, {"text": docs[1]}],
+                      [b"", b"not json", b'{"text": "\xff"}'])
+    opts = pp.PreprocessOptions(inputs=[inp], output_prefix=str(tmp_path / "o"), tokenizer_model=tok.source,
+                                skip_bad_lines=True)
+    stats = pp.preprocess(opts)
+    assert stats.skipped == {"empty documents": 1, "lines with key 'text' missing": 1, "blank lines": 1,
+                             "lines with invalid JSON": 1, "lines with invalid UTF-8": 1}
+    assert stats.num_lines == 7 and stats.outputs["text"].num_documents == 2
+    assert_shard(str(tmp_path / "o_text_document"), tok, docs[:2])
+
+
+def test_user_errors(tmp_path, tok_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}, {"body": "no text key"}])
+    r = run_tool("--input", inp, "--tokenizer-model", tok_path, "--output-prefix", tmp_path / "o")
+    assert_user_error(r, f"{inp}:2:", "key 'text' is missing")
+    r = run_tool("--input", inp, "--tokenizer-model", tmp_path / "missing.model", "--output-prefix", tmp_path / "o")
+    assert_user_error(r, "tokenizer model not found", "missing.model")
+    r = run_tool("--input", inp, "--output-prefix", tmp_path / "o")
+    assert_user_error(r, "no tokenizer")
+    r = run_tool("--input", tmp_path / "nothing*.jsonl", "--tokenizer-model", tok_path, "--output-prefix", tmp_path / "o")
+    assert_user_error(r, "no file matches")
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"text": "hello"}])
+    assert run_tool("--input", ok, "--tokenizer-model", tok_path, "--output-prefix", tmp_path / "o").returncode == 0
+    before = open(tmp_path / "o_text_document.bin", "rb").read()
+    r = run_tool("--input", ok, "--tokenizer-model", tok_path, "--output-prefix", tmp_path / "o")
+    assert_user_error(r, "already exists", "--overwrite")
+    assert open(tmp_path / "o_text_document.bin", "rb").read() == before
+    r = run_tool("--input", ok, "--tokenizer-model", tok_path, "--output-prefix", tmp_path / "o", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    r = run_tool("--help")
+    assert r.returncode == 0 and all(f in r.stdout for f in ("--input", "--json-keys", "--output-prefix", "--workers",
+                                                              "--overwrite", "--merge", "--skip-bad-lines"))
+
+
+# -- interruption ----------------------------------------------------------------------
+def test_exception_mid_run_leaves_nothing(tmp_path, tok, docs, monkeypatch):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in docs])
+    real = pp.iter_chunks
+
+    def failing(source, chunk_bytes):
+        for i, c in enumerate(real(source, chunk_bytes)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield c
+
+    monkeypatch.setattr(pp, "iter_chunks", failing)
+    for workers in (1, 2):
+        opts = pp.PreprocessOptions(inputs=[inp], output_prefix=str(tmp_path / "o"), tokenizer_model=tok.source,
+                                    workers=workers, chunk_bytes=4000)
+        with pytest.raises(KeyboardInterrupt):
+            pp.preprocess(opts)
+        left = [p for p in os.listdir(tmp_path) if p.startswith("o_")]
+        assert left == [], left
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_leaves_no_finished_shard(tmp_path, tok_path, sig):
+    fifo = str(tmp_path / "stream.jsonl")
+    os.mkfifo(fifo)  # the tool blocks reading it: the run is certainly unfinished when killed
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, TOOL, "--input", fifo, "--tokenizer-model", tok_path,
+                             "--output-prefix", str(out), "--workers", "2"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with open(fifo, "w") as w:
+            w.write(json.dumps({"text": "some text"}) + "\n")
+            w.flush()
+            deadline = time.monotonic() + 60
+            while not any(".tmp" in p for p in os.listdir(tmp_path)):
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+                time.sleep(0.05)
+            proc.send_signal(sig)
+            proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert not os.path.exists(f"{out}_text_document.bin") and not os.path.exists(f"{out}_text_document.idx")
+    if sig == signal.SIGTERM:  # a catchable signal: the temporaries are cleaned up too
+        assert [p for p in os.listdir(tmp_path) if ".tmp" in p] == []
+
+
+# -- merge ------------------------------------------------------------------------------
+def test_cli_merge(tmp_path, tok_path, tok, docs):
+    parts = [docs[:30], docs[30:50]]
+    prefixes = []
+    for k, part in enumerate(parts):
+        inp = write_jsonl(tmp_path / f"p{k}.jsonl", [{"text": d} for d in part])
+        assert run_tool("--input", inp, "--tokenizer-model", tok_path, "--output-prefix", tmp_path / f"p{k}").returncode == 0
+        prefixes.append(f"{tmp_path}/p{k}_text_document")
+    r = run_tool("--merge", *prefixes, "--output-prefix", tmp_path / "merged")
+    assert r.returncode == 0, r.stderr
+    assert_shard(f"{tmp_path}/merged", tok, docs[:50])
+    r = run_tool("--merge", *prefixes, "--output-prefix", tmp_path / "merged")
+    assert_user_error(r, "already exists")
+    r = run_tool("--merge", prefixes[0], str(tmp_path / "nope"), "--output-prefix", tmp_path / "m2")
+    assert_user_error(r, "not found")

@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Tokenize text into Megatron .bin/.idx token shards (or merge shards).
+
+  python tools/preprocess_data.py --input builtin:python-docs --train-tokenizer --vocab-size 8000 \\
+      --output-prefix data/pydocs --workers 2
+  python tools/preprocess_data.py --input 'corpus/*.jsonl.gz' --tokenizer-model tok.model \\
+      --output-prefix data/web --workers 16
+  python tools/preprocess_data.py --merge data/a_text_document data/b_text_document --output-prefix data/ab_text_document
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from card_megatron.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
+from card_megatron.data.shards import merge_shards  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Outputs {output_prefix}_{key}_document.bin/.idx (Megatron MMIDIDX v1; uint16 tokens when the "
+        "vocabulary is under 65500, else int32), one sequence per document ending with the end-of-document "
+        "id, and {output_prefix}.tokenizer.json with the pad/bos/eos/mask ids. Files are written under "
+        "temporary names and renamed only when complete.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("input")
+    g.add_argument("--input", nargs="+", metavar="PATH",
+                   help="input files or globs: .jsonl/.json/.ndjson (one JSON object per line), .txt (one document "
+                   "per line), each optionally .gz; or builtin:python-docs (the standard-library docstrings and "
+                   "pydoc topics of this Python, about 2 MB, no download)")
+    g.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
+                   help="JSON keys to tokenize, one output shard per key (default: text)")
+    g.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip and count lines with invalid JSON, invalid UTF-8 or a missing/non-string key "
+                   "instead of stopping with an error naming the file and line")
+    g = p.add_argument_group("tokenizer (SentencePiece)")
+    g.add_argument("--tokenizer-model", metavar="PATH", help="an existing SentencePiece .model file")
+    g.add_argument("--train-tokenizer", action="store_true",
+                   help="train a SentencePiece model on the input first and save it as {output_prefix}.model")
+    g.add_argument("--vocab-size", type=int, metavar="N", help="vocabulary size for --train-tokenizer (incl. reserved ids)")
+    g.add_argument("--tokenizer-type", choices=["unigram", "bpe"], default="unigram",
+                   help="SentencePiece model type for --train-tokenizer (default: unigram)")
+    g.add_argument("--tokenizer-sample-sentences", type=int, default=1_000_000, metavar="N",
+                   help="--train-tokenizer trains on a deterministic uniform sample of at most N input lines "
+                   "(default: 1000000), drawn from the first 10*N lines")
+    g.add_argument("--seed", type=int, default=0, help="seed of the tokenizer training sample (default: 0)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-prefix", required=True, metavar="PREFIX",
+                   help="path prefix of the outputs (with --merge: the exact prefix of the merged shard)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
+    g.add_argument("--merge", nargs="+", metavar="PREFIX",
+                   help="instead of tokenizing, concatenate these existing shards (PREFIX.bin/.idx, same dtype) "
+                   "into --output-prefix")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="tokenizer worker processes (default: all CPUs, %(default)s here)")
+    g.add_argument("--log-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="seconds between progress lines on stderr (default: 2)")
+    return p
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through the cleanup that deletes temporary files
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        if args.merge:
+            if args.input:
+                raise ValueError("give either --input or --merge, not both")
+            s = merge_shards(args.merge, args.output_prefix, overwrite=args.overwrite)
+            print(f"merged {len(args.merge)} shards: {s.num_documents} documents, {s.num_sequences} sequences, "
+                  f"{s.num_tokens} tokens ({s.dtype}) -> {s.prefix}.bin/.idx", file=sys.stderr)
+            return 0
+        if not args.input:
+            raise ValueError("--input is required (or --merge)")
+        opts = PreprocessOptions(
+            inputs=args.input,
+            output_prefix=args.output_prefix,
+            json_keys=args.json_keys,
+            tokenizer_model=args.tokenizer_model,
+            train_tokenizer=args.train_tokenizer,
+            vocab_size=args.vocab_size,
+            tokenizer_type=args.tokenizer_type,
+            tokenizer_sample_sentences=args.tokenizer_sample_sentences,
+            tokenizer_scan_sentences=10 * args.tokenizer_sample_sentences,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            skip_bad_lines=args.skip_bad_lines,
+            log_interval=args.log_interval,
+            seed=args.seed,
+        )
+        stats = preprocess(opts)
+        print(stats.summary(), file=sys.stderr)
+        return 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
