@@ -16,11 +16,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID")
+
+
+def clean_env(**extra: str) -> dict:
+    """The environment for a child run: no launcher variables inherited from this (test) process."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    return {**env, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **extra}
+
+
 def run_torchrun(args: list[str], nproc: int, timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node nproc args...``; raises AssertionError with the output on failure."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args]
-    full_env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = clean_env(**(env or {}))
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.distributed import REPO, free_port
+from tests.distributed import REPO, clean_env, free_port
 
 TINY = [
     "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
@@ -33,7 +33,7 @@ def command(nproc: int, args: list[str]) -> list[str]:
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    return clean_env()
 
 
 def train(nproc: int, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:

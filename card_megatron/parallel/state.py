@@ -53,8 +53,9 @@ def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
     import deepspeed  # after the adapter: DS_ACCELERATOR must be set first
     from megatron.core import parallel_state
 
+    if "MASTER_PORT" not in os.environ:  # no launcher: a single process on a free local port
+        os.environ["MASTER_PORT"] = str(_free_port())
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -94,6 +95,14 @@ def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
         device=device,
         backend=backend,
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def destroy_distributed() -> None:
