@@ -1,0 +1,46 @@
+"""A stand-in for ``tools/preprocess_data.py`` with its command-line interface.
+
+Used by tests/test_slurm.py (``PREPROCESS_TOOL=tests/fake_preprocess.py``) to test
+the job array and merge dependency of ``slurm/preprocess.sh`` in seconds.
+``--input FILE --output-prefix P [...]`` copies FILE's bytes to ``P_text_document.bin``
+and writes its byte count to ``P_text_document.idx``; an input whose text starts with
+``FAIL`` makes it exit 1. ``--merge P1 P2 ... --output-prefix OUT`` concatenates the
+shards in the order given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--input")
+    parser.add_argument("--merge", nargs="+")
+    parser.add_argument("--output-prefix", required=True)
+    parser.add_argument("--tokenizer-model")
+    args = parser.parse_args()
+    out = args.output_prefix + "_text_document"
+    if args.merge:
+        data = b""
+        for prefix in args.merge:
+            with open(prefix + "_text_document.bin", "rb") as f:
+                data += f.read()
+    else:
+        with open(args.input, "rb") as f:
+            data = f.read()
+        if data.startswith(b"FAIL"):
+            print(f"fake_preprocess: refusing {args.input}", file=sys.stderr)
+            return 1
+    for ext, payload in (("bin", data), ("idx", str(len(data)).encode())):
+        tmp = f"{out}.{ext}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, f"{out}.{ext}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
