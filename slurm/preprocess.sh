@@ -9,10 +9,13 @@
 #   1. a CPU job array, one task per input file, each running
 #        tools/preprocess_data.py --input FILE --output-prefix OUTPUT_PREFIX_shards/shard_NNNNN [options]
 #   2. a merge job that starts only if every array task succeeded (afterok) and runs
-#        tools/preprocess_data.py --merge OUTPUT_PREFIX_shards/shard_00000 ... --output-prefix OUTPUT_PREFIX
+#        tools/preprocess_data.py --merge OUTPUT_PREFIX_shards/shard_00000_text_document ... \
+#            --output-prefix OUTPUT_PREFIX_text_document
 #      leaving OUTPUT_PREFIX_text_document.{bin,idx} (it is cancelled if a shard fails).
 # All shards must share one tokenizer: train it once beforehand and pass it among the
-# options (e.g. --tokenizer-model tok.model); --train-tokenizer is refused here.
+# options (--tokenizer-model tok.model); --train-tokenizer is refused here. Each task
+# tokenizes with --workers = its CPUs unless the options say otherwise. Documents are
+# read from the JSON key "text" (the tool's default; the merge expects those shards).
 #
 # Environment knobs (all optional):
 #   PYTHON            interpreter (default: python)
@@ -90,12 +93,20 @@ case $MODE in
     (( ID < ${#INPUTS[@]} )) || die "array task $ID but only ${#INPUTS[@]} inputs in $LIST"
     PREFIX=$(shard_prefix "$OUT" "$ID")
     echo "preprocess.sh: shard $ID: ${INPUTS[$ID]} -> $PREFIX"
-    exec "$PYTHON" "$TOOL" --input "${INPUTS[$ID]}" --output-prefix "$PREFIX" ${OPTIONS[@]+"${OPTIONS[@]}"}
+    # --workers first, so that one among OPTIONS wins (argparse keeps the last).
+    exec "$PYTHON" "$TOOL" --input "${INPUTS[$ID]}" --output-prefix "$PREFIX" \
+      --workers "${SLURM_CPUS_PER_TASK:-1}" ${OPTIONS[@]+"${OPTIONS[@]}"}
     ;;
   merge)
-    PREFIXES=()
-    for (( i = 0; i < ${#INPUTS[@]}; i++ )); do PREFIXES+=("$(shard_prefix "$OUT" "$i")"); done
-    echo "preprocess.sh: merging ${#PREFIXES[@]} shards -> $OUT"
-    exec "$PYTHON" "$TOOL" --merge "${PREFIXES[@]}" --output-prefix "$OUT"
+    # --merge takes the exact shard prefixes ({prefix}_text_document) and output prefix.
+    SHARDS=()
+    for (( i = 0; i < ${#INPUTS[@]}; i++ )); do SHARDS+=("$(shard_prefix "$OUT" "$i")_text_document"); done
+    MERGE_OPTIONS=()
+    for opt in ${OPTIONS[@]+"${OPTIONS[@]}"}; do
+      [[ "$opt" != --overwrite ]] || MERGE_OPTIONS+=(--overwrite)
+    done
+    echo "preprocess.sh: merging ${#SHARDS[@]} shards -> ${OUT}_text_document"
+    exec "$PYTHON" "$TOOL" --merge "${SHARDS[@]}" --output-prefix "${OUT}_text_document" \
+      ${MERGE_OPTIONS[@]+"${MERGE_OPTIONS[@]}"}
     ;;
 esac

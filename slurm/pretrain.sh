@@ -227,5 +227,9 @@ if [[ -f "$RUN_DIR/preempted" ]]; then
     || die "scontrol requeue failed; resume by hand: sbatch slurm/pretrain.sh $CONFIG ${OVERRIDES[*]}"
   exit 0
 fi
-echo "pretrain.sh: the trainer stopped without finishing or saving (status $rc); see $LOG_ROOT" >&2
-exit $(( rc == 0 ? 1 : rc ))
+if (( rc == 0 )); then
+  echo "pretrain.sh: the trainer exited early without asking to be requeued (e.g. train.exit_interval); resubmit the same command to continue"
+  exit 0
+fi
+echo "pretrain.sh: training failed (status $rc); rank logs in $RUN_DIR_ABS/${LOG_ROOT#"$RUN_DIR"/}" >&2
+exit "$rc"

@@ -4,8 +4,9 @@ Used by tests/test_slurm.py (``PREPROCESS_TOOL=tests/fake_preprocess.py``) to te
 the job array and merge dependency of ``slurm/preprocess.sh`` in seconds.
 ``--input FILE --output-prefix P [...]`` copies FILE's bytes to ``P_text_document.bin``
 and writes its byte count to ``P_text_document.idx``; an input whose text starts with
-``FAIL`` makes it exit 1. ``--merge P1 P2 ... --output-prefix OUT`` concatenates the
-shards in the order given.
+``FAIL`` makes it exit 1. ``--merge S1 S2 ... --output-prefix OUT`` (exact prefixes, as
+the real tool takes them) concatenates ``S1.bin, S2.bin, ...`` into ``OUT.bin``.
+Every run appends its arguments to ``$FAKE_PREPROCESS_LOG`` when that is set.
 """
 
 from __future__ import annotations
@@ -21,14 +22,20 @@ def main() -> int:
     parser.add_argument("--merge", nargs="+")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--tokenizer-model")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
-    out = args.output_prefix + "_text_document"
+    if os.environ.get("FAKE_PREPROCESS_LOG"):
+        with open(os.environ["FAKE_PREPROCESS_LOG"], "a") as f:
+            f.write(" ".join(sys.argv[1:]) + "\n")
     if args.merge:
+        out = args.output_prefix
         data = b""
         for prefix in args.merge:
-            with open(prefix + "_text_document.bin", "rb") as f:
+            with open(prefix + ".bin", "rb") as f:
                 data += f.read()
     else:
+        out = args.output_prefix + "_text_document"
         with open(args.input, "rb") as f:
             data = f.read()
         if data.startswith(b"FAIL"):

@@ -9,7 +9,8 @@ and honours the stop protocol: SIGUSR1/SIGTERM or ``{run_dir}/SAVE_AND_EXIT``
 completion -> ``finished``. It resumes from ``checkpoints/latest``.
 
 Arguments: ``--config FILE [section.key=value ...]``; it reads ``train.run_dir``
-and ``train.train_iters`` from the overrides only.
+and ``train.train_iters`` from the overrides only. ``FAKE_EXIT_CODE=n`` makes it fail
+at once with that status.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def main() -> None:
     run_dir = kv["train.run_dir"]
     train_iters = int(kv.get("train.train_iters", "20"))
     step_seconds = float(os.environ.get("FAKE_STEP_SECONDS", "0.2"))
+    if os.environ.get("FAKE_EXIT_CODE"):  # a trainer that crashes at start-up
+        raise SystemExit(int(os.environ["FAKE_EXIT_CODE"]))
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -274,12 +274,32 @@ def test_usr1_saves_requeues_and_resumes_with_fake_trainer(slurm, small_config, 
 
 
 @pytest.mark.slurm
+def test_failing_trainer_fails_the_job_without_requeue(slurm, small_config, tmp_path):
+    run_dir = tmp_path / "run"
+    out = tmp_path / "job-%j.out"
+    job = slurm.sbatch(
+        ["--gres=none", "-N1", "-n1", "-c2", "--time=5", "-o", str(out), PRETRAIN, small_config,
+         f"train.run_dir={run_dir}"],
+        env={"PYTHON": sys.executable, "TRAIN_SCRIPT": FAKE_TRAINER, "GPUS_PER_NODE": "0",
+             "PROCS_PER_NODE": "2", "FAKE_EXIT_CODE": "3"},
+        cwd=ROOT,
+    )
+    info = slurm.wait_job(job, timeout=60)
+    text = _read(str(out).replace("%j", str(job)))
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, text)
+    assert "training failed (status 1)" in text  # torchrun reports a failed worker as 1
+    assert not (run_dir / "finished").exists()
+
+
+@pytest.mark.slurm
 def test_preprocess_array_then_merge(slurm, tmp_path):
     inputs = [_write(tmp_path / f"in{i}.txt", f"document {i}\n" * (i + 1)) for i in range(3)]
     listing = _write(tmp_path / "inputs.list", "# three files\n" + "\n".join(inputs) + "\n")
     out = tmp_path / "corpus"
+    calls = tmp_path / "calls.txt"
     r = slurm.run(["bash", PREPROCESS, listing, str(out), "--tokenizer-model", "tok.model"],
-                  env={"PYTHON": sys.executable, "PREPROCESS_TOOL": FAKE_PREPROCESS, "SBATCH_OPTIONS": "--cpus-per-task=1 --time=5"},
+                  env={"PYTHON": sys.executable, "PREPROCESS_TOOL": FAKE_PREPROCESS, "FAKE_PREPROCESS_LOG": str(calls),
+                       "SBATCH_OPTIONS": "--cpus-per-task=1 --time=5"},
                   cwd=tmp_path)
     ids = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
     array_id, merge_id = int(ids["ARRAY_JOB_ID"]), int(ids["MERGE_JOB_ID"])
@@ -290,6 +310,16 @@ def test_preprocess_array_then_merge(slurm, tmp_path):
         task = slurm.job_info(f"{array_id}_{i}")
         assert task["JobState"] == "COMPLETED" and task["ArrayTaskId"] == str(i), task
     assert _read(f"{out}_text_document.bin") == "".join(_read(p) for p in inputs)
+    shard_calls = sorted(line for line in _read(calls).splitlines() if line.startswith("--input"))
+    assert shard_calls == [
+        f"--input {path} --output-prefix {out}_shards/shard_{i:05d} --workers 1 --tokenizer-model tok.model"
+        for i, path in enumerate(inputs)
+    ]
+    merge_calls = [line for line in _read(calls).splitlines() if line.startswith("--merge")]
+    assert merge_calls == [
+        "--merge " + " ".join(f"{out}_shards/shard_{i:05d}_text_document" for i in range(3))
+        + f" --output-prefix {out}_text_document"
+    ]
 
 
 @pytest.mark.slurm
@@ -298,7 +328,8 @@ def test_preprocess_failed_shard_cancels_merge(slurm, tmp_path):
     listing = _write(tmp_path / "inputs.list", "\n".join(inputs) + "\n")
     out = tmp_path / "corpus"
     r = slurm.run(["bash", PREPROCESS, listing, str(out)],
-                  env={"PYTHON": sys.executable, "PREPROCESS_TOOL": FAKE_PREPROCESS, "SBATCH_OPTIONS": "--cpus-per-task=1 --time=5"},
+                  env={"PYTHON": sys.executable, "PREPROCESS_TOOL": FAKE_PREPROCESS,
+                       "SBATCH_OPTIONS": "--cpus-per-task=1 --time=5"},
                   cwd=tmp_path)
     ids = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
     array_id, merge_id = int(ids["ARRAY_JOB_ID"]), int(ids["MERGE_JOB_ID"])
@@ -311,16 +342,31 @@ def test_preprocess_failed_shard_cancels_merge(slurm, tmp_path):
 # --------------------------------------------------------------------------- end to end, real trainer
 
 
+# configs/tiny-cpu.yaml made smaller still, so that a 2-process CPU job takes seconds per 10 steps.
+SMALLER = [
+    "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
+    "model.seq_length=32", "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_iters=2",
+    "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.lr_warmup_iters=2", "data.split=90,10,0",
+]
+
+
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> list[str]:
-    """Overrides pointing at a tiny corpus and tokenizer made by tools/preprocess_data.py."""
-    prefix = str(tmp_path_factory.mktemp("tiny_data") / "pydocs")
-    subprocess.run(
-        [sys.executable, PREPROCESS_TOOL, "--input", "builtin:python-docs", "--train-tokenizer",
-         "--vocab-size", "512", "--output-prefix", prefix],
-        cwd=ROOT, check=True, capture_output=True, timeout=300, env=_local_env(PYTHONPATH=ROOT),
-    )
-    return [f"data.data_path={prefix}_text_document", f"data.tokenizer_model={prefix}.model"]
+def tiny_data(request, tmp_path_factory) -> list[str]:
+    """Overrides pointing at a tiny corpus and tokenizer made by tools/preprocess_data.py.
+
+    Reuses the suite's ``tiny_corpus`` fixture (tests/conftest.py) when there is one.
+    """
+    try:
+        prefix, tokenizer = request.getfixturevalue("tiny_corpus")
+    except pytest.FixtureLookupError:
+        out = str(tmp_path_factory.mktemp("tiny_data") / "docs")
+        subprocess.run(
+            [sys.executable, PREPROCESS_TOOL, "--input", "builtin:python-docs", "--train-tokenizer",
+             "--vocab-size", "1024", "--output-prefix", out, "--workers", "2"],
+            cwd=ROOT, check=True, capture_output=True, timeout=300, env=_local_env(PYTHONPATH=ROOT),
+        )
+        prefix, tokenizer = f"{out}_text_document", f"{out}.model"
+    return [f"data.data_path={prefix}", f"data.tokenizer_model={tokenizer}"]
 
 
 def _submit_tiny(slurm, tmp_path, data_overrides, *overrides: str) -> tuple[int, str, str]:
@@ -328,7 +374,7 @@ def _submit_tiny(slurm, tmp_path, data_overrides, *overrides: str) -> tuple[int,
     log = str(tmp_path / "job-%j.out")
     job = slurm.sbatch(
         ["--gres=none", "-N1", "-n1", "-c2", "--time=10", "-o", log, PRETRAIN, TINY_CONFIG,
-         f"train.run_dir={run_dir}", *data_overrides, *overrides],
+         *SMALLER, f"train.run_dir={run_dir}", *data_overrides, *overrides],
         env={"PYTHON": sys.executable, "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "2", "WANDB_MODE": "offline"},
         cwd=ROOT,
     )
