@@ -44,6 +44,9 @@
 #SBATCH --requeue
 
 set -euo pipefail
+# A USR1 that arrives while this script is still setting up is remembered (see on_usr1).
+EARLY_USR1=0
+trap 'EARLY_USR1=1' USR1
 
 die() { echo "pretrain.sh: error: $*" >&2; exit 1; }
 
@@ -203,6 +206,7 @@ on_usr1() {
   touch "$RUN_DIR/SAVE_AND_EXIT"
 }
 trap on_usr1 USR1
+if (( EARLY_USR1 )); then on_usr1; fi
 
 "${SRUN[@]}" bash -c "$PER_NODE" pretrain-node "${TORCHRUN[@]}" "${PROGRAM[@]}" &
 STEP_PID=$!

@@ -230,7 +230,7 @@ def test_gpu_header_is_overridden_by_gres_none_on_a_cpu_cluster(slurm, small_con
 def test_usr1_saves_requeues_and_resumes_with_fake_trainer(slurm, small_config, tmp_path):
     run_dir = tmp_path / "run"
     out = tmp_path / "job-%j.out"
-    train_iters = 30
+    train_iters = 40
     job = slurm.sbatch(
         ["--gres=none", "-N1", "-n1", "-c2", "--time=5", "-o", str(out), PRETRAIN, small_config,
          f"train.run_dir={run_dir}", f"train.train_iters={train_iters}"],
@@ -271,6 +271,32 @@ def test_usr1_saves_requeues_and_resumes_with_fake_trainer(slurm, small_config, 
             for f in files if f == "stdout.log"
         )
         assert [p.split(os.sep)[-2] for p in rank_logs] == ["0", "1"], rank_logs
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_time_limit_signal_requeues_and_scancel_does_not(slurm, small_config, tmp_path):
+    """SLURM's own --signal=B:USR1@T before the time limit reaches the trap; scancel stops for good."""
+    run_dir = tmp_path / "run"
+    out = tmp_path / "job-%j.out"
+    # A 1-minute limit with USR1 due 40 s before it; SLURM checks limits every ~30 s.
+    job = slurm.sbatch(
+        ["--gres=none", "-N1", "-n1", "-c2", "--time=1", "--signal=B:USR1@40", "-o", str(out), PRETRAIN,
+         small_config, f"train.run_dir={run_dir}", "train.train_iters=100000"],
+        env={"PYTHON": sys.executable, "TRAIN_SCRIPT": FAKE_TRAINER, "GPUS_PER_NODE": "0",
+             "PROCS_PER_NODE": "2", "FAKE_STEP_SECONDS": "0.1"},
+        cwd=ROOT,
+    )
+    log = str(out).replace("%j", str(job))
+    _wait_for(lambda: os.path.exists(log) and "resuming    from" in _read(log), 100, "the requeued attempt to resume")
+    slurm.run(["scancel", str(job)])
+    info = slurm.wait_job(job, timeout=60)
+    text = _read(log)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1", (info, text)
+    saved = int(re.search(r"checkpoint saved at step (\d+); requeueing job", text).group(1))
+    assert text.index("got USR1") < text.index("requeueing") < text.index("restart 1 on")
+    assert f"resuming    from {run_dir}/checkpoints/step_{saved:08d}" in text
+    assert text.count("requeueing") == 1
 
 
 @pytest.mark.slurm
