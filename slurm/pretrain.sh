@@ -165,6 +165,7 @@ PROGRAM=("${TRAIN[@]}" --config "$CONFIG" "${OVERRIDES[@]}")
 # the inner bash (single quotes: expanded on each node).
 SRUN=(srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1)
 if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
+# shellcheck disable=SC2016  # expanded on each node, not here
 PER_NODE='export PET_NODE_RANK=$SLURM_NODEID PET_LOG_DIR=$LOG_ROOT/node$SLURM_NODEID; exec "$@"'
 export LOG_ROOT
 
