@@ -1,0 +1,457 @@
+"""The SLURM side: slurm/pretrain.sh and slurm/preprocess.sh on a real (private) SLURM.
+
+Tiers:
+* dry-run and launch-check tests need only bash and Python;
+* ``slurm`` tests bring up a private single-node cluster (tests/slurm_cluster.py) once
+  per session and submit real jobs: a trivial job, the CPU override of the GPU
+  header, the USR1 -> checkpoint -> requeue -> resume protocol of the template with a
+  fake trainer (tests/fake_trainer.py), and the preprocessing array + merge with a
+  fake tool (tests/fake_preprocess.py);
+* end-to-end tests train ``configs/tiny-cpu.yaml`` with the real trainer on 2 CPU
+  processes; they skip until ``card_megatron/train.py`` (and its config and data
+  tool) exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from slurm_cluster import SlurmCluster, missing_programs  # noqa: E402
+
+from card_megatron.config import ConfigError  # noqa: E402
+from card_megatron.launch_check import check_launch, main as launch_check_main  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN = os.path.join(ROOT, "slurm", "pretrain.sh")
+PREPROCESS = os.path.join(ROOT, "slurm", "preprocess.sh")
+FAKE_TRAINER = os.path.join(ROOT, "tests", "fake_trainer.py")
+FAKE_PREPROCESS = os.path.join(ROOT, "tests", "fake_preprocess.py")
+TRAINER = os.path.join(ROOT, "card_megatron", "train.py")
+TINY_CONFIG = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
+PREPROCESS_TOOL = os.path.join(ROOT, "tools", "preprocess_data.py")
+
+needs_trainer = pytest.mark.skipif(
+    not all(os.path.exists(p) for p in (TRAINER, TINY_CONFIG, PREPROCESS_TOOL)),
+    reason="end-to-end SLURM training needs card_megatron/train.py, configs/tiny-cpu.yaml and "
+    "tools/preprocess_data.py, which are not in this tree yet",
+)
+
+
+def _local_env(**extra: str) -> dict[str, str]:
+    """The environment of a shell outside any SLURM job (even if pytest runs in one)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env["PYTHON"] = sys.executable
+    env.update(extra)
+    return env
+
+
+def _write(path, text: str) -> str:
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+def _wait_for(cond, timeout: float, what: str, poll: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _metrics(run_dir) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _read(path) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A private single-node SLURM cluster for the whole session; stopped by PID at the end."""
+    missing = missing_programs()
+    if missing:
+        pytest.skip(f"SLURM is not installed (missing {', '.join(missing)}): apt-get install slurm-wlm munge")
+    if os.geteuid() != 0:
+        pytest.skip("the private SLURM cluster runs its daemons as root (SlurmUser=root)")
+    # At least 2 CPUs declared so 2-process jobs fit on a 1-core runner too.
+    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")), cpus=max(2, os.cpu_count() or 1))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def small_config(tmp_path) -> str:
+    """A config with TP=2 (what the layout checks need); the fake trainer ignores the rest."""
+    return _write(
+        tmp_path / "small.yaml",
+        "model:\n  num_layers: 4\n  num_attention_heads: 4\n"
+        "parallel:\n  tensor_model_parallel_size: 2\n"
+        "train:\n  micro_batch_size: 2\n  global_batch_size: 8\n",
+    )
+
+
+# --------------------------------------------------------------------------- launch check, dry run
+
+
+def test_launch_check_validates_layout_against_world_size(small_config, capsys):
+    cfg = check_launch(small_config, ["parallel.pipeline_model_parallel_size=2"], world_size=8)
+    assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.parallel.pipeline_model_parallel_size == 2
+    with pytest.raises(ConfigError, match=r"world size \(6\) must be divisible by tensor_model_parallel_size \(2\) x "
+                       r"pipeline_model_parallel_size \(2\)"):
+        check_launch(small_config, ["parallel.pipeline_model_parallel_size=2"], world_size=6)
+    with pytest.raises(ConfigError, match=r"world size \(0\)"):
+        check_launch(small_config, [], world_size=0)
+    assert launch_check_main(["--config", small_config, "--world-size", "4", "train.micro_batch_size=1"]) == 0
+    assert "world size 4 = tensor 2 x pipeline 1 x data 2" in capsys.readouterr().out
+    # data parallel 3 does not divide global batch 8 / micro batch 2
+    assert launch_check_main(["--config", small_config, "--world-size", "6"]) == 1
+    assert "global_batch_size (8) must be a multiple of micro_batch_size (2) x data-parallel size (3)" in (
+        capsys.readouterr().err
+    )
+
+
+def test_dry_run_prints_commands_for_a_fitting_gpu_layout(small_config, tmp_path):
+    r = subprocess.run(
+        ["bash", PRETRAIN, "--dry-run", small_config, "parallel.pipeline_model_parallel_size=2"],
+        env=_local_env(NNODES="2", GPUS_PER_NODE="4"), cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "world size 8 = tensor 2 x pipeline 2 x data 2" in out
+    assert "srun --nodes=2 --ntasks=2 --ntasks-per-node=1" in out
+    assert "-m torch.distributed.run --nnodes=2 --nproc-per-node=4" in out
+    assert f"-m card_megatron.train --config {small_config} parallel.pipeline_model_parallel_size=2 " \
+           "train.run_dir=runs/card-pretrain-dryrun" in out
+    assert "cuda (4 GPUs per node, nccl)" in out and "dry run: nothing launched" in out
+    assert not os.path.exists(os.path.join(ROOT, "runs", "card-pretrain-dryrun"))
+
+
+def test_dry_run_cpu_uses_procs_per_node_and_given_run_dir(small_config, tmp_path):
+    run_dir = str(tmp_path / "myrun")
+    r = subprocess.run(
+        ["bash", PRETRAIN, "--dry-run", small_config, f"train.run_dir={run_dir}"],
+        env=_local_env(GPUS_PER_NODE="0", PROCS_PER_NODE="2", TRAIN_MODULE="my.trainer"),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "cpu (gloo)" in r.stdout and "--nnodes=1 --nproc-per-node=2" in r.stdout
+    assert f"-m my.trainer --config {small_config} train.run_dir={run_dir}\n" in r.stdout
+    assert not os.path.exists(run_dir)
+
+
+@pytest.mark.parametrize(
+    "env, overrides, message",
+    [
+        ({"NNODES": "1", "GPUS_PER_NODE": "3"}, [],
+         "world size (3) must be divisible by tensor_model_parallel_size (2) x pipeline_model_parallel_size (1)"),
+        ({"NNODES": "2", "GPUS_PER_NODE": "4"}, ["parallel.pipeline_model_parallel_size=3"],
+         "model.num_layers (4) must be divisible by parallel.pipeline_model_parallel_size (3)"),
+        ({"GPUS_PER_NODE": "0", "PROCS_PER_NODE": "1"}, [],
+         "world size (1) must be divisible by tensor_model_parallel_size (2)"),
+    ],
+)
+def test_dry_run_rejects_layouts_that_do_not_fit(small_config, env, overrides, message):
+    r = subprocess.run(
+        ["bash", PRETRAIN, "--dry-run", small_config, *overrides],
+        env=_local_env(**env), capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert "the config does not fit this job" in r.stderr
+    assert "dry run: nothing launched" not in r.stdout
+
+
+def test_pretrain_refuses_to_run_outside_slurm_and_without_config(small_config):
+    r = subprocess.run(["bash", PRETRAIN, small_config, "parallel.tensor_model_parallel_size=1"],
+                       env=_local_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "not inside a SLURM job" in r.stderr
+    r = subprocess.run(["bash", PRETRAIN, "--dry-run", "no/such.yaml"], env=_local_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "config file not found: no/such.yaml" in r.stderr
+
+
+def test_preprocess_submitter_checks_inputs_before_submitting(tmp_path):
+    listed = _write(tmp_path / "a.txt", "alpha\n")
+    env = _local_env(PREPROCESS_TOOL=FAKE_PREPROCESS)
+    bad_list = _write(tmp_path / "bad.list", f"{listed}\n{tmp_path}/missing.txt\n")
+    r = subprocess.run(["bash", PREPROCESS, bad_list, str(tmp_path / "out")], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and f"input listed in {bad_list} not found: {tmp_path}/missing.txt" in r.stderr
+    good_list = _write(tmp_path / "good.list", f"# comment\n\n  {listed}  \n")
+    r = subprocess.run(["bash", PREPROCESS, good_list, str(tmp_path / "out"), "--train-tokenizer"], env=env,
+                       cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "--train-tokenizer would train one tokenizer per shard" in r.stderr
+    assert not os.path.exists(tmp_path / "out_shards")
+
+
+# --------------------------------------------------------------------------- real SLURM
+
+
+@pytest.mark.slurm
+def test_cluster_runs_a_batch_job_with_srun_steps(slurm, tmp_path):
+    job = slurm.sbatch(["-n2", "-o", str(tmp_path / "out.%j"), "--wrap", "srun -n2 hostname"], cwd=tmp_path)
+    info = slurm.wait_job(job, timeout=60)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
+    assert _read(tmp_path / f"out.{job}").split() == [slurm.hostname] * 2
+
+
+@pytest.mark.slurm
+def test_gpu_header_is_overridden_by_gres_none_on_a_cpu_cluster(slurm, small_config):
+    """The template asks for GPUs; a CPU-only cluster rejects that unless --gres=none replaces it."""
+    base = ["sbatch", "--test-only", "-N1", "-n1", "-c1", PRETRAIN, small_config]
+    r = slurm.run(base, cwd=ROOT, check=False)
+    assert r.returncode != 0 and "Invalid generic resource" in r.stderr
+    r = slurm.run(base[:1] + ["--gres=none"] + base[1:], cwd=ROOT, check=False)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slurm
+def test_usr1_saves_requeues_and_resumes_with_fake_trainer(slurm, small_config, tmp_path):
+    run_dir = tmp_path / "run"
+    out = tmp_path / "job-%j.out"
+    train_iters = 40
+    job = slurm.sbatch(
+        ["--gres=none", "-N1", "-n1", "-c2", "--time=5", "-o", str(out), PRETRAIN, small_config,
+         f"train.run_dir={run_dir}", f"train.train_iters={train_iters}"],
+        env={"PYTHON": sys.executable, "TRAIN_SCRIPT": FAKE_TRAINER, "GPUS_PER_NODE": "0",
+             "PROCS_PER_NODE": "2", "FAKE_STEP_SECONDS": "0.2"},
+        cwd=ROOT,
+    )
+    log = str(out).replace("%j", str(job))
+    _wait_for(lambda: len(_metrics(run_dir)) >= 3 or slurm.job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
+              90, "the fake trainer to make progress")
+    assert len(_metrics(run_dir)) >= 3, _read(log) if os.path.exists(log) else slurm.logs()
+    slurm.run(["scancel", "--signal=USR1", "--batch", str(job)])
+    info = slurm.wait_job(job, timeout=120)
+    text = _read(log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    assert info["Restarts"] == "1", info
+
+    saved = int(re.search(r"checkpoint saved at step (\d+); requeueing job", text).group(1))
+    assert 3 <= saved < train_iters
+    assert f"resuming    from {run_dir}/checkpoints/step_{saved:08d}" in text
+    assert "restart 0 on" in text and "restart 1 on" in text  # both attempts in one appended log
+
+    metrics = _metrics(run_dir)
+    steps = [m["step"] for m in metrics]
+    assert steps == list(range(1, train_iters + 1)), steps  # each step once: resumed where it stopped
+    assert {m["restart"] for m in metrics if m["step"] <= saved} == {0}
+    assert {m["restart"] for m in metrics if m["step"] > saved} == {1}
+    assert {m["world_size"] for m in metrics} == {2}
+    assert _read(run_dir / "checkpoints" / "latest").strip() == f"step_{train_iters:08d}"
+    assert (run_dir / "finished").exists()
+    assert not (run_dir / "preempted").exists() and not (run_dir / "SAVE_AND_EXIT").exists()
+    revision = _read(run_dir / "git_revision.txt").strip()
+    assert revision == "unknown" or re.fullmatch(r"[0-9a-f]{40}", revision)
+    for restart in (0, 1):  # torchrun's per-rank logs of both attempts, both local ranks
+        rank_logs = sorted(
+            os.path.relpath(os.path.join(d, f), run_dir)
+            for d, _, files in os.walk(run_dir / "logs" / f"job{job}-restart{restart}" / "node0")
+            for f in files if f == "stdout.log"
+        )
+        assert [p.split(os.sep)[-2] for p in rank_logs] == ["0", "1"], rank_logs
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_time_limit_signal_requeues_and_scancel_does_not(slurm, small_config, tmp_path):
+    """SLURM's own --signal=B:USR1@T before the time limit reaches the trap; scancel stops for good."""
+    run_dir = tmp_path / "run"
+    out = tmp_path / "job-%j.out"
+    # A 1-minute limit with USR1 due 40 s before it; SLURM checks limits every ~30 s.
+    job = slurm.sbatch(
+        ["--gres=none", "-N1", "-n1", "-c2", "--time=1", "--signal=B:USR1@40", "-o", str(out), PRETRAIN,
+         small_config, f"train.run_dir={run_dir}", "train.train_iters=100000"],
+        env={"PYTHON": sys.executable, "TRAIN_SCRIPT": FAKE_TRAINER, "GPUS_PER_NODE": "0",
+             "PROCS_PER_NODE": "2", "FAKE_STEP_SECONDS": "0.1"},
+        cwd=ROOT,
+    )
+    log = str(out).replace("%j", str(job))
+    _wait_for(lambda: os.path.exists(log) and "resuming    from" in _read(log), 100, "the requeued attempt to resume")
+    slurm.run(["scancel", str(job)])
+    info = slurm.wait_job(job, timeout=60)
+    text = _read(log)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1", (info, text)
+    saved = int(re.search(r"checkpoint saved at step (\d+); requeueing job", text).group(1))
+    assert text.index("got USR1") < text.index("requeueing") < text.index("restart 1 on")
+    assert f"resuming    from {run_dir}/checkpoints/step_{saved:08d}" in text
+    assert text.count("requeueing") == 1
+
+
+@pytest.mark.slurm
+def test_failing_trainer_fails_the_job_without_requeue(slurm, small_config, tmp_path):
+    run_dir = tmp_path / "run"
+    out = tmp_path / "job-%j.out"
+    job = slurm.sbatch(
+        ["--gres=none", "-N1", "-n1", "-c2", "--time=5", "-o", str(out), PRETRAIN, small_config,
+         f"train.run_dir={run_dir}"],
+        env={"PYTHON": sys.executable, "TRAIN_SCRIPT": FAKE_TRAINER, "GPUS_PER_NODE": "0",
+             "PROCS_PER_NODE": "2", "FAKE_EXIT_CODE": "3"},
+        cwd=ROOT,
+    )
+    info = slurm.wait_job(job, timeout=60)
+    text = _read(str(out).replace("%j", str(job)))
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, text)
+    assert "training failed (status 1)" in text  # torchrun reports a failed worker as 1
+    assert not (run_dir / "finished").exists()
+
+
+@pytest.mark.slurm
+def test_preprocess_array_then_merge(slurm, tmp_path):
+    inputs = [_write(tmp_path / f"in{i}.txt", f"document {i}\n" * (i + 1)) for i in range(3)]
+    listing = _write(tmp_path / "inputs.list", "# three files\n" + "\n".join(inputs) + "\n")
+    out = tmp_path / "corpus"
+    calls = tmp_path / "calls.txt"
+    r = slurm.run(["bash", PREPROCESS, listing, str(out), "--tokenizer-model", "tok.model"],
+                  env={"PYTHON": sys.executable, "PREPROCESS_TOOL": FAKE_PREPROCESS, "FAKE_PREPROCESS_LOG": str(calls),
+                       "SBATCH_OPTIONS": "--cpus-per-task=1 --time=5"},
+                  cwd=tmp_path)
+    ids = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
+    array_id, merge_id = int(ids["ARRAY_JOB_ID"]), int(ids["MERGE_JOB_ID"])
+    info = slurm.wait_job(merge_id, timeout=90)
+    assert info["JobState"] == "COMPLETED", (info, slurm.logs())
+    for i, path in enumerate(inputs):
+        assert _read(f"{out}_shards/shard_{i:05d}_text_document.bin") == _read(path)
+        task = slurm.job_info(f"{array_id}_{i}")
+        assert task["JobState"] == "COMPLETED" and task["ArrayTaskId"] == str(i), task
+    assert _read(f"{out}_text_document.bin") == "".join(_read(p) for p in inputs)
+    shard_calls = sorted(line for line in _read(calls).splitlines() if line.startswith("--input"))
+    assert shard_calls == [
+        f"--input {path} --output-prefix {out}_shards/shard_{i:05d} --workers 1 --tokenizer-model tok.model"
+        for i, path in enumerate(inputs)
+    ]
+    merge_calls = [line for line in _read(calls).splitlines() if line.startswith("--merge")]
+    assert merge_calls == [
+        "--merge " + " ".join(f"{out}_shards/shard_{i:05d}_text_document" for i in range(3))
+        + f" --output-prefix {out}_text_document"
+    ]
+
+
+@pytest.mark.slurm
+def test_preprocess_failed_shard_cancels_merge(slurm, tmp_path):
+    inputs = [_write(tmp_path / "ok.txt", "fine\n"), _write(tmp_path / "bad.txt", "FAIL here\n")]
+    listing = _write(tmp_path / "inputs.list", "\n".join(inputs) + "\n")
+    out = tmp_path / "corpus"
+    r = slurm.run(["bash", PREPROCESS, listing, str(out)],
+                  env={"PYTHON": sys.executable, "PREPROCESS_TOOL": FAKE_PREPROCESS,
+                       "SBATCH_OPTIONS": "--cpus-per-task=1 --time=5"},
+                  cwd=tmp_path)
+    ids = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
+    array_id, merge_id = int(ids["ARRAY_JOB_ID"]), int(ids["MERGE_JOB_ID"])
+    assert slurm.wait_job(f"{array_id}_1", timeout=60)["JobState"] == "FAILED"
+    info = slurm.wait_job(merge_id, timeout=60)
+    assert info["JobState"] == "CANCELLED", info
+    assert not os.path.exists(f"{out}_text_document.bin")
+
+
+# --------------------------------------------------------------------------- end to end, real trainer
+
+
+# configs/tiny-cpu.yaml made smaller still, so that a 2-process CPU job takes seconds per 10 steps.
+SMALLER = [
+    "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
+    "model.seq_length=32", "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_iters=2",
+    "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.lr_warmup_iters=2", "data.split=90,10,0",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(request, tmp_path_factory) -> list[str]:
+    """Overrides pointing at a tiny corpus and tokenizer made by tools/preprocess_data.py.
+
+    Reuses the suite's ``tiny_corpus`` fixture (tests/conftest.py) when there is one.
+    """
+    try:
+        prefix, tokenizer = request.getfixturevalue("tiny_corpus")
+    except pytest.FixtureLookupError:
+        out = str(tmp_path_factory.mktemp("tiny_data") / "docs")
+        subprocess.run(
+            [sys.executable, PREPROCESS_TOOL, "--input", "builtin:python-docs", "--train-tokenizer",
+             "--vocab-size", "1024", "--output-prefix", out, "--workers", "2"],
+            cwd=ROOT, check=True, capture_output=True, timeout=300, env=_local_env(PYTHONPATH=ROOT),
+        )
+        prefix, tokenizer = f"{out}_text_document", f"{out}.model"
+    return [f"data.data_path={prefix}", f"data.tokenizer_model={tokenizer}"]
+
+
+def _submit_tiny(slurm, tmp_path, data_overrides, *overrides: str) -> tuple[int, str, str]:
+    run_dir = str(tmp_path / "run")
+    log = str(tmp_path / "job-%j.out")
+    job = slurm.sbatch(
+        ["--gres=none", "-N1", "-n1", "-c2", "--time=10", "-o", log, PRETRAIN, TINY_CONFIG,
+         *SMALLER, f"train.run_dir={run_dir}", *data_overrides, *overrides],
+        env={"PYTHON": sys.executable, "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "2", "WANDB_MODE": "offline"},
+        cwd=ROOT,
+    )
+    return job, run_dir, log.replace("%j", str(job))
+
+
+def _checkpoint_step(run_dir: str) -> int:
+    name = _read(os.path.join(run_dir, "checkpoints", "latest")).strip()
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", name)), name
+    return int(re.search(r"(\d+)$", name).group(1))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_trainer
+def test_tiny_cpu_training_job_learns_and_checkpoints(slurm, tiny_data, tmp_path):
+    iters = 30
+    job, run_dir, log = _submit_tiny(slurm, tmp_path, tiny_data, f"train.train_iters={iters}",
+                                     "train.save_interval=10", "train.log_interval=5")
+    info = slurm.wait_job(job, timeout=300)
+    text = _read(log) if os.path.exists(log) else ""
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-5000:]
+    assert os.path.exists(os.path.join(run_dir, "finished"))
+    assert os.path.exists(os.path.join(run_dir, "config.yaml"))
+    assert _checkpoint_step(run_dir) == iters
+    metrics = _metrics(run_dir)
+    assert len(metrics) >= 2 and metrics[-1]["step"] == iters, metrics
+    assert metrics[-1]["loss"] < metrics[0]["loss"], [(m["step"], m["loss"]) for m in metrics]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_trainer
+def test_tiny_cpu_training_job_survives_usr1_requeue(slurm, tiny_data, tmp_path):
+    iters = 40
+    job, run_dir, log = _submit_tiny(slurm, tmp_path, tiny_data, f"train.train_iters={iters}", "train.log_interval=1")
+    _wait_for(lambda: len(_metrics(run_dir)) >= 3 or slurm.job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
+              240, "training progress")
+    before = _metrics(run_dir)
+    assert 3 <= len(before) and before[-1]["step"] < iters, _read(log)[-5000:]
+    slurm.run(["scancel", "--signal=USR1", "--batch", str(job)])
+    info = slurm.wait_job(job, timeout=300)
+    text = _read(log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-5000:]
+    assert info["Restarts"] == "1", info
+    saved = int(re.search(r"checkpoint saved at step (\d+); requeueing job", text).group(1))
+    assert before[-1]["step"] <= saved < iters
+    assert re.search(rf"resuming    from .*step_0*{saved}\b", text), text[-5000:]
+    steps = [m["step"] for m in _metrics(run_dir)]
+    # The second attempt continues after the saved step: nothing before it is logged twice.
+    assert steps == sorted(set(steps)) and steps[-1] == iters, steps
+    assert saved in steps and saved + 1 in steps, steps
+    assert os.path.exists(os.path.join(run_dir, "finished"))
+    assert _checkpoint_step(run_dir) == iters
