@@ -25,6 +25,8 @@ import tempfile
 import time
 from typing import Optional
 
+from tests.distributed import LAUNCHER_VARS
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -93,6 +95,8 @@ class SlurmCluster:
         for k in list(env):  # a test run inside a SLURM job must not leak that job's settings
             if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF":
                 del env[k]
+        for k in LAUNCHER_VARS:  # nor a torch.distributed launcher's (sbatch exports the environment)
+            env.pop(k, None)
         return env
 
     def _write_config(self) -> None:

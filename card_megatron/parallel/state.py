@@ -53,12 +53,13 @@ def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
     import deepspeed  # after the adapter: DS_ACCELERATOR must be set first
     from megatron.core import parallel_state
 
-    if "MASTER_PORT" not in os.environ:  # no launcher: a single process on a free local port
-        os.environ["MASTER_PORT"] = str(_free_port())
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
+    # Without a launcher: one process on a free local port. The variables are removed again
+    # afterwards so that programs this process starts do not inherit a port it holds.
+    launcher_free = {"MASTER_PORT": str(_free_port()), "MASTER_ADDR": "127.0.0.1", "RANK": "0",
+                     "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    added = [k for k in launcher_free if k not in os.environ]
+    for k in added:
+        os.environ[k] = launcher_free[k]
     local_rank = int(os.environ["LOCAL_RANK"])
     backend = cfg.distributed_backend or ("nccl" if cuda_available() else "gloo")
     if cuda_available():
@@ -70,6 +71,8 @@ def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
         deepspeed.init_distributed(
             dist_backend=backend, timeout=datetime.timedelta(minutes=cfg.distributed_timeout_minutes)
         )
+    for k in added:
+        del os.environ[k]
     world = dist.get_world_size()
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
     if world % (tp * pp):
