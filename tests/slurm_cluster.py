@@ -8,7 +8,7 @@ and stops exactly those processes, by PID, in :meth:`stop`. Nothing in ``/etc`` 
 :attr:`SlurmCluster.env`), and ``AuthInfo=socket=...`` points every SLURM component
 at the private munge socket.
 
-Run ``python tests/slurm_cluster.py`` to bring a cluster up by hand: it prints the
+Run ``PYTHONPATH=. python tests/slurm_cluster.py`` (from the repository root) to bring a cluster up by hand: it prints the
 ``export SLURM_CONF=...`` line and keeps the cluster up until Ctrl-C.
 """
 
