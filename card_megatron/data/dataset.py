@@ -14,8 +14,6 @@ reader has it, else ``shard[doc][offset:offset + length]``.
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 import logging
 import os
 import time
@@ -31,23 +29,8 @@ logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- shard access
 
-if importlib.util.find_spec("card_megatron.data.shards") is not None:
-    from card_megatron.data.shards import TokenShard as _ShardReader  # type: ignore[attr-defined]
-    from card_megatron.data.shards import shard_fingerprint  # type: ignore[attr-defined]
-else:  # until card_megatron.data.shards lands: Megatron's reader of the same MMIDIDX format
-
-    def _ShardReader(prefix: str) -> Any:  # noqa: N802 (stands in for a class)
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        return IndexedDataset(prefix, multimodal=False, mmap=True)
-
-    def shard_fingerprint(prefix: str) -> str:
-        """Identity of a shard: size and modification time of its .idx and .bin files."""
-        parts = []
-        for ext in (".idx", ".bin"):
-            st = os.stat(prefix + ext)
-            parts.append(f"{ext}:{st.st_size}:{st.st_mtime_ns}")
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+from card_megatron.data.shards import TokenShard as _ShardReader
+from card_megatron.data.shards import shard_fingerprint
 
 
 def open_shard(prefix: str) -> Any:
