@@ -53,8 +53,9 @@ def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
     import deepspeed  # after the adapter: DS_ACCELERATOR must be set first
     from megatron.core import parallel_state
 
-    # Without a launcher: one process on a free local port. The variables are removed again
-    # afterwards so that programs this process starts do not inherit a port it holds.
+    # Without a launcher: one process on a free local port. The address and port are removed
+    # again afterwards so that programs this process starts do not inherit a port it holds
+    # (DeepSpeed reads RANK, WORLD_SIZE and LOCAL_RANK later, so those stay).
     launcher_free = {"MASTER_PORT": str(_free_port()), "MASTER_ADDR": "127.0.0.1", "RANK": "0",
                      "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     added = [k for k in launcher_free if k not in os.environ]
@@ -72,7 +73,8 @@ def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
             dist_backend=backend, timeout=datetime.timedelta(minutes=cfg.distributed_timeout_minutes)
         )
     for k in added:
-        del os.environ[k]
+        if k in ("MASTER_ADDR", "MASTER_PORT"):
+            del os.environ[k]
     world = dist.get_world_size()
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
     if world % (tp * pp):

@@ -66,6 +66,12 @@ class Trainer:
         if self.is_rank0:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         self.metrics = MetricsWriter(self.run_dir, cfg.logging, self.is_rank0, config_to_dict(cfg))
+        info = self.info
+        self._log_line(
+            f"{cfg.objective.name} | {self.num_params / 1e6:.2f}M parameters | backend {info.backend} | world {info.world_size} = tp {info.tp_size} x pp {info.pp_size} "
+            f"x dp {info.dp_size} | zero {cfg.parallel.zero_stage} | precision {self.precision} | device {info.device}"
+            f" | accumulation {self.accumulation}"
+        )
 
     # ------------------------------------------------------------------ construction
 
@@ -82,8 +88,7 @@ class Trainer:
         self.vocab_start = info.tp_rank * (self.vocab_size // info.tp_size)
         self.objective = build_objective(cfg.objective, cfg.model.seq_length, self.tokenizer.mask_id,
                                          self.tokenizer.vocab_size)
-        precision = resolve_dtype(cfg.train.precision, info.device.type == "cuda")
-        self.params_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+        self.precision = resolve_dtype(cfg.train.precision, info.device.type == "cuda")
         if info.pp_size == 1:
             self.model = CardGPT(cfg.model, self.objective.mask_kind, self.vocab_size, info.tp_size,
                                  seed=cfg.train.seed, params_dtype=torch.float32)
@@ -93,7 +98,18 @@ class Trainer:
             self.model = build_pipeline_model(cfg.model, self.objective.mask_kind, self.vocab_size, info.tp_size,
                                               info.pp_size, info.dp_size, cfg.train.seed, self._pipeline_loss,
                                               torch.float32)
-        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.num_params = self._count_parameters()
+
+    def _count_parameters(self) -> int:
+        """Parameters of the whole model (tensor-parallel shards counted once, all pipeline stages)."""
+        from megatron.core import parallel_state
+
+        local = sum(p.numel() * (self.info.tp_size if getattr(p, "tensor_model_parallel", False) else 1)
+                    for p in self.model.parameters())
+        total = torch.tensor([local], dtype=torch.float64, device=self.info.device)
+        if self.info.pp_size > 1:
+            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        return int(total.item())
 
     def _build_engine(self) -> None:
         import deepspeed
@@ -365,7 +381,7 @@ class Trainer:
             summary["initial_eval"] = ev
             self._log_eval(ev)
         tokens_per_step = t.global_batch_size * cfg.model.seq_length * self.objective.sequence_length_multiplier
-        flops_per_token = model_flops_per_token(self.num_params * self.info.tp_size * self.info.pp_size,
+        flops_per_token = model_flops_per_token(self.num_params,
                                                 cfg.model.num_layers, cfg.model.hidden_size,
                                                 cfg.model.seq_length * self.objective.sequence_length_multiplier)
         peak = peak_flops(torch.cuda.get_device_name()) if self.info.device.type == "cuda" else None
