@@ -85,3 +85,18 @@ def test_tensor_parallel_2_matches_1(tmp_path):
             assert torch.equal(from_tp2[n]["loaded"][name], w), name
     assert not torch.allclose(from_tp2[1]["loss"], a["loss"])  # the step changed the weights
     torch.testing.assert_close(from_tp2[1]["loss"], from_tp2[2]["loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(single_process):
+    from card_megatron.model.gpt import CardGPT, per_token_nll
+
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=8)
+    grads = []
+    for recompute in (False, True):
+        cfg.recompute_activations = recompute
+        model = CardGPT(cfg, "causal", vocab_size=128, seed=5).train()
+        ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+        per_token_nll(model(ids[:, :-1], torch.arange(8).expand(2, 8)), ids[:, 1:]).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)

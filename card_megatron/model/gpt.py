@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from card_megatron.config import ModelConfig
 from card_megatron.model.attention import MASK_KINDS, CardCoreAttention
+from card_megatron.parallel.cpu_adapter import activation_checkpoint
 
 _MEGATRON_MASK_TYPE = {"causal": AttnMaskType.causal, "full": AttnMaskType.no_mask, "block": AttnMaskType.arbitrary}
 
@@ -148,7 +149,7 @@ class DecoderLayerStage(torch.nn.Module):
             return out
 
         if self.recompute and self.training:
-            hidden = tensor_parallel.checkpoint(run, False, hidden)
+            hidden = activation_checkpoint(run, hidden)
         else:
             hidden = run(hidden)
         return hidden, position_ids, mask

@@ -7,6 +7,8 @@ megatron-core 0.16.1, see shared/PLATFORM.md):
   return ``"cpu"``.
 * The tensor-parallel RNG tracker forks the CUDA RNG state; on CPU it is replaced by
   Megatron's non-forking (inference) tracker. Dropout is then drawn from the CPU RNG.
+* Megatron's activation checkpointing saves the CUDA RNG state; on CPU torch's own
+  checkpoint is used instead (:func:`activation_checkpoint`).
 * DeepSpeed picks its accelerator from ``DS_ACCELERATOR``; it is set to ``cpu`` before
   DeepSpeed is imported.
 
@@ -49,3 +51,15 @@ def reset_rng_tracker() -> None:
     if cuda_available():
         return
     tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def activation_checkpoint(function, *args):
+    """Recomputes ``function(*args)`` in backward: Megatron's checkpoint on GPU (it restores the
+    CUDA RNG tracker states), torch's non-reentrant checkpoint on CPU (Megatron's needs CUDA)."""
+    if cuda_available():
+        from megatron.core import tensor_parallel
+
+        return tensor_parallel.checkpoint(function, False, *args)
+    import torch.utils.checkpoint
+
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
