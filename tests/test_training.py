@@ -178,3 +178,12 @@ def test_bad_config_is_reported_before_training(tiny_corpus, tmp_path):
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "model.hidden_size (64) must be divisible by model.num_attention_heads (5)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_wandb_logs_offline_into_the_run_directory(tiny_corpus, tmp_path):
+    run = str(tmp_path / "wandb")
+    train(1, overrides(tiny_corpus, run, 2, "logging.wandb=true"))
+    offline = [d for d in os.listdir(os.path.join(run, "wandb")) if d.startswith("offline-run-")]
+    assert len(offline) == 1, os.listdir(os.path.join(run, "wandb"))
+    assert os.path.getsize(os.path.join(run, "wandb", offline[0], f"run-{open(os.path.join(run, 'wandb_id.txt')).read().strip()}.wandb")) > 0
