@@ -33,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--micro-batch-size", type=int, default=None, help="default: train.micro_batch_size")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size of the benchmark model")
+    p.add_argument("--seq-length", type=int, default=None, help="default: model.seq_length of the config")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
     p.add_argument("--precision", default="auto", help="auto (bf16 on cuda, fp32 on cpu), bf16 or fp32")
     p.add_argument("--rounds", type=int, default=2,
@@ -62,7 +63,10 @@ def child(args) -> dict:
     from card_megatron.model.gpt import CardGPT, padded_vocab_size, per_token_nll
     from card_megatron.objectives import build_objective
 
-    cfg = load_config(args.config, [f"objective.name={args.child}"])
+    overrides = [f"objective.name={args.child}"]
+    if args.seq_length:
+        overrides.append(f"model.seq_length={args.seq_length}")
+    cfg = load_config(args.config, overrides)
     device = torch.device(args.device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
@@ -129,6 +133,8 @@ def main(argv=None) -> int:
                    "--precision", args.precision, "--vocab-size", str(args.vocab_size)]
             if args.micro_batch_size:
                 cmd += ["--micro-batch-size", str(args.micro_batch_size)]
+            if args.seq_length:
+                cmd += ["--seq-length", str(args.seq_length)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)
