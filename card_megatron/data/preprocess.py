@@ -310,7 +310,7 @@ def _prepare_tokenizer(opts: PreprocessOptions, sources: Sequence[InputSource], 
     return Tokenizer.load(opts.tokenizer_model)
 
 
-def _all_chunks(sources: Sequence[InputSource], chunk_bytes: int, disk_before: list[int]) -> Iterator[Chunk]:
+def _all_chunks(sources: Sequence[InputSource], chunk_bytes: int, disk_before: deque) -> Iterator[Chunk]:
     done = 0
     for src in sources:
         last = 0
@@ -350,19 +350,18 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
         raise PreprocessError(f"output directory {out_dir} does not exist")
 
     tok = _prepare_tokenizer(opts, sources, keys)
-    write_tokenizer_sidecar(tok, f"{opts.output_prefix}.tokenizer.json")
     dtype = token_dtype(tok.vocab_size)
     logger.info("tokenizer %s; tokens stored as %s", tok, dtype)
 
     stats = PreprocessStats(tokenizer=tok.metadata())
     sizes = [s.size_bytes() for s in sources]
     progress = _Progress(sum(sizes) if all(x is not None for x in sizes) else None, opts.log_interval)
-    disk_pos: list[int] = []
+    disk_pos: deque = deque()  # disk position after each submitted chunk, consumed in order
     writers: dict[str, ShardWriter] = {}
     try:
         for k in keys:
             writers[k] = ShardWriter(prefixes[k], dtype=dtype, overwrite=opts.overwrite)
-        meta: list[Chunk] = []  # submitted chunks, in order (payloads dropped once consumed)
+        meta: deque = deque()  # submitted chunks, in order, until their result is consumed
         chunks = _track(_all_chunks(sources, opts.chunk_bytes, disk_pos), meta)
         init_args = (tok.serialized(), keys, opts.skip_bad_lines, dtype.str)
         if opts.workers == 1:
@@ -385,6 +384,7 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
                 raise PreprocessError(f"no documents for key {k!r} in the input (all skipped: {dict(stats.skipped)})")
         for k, w in writers.items():
             stats.outputs[k] = w.finalize()
+        write_tokenizer_sidecar(tok, f"{opts.output_prefix}.tokenizer.json")
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -393,18 +393,18 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
     return stats
 
 
-def _track(chunks: Iterable[Chunk], meta: list) -> Iterator[Chunk]:
+def _track(chunks: Iterable[Chunk], meta: deque) -> Iterator[Chunk]:
     for c in chunks:
         meta.append(c)
         yield c
 
 
 def _run(results, meta, keys, writers, stats, progress, disk_pos) -> None:
-    # meta holds the chunks in submission order: result n belongs to meta[n]
+    # meta and disk_pos hold the submitted chunks in order: each result belongs to the oldest
     line_base: dict[str, int] = {}
-    for n, res in enumerate(results):
-        chunk = meta[n]
-        meta[n] = None
+    for res in results:
+        chunk = meta.popleft()
+        pos = disk_pos.popleft()
         first_line = line_base.get(chunk.source, 0)
         if res.error:
             raise PreprocessError(_error_message(chunk, first_line, res.error))
@@ -417,4 +417,4 @@ def _run(results, meta, keys, writers, stats, progress, disk_pos) -> None:
         stats.skipped.update(res.skipped)
         stats.num_lines += res.num_lines
         stats.text_bytes += res.text_bytes
-        progress.update(docs // max(len(keys), 1), toks, res.text_bytes, disk_pos[n])
+        progress.update(docs // max(len(keys), 1), toks, res.text_bytes, pos)
