@@ -324,3 +324,21 @@ def test_cli_merge(tmp_path, tok_path, tok, docs):
     assert_user_error(r, "already exists")
     r = run_tool("--merge", prefixes[0], str(tmp_path / "nope"), "--output-prefix", tmp_path / "m2")
     assert_user_error(r, "not found")
+
+
+def test_chunks_cover_the_file_at_line_ends(tmp_path):
+    from card_megatron.data.corpus import InputSource, iter_chunks
+
+    rng = np.random.default_rng(0)
+    lines = [b"x" * int(n) for n in rng.integers(0, 300, size=400)]
+    data = b"\n".join(lines)  # no final line end
+    (tmp_path / "f.txt").write_bytes(data)
+    with gzip.open(tmp_path / "f.txt.gz", "wb") as f:
+        f.write(data)
+    for name, gz in (("f.txt", False), ("f.txt.gz", True)):
+        for chunk_bytes in (100, 1000, 1 << 20):
+            chunks = list(iter_chunks(InputSource(str(tmp_path / name), "txt", gz), chunk_bytes))
+            parts = [c.data() for c in chunks]
+            assert all(p.endswith(b"\n") for p in parts)
+            assert b"".join(parts) == data + b"\n"
+            assert chunks[-1].input_pos == os.path.getsize(tmp_path / name)

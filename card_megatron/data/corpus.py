@@ -289,7 +289,8 @@ def _byte_range_chunks(source: InputSource, chunk_bytes: int) -> Iterator[Chunk]
         size = os.fstat(f.fileno()).st_size
         pos = 0
         while pos < size:
-            end = pos + chunk_bytes
+            # shrink the chunks near the end so that no worker idles long on the last one
+            end = pos + max(min(chunk_bytes, (size - pos) // 8), min(chunk_bytes, 1 << 16))
             if end >= size:
                 end = size
             else:
