@@ -342,3 +342,27 @@ def test_chunks_cover_the_file_at_line_ends(tmp_path):
             assert all(p.endswith(b"\n") for p in parts)
             assert b"".join(parts) == data + b"\n"
             assert chunks[-1].input_pos == os.path.getsize(tmp_path / name)
+
+
+def test_fast_parser_matches_line_by_line_reference():
+    """The whole-chunk fast path must agree with the line-by-line parser or step aside (None)."""
+    rng = np.random.default_rng(7)
+    good = [b'{"text": "plain"}', b'{"text": "caf\\u00e9 \\"q\\" \\n nl", "n": 1}', '{"text": "ünï ✓"}'.encode(),
+            b'{"text": "  "}', b'{"text": ""}', b'{"text": "x", "body": "b"}', b'{"body": "y", "text": "z"}']
+    odd = [b"", b"   ", b'  {"text": "padded"}  ', b'{"text": "crlf"}\r', b'{"text": 5}', b'{"text": null}',
+           b'{"other": "k"}', b"[1, 2]", b'"just a string"', b"{bad json", b'{"text": "\xff"}',
+           b'{"text": "a"}, {"text": "b"}', b'{"text": "ok"} trailing']
+    agree = fallbacks = 0
+    for trial in range(300):
+        pool = good + (odd if trial % 2 else [])
+        lines = [pool[i] for i in rng.integers(0, len(pool), size=rng.integers(1, 12))]
+        data = b"\n".join(lines) + b"\n"
+        for kind, keys in (("jsonl", ("text",)), ("jsonl", ("text", "body")), ("txt", ("text",))):
+            ref_texts, ref_skipped, ref_lines, ref_error = pp._parse_lines(data, kind, keys, True)
+            fast = pp._parse_clean_chunk(data, kind, keys)
+            if fast is None:
+                fallbacks += 1
+                continue
+            assert fast == (ref_texts, ref_skipped, ref_lines), (kind, keys, lines)
+            agree += 1
+    assert agree > 100 and fallbacks > 100

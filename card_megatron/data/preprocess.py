@@ -11,9 +11,11 @@ place only when everything succeeded.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import multiprocessing as mp
+import operator
 import os
 import signal
 import time
@@ -102,6 +104,51 @@ def _json_loads(line: str):
     return json.loads(line)  # whitespace, trailing data or an error: the reference path
 
 
+def _parse_clean_chunk(
+    data: bytes, kind: str, keys: Sequence[str]
+) -> Optional[tuple[list[list[str]], Counter, int]]:
+    """Fast path of :func:`_parse_chunk` for a chunk without a single bad line: the whole chunk
+    is decoded at once and every line parsed by the C JSON scanner without a Python call per
+    line. Returns None at the first sign of anything unusual (bad UTF-8 or JSON, blank line,
+    whitespace around a line, missing or non-string key), and the line-by-line reference path
+    then takes over, finding and reporting the problem exactly.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    lines = text.split("\n")
+    lines.pop()
+    skipped: Counter = Counter()
+    if kind == "txt":
+        docs = [line.rstrip("\r") for line in lines]
+        kept = [d for d in docs if d and not d.isspace()]
+        if len(kept) != len(docs):
+            skipped["empty documents"] = len(docs) - len(kept)
+        return [kept], skipped, len(lines)
+    try:
+        # A StopIteration from the scanner (e.g. on a blank line) ends map() early: caught by the length check.
+        parsed = list(map(_SCAN_ONCE, lines, itertools.repeat(0)))
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if len(parsed) != len(lines) or not all(map(operator.eq, map(operator.itemgetter(1), parsed), map(len, lines))):
+        return None
+    objs = list(map(operator.itemgetter(0), parsed))
+    texts: list[list[str]] = []
+    for k, key in enumerate(keys):
+        try:
+            values = list(map(operator.itemgetter(key), objs))
+        except (KeyError, TypeError, IndexError):
+            return None  # a missing key or a line that is not an object
+        if not all(map(isinstance, values, itertools.repeat(str))):
+            return None
+        kept = [v for v in values if v and not v.isspace()]
+        if len(kept) != len(values):
+            skipped["empty documents" if len(keys) == 1 else f"empty {key!r} documents"] = len(values) - len(kept)
+        texts.append(kept)
+    return texts, skipped, len(lines)
+
+
 def _parse_chunk(
     chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool
 ) -> tuple[list[list[str]], Counter, int, int, Optional[tuple[int, str]]]:
@@ -121,6 +168,19 @@ def _parse_chunk(
                 skipped["empty documents"] += 1
         return texts, skipped, len(data), chunk.length, None
 
+    fast = _parse_clean_chunk(data, chunk.kind, keys)
+    if fast is not None:
+        return fast[0], fast[1], fast[2], len(data), None
+    texts, skipped, num_lines, error = _parse_lines(data, chunk.kind, keys, skip_bad_lines)
+    return texts, skipped, num_lines, len(data), error
+
+
+def _parse_lines(
+    data: bytes, kind: str, keys: Sequence[str], skip_bad_lines: bool
+) -> tuple[list[list[str]], Counter, int, Optional[tuple[int, str]]]:
+    """Line-by-line reference parser: (texts per key, skip counts, lines, first error)."""
+    texts: list[list[str]] = [[] for _ in keys]
+    skipped: Counter = Counter()
     lines = data.split(b"\n")
     lines.pop()  # the data ends with a line end
     num_lines = len(lines)
@@ -134,7 +194,7 @@ def _parse_chunk(
         error = (i, message)
         return True
 
-    is_json = chunk.kind == "jsonl"
+    is_json = kind == "jsonl"
     for i, raw in enumerate(lines):
         try:
             line = raw.decode("utf-8")
@@ -181,7 +241,7 @@ def _parse_chunk(
                     skipped["empty documents" if len(keys) == 1 else f"empty {keys[k]!r} documents"] += 1
         if error:
             break
-    return texts, skipped, num_lines, len(data), error
+    return texts, skipped, num_lines, error
 
 
 # -- workers --------------------------------------------------------------------------
@@ -220,7 +280,7 @@ def _encode_chunk(chunk: Chunk) -> _ChunkResult:
     if error is None:
         for key_texts in texts:
             ids = tok.encode_batch(key_texts, add_eos=True) if key_texts else []
-            lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+            lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
             packed = np.concatenate(ids).astype(_W["dtype"], copy=False) if ids else np.empty(0, _W["dtype"])
             out_tokens.append(packed)
             out_lengths.append(lengths)
@@ -297,8 +357,6 @@ def _prepare_tokenizer(opts: PreprocessOptions, sources: Sequence[InputSource], 
         model_path = f"{opts.output_prefix}.model"
         if os.path.exists(model_path) and not opts.overwrite:
             raise PreprocessError(f"output {model_path} already exists (pass --overwrite to replace it)")
-        import itertools
-
         sentences = itertools.islice(
             _iter_texts_for_training(sources, keys, opts.skip_bad_lines), opts.tokenizer_scan_sentences
         )
