@@ -1,6 +1,7 @@
 """Token shards: C++ writer and reader round trips, Megatron interop both ways, corruption, merge."""
 
 import os
+import pickle
 import struct
 
 import numpy as np
@@ -63,6 +64,9 @@ def test_round_trip(tmp_path, vocab_size, dtype):
     s.check_consistency()
     with pytest.raises(IndexError):
         s[len(docs)]
+    s2 = pickle.loads(pickle.dumps(s))
+    assert len(pickle.dumps(s)) < 200 and len(s2) == len(s)
+    np.testing.assert_array_equal(s2[5], docs[5])
     # no temporaries left next to the shard
     assert sorted(os.listdir(tmp_path)) == ["s.bin", "s.idx"]
 
