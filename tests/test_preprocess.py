@@ -297,6 +297,10 @@ def test_killed_run_leaves_no_finished_shard(tmp_path, tok_path, sig):
             while not any(".tmp" in p for p in os.listdir(tmp_path)):
                 assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
                 time.sleep(0.05)
+            # Let the tool go back to waiting for input: a signal that lands between two system
+            # calls of a blocking read is only handled once the read returns (CPython's handlers
+            # run between bytecodes), which a real producer's next line or EOF would bring.
+            time.sleep(0.5)
             proc.send_signal(sig)
             proc.wait(timeout=60)
     finally:

@@ -248,16 +248,41 @@ def _parse_lines(
 _W: dict = {}
 
 
-def _init_worker(model_bytes: bytes, keys: tuple[str, ...], skip_bad_lines: bool, dtype: str) -> None:
+_STARTUP_BLOCKED = {signal.SIGINT, signal.SIGTERM}
+
+
+def _noop() -> None:
+    pass
+
+
+def _start_pool(workers: int, ctx, init_state: Optional[dict]) -> ProcessPoolExecutor:
+    """Starts every worker with SIGINT/SIGTERM blocked, so that an interruption can never land
+    half-way through the executor's start-up (it would leave workers nobody shuts down)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STARTUP_BLOCKED)
+    try:
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(init_state,))
+        pool.submit(_noop).result()  # under fork this starts all the workers
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a pending signal is delivered here
+    return pool
+
+
+def _init_worker(state: Optional[dict]) -> None:
+    """Worker start: ``state`` is None under fork, where the parent's ``_W`` (tokenizer already
+    loaded) is inherited; otherwise the bytes-based state to rebuild it from."""
     # Forked workers inherit the parent's Python signal handlers; a worker must die on SIGTERM
-    # (Pool.terminate) and leave Ctrl-C to the parent, which cleans up.
+    # (pool shutdown) and leave Ctrl-C to the parent, which cleans up.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _W.update(_worker_state(model_bytes, keys, skip_bad_lines, dtype))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STARTUP_BLOCKED)  # blocked by the parent around the fork
+    if state is not None:
+        _W.update(_worker_state(**state))
 
 
-def _worker_state(model_bytes: bytes, keys: tuple[str, ...], skip_bad_lines: bool, dtype: str) -> dict:
-    return {"tok": Tokenizer.from_serialized(model_bytes), "keys": keys, "skip": skip_bad_lines, "dtype": np.dtype(dtype)}
+def _worker_state(model_bytes: bytes, keys: tuple[str, ...], skip_bad_lines: bool, dtype: str,
+                  tokenizer: Optional[Tokenizer] = None) -> dict:
+    tok = tokenizer if tokenizer is not None else Tokenizer.from_serialized(model_bytes)
+    return {"tok": tok, "keys": keys, "skip": skip_bad_lines, "dtype": np.dtype(dtype)}
 
 
 @dataclass
@@ -281,7 +306,8 @@ def _encode_chunk(chunk: Chunk) -> _ChunkResult:
         for key_texts in texts:
             ids = tok.encode_batch(key_texts, add_eos=True) if key_texts else []
             lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
-            packed = np.concatenate(ids).astype(_W["dtype"], copy=False) if ids else np.empty(0, _W["dtype"])
+            # ids < vocab size, which fits the dtype (checked when the shard dtype was chosen)
+            packed = np.concatenate(ids, dtype=_W["dtype"], casting="unsafe") if ids else np.empty(0, _W["dtype"])
             out_tokens.append(packed)
             out_lengths.append(lengths)
     return _ChunkResult(out_tokens, out_lengths, skipped, num_lines, text_bytes, error)
@@ -421,15 +447,18 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
             writers[k] = ShardWriter(prefixes[k], dtype=dtype, overwrite=opts.overwrite)
         meta: deque = deque()  # submitted chunks, in order, until their result is consumed
         chunks = _track(_all_chunks(sources, opts.chunk_bytes, disk_pos), meta)
-        init_args = (tok.serialized(), keys, opts.skip_bad_lines, dtype.str)
+        state = {"model_bytes": b"", "keys": keys, "skip_bad_lines": opts.skip_bad_lines, "dtype": dtype.str}
+        _W.clear()
+        _W.update(_worker_state(**state, tokenizer=tok))
         if opts.workers == 1:
-            _W.update(_worker_state(*init_args))
             _run(map(_encode_chunk, chunks), meta, keys, writers, stats, progress, disk_pos)
         else:
-            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            fork = "fork" in mp.get_all_start_methods()
+            ctx = mp.get_context("fork") if fork else mp.get_context()
+            init_state = None if fork else {**state, "model_bytes": tok.serialized()}
             # ProcessPoolExecutor rather than Pool: a worker that dies (OOM killer, signal) raises
             # BrokenProcessPool instead of leaving its task unanswered forever.
-            pool = ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_init_worker, initargs=init_args)
+            pool = _start_pool(opts.workers, ctx, init_state)
             try:
                 results = _ordered_map(pool, _encode_chunk, chunks, 2 * opts.workers)
                 _run(results, meta, keys, writers, stats, progress, disk_pos)
@@ -447,6 +476,8 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
         for w in writers.values():
             w.abort()
         raise
+    finally:
+        _W.clear()  # the tokenizer, shared with forked workers
     stats.elapsed_s = time.monotonic() - t0
     return stats
 
