@@ -281,6 +281,19 @@ def test_exception_mid_run_leaves_nothing(tmp_path, tok, docs, monkeypatch):
         assert left == [], left
 
 
+def _processes_mentioning(text):
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to look for orphaned workers")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_run_leaves_no_finished_shard(tmp_path, tok_path, sig):
     fifo = str(tmp_path / "stream.jsonl")
@@ -309,6 +322,13 @@ def test_killed_run_leaves_no_finished_shard(tmp_path, tok_path, sig):
             proc.wait()
     assert proc.returncode != 0
     assert not os.path.exists(f"{out}_text_document.bin") and not os.path.exists(f"{out}_text_document.idx")
+    # no worker outlives the main process, even one killed by SIGKILL
+    deadline = time.monotonic() + 30
+    while (left := _processes_mentioning(str(out))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:  # don't leave them running if this fails
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], f"orphaned worker processes: {left}"
     if sig == signal.SIGTERM:  # a catchable signal: the temporaries are cleaned up too
         assert [p for p in os.listdir(tmp_path) if ".tmp" in p] == []
 

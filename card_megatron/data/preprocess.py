@@ -18,6 +18,7 @@ import multiprocessing as mp
 import operator
 import os
 import signal
+import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -267,6 +268,23 @@ def _start_pool(workers: int, ctx, init_state: Optional[dict]) -> ProcessPoolExe
     return pool
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the main process dies (even by SIGKILL);
+    otherwise it would wait on the task queue forever."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - no prctl
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _init_worker(state: Optional[dict]) -> None:
     """Worker start: ``state`` is None under fork, where the parent's ``_W`` (tokenizer already
     loaded) is inherited; otherwise the bytes-based state to rebuild it from."""
@@ -275,6 +293,7 @@ def _init_worker(state: Optional[dict]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STARTUP_BLOCKED)  # blocked by the parent around the fork
+    _die_with_parent()
     if state is not None:
         _W.update(_worker_state(**state))
 
