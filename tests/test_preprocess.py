@@ -281,6 +281,19 @@ def test_exception_mid_run_leaves_nothing(tmp_path, tok, docs, monkeypatch):
         assert left == [], left
 
 
+def _processes_mentioning(text):
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to look for orphaned workers")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_run_leaves_no_finished_shard(tmp_path, tok_path, sig):
     fifo = str(tmp_path / "stream.jsonl")
@@ -297,6 +310,10 @@ def test_killed_run_leaves_no_finished_shard(tmp_path, tok_path, sig):
             while not any(".tmp" in p for p in os.listdir(tmp_path)):
                 assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
                 time.sleep(0.05)
+            # Let the tool go back to waiting for input: a signal that lands between two system
+            # calls of a blocking read is only handled once the read returns (CPython's handlers
+            # run between bytecodes), which a real producer's next line or EOF would bring.
+            time.sleep(0.5)
             proc.send_signal(sig)
             proc.wait(timeout=60)
     finally:
@@ -305,6 +322,13 @@ def test_killed_run_leaves_no_finished_shard(tmp_path, tok_path, sig):
             proc.wait()
     assert proc.returncode != 0
     assert not os.path.exists(f"{out}_text_document.bin") and not os.path.exists(f"{out}_text_document.idx")
+    # no worker outlives the main process, even one killed by SIGKILL
+    deadline = time.monotonic() + 30
+    while (left := _processes_mentioning(str(out))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:  # don't leave them running if this fails
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], f"orphaned worker processes: {left}"
     if sig == signal.SIGTERM:  # a catchable signal: the temporaries are cleaned up too
         assert [p for p in os.listdir(tmp_path) if ".tmp" in p] == []
 
@@ -324,3 +348,45 @@ def test_cli_merge(tmp_path, tok_path, tok, docs):
     assert_user_error(r, "already exists")
     r = run_tool("--merge", prefixes[0], str(tmp_path / "nope"), "--output-prefix", tmp_path / "m2")
     assert_user_error(r, "not found")
+
+
+def test_chunks_cover_the_file_at_line_ends(tmp_path):
+    from card_megatron.data.corpus import InputSource, iter_chunks
+
+    rng = np.random.default_rng(0)
+    lines = [b"x" * int(n) for n in rng.integers(0, 300, size=400)]
+    data = b"\n".join(lines)  # no final line end
+    (tmp_path / "f.txt").write_bytes(data)
+    with gzip.open(tmp_path / "f.txt.gz", "wb") as f:
+        f.write(data)
+    for name, gz in (("f.txt", False), ("f.txt.gz", True)):
+        for chunk_bytes in (100, 1000, 1 << 20):
+            chunks = list(iter_chunks(InputSource(str(tmp_path / name), "txt", gz), chunk_bytes))
+            parts = [c.data() for c in chunks]
+            assert all(p.endswith(b"\n") for p in parts)
+            assert b"".join(parts) == data + b"\n"
+            assert chunks[-1].input_pos == os.path.getsize(tmp_path / name)
+
+
+def test_fast_parser_matches_line_by_line_reference():
+    """The whole-chunk fast path must agree with the line-by-line parser or step aside (None)."""
+    rng = np.random.default_rng(7)
+    good = [b'{"text": "plain"}', b'{"text": "caf\\u00e9 \\"q\\" \\n nl", "n": 1}', '{"text": "ünï ✓"}'.encode(),
+            b'{"text": "  "}', b'{"text": ""}', b'{"text": "x", "body": "b"}', b'{"body": "y", "text": "z"}']
+    odd = [b"", b"   ", b'  {"text": "padded"}  ', b'{"text": "crlf"}\r', b'{"text": 5}', b'{"text": null}',
+           b'{"other": "k"}', b"[1, 2]", b'"just a string"', b"{bad json", b'{"text": "\xff"}',
+           b'{"text": "a"}, {"text": "b"}', b'{"text": "ok"} trailing']
+    agree = fallbacks = 0
+    for trial in range(300):
+        pool = good + (odd if trial % 2 else [])
+        lines = [pool[i] for i in rng.integers(0, len(pool), size=rng.integers(1, 12))]
+        data = b"\n".join(lines) + b"\n"
+        for kind, keys in (("jsonl", ("text",)), ("jsonl", ("text", "body")), ("txt", ("text",))):
+            ref_texts, ref_skipped, ref_lines, ref_error = pp._parse_lines(data, kind, keys, True)
+            fast = pp._parse_clean_chunk(data, kind, keys)
+            if fast is None:
+                fallbacks += 1
+                continue
+            assert fast == (ref_texts, ref_skipped, ref_lines), (kind, keys, lines)
+            agree += 1
+    assert agree > 100 and fallbacks > 100

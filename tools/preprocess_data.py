@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,10 +26,14 @@ from card_megatron.data.shards import merge_shards  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Outputs {output_prefix}_{key}_document.bin/.idx (Megatron MMIDIDX v1; uint16 tokens when the "
-        "vocabulary is under 65500, else int32), one sequence per document ending with the end-of-document "
-        "id, and {output_prefix}.tokenizer.json with the pad/bos/eos/mask ids. Files are written under "
-        "temporary names and renamed only when complete.",
+        epilog=textwrap.fill(
+            "Outputs {output_prefix}_{key}_document.bin/.idx (Megatron MMIDIDX v1; uint16 tokens when the "
+            "vocabulary is under 65500, else int32), one sequence per document ending with the end-of-document "
+            "id, and {output_prefix}.tokenizer.json with the pad/bos/eos/mask ids and the vocabulary size. "
+            "Files are written under temporary names and renamed only when complete. User errors (bad input "
+            "line, missing key or tokenizer, existing output) exit with status 1 and a message on stderr.",
+            width=100,
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("input")
@@ -46,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-tokenizer", action="store_true",
                    help="train a SentencePiece model on the input first and save it as {output_prefix}.model")
     g.add_argument("--vocab-size", type=int, metavar="N", help="vocabulary size for --train-tokenizer (incl. reserved ids)")
-    g.add_argument("--tokenizer-type", choices=["unigram", "bpe"], default="unigram",
+    g.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer"], default="SentencePieceTokenizer",
+                   help="accepted for Megatron compatibility; SentencePiece is the only tokenizer")
+    g.add_argument("--tokenizer-model-type", choices=["unigram", "bpe"], default="unigram",
                    help="SentencePiece model type for --train-tokenizer (default: unigram)")
     g.add_argument("--tokenizer-sample-sentences", type=int, default=1_000_000, metavar="N",
                    help="--train-tokenizer trains on a deterministic uniform sample of at most N input lines "
@@ -56,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-prefix", required=True, metavar="PREFIX",
                    help="path prefix of the outputs (with --merge: the exact prefix of the merged shard)")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
+    g.add_argument("--append-eod", action="store_true",
+                   help="accepted for Megatron compatibility; the end-of-document id is always appended")
     g.add_argument("--merge", nargs="+", metavar="PREFIX",
                    help="instead of tokenizing, concatenate these existing shards (PREFIX.bin/.idx, same dtype) "
                    "into --output-prefix")
@@ -92,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer_model=args.tokenizer_model,
             train_tokenizer=args.train_tokenizer,
             vocab_size=args.vocab_size,
-            tokenizer_type=args.tokenizer_type,
+            tokenizer_type=args.tokenizer_model_type,
             tokenizer_sample_sentences=args.tokenizer_sample_sentences,
             tokenizer_scan_sentences=10 * args.tokenizer_sample_sentences,
             workers=args.workers,

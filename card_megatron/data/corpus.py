@@ -9,12 +9,9 @@ the docstrings of the standard library (read with ``ast``, nothing is imported) 
 
 from __future__ import annotations
 
-import ast
 import glob
 import gzip
 import os
-import sysconfig
-import tokenize
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -115,6 +112,8 @@ def resolve_inputs(patterns: Sequence[str]) -> list[InputSource]:
 # -- the built-in corpus -----------------------------------------------------------
 def _stdlib_sources() -> list[tuple[str, str]]:
     """(module name, path) of every stdlib ``.py`` file outside test/vendored dirs, sorted by name."""
+    import sysconfig
+
     root = sysconfig.get_paths()["stdlib"]
     found: list[tuple[str, str]] = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -134,7 +133,9 @@ def _stdlib_sources() -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def _signature(node: Union[ast.FunctionDef, ast.AsyncFunctionDef]) -> str:
+def _signature(node) -> str:
+    import ast
+
     try:
         return f"({ast.unparse(node.args)})"
     except Exception:  # pragma: no cover - malformed defaults
@@ -143,6 +144,9 @@ def _signature(node: Union[ast.FunctionDef, ast.AsyncFunctionDef]) -> str:
 
 def _module_documents(module: str, path: str) -> list[str]:
     """Documents of one module: its docstring, then one per top-level function and class."""
+    import ast
+    import tokenize
+
     try:
         with tokenize.open(path) as f:
             tree = ast.parse(f.read(), filename=path)
@@ -251,7 +255,9 @@ def iter_chunks(source: InputSource, chunk_bytes: int = 1 << 20, chunk_docs: int
         return
 
     try:
-        raw = open(source.name, "rb")
+        # Unbuffered: on a pipe each read returns what is there (one system call), so the reading
+        # loop goes back to Python between reads, where signal handlers (Ctrl-C, SIGTERM) run.
+        raw = open(source.name, "rb", buffering=0)
     except OSError as e:
         raise ValueError(f"input {source.name}: cannot open ({e.strerror})") from None
     counter = _CountingReader(raw)
@@ -289,7 +295,8 @@ def _byte_range_chunks(source: InputSource, chunk_bytes: int) -> Iterator[Chunk]
         size = os.fstat(f.fileno()).st_size
         pos = 0
         while pos < size:
-            end = pos + chunk_bytes
+            # shrink the chunks near the end so that no worker idles long on the last one
+            end = pos + max(min(chunk_bytes, (size - pos) // 8), min(chunk_bytes, 1 << 16))
             if end >= size:
                 end = size
             else:

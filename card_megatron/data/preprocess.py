@@ -11,11 +11,14 @@ place only when everything succeeded.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import multiprocessing as mp
+import operator
 import os
 import signal
+import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -102,6 +105,51 @@ def _json_loads(line: str):
     return json.loads(line)  # whitespace, trailing data or an error: the reference path
 
 
+def _parse_clean_chunk(
+    data: bytes, kind: str, keys: Sequence[str]
+) -> Optional[tuple[list[list[str]], Counter, int]]:
+    """Fast path of :func:`_parse_chunk` for a chunk without a single bad line: the whole chunk
+    is decoded at once and every line parsed by the C JSON scanner without a Python call per
+    line. Returns None at the first sign of anything unusual (bad UTF-8 or JSON, blank line,
+    whitespace around a line, missing or non-string key), and the line-by-line reference path
+    then takes over, finding and reporting the problem exactly.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    lines = text.split("\n")
+    lines.pop()
+    skipped: Counter = Counter()
+    if kind == "txt":
+        docs = [line.rstrip("\r") for line in lines]
+        kept = [d for d in docs if d and not d.isspace()]
+        if len(kept) != len(docs):
+            skipped["empty documents"] = len(docs) - len(kept)
+        return [kept], skipped, len(lines)
+    try:
+        # A StopIteration from the scanner (e.g. on a blank line) ends map() early: caught by the length check.
+        parsed = list(map(_SCAN_ONCE, lines, itertools.repeat(0)))
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if len(parsed) != len(lines) or not all(map(operator.eq, map(operator.itemgetter(1), parsed), map(len, lines))):
+        return None
+    objs = list(map(operator.itemgetter(0), parsed))
+    texts: list[list[str]] = []
+    for k, key in enumerate(keys):
+        try:
+            values = list(map(operator.itemgetter(key), objs))
+        except (KeyError, TypeError, IndexError):
+            return None  # a missing key or a line that is not an object
+        if not all(map(isinstance, values, itertools.repeat(str))):
+            return None
+        kept = [v for v in values if v and not v.isspace()]
+        if len(kept) != len(values):
+            skipped["empty documents" if len(keys) == 1 else f"empty {key!r} documents"] = len(values) - len(kept)
+        texts.append(kept)
+    return texts, skipped, len(lines)
+
+
 def _parse_chunk(
     chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool
 ) -> tuple[list[list[str]], Counter, int, int, Optional[tuple[int, str]]]:
@@ -121,6 +169,19 @@ def _parse_chunk(
                 skipped["empty documents"] += 1
         return texts, skipped, len(data), chunk.length, None
 
+    fast = _parse_clean_chunk(data, chunk.kind, keys)
+    if fast is not None:
+        return fast[0], fast[1], fast[2], len(data), None
+    texts, skipped, num_lines, error = _parse_lines(data, chunk.kind, keys, skip_bad_lines)
+    return texts, skipped, num_lines, len(data), error
+
+
+def _parse_lines(
+    data: bytes, kind: str, keys: Sequence[str], skip_bad_lines: bool
+) -> tuple[list[list[str]], Counter, int, Optional[tuple[int, str]]]:
+    """Line-by-line reference parser: (texts per key, skip counts, lines, first error)."""
+    texts: list[list[str]] = [[] for _ in keys]
+    skipped: Counter = Counter()
     lines = data.split(b"\n")
     lines.pop()  # the data ends with a line end
     num_lines = len(lines)
@@ -134,7 +195,7 @@ def _parse_chunk(
         error = (i, message)
         return True
 
-    is_json = chunk.kind == "jsonl"
+    is_json = kind == "jsonl"
     for i, raw in enumerate(lines):
         try:
             line = raw.decode("utf-8")
@@ -181,23 +242,66 @@ def _parse_chunk(
                     skipped["empty documents" if len(keys) == 1 else f"empty {keys[k]!r} documents"] += 1
         if error:
             break
-    return texts, skipped, num_lines, len(data), error
+    return texts, skipped, num_lines, error
 
 
 # -- workers --------------------------------------------------------------------------
 _W: dict = {}
 
 
-def _init_worker(model_bytes: bytes, keys: tuple[str, ...], skip_bad_lines: bool, dtype: str) -> None:
+_STARTUP_BLOCKED = {signal.SIGINT, signal.SIGTERM}
+
+
+def _noop() -> None:
+    pass
+
+
+def _start_pool(workers: int, ctx, init_state: Optional[dict]) -> ProcessPoolExecutor:
+    """Starts every worker with SIGINT/SIGTERM blocked, so that an interruption can never land
+    half-way through the executor's start-up (it would leave workers nobody shuts down)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STARTUP_BLOCKED)
+    try:
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(init_state,))
+        pool.submit(_noop).result()  # under fork this starts all the workers
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a pending signal is delivered here
+    return pool
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the main process dies (even by SIGKILL);
+    otherwise it would wait on the task queue forever."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - no prctl
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(state: Optional[dict]) -> None:
+    """Worker start: ``state`` is None under fork, where the parent's ``_W`` (tokenizer already
+    loaded) is inherited; otherwise the bytes-based state to rebuild it from."""
     # Forked workers inherit the parent's Python signal handlers; a worker must die on SIGTERM
-    # (Pool.terminate) and leave Ctrl-C to the parent, which cleans up.
+    # (pool shutdown) and leave Ctrl-C to the parent, which cleans up.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _W.update(_worker_state(model_bytes, keys, skip_bad_lines, dtype))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STARTUP_BLOCKED)  # blocked by the parent around the fork
+    _die_with_parent()
+    if state is not None:
+        _W.update(_worker_state(**state))
 
 
-def _worker_state(model_bytes: bytes, keys: tuple[str, ...], skip_bad_lines: bool, dtype: str) -> dict:
-    return {"tok": Tokenizer.from_serialized(model_bytes), "keys": keys, "skip": skip_bad_lines, "dtype": np.dtype(dtype)}
+def _worker_state(model_bytes: bytes, keys: tuple[str, ...], skip_bad_lines: bool, dtype: str,
+                  tokenizer: Optional[Tokenizer] = None) -> dict:
+    tok = tokenizer if tokenizer is not None else Tokenizer.from_serialized(model_bytes)
+    return {"tok": tok, "keys": keys, "skip": skip_bad_lines, "dtype": np.dtype(dtype)}
 
 
 @dataclass
@@ -220,8 +324,9 @@ def _encode_chunk(chunk: Chunk) -> _ChunkResult:
     if error is None:
         for key_texts in texts:
             ids = tok.encode_batch(key_texts, add_eos=True) if key_texts else []
-            lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
-            packed = np.concatenate(ids).astype(_W["dtype"], copy=False) if ids else np.empty(0, _W["dtype"])
+            lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+            # ids < vocab size, which fits the dtype (checked when the shard dtype was chosen)
+            packed = np.concatenate(ids, dtype=_W["dtype"], casting="unsafe") if ids else np.empty(0, _W["dtype"])
             out_tokens.append(packed)
             out_lengths.append(lengths)
     return _ChunkResult(out_tokens, out_lengths, skipped, num_lines, text_bytes, error)
@@ -297,8 +402,6 @@ def _prepare_tokenizer(opts: PreprocessOptions, sources: Sequence[InputSource], 
         model_path = f"{opts.output_prefix}.model"
         if os.path.exists(model_path) and not opts.overwrite:
             raise PreprocessError(f"output {model_path} already exists (pass --overwrite to replace it)")
-        import itertools
-
         sentences = itertools.islice(
             _iter_texts_for_training(sources, keys, opts.skip_bad_lines), opts.tokenizer_scan_sentences
         )
@@ -310,7 +413,7 @@ def _prepare_tokenizer(opts: PreprocessOptions, sources: Sequence[InputSource], 
     return Tokenizer.load(opts.tokenizer_model)
 
 
-def _all_chunks(sources: Sequence[InputSource], chunk_bytes: int, disk_before: list[int]) -> Iterator[Chunk]:
+def _all_chunks(sources: Sequence[InputSource], chunk_bytes: int, disk_before: deque) -> Iterator[Chunk]:
     done = 0
     for src in sources:
         last = 0
@@ -350,29 +453,31 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
         raise PreprocessError(f"output directory {out_dir} does not exist")
 
     tok = _prepare_tokenizer(opts, sources, keys)
-    write_tokenizer_sidecar(tok, f"{opts.output_prefix}.tokenizer.json")
     dtype = token_dtype(tok.vocab_size)
     logger.info("tokenizer %s; tokens stored as %s", tok, dtype)
 
     stats = PreprocessStats(tokenizer=tok.metadata())
     sizes = [s.size_bytes() for s in sources]
     progress = _Progress(sum(sizes) if all(x is not None for x in sizes) else None, opts.log_interval)
-    disk_pos: list[int] = []
+    disk_pos: deque = deque()  # disk position after each submitted chunk, consumed in order
     writers: dict[str, ShardWriter] = {}
     try:
         for k in keys:
             writers[k] = ShardWriter(prefixes[k], dtype=dtype, overwrite=opts.overwrite)
-        meta: list[Chunk] = []  # submitted chunks, in order (payloads dropped once consumed)
+        meta: deque = deque()  # submitted chunks, in order, until their result is consumed
         chunks = _track(_all_chunks(sources, opts.chunk_bytes, disk_pos), meta)
-        init_args = (tok.serialized(), keys, opts.skip_bad_lines, dtype.str)
+        state = {"model_bytes": b"", "keys": keys, "skip_bad_lines": opts.skip_bad_lines, "dtype": dtype.str}
+        _W.clear()
+        _W.update(_worker_state(**state, tokenizer=tok))
         if opts.workers == 1:
-            _W.update(_worker_state(*init_args))
             _run(map(_encode_chunk, chunks), meta, keys, writers, stats, progress, disk_pos)
         else:
-            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            fork = "fork" in mp.get_all_start_methods()
+            ctx = mp.get_context("fork") if fork else mp.get_context()
+            init_state = None if fork else {**state, "model_bytes": tok.serialized()}
             # ProcessPoolExecutor rather than Pool: a worker that dies (OOM killer, signal) raises
             # BrokenProcessPool instead of leaving its task unanswered forever.
-            pool = ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_init_worker, initargs=init_args)
+            pool = _start_pool(opts.workers, ctx, init_state)
             try:
                 results = _ordered_map(pool, _encode_chunk, chunks, 2 * opts.workers)
                 _run(results, meta, keys, writers, stats, progress, disk_pos)
@@ -385,26 +490,29 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
                 raise PreprocessError(f"no documents for key {k!r} in the input (all skipped: {dict(stats.skipped)})")
         for k, w in writers.items():
             stats.outputs[k] = w.finalize()
+        write_tokenizer_sidecar(tok, f"{opts.output_prefix}.tokenizer.json")
     except BaseException:
         for w in writers.values():
             w.abort()
         raise
+    finally:
+        _W.clear()  # the tokenizer, shared with forked workers
     stats.elapsed_s = time.monotonic() - t0
     return stats
 
 
-def _track(chunks: Iterable[Chunk], meta: list) -> Iterator[Chunk]:
+def _track(chunks: Iterable[Chunk], meta: deque) -> Iterator[Chunk]:
     for c in chunks:
         meta.append(c)
         yield c
 
 
 def _run(results, meta, keys, writers, stats, progress, disk_pos) -> None:
-    # meta holds the chunks in submission order: result n belongs to meta[n]
+    # meta and disk_pos hold the submitted chunks in order: each result belongs to the oldest
     line_base: dict[str, int] = {}
-    for n, res in enumerate(results):
-        chunk = meta[n]
-        meta[n] = None
+    for res in results:
+        chunk = meta.popleft()
+        pos = disk_pos.popleft()
         first_line = line_base.get(chunk.source, 0)
         if res.error:
             raise PreprocessError(_error_message(chunk, first_line, res.error))
@@ -417,4 +525,4 @@ def _run(results, meta, keys, writers, stats, progress, disk_pos) -> None:
         stats.skipped.update(res.skipped)
         stats.num_lines += res.num_lines
         stats.text_bytes += res.text_bytes
-        progress.update(docs // max(len(keys), 1), toks, res.text_bytes, disk_pos[n])
+        progress.update(docs // max(len(keys), 1), toks, res.text_bytes, pos)

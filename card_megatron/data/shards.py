@@ -125,6 +125,12 @@ class TokenShard:
     def __len__(self) -> int:
         return len(self.sequence_lengths)
 
+    def __getstate__(self) -> dict:  # pickles as its prefix (e.g. to DataLoader workers), not its data
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["prefix"])
+
     def __getitem__(self, i: int) -> np.ndarray:
         n = len(self)
         i = int(i)
