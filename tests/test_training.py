@@ -104,10 +104,13 @@ def test_exact_resume_after_exit_interval_and_kill(tiny_corpus, tmp_path):
     proc.wait()
     killed_at = int(open(latest).read().strip().split("_")[1])
     assert killed_at < 8, "the run finished before it could be killed"
-    train(2, overrides(tiny_corpus, killed, 8, *extra))
+    train(2, overrides(tiny_corpus, killed, 8, *extra, "train.keep_last_checkpoints=2"))
     resumed = losses(killed)
     for step in range(killed_at + 1, 9):
         assert resumed[step] == reference[step], (step, resumed[step], reference[step])
+    # Only the last 2 complete checkpoints are kept.
+    kept = sorted(d for d in os.listdir(os.path.join(killed, "checkpoints")) if d.startswith("step_"))
+    assert kept == ["step_00000006", "step_00000008"], kept
 
 
 @pytest.mark.slow
