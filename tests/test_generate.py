@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from card_megatron.config import ModelConfig, ParallelConfig
+from card_megatron.config import ModelConfig
 from card_megatron.inference import sampling
 from card_megatron.inference.causal import CausalDecodeConfig, Special, decode_causal
 from card_megatron.inference.diffusion import decode_bd3lm, decode_mdlm
@@ -25,9 +25,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def single_process():
-    from card_megatron.parallel.state import init_distributed
+    from card_megatron.inference.loading import init_single_process
 
-    return init_distributed(ParallelConfig())
+    init_single_process()
 
 
 def _model(kind="causal", seed=11, sharpen=30.0):
@@ -309,7 +309,7 @@ def test_cli_bad_input(runs, tmp_path, capsys):
     (corrupt / "model.pt").write_bytes(b"not a checkpoint")
     fails("--checkpoint", str(corrupt), match="not a card_megatron export")
     fails("--checkpoint", ckpt, "--threshold", "0", match="--threshold")
-    fails("--checkpoint", ckpt, "--decoding", "mdlm", match="does not fit a card checkpoint")
+    fails("--checkpoint", ckpt, "--decoding", "mdlm", match="does not fit this card checkpoint")
     fails("--checkpoint", ckpt, "--prompt", "word " * 40, "--max-new-tokens", "8", match="--max-context")
     fails("--checkpoint", ckpt, "--input-file", str(tmp_path / "nope.txt"), match="does not exist")
     bad = tmp_path / "bad.jsonl"

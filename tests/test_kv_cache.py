@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from card_megatron.config import ModelConfig, ParallelConfig
+from card_megatron.config import ModelConfig
 from card_megatron.model.attention import KVCache
 
 V = 96
@@ -11,9 +11,9 @@ V = 96
 
 @pytest.fixture(scope="module")
 def single_process():
-    from card_megatron.parallel.state import init_distributed
+    from card_megatron.inference.loading import init_single_process
 
-    return init_distributed(ParallelConfig())
+    init_single_process()
 
 
 def _model(kind="causal", layers=2, groups=None, seed=5):

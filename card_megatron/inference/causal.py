@@ -109,7 +109,10 @@ def decode_causal(model: torch.nn.Module, prompts: list[list[int]], max_new_toke
             lengths = cache.lengths
             uncached = prefix - lengths  # >= 1
             remaining = limit - prefix  # >= 1
-            forced = (steps + 1 == cfg.max_steps) if cfg.max_steps is not None else torch.zeros_like(steps, dtype=torch.bool)
+            if cfg.max_steps is None:
+                forced = torch.zeros_like(steps, dtype=torch.bool)
+            else:  # the last allowed pass commits everything left
+                forced = steps + 1 == cfg.max_steps
             width = torch.where(forced, remaining, remaining.clamp(max=K))  # window positions decided now
             num_in = uncached + width - 1
             S = int(num_in.max())
@@ -122,17 +125,18 @@ def decode_causal(model: torch.nn.Module, prompts: list[list[int]], max_new_toke
             out_index = (uncached[:, None] - 1 + win[None, :]).clamp(max=S - 1)
             logits = cache.forward(ids, gather=out_index)  # [A, G, V]
             num_calls += 1
-            probs = sampling.distribution(logits, banned, sampling_cfg)
-            confidence = probs.max(dim=-1).values  # [A, G]
+            scaled, confidence = sampling.scaled_logits(logits, banned, sampling_cfg)  # [A, G, V], [A, G]
             position = prefix[:, None] + win[None, :]  # absolute positions of the window
-            u = sampling.uniforms(seeds, sampling.TOKEN_STREAM + position)
-            drawn = sampling.draw(probs, u, sampling_cfg)
             pos_c = position.clamp(max=capacity - 1)
             undecided = ~decided.gather(1, pos_c) & in_window
             confident = (confidence > cfg.threshold) | (win[None, :] == 0)
             if cfg.commit_policy == "prefix":
                 confident = torch.cumprod(confident.long(), dim=1).bool()
             commit = undecided & (confident | forced[:, None])
+            # draw only where a token is committed (the decision reads the confidence, never the draw)
+            u = sampling.uniforms(seeds, sampling.TOKEN_STREAM + position)
+            drawn = torch.zeros_like(position)
+            drawn[commit] = sampling.draw_from_logits(scaled[commit], u[commit], sampling_cfg)
             tokens.scatter_(1, pos_c, torch.where(commit, drawn, tokens.gather(1, pos_c)))
             decided.scatter_(1, pos_c, decided.gather(1, pos_c) | commit)
             cache.advance(uncached)  # positions < prefix now hold clean KV
@@ -156,7 +160,8 @@ def decode_causal(model: torch.nn.Module, prompts: list[list[int]], max_new_toke
                     outputs[int(rows[a])] = SequenceOutput(gen, int(steps[a]), stopped)
                 keep = torch.nonzero(~finished).flatten()
                 cache.select(keep)
-                rows, tokens, decided, prefix, steps, seeds = (t[keep] for t in (rows, tokens, decided, prefix, steps, seeds))
+                state = (rows, tokens, decided, prefix, steps, seeds)
+                rows, tokens, decided, prefix, steps, seeds = (t[keep] for t in state)
                 prompt_len, limit = prompt_len[keep], limit[keep]
     assert all(o is not None for o in outputs)
     return outputs, num_calls

@@ -175,7 +175,8 @@ def decode_bd3lm(model: torch.nn.Module, prompts: list[list[int]], max_new_token
                     outputs[int(rows[a])] = _finish(gen, special.eos, max_new_tokens, int(forwards[a]))
                 keep = torch.nonzero(~finished).flatten()
                 cache.select(keep)
-                rows, tokens, block_start, forwards, seeds = (x[keep] for x in (rows, tokens, block_start, forwards, seeds))
+                state = (rows, tokens, block_start, forwards, seeds)
+                rows, tokens, block_start, forwards, seeds = (x[keep] for x in state)
                 prompt_len, limit = prompt_len[keep], limit[keep]
     assert all(o is not None for o in outputs)
     return outputs, num_calls

@@ -83,13 +83,14 @@ class Generation:
 def resolve_decoding(objective: str, decoding: Optional[str]) -> str:
     """The decoder for a checkpoint trained with ``objective``; ValueError for a nonsensical choice."""
     if objective not in DEFAULT_DECODING:
-        raise ValueError(f"checkpoint objective {objective!r} is unknown (expected one of {', '.join(DEFAULT_DECODING)})")
+        raise ValueError(
+            f"checkpoint objective {objective!r} is unknown (expected one of {', '.join(DEFAULT_DECODING)})")
     if decoding is None:
         return DEFAULT_DECODING[objective]
     if decoding not in DECODINGS:
         raise ValueError(f"--decoding {decoding!r} is unknown (choose one of {', '.join(DECODINGS)})")
     if decoding not in ALLOWED_DECODING[objective]:
-        raise ValueError(f"--decoding {decoding} does not fit a {objective} checkpoint: {_WHY_NOT[objective]}")
+        raise ValueError(f"--decoding {decoding} does not fit this {objective} checkpoint: {_WHY_NOT[objective]}")
     return decoding
 
 

@@ -83,6 +83,25 @@ def distribution(logits: torch.Tensor, banned: torch.Tensor, cfg: SamplingConfig
     return torch.softmax(logits, dim=-1)
 
 
+def scaled_logits(logits: torch.Tensor, banned: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 logits / T with banned ids at -inf [..., V], top-1 probability [...]).
+
+    The same numbers as :func:`distribution` without materialising it: the confidence is
+    exp(max - logsumexp). Feed rows of the first result to :func:`draw_from_logits`.
+    """
+    temperature = 1.0 if cfg.is_greedy else cfg.temperature
+    scaled = (logits.to(torch.float64) / temperature).masked_fill(banned, float("-inf"))
+    confidence = torch.exp(scaled.max(dim=-1).values - torch.logsumexp(scaled, dim=-1))
+    return scaled, confidence
+
+
+def draw_from_logits(scaled: torch.Tensor, u: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Tokens int64 [...] from :func:`scaled_logits` rows [..., V] and uniforms float64 [...]."""
+    if cfg.is_greedy:
+        return scaled.argmax(dim=-1)
+    return draw(torch.softmax(scaled, dim=-1), u, cfg)
+
+
 def filter_top_k_top_p(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Zeroes the tokens outside the top-k and outside the smallest top-p nucleus; [..., V] -> [..., V].
 
