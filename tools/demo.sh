@@ -24,7 +24,7 @@ if [ -f "$RUN/finished" ]; then
 fi
 echo "== training CARD on $NPROC CPU processes (run directory: $RUN)"
 "$PY" -m torch.distributed.run --nproc-per-node "$NPROC" --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29517}" \
-  -m card_megatron.train --config configs/tiny-cpu.yaml "train.run_dir=$RUN" --summary-json "$RUN/summary.json" "$@"
+  -m card_megatron.train --config configs/tiny-cpu.yaml "train.run_dir=$RUN" "$@" --summary-json "$RUN/summary.json"
 
 "$PY" - "$RUN/summary.json" <<'PYEOF'
 import json, sys

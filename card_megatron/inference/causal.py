@@ -1,0 +1,167 @@
+"""Decoding causal models with an exact KV cache: CARD's dynamic parallel decoding and AR.
+
+State of one sequence: committed tokens ``x_0 .. x_{n-1}`` (the prompt, then generated
+tokens), the cache holding the clean KV of positions ``< lengths[b]`` (``lengths[b] <=
+n - 1``), and a *window* of K undecided positions ``n .. n+K-1``. One forward pass reads
+
+    [x_lengths .. x_{n-1}]  (committed, not yet cached: at least x_{n-1})
+    [input n .. n+K-2]     ([MASK], or a token already committed there by ``any``)
+
+and, because the output at input position j predicts position j+1 (the shift of CARD's
+objective), the outputs at positions n-1 .. n+K-2 predict window positions n .. n+K-1.
+Window positions whose top-1 probability exceeds the threshold tau are committed
+(``prefix``: only a contiguous confident run from the left; ``any``: any confident one);
+the leftmost, position n, is always committed, so every step makes progress. Committed
+tokens are never re-masked. The cache then keeps positions ``< n``: their inputs and all
+inputs before them were clean, so their KV is exactly what a clean causal pass computes;
+KV computed from [MASK] inputs is never kept. The first step reads the whole prompt
+(the prefill costs no extra forward pass).
+
+K = 1 is autoregressive decoding (one token per forward, nothing masked). With tau > 1
+only the leftmost position commits each step; since its prediction reads only clean
+committed tokens (attention is causal, the masks lie to its right) it is the AR
+prediction, so CARD decoding then equals AR decoding token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from card_megatron.inference import sampling
+from card_megatron.inference.cache import ModelCache
+
+COMMIT_POLICIES = ("prefix", "any")
+
+
+@dataclass(frozen=True)
+class CausalDecodeConfig:
+    """window: K positions decided per forward (1 = AR); threshold: tau (> 0; > 1 = one token per step);
+    commit_policy: ``prefix`` or ``any``; max_steps: forward passes per sequence before the
+    last one commits everything left (None = no limit)."""
+
+    window: int = 1
+    threshold: float = 0.9
+    commit_policy: str = "prefix"
+    max_steps: Optional[int] = None
+
+    def __post_init__(self):
+        if self.window < 1:
+            raise ValueError(f"--window ({self.window}) must be >= 1")
+        if not self.threshold > 0:
+            raise ValueError(f"--threshold ({self.threshold}) must be > 0 (tau > 1 means one token per step)")
+        if self.commit_policy not in COMMIT_POLICIES:
+            raise ValueError(f"--commit-policy ({self.commit_policy!r}) must be one of {', '.join(COMMIT_POLICIES)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps ({self.max_steps}) must be >= 1")
+
+
+@dataclass
+class SequenceOutput:
+    """One generated continuation: new token ids (eos included when it stopped there)."""
+
+    token_ids: list[int]
+    num_forward_passes: int
+    stopped: str  # "eos" | "length"
+
+
+@dataclass
+class Special:
+    """The token ids a decoder needs."""
+
+    eos: int
+    mask: int
+    pad: int
+
+
+def decode_causal(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, special: Special,
+                  banned: torch.Tensor, sampling_cfg: sampling.SamplingConfig, seeds: torch.Tensor,
+                  cfg: CausalDecodeConfig) -> tuple[list[SequenceOutput], int]:
+    """Decodes a batch of prompts (lists of >= 1 ids) with a causal model and an exact KV cache.
+
+    banned: bool [V] ids never sampled; seeds: int64 [B] per-sequence sampling seeds.
+    Returns (one SequenceOutput per prompt, number of batched forward calls).
+    """
+    device = next(model.parameters()).device
+    num = len(prompts)
+    if any(len(p) < 1 for p in prompts):
+        raise ValueError("every prompt needs at least one token (the document-boundary token)")
+    prompt_len = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+    limit = prompt_len + max_new_tokens
+    max_limit = int(limit.max())
+    capacity = 2 * max_limit + cfg.window + 2  # room for the right padding of ragged forwards
+    tokens = torch.full((num, capacity), special.mask, dtype=torch.long, device=device)
+    decided = torch.zeros(num, capacity, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        decided[b, : len(p)] = True
+    prefix = prompt_len.clone()
+    steps = torch.zeros(num, dtype=torch.long, device=device)
+    seeds = seeds.to(device)
+    rows = torch.arange(num, device=device)  # original index of each active row
+    outputs: list[Optional[SequenceOutput]] = [None] * num
+    num_calls = 0
+    K = cfg.window
+    with ModelCache(model, num, capacity) as cache:
+        while rows.numel() > 0:
+            lengths = cache.lengths
+            uncached = prefix - lengths  # >= 1
+            remaining = limit - prefix  # >= 1
+            if cfg.max_steps is None:
+                forced = torch.zeros_like(steps, dtype=torch.bool)
+            else:  # the last allowed pass commits everything left
+                forced = steps + 1 == cfg.max_steps
+            width = torch.where(forced, remaining, remaining.clamp(max=K))  # window positions decided now
+            num_in = uncached + width - 1
+            S = int(num_in.max())
+            G = int(width.max())
+            offs = torch.arange(S, device=device)
+            src = (lengths[:, None] + offs[None, :]).clamp(max=capacity - 1)
+            ids = tokens.gather(1, src).masked_fill(offs[None, :] >= num_in[:, None], special.pad)
+            win = torch.arange(G, device=device)
+            in_window = win[None, :] < width[:, None]  # [A, G]
+            out_index = (uncached[:, None] - 1 + win[None, :]).clamp(max=S - 1)
+            logits = cache.forward(ids, gather=out_index)  # [A, G, V]
+            num_calls += 1
+            scaled, confidence = sampling.scaled_logits(logits, banned, sampling_cfg)  # [A, G, V], [A, G]
+            position = prefix[:, None] + win[None, :]  # absolute positions of the window
+            pos_c = position.clamp(max=capacity - 1)
+            undecided = ~decided.gather(1, pos_c) & in_window
+            confident = (confidence > cfg.threshold) | (win[None, :] == 0)
+            if cfg.commit_policy == "prefix":
+                confident = torch.cumprod(confident.long(), dim=1).bool()
+            commit = undecided & (confident | forced[:, None])
+            # draw only where a token is committed (the decision reads the confidence, never the draw)
+            u = sampling.uniforms(seeds, sampling.TOKEN_STREAM + position)
+            drawn = torch.zeros_like(position)
+            drawn[commit] = sampling.draw_from_logits(scaled[commit], u[commit], sampling_cfg)
+            tokens.scatter_(1, pos_c, torch.where(commit, drawn, tokens.gather(1, pos_c)))
+            decided.scatter_(1, pos_c, decided.gather(1, pos_c) | commit)
+            cache.advance(uncached)  # positions < prefix now hold clean KV
+            run = torch.cumprod((decided.gather(1, pos_c) & in_window).long(), dim=1).sum(1)
+            old_prefix, prefix = prefix, prefix + run
+            steps += 1
+            span = torch.arange(int(run.max()), device=device)
+            new_pos = (old_prefix[:, None] + span[None, :]).clamp(max=capacity - 1)
+            new_eos = (tokens.gather(1, new_pos) == special.eos) & (span[None, :] < run[:, None])
+            finished = new_eos.any(1) | (prefix >= limit)
+            if bool(finished.any()):
+                for a in torch.nonzero(finished).flatten().tolist():
+                    start, end = int(prompt_len[a]), int(prefix[a])
+                    gen = tokens[a, start:end].tolist()
+                    stopped = "length"
+                    if special.eos in gen:
+                        gen = gen[: gen.index(special.eos) + 1]
+                        stopped = "eos"
+                    else:
+                        gen = gen[:max_new_tokens]
+                    outputs[int(rows[a])] = SequenceOutput(gen, int(steps[a]), stopped)
+                keep = torch.nonzero(~finished).flatten()
+                cache.select(keep)
+                state = (rows, tokens, decided, prefix, steps, seeds)
+                rows, tokens, decided, prefix, steps, seeds = (t[keep] for t in state)
+                prompt_len, limit = prompt_len[keep], limit[keep]
+    assert all(o is not None for o in outputs)
+    return outputs, num_calls

@@ -1,0 +1,170 @@
+"""Generation from a loaded checkpoint: choose the decoder, batch the prompts, time and count.
+
+Decoders per training objective (``DEFAULT_DECODING``): CARD -> ``card`` (dynamic
+parallel decoding; ``ar`` also works, since a CARD model is an exact AR model on clean
+text), ARM -> ``ar``, MDLM -> ``mdlm``, BD3LM -> ``bd3lm``. Other combinations are
+refused (an ARM never saw [MASK]; MDLM/BD3LM are not causal).
+
+Every prompt is preceded by the document-boundary token: the training stream is
+documents each followed by eos (no bos ever occurs), so eos is what precedes the start
+of a document. An empty prompt is therefore unconditional generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from card_megatron.inference import sampling
+from card_megatron.inference.causal import CausalDecodeConfig, Special, decode_causal
+from card_megatron.inference.diffusion import decode_bd3lm, decode_mdlm
+
+log = logging.getLogger(__name__)
+
+DECODINGS = ("card", "ar", "mdlm", "bd3lm")
+DEFAULT_DECODING = {"card": "card", "arm": "ar", "mdlm": "mdlm", "bd3lm": "bd3lm"}
+ALLOWED_DECODING = {"card": ("card", "ar"), "arm": ("ar",), "mdlm": ("mdlm",), "bd3lm": ("bd3lm",)}
+_WHY_NOT = {
+    "arm": "an ARM checkpoint never saw [MASK] inputs, so it can only decode autoregressively (--decoding ar)",
+    "mdlm": "an MDLM checkpoint is bidirectional (no KV cache, no causal shift); use --decoding mdlm",
+    "bd3lm": "a BD3LM checkpoint denoises whole blocks; use --decoding bd3lm",
+    "card": "a CARD checkpoint is causal; use --decoding card (parallel) or ar (one token per forward)",
+}
+
+
+@dataclass
+class GenerationConfig:
+    """What to generate and how. ``None`` fields take the per-decoding defaults (see :func:`resolve`).
+
+    window K and threshold tau: CARD decoding; steps: MDLM (total) / BD3LM (per block);
+    max_context: the longest prompt + max_new_tokens accepted (default model.seq_length).
+    """
+
+    decoding: Optional[str] = None
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    sampling: sampling.SamplingConfig = field(default_factory=sampling.SamplingConfig)
+    window: int = 8
+    threshold: float = 0.9
+    commit_policy: str = "prefix"
+    max_steps: Optional[int] = None
+    steps: Optional[int] = None
+    max_context: Optional[int] = None
+
+
+@dataclass
+class Generation:
+    """One generated sequence (``token_ids``: new tokens, eos included when it stopped there)."""
+
+    index: int
+    prompt: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    stopped: str
+    num_forward_passes: int
+    seconds: float
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.token_ids) / max(self.num_forward_passes, 1)
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
+                "num_new_tokens": len(self.token_ids), "stopped": self.stopped,
+                "num_forward_passes": self.num_forward_passes,
+                "tokens_per_forward": round(self.tokens_per_forward, 4), "seconds": round(self.seconds, 4)}
+
+
+def resolve_decoding(objective: str, decoding: Optional[str]) -> str:
+    """The decoder for a checkpoint trained with ``objective``; ValueError for a nonsensical choice."""
+    if objective not in DEFAULT_DECODING:
+        raise ValueError(
+            f"checkpoint objective {objective!r} is unknown (expected one of {', '.join(DEFAULT_DECODING)})")
+    if decoding is None:
+        return DEFAULT_DECODING[objective]
+    if decoding not in DECODINGS:
+        raise ValueError(f"--decoding {decoding!r} is unknown (choose one of {', '.join(DECODINGS)})")
+    if decoding not in ALLOWED_DECODING[objective]:
+        raise ValueError(f"--decoding {decoding} does not fit this {objective} checkpoint: {_WHY_NOT[objective]}")
+    return decoding
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt, preceded by the document-boundary token (eos)."""
+    return [[tokenizer.eos_id] + tokenizer.encode(p) for p in prompts]
+
+
+def check_lengths(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, max_context: int) -> None:
+    """ValueError naming the first prompt whose length + max_new_tokens exceeds max_context."""
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens ({max_new_tokens}) must be >= 1")
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) + max_new_tokens > max_context:
+            raise ValueError(
+                f"prompt {i} is {len(ids)} tokens (with the document-boundary token); with --max-new-tokens "
+                f"{max_new_tokens} that is {len(ids) + max_new_tokens} > --max-context {max_context}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(loaded, prompts: Sequence[str], cfg: GenerationConfig,
+             sequence_ids: Optional[Sequence[int]] = None) -> tuple[list[Generation], dict]:
+    """Generates a continuation of every prompt with ``loaded`` (a :class:`LoadedModel`).
+
+    sequence_ids: one id per prompt for the sampling seeds (default 0..n-1). Returns the
+    generations (input order) and run totals {"decoding", "new_tokens", "forward_passes",
+    "model_calls", "seconds"}.
+    """
+    tokenizer, model, mcfg = loaded.tokenizer, loaded.model, loaded.config
+    decoding = resolve_decoding(mcfg.objective.name, cfg.decoding)
+    max_context = cfg.max_context or mcfg.model.seq_length
+    if max_context > mcfg.model.seq_length:
+        log.warning("--max-context %d exceeds the training context %d: RoPE extrapolates, quality may drop",
+                    max_context, mcfg.model.seq_length)
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size ({cfg.batch_size}) must be >= 1")
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    check_lengths(prompt_ids, cfg.max_new_tokens, max_context)
+    ids = list(range(len(prompts))) if sequence_ids is None else list(sequence_ids)
+    special = Special(eos=tokenizer.eos_id, mask=tokenizer.mask_id, pad=tokenizer.pad_id)
+    banned = sampling.banned_token_mask(loaded.vocab_size, tokenizer, loaded.device)
+    causal_cfg = CausalDecodeConfig(window=1 if decoding == "ar" else cfg.window, threshold=cfg.threshold,
+                                    commit_policy=cfg.commit_policy, max_steps=cfg.max_steps)
+    results: list[Generation] = []
+    totals = {"decoding": decoding, "new_tokens": 0, "forward_passes": 0, "model_calls": 0, "seconds": 0.0}
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = prompt_ids[start: start + cfg.batch_size]
+        seeds = sampling.sequence_seeds(cfg.sampling.seed, torch.tensor(ids[start: start + len(batch)]))
+        _sync(loaded.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if decoding in ("card", "ar"):
+                outs, calls = decode_causal(model, batch, cfg.max_new_tokens, special, banned, cfg.sampling, seeds,
+                                            causal_cfg)
+            elif decoding == "mdlm":
+                outs, calls = decode_mdlm(model, batch, cfg.max_new_tokens, special, banned, cfg.sampling, seeds,
+                                          cfg.steps or cfg.max_new_tokens)
+            else:
+                block = mcfg.objective.block_size
+                outs, calls = decode_bd3lm(model, batch, cfg.max_new_tokens, special, banned, cfg.sampling, seeds,
+                                           block, cfg.steps or block)
+        _sync(loaded.device)
+        seconds = time.perf_counter() - t0
+        for k, out in enumerate(outs):
+            i = start + k
+            results.append(Generation(index=ids[i], prompt=prompts[i], prompt_ids=prompt_ids[i][1:],
+                                      token_ids=out.token_ids, text=tokenizer.decode(out.token_ids),
+                                      stopped=out.stopped, num_forward_passes=out.num_forward_passes, seconds=seconds))
+            totals["new_tokens"] += len(out.token_ids)
+            totals["forward_passes"] += out.num_forward_passes
+        totals["model_calls"] += calls
+        totals["seconds"] += seconds
+    return results, totals

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Speed/quality sweep of CARD's threshold tau against AR decoding, measured side by side.
+
+  python tools/benchmark_generate.py --checkpoint runs/demo --judge runs/demo-arm --plot docs/generation_sweep.png
+  python tools/benchmark_generate.py --checkpoint RUN --judge ARM_RUN --device cuda --batch-size 16
+
+For every setting (``--decoding ar``, then ``--decoding card`` at each threshold, and any
+``--also`` checkpoint with its own decoder) it generates from the same prompts and seeds,
+and reports tokens per forward pass, wall-clock tokens/s (best of ``--repeats``, after a
+warm-up), the speed-up over AR, the judge's perplexity of the generated text (normally
+the ARM baseline), unigram entropy and the fraction of repeated 4-grams. The settings
+run interleaved in one process on one device, so ratios are comparable; absolute numbers
+are not (other load on the machine moves them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROMPTS = [
+    "", "The default value of", "Return a list of", "This module provides", "If the argument is",
+    "Raise ValueError if", "The following example shows", "A string containing", "When the file is",
+    "The function returns", "Note that the", "For example,",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="runs/demo", help="the CARD checkpoint (default runs/demo)")
+    p.add_argument("--judge", default="runs/demo-arm", help="the judge, normally the ARM run (default runs/demo-arm)")
+    p.add_argument("--also", action="append", default=[], metavar="CHECKPOINT",
+                   help="another checkpoint (e.g. MDLM or BD3LM) to run with its default decoder (repeatable)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5],
+                   help="tau values for CARD decoding (> 1: one token per step)")
+    p.add_argument("--window", type=int, default=8, help="CARD window K (default 8)")
+    p.add_argument("--commit-policy", nargs="+", choices=("prefix", "any"), default=["prefix"],
+                   help="commit policies to sweep (default prefix)")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--num-samples", type=int, default=2, help="sequences per prompt (default 2)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default 1: latency)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=2, help="timed repetitions per setting; the fastest counts")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", metavar="FILE", help="write all results as JSON here")
+    p.add_argument("--plot", metavar="PNG", help="draw judge perplexity vs tokens per forward and speed-up vs tau")
+    return p
+
+
+def _timed(loaded, prompts, cfg):
+    from card_megatron.inference.generate import generate
+
+    cpu = time.process_time()
+    gens, totals = generate(loaded, prompts, cfg)
+    totals["cpu_seconds"] = time.process_time() - cpu
+    return gens, totals
+
+
+def _sweep(settings, prompts, repeats):
+    """Runs every setting ``repeats`` times, round-robin (so load changes hit all settings alike);
+    keeps the fastest wall-clock and the smallest CPU time of each."""
+    from card_megatron.inference.generate import generate
+
+    for _, loaded, cfg, _ in settings:
+        generate(loaded, prompts[:1], cfg)  # warm-up (allocator, kernels)
+    best = [None] * len(settings)
+    for _ in range(repeats):
+        for i, (_, loaded, cfg, _) in enumerate(settings):
+            gens, totals = _timed(loaded, prompts, cfg)
+            if best[i] is None:
+                best[i] = (gens, totals)
+            else:
+                prev = best[i][1]
+                prev["seconds"] = min(prev["seconds"], totals["seconds"])
+                prev["cpu_seconds"] = min(prev["cpu_seconds"], totals["cpu_seconds"])
+    return best
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    ar = next(r for r in rows if r["setting"] == "ar")
+    for policy in sorted({r.get("commit_policy") for r in rows if r["decoding"] == "card"}):
+        card = [r for r in rows if r["decoding"] == "card" and r["commit_policy"] == policy]
+        left.plot([r["tokens_per_forward"] for r in card], [r["judge_ppl"] for r in card], "o-", label=f"CARD ({policy})")
+        for r in card:
+            left.annotate(f"{r['threshold']:g}", (r["tokens_per_forward"], r["judge_ppl"]), fontsize=7)
+        right.plot([r["threshold"] for r in card], [r["speedup"] for r in card], "o-", label=f"wall clock ({policy})")
+        right.plot([r["threshold"] for r in card], [r["tokens_per_forward"] for r in card], "s--",
+                   label=f"tokens/forward ({policy})")
+    left.scatter([1.0], [ar["judge_ppl"]], marker="*", s=120, color="k", label="AR (KV cache)")
+    for r in rows:
+        if r["decoding"] in ("mdlm", "bd3lm", "ar") and r["setting"] != "ar":
+            left.scatter([r["tokens_per_forward"]], [r["judge_ppl"]], marker="x", label=r["setting"])
+    left.axhline(ar["judge_ppl"] * 1.05, color="grey", lw=0.8, ls=":", label="AR perplexity + 5 %")
+    left.set_xlabel("tokens per forward pass")
+    left.set_ylabel("judge perplexity (ARM)")
+    left.legend(fontsize=7)
+    right.axhline(1.0, color="grey", lw=0.8)
+    right.set_xlabel("threshold tau")
+    right.set_ylabel("ratio to AR")
+    right.legend(fontsize=7)
+    fig.suptitle("CARD dynamic parallel decoding: speed vs quality", fontsize=10)
+    fig.tight_layout()
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    print(f"plot: {path}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from card_megatron.inference import quality
+    from card_megatron.inference.generate import GenerationConfig
+    from card_megatron.inference.loading import load_model
+    from card_megatron.inference.sampling import SamplingConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    with contextlib.redirect_stdout(sys.stderr):
+        model = load_model(args.checkpoint, device=args.device, dtype=dtype)
+        judge = load_model(args.judge, device=args.device, dtype=dtype)
+        others = [load_model(path, device=args.device, dtype=dtype) for path in args.also]
+    prompts = [p for p in PROMPTS for _ in range(args.num_samples)]
+    samp = SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    base = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, sampling=samp, window=args.window)
+    settings = [("ar", model, GenerationConfig(decoding="ar", **base), {})]
+    for policy in args.commit_policy:
+        for tau in args.thresholds:
+            cfg = GenerationConfig(decoding="card", threshold=tau, commit_policy=policy, **base)
+            settings.append((f"card tau={tau:g} {policy}", model, cfg, {"threshold": tau, "commit_policy": policy}))
+    for other in others:
+        name = f"{other.config.objective.name} ({os.path.basename(os.path.normpath(args.also[others.index(other)]))})"
+        settings.append((name, other, GenerationConfig(**base), {}))
+    print(f"device {model.device}, {len(prompts)} sequences x {args.max_new_tokens} new tokens, batch {args.batch_size}, "
+          f"{'greedy' if samp.is_greedy else f'sampling T={args.temperature} top-p={args.top_p}'}, K={args.window}; "
+          f"judge {judge.path}", file=sys.stderr)
+    rows = []
+    header = (f"{'setting':<24} {'tok/fwd':>7} {'tok/s':>8} {'speedup':>7} {'cpu tok/s':>9} {'cpu x':>6} "
+              f"{'judge ppl':>9} {'entropy':>7} {'rep4':>6}")
+    print(header)
+    for (name, loaded, cfg, extra), (gens, totals) in zip(settings, _sweep(settings, prompts, args.repeats)):
+        nll = quality.judge_generations(judge, gens, loaded.tokenizer, retokenize=True)
+        q = quality.summarise([g.token_ids for g in gens], nll)
+        row = {"setting": name, "decoding": totals["decoding"], **extra,
+               "tokens_per_forward": totals["new_tokens"] / max(totals["forward_passes"], 1),
+               "tokens_per_second": totals["new_tokens"] / totals["seconds"],
+               "tokens_per_cpu_second": totals["new_tokens"] / totals["cpu_seconds"],
+               "new_tokens": totals["new_tokens"], "forward_passes": totals["forward_passes"],
+               "model_calls": totals["model_calls"], "seconds": totals["seconds"],
+               "cpu_seconds": totals["cpu_seconds"], **q}
+        row["speedup"] = row["tokens_per_second"] / rows[0]["tokens_per_second"] if rows else 1.0
+        row["cpu_speedup"] = row["tokens_per_cpu_second"] / rows[0]["tokens_per_cpu_second"] if rows else 1.0
+        rows.append(row)
+        print(f"{name:<24} {row['tokens_per_forward']:7.2f} {row['tokens_per_second']:8.1f} {row['speedup']:7.2f} "
+              f"{row['tokens_per_cpu_second']:9.1f} {row['cpu_speedup']:6.2f} {row['judge_ppl']:9.2f} "
+              f"{row['entropy']:7.3f} {row['repetition_4gram']:6.3f}", flush=True)
+    meta = {"checkpoint": model.path, "judge": judge.path, "device": str(model.device), "dtype": args.dtype,
+            "torch_threads": torch.get_num_threads(), "prompts": PROMPTS, "args": vars(args), "time": time.ctime()}
+    if args.json:
+        tmp = f"{args.json}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        os.replace(tmp, args.json)
+    if args.plot:
+        _plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
