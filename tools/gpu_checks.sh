@@ -31,6 +31,7 @@ timeout 240 "$PY" -m card_megatron.train --config configs/gpt-350m.yaml data.dat
   2>&1 | grep -E "parameters|step|rror" | tee "$OUT/train_350m.log"
 cp /tmp/run350/metrics.jsonl "$OUT/metrics_350m.jsonl" 2>/dev/null
 
+# GEN_ARGS: e.g. "--checkpoint runs/demo --judge runs/demo-arm --batch-size 16" (trained demo runs).
 if [ -f tools/benchmark_generate.py ] && [ -n "${GEN_ARGS:-}" ]; then
   echo "== generation benchmark on GPU"
   timeout 180 "$PY" tools/benchmark_generate.py --device cuda $GEN_ARGS 2>&1 | tail -30 | tee "$OUT/benchmark_generate_gpu.log"
