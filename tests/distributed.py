@@ -23,7 +23,8 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
 def clean_env(**extra: str) -> dict:
     """The environment for a child run: no launcher variables inherited from this (test) process."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    return {**env, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **extra}
+    path = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    return {**env, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
 def run_torchrun(args: list[str], nproc: int, timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
