@@ -40,7 +40,7 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -107,8 +107,8 @@ def save_checkpoint(engine, run_dir: str, step: int, client_state: dict, *, conf
         os.replace(os.path.join(export_dir, "model.pt.tmp"), os.path.join(export_dir, "model.pt"))
         for i in range(num_stages):
             os.remove(os.path.join(export_dir, f"stage_{i:03d}.pt"))
-        _atomic_write(os.path.join(path, "config.yaml"), config_yaml)
-        _atomic_write(os.path.join(export_dir, "config.yaml"), config_yaml)
+        atomic_write(os.path.join(path, "config.yaml"), config_yaml)
+        atomic_write(os.path.join(export_dir, "config.yaml"), config_yaml)
         if tokenizer_model and os.path.exists(tokenizer_model):
             for dst in (path, export_dir):
                 shutil.copyfile(tokenizer_model, os.path.join(dst, "tokenizer.model"))
@@ -116,8 +116,8 @@ def save_checkpoint(engine, run_dir: str, step: int, client_state: dict, *, conf
                 if os.path.exists(sidecar):
                     shutil.copyfile(sidecar, os.path.join(dst, "tokenizer.tokenizer.json"))
         meta = {"step": step, "consumed_samples": client_state["consumed_samples"]}
-        _atomic_write(os.path.join(path, "meta.json"), json.dumps(meta))
-        _atomic_write(os.path.join(root, "latest"), tag)
+        atomic_write(os.path.join(path, "meta.json"), json.dumps(meta))
+        atomic_write(os.path.join(root, "latest"), tag)
         _prune(root, keep_last)
     dist.barrier()
     return path

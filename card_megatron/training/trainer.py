@@ -35,8 +35,6 @@ class Trainer:
     """Builds everything from a Config and trains. ``Trainer(cfg).train()``."""
 
     def __init__(self, cfg: Config, info: Optional[ParallelInfo] = None):
-        import deepspeed  # noqa: F401  (imported after the CPU adapter inside init_distributed)
-
         self.cfg = cfg
         self.info = info or init_distributed(cfg.parallel)
         validate(cfg, self.info.world_size)
@@ -216,9 +214,10 @@ class Trainer:
         if self.info.pp_size > 1:
             items = (self._pipeline_item(*self._prepare(b)) for b in batches)
             loss_value = float(self.engine.train_batch(data_iter=items))
+            # Under pipeline parallelism the pipeline engine owns the step: whether a non-finite
+            # loss skips the update is DeepSpeed's decision (ZeRO-1 in fp32/fp16 skips on an
+            # invalid gradient norm). It is counted here all the same.
             bad = not math.isfinite(loss_value)
-            if bad and not self.engine.was_step_applied():
-                pass  # DeepSpeed detected the invalid gradient norm and skipped the update itself
         else:
             total = 0.0
             for m, batch in enumerate(batches):
@@ -420,12 +419,12 @@ class Trainer:
             self._log_eval(ev)
         if self.is_rank0:
             if stopped_by == "signal":
-                ckpt._atomic_write(os.path.join(self.run_dir, "preempted"), str(self.step))
+                ckpt.atomic_write(os.path.join(self.run_dir, "preempted"), str(self.step))
                 stop_file = os.path.join(self.run_dir, STOP_FILE)
                 if os.path.exists(stop_file):
                     os.remove(stop_file)
             elif stopped_by is None:
-                ckpt._atomic_write(os.path.join(self.run_dir, "finished"), str(self.step))
+                ckpt.atomic_write(os.path.join(self.run_dir, "finished"), str(self.step))
         dist.barrier()
         summary.update({"end_step": self.step, "stopped_by": stopped_by, "skipped_steps": self.skipped_steps})
         self.metrics.close()
