@@ -39,6 +39,8 @@ class ModelConfig:
     attention_dropout: float = 0.0
     untie_embeddings_and_output_weights: bool = True
     recompute_activations: bool = False  # activation checkpointing of each layer
+    # Megatron-core's fused SwiGLU and bias-dropout-add (torch.compile'd); None = on with CUDA.
+    fused_kernels: Optional[bool] = None
 
 
 @dataclass

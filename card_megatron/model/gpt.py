@@ -51,6 +51,7 @@ def transformer_config(
     so Megatron sees pipeline size 1 and each layer receives its global layer number.
     """
     ffn = cfg.ffn_hidden_size or 4 * cfg.hidden_size
+    fused = torch.cuda.is_available() if cfg.fused_kernels is None else cfg.fused_kernels
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -73,8 +74,9 @@ def transformer_config(
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=True,  # layout-independent initial weights
         apply_rope_fusion=False,  # the unfused path accepts per-sequence [S, B, 1, D] rotations
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,  # attention is SDPA (CardCoreAttention), not Megatron's softmax
+        bias_activation_fusion=fused,  # Megatron's fused SwiGLU
+        bias_dropout_fusion=fused,  # Megatron's fused bias-dropout-add
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
     )
