@@ -100,3 +100,20 @@ def test_activation_checkpointing_gives_the_same_gradients(single_process):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_megatron_fused_kernels_compute_the_same_function(single_process):
+    """model.fused_kernels (Megatron's compiled SwiGLU and bias-dropout-add; default on GPUs) changes nothing."""
+    from card_megatron.model.gpt import CardGPT, per_token_nll
+
+    results = []
+    for fused in (False, True):
+        cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16, fused_kernels=fused)
+        model = CardGPT(cfg, "causal", vocab_size=128, seed=3).train()
+        ids = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(0))
+        loss = per_token_nll(model(ids[:, :-1], torch.arange(16).expand(2, 16)), ids[:, 1:]).mean()
+        loss.backward()
+        results.append((loss.detach(), model.layers[0].layer.mlp.linear_fc1.weight.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-7)
