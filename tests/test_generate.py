@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def single_process():
-    from card_megatron.inference.loading import init_single_process
+    from card_megatron.parallel.state import init_single_process
 
     init_single_process()
 

@@ -11,7 +11,7 @@ V = 96
 
 @pytest.fixture(scope="module")
 def single_process():
-    from card_megatron.inference.loading import init_single_process
+    from card_megatron.parallel.state import init_single_process
 
     init_single_process()
 

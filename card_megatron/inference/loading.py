@@ -51,31 +51,12 @@ def resolve_export_dir(path: str) -> str:
     )
 
 
-def init_single_process() -> None:
-    """Megatron's parallel state for one process (TP = PP = 1), unless one is already set up.
-
-    Uses an in-memory store (no TCP port, no DeepSpeed: its JIT-built communication op can
-    stall start-up for tens of seconds behind another process's build lock). Inside a
-    job that already initialised torch.distributed, the existing state is reused.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from card_megatron.parallel.cpu_adapter import apply_cpu_adapter, reset_rng_tracker
-
-    apply_cpu_adapter()
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    reset_rng_tracker()
-
-
 def load_model(path: str, device: Optional[str] = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Loads weights, config and tokenizer; initialises a single-process parallel state if needed."""
     from card_megatron.model.export import load_canonical_state
     from card_megatron.model.gpt import CardGPT
     from card_megatron.objectives import build_objective
+    from card_megatron.parallel.state import init_single_process
     from card_megatron.tokenizer import Tokenizer
 
     export = resolve_export_dir(path)

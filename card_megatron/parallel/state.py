@@ -102,6 +102,23 @@ def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
     )
 
 
+def init_single_process() -> None:
+    """Megatron's parallel state for one process (TP = PP = 1), unless one is already set up.
+
+    Uses an in-memory store (no TCP port, no DeepSpeed: its JIT-built communication op can
+    stall start-up for tens of seconds behind another process's build lock). Inside a
+    job that already initialised torch.distributed, the existing state is reused.
+    """
+    from megatron.core import parallel_state
+
+    apply_cpu_adapter()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    reset_rng_tracker()
+
+
 def _free_port() -> int:
     import socket
 
