@@ -33,6 +33,7 @@ LAYOUTS = {
     "dp2_zero3": ["parallel.zero_stage=3"],
     "tp2": ["parallel.tensor_model_parallel_size=2"],
     "pp2": ["parallel.pipeline_model_parallel_size=2"],
+    "dp2_loader_workers": ["data.num_workers=1"],  # one persistent DataLoader per run
 }
 
 

@@ -101,7 +101,9 @@ def _seeded(seed: int):
         yield
 
 
-def _dummy_mask(device) -> torch.Tensor:
+def no_attention_mask(device) -> torch.Tensor:
+    """Stands in for the attention mask of the causal and full kinds: stage tuples (and
+    DeepSpeed's pipeline, which sends them between stages) need a tensor in that slot."""
     return torch.zeros(1, dtype=torch.long, device=device)
 
 
@@ -222,7 +224,7 @@ class CardGPT(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        mask = attention_mask if attention_mask is not None else _dummy_mask(input_ids.device)
+        mask = attention_mask if attention_mask is not None else no_attention_mask(input_ids.device)
         x = self.embedding((input_ids, position_ids, mask))
         for layer in self.layers:
             x = layer(x)

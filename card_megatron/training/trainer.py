@@ -6,6 +6,7 @@ inputs and loss inputs, and turns per-token NLL into the loss.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -55,6 +56,7 @@ class Trainer:
 
         self.step = 0
         self.consumed_samples = 0
+        self._train_stream: Optional[Iterator[dict]] = None  # opened at consumed_samples on first use
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.resumed_from: Optional[str] = None
@@ -145,8 +147,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ batches
 
-    def _micro_batches(self, split: str, start: int, count: int) -> Iterator[dict]:
-        """This rank's next ``count`` micro-batches of ``split`` from global sample ``start``."""
+    def _micro_batches(self, split: str, start: int, count: Optional[int] = None) -> Iterator[dict]:
+        """This rank's micro-batches of ``split`` from global sample ``start`` (``count`` of them,
+        or until the split ends)."""
         from card_megatron.data import MicroBatchSampler, collate
 
         t, info = self.cfg.train, self.info
@@ -158,16 +161,17 @@ class Trainer:
             it = iter(loader)
         else:
             it = (collate([dataset[i] for i in ids]) for ids in sampler)
-        for _ in range(count):
-            batch = next(it)
+        for batch in itertools.islice(it, count):
             yield {k: v.to(info.device) for k, v in batch.items()}
 
     def _prepare(self, batch: dict):
         return self.objective.prepare(batch["tokens"], batch["noise_seeds"], batch["sample_ids"])
 
     def _pipeline_item(self, model_inputs, loss_inputs):
+        from card_megatron.model.gpt import no_attention_mask
+
         mask = model_inputs.attention_mask
-        mask = mask.long() if mask is not None else torch.zeros(1, dtype=torch.long, device=self.info.device)
+        mask = mask.long() if mask is not None else no_attention_mask(self.info.device)
         suppress = torch.tensor(1 if loss_inputs.suppress_mask_logit else 0, device=self.info.device)
         return ((model_inputs.input_ids, model_inputs.position_ids, mask),
                 (loss_inputs.targets, loss_inputs.weights, loss_inputs.normaliser.reshape(1).float(), suppress))
@@ -207,7 +211,9 @@ class Trainer:
         cfg = self.cfg
         lr = learning_rate(self.step, cfg.optim, cfg.train.train_iters)
         self._set_lr(lr)
-        batches = self._micro_batches("train", self.consumed_samples, self.accumulation)
+        if self._train_stream is None:  # one stream (and one DataLoader) for the whole run
+            self._train_stream = self._micro_batches("train", self.consumed_samples)
+        batches = itertools.islice(self._train_stream, self.accumulation)
         metrics: dict[str, float] = {}
         bad = False
         grad_norm = None
@@ -245,7 +251,7 @@ class Trainer:
                 self.engine.step()
             # Mean over micro-batches, then over data-parallel ranks.
             t = torch.tensor([total / self.accumulation], dtype=torch.float64, device=self.info.device)
-            dist.all_reduce(t, group=self.optimizer_dp_group())
+            dist.all_reduce(t, group=self._dp_group())
             loss_value = float(t.item()) / self.info.dp_size if not bad else float("nan")
         self.step += 1
         self.consumed_samples += cfg.train.global_batch_size
@@ -275,7 +281,7 @@ class Trainer:
         # max_norm=inf: measure only (tensor-parallel shards counted once, replicas once).
         return float(clip_grad_norm_(list(self.model.parameters()), max_norm=float("inf"), mpu=MegatronMPU()))
 
-    def optimizer_dp_group(self):
+    def _dp_group(self):
         from megatron.core import parallel_state
 
         return parallel_state.get_data_parallel_group()
@@ -305,7 +311,7 @@ class Trainer:
                     total += float(s)
                     count += float(c)
             t = torch.tensor([total, count], dtype=torch.float64, device=self.info.device)
-            dist.all_reduce(t, group=self.optimizer_dp_group())
+            dist.all_reduce(t, group=self._dp_group())
             nll = float(t[0] / t[1])
         self.engine.train()
         return {"val_nll": nll, "val_ppl": math.exp(min(nll, 50.0)), "val_ppl_is_bound": self.objective.is_bound}
