@@ -120,6 +120,9 @@ class LoggingConfig:
     wandb_project: str = "card_megatron"
     wandb_mode: str = "offline"  # offline unless the user asks for online
     wandb_name: Optional[str] = None
+    # CARD diagnostics (card_megatron/training/diagnostics.py), pipeline size 1 only:
+    corruption_metrics: bool = True  # NLL and top-1 accuracy by the number of masks before the target
+    probe_window: int = 8  # K of the validation mask probe (clean prefix + k masks, k < K); 0 = off
 
 
 @dataclass
@@ -339,6 +342,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     for name in ("save_interval", "exit_interval", "eval_interval"):
         if getattr(t, name) < 0:
             p.append(f"train.{name} ({getattr(t, name)}) must be >= 0")
+    if not 0 <= cfg.logging.probe_window <= m.seq_length:
+        p.append(f"logging.probe_window ({cfg.logging.probe_window}) must lie in [0, model.seq_length={m.seq_length}]")
     if t.log_interval < 1:
         p.append(f"train.log_interval ({t.log_interval}) must be >= 1")
     if t.keep_last_checkpoints < 1:

@@ -60,35 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _timed(loaded, prompts, cfg):
-    from card_megatron.inference.generate import generate
-
-    cpu = time.process_time()
-    gens, totals = generate(loaded, prompts, cfg)
-    totals["cpu_seconds"] = time.process_time() - cpu
-    return gens, totals
-
-
-def _sweep(settings, prompts, repeats):
-    """Runs every setting ``repeats`` times, round-robin (so load changes hit all settings alike);
-    keeps the fastest wall-clock and the smallest CPU time of each."""
-    from card_megatron.inference.generate import generate
-
-    for _, loaded, cfg, _ in settings:
-        generate(loaded, prompts[:1], cfg)  # warm-up (allocator, kernels)
-    best = [None] * len(settings)
-    for _ in range(repeats):
-        for i, (_, loaded, cfg, _) in enumerate(settings):
-            gens, totals = _timed(loaded, prompts, cfg)
-            if best[i] is None:
-                best[i] = (gens, totals)
-            else:
-                prev = best[i][1]
-                prev["seconds"] = min(prev["seconds"], totals["seconds"])
-                prev["cpu_seconds"] = min(prev["cpu_seconds"], totals["cpu_seconds"])
-    return best
-
-
 def _plot(rows, path):
     try:
         import matplotlib
@@ -133,10 +104,10 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     import torch
 
-    from card_megatron.inference import quality
     from card_megatron.inference.generate import GenerationConfig
     from card_megatron.inference.loading import load_model
     from card_megatron.inference.sampling import SamplingConfig
+    from card_megatron.inference.sweep import Setting, run_sweep
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,26 +130,14 @@ def main(argv=None) -> int:
     print(f"device {model.device}, {len(prompts)} sequences x {args.max_new_tokens} new tokens, batch {args.batch_size}, "
           f"{'greedy' if samp.is_greedy else f'sampling T={args.temperature} top-p={args.top_p}'}, K={args.window}; "
           f"judge {judge.path}", file=sys.stderr)
-    rows = []
     header = (f"{'setting':<24} {'tok/fwd':>7} {'tok/s':>8} {'speedup':>7} {'cpu tok/s':>9} {'cpu x':>6} "
               f"{'judge ppl':>9} {'entropy':>7} {'rep4':>6}")
     print(header)
-    for (name, loaded, cfg, extra), (gens, totals) in zip(settings, _sweep(settings, prompts, args.repeats)):
-        nll = quality.judge_generations(judge, gens, loaded.tokenizer, retokenize=True)
-        q = quality.summarise([g.token_ids for g in gens], nll)
-        row = {"setting": name, "decoding": totals["decoding"], **extra,
-               "tokens_per_forward": totals["new_tokens"] / max(totals["forward_passes"], 1),
-               "tokens_per_second": totals["new_tokens"] / totals["seconds"],
-               "tokens_per_cpu_second": totals["new_tokens"] / totals["cpu_seconds"],
-               "new_tokens": totals["new_tokens"], "forward_passes": totals["forward_passes"],
-               "model_calls": totals["model_calls"], "seconds": totals["seconds"],
-               "cpu_seconds": totals["cpu_seconds"], **q}
-        row["speedup"] = row["tokens_per_second"] / rows[0]["tokens_per_second"] if rows else 1.0
-        row["cpu_speedup"] = row["tokens_per_cpu_second"] / rows[0]["tokens_per_cpu_second"] if rows else 1.0
-        rows.append(row)
-        print(f"{name:<24} {row['tokens_per_forward']:7.2f} {row['tokens_per_second']:8.1f} {row['speedup']:7.2f} "
-              f"{row['tokens_per_cpu_second']:9.1f} {row['cpu_speedup']:6.2f} {row['judge_ppl']:9.2f} "
-              f"{row['entropy']:7.3f} {row['repetition_4gram']:6.3f}", flush=True)
+    rows, _ = run_sweep([Setting(*s) for s in settings], prompts, judge, args.repeats)
+    for row in rows:
+        print(f"{row['setting']:<24} {row['tokens_per_forward']:7.2f} {row['tokens_per_second']:8.1f} "
+              f"{row['speedup']:7.2f} {row['tokens_per_cpu_second']:9.1f} {row['cpu_speedup']:6.2f} "
+              f"{row['judge_ppl']:9.2f} {row['entropy']:7.3f} {row['repetition_4gram']:6.3f}", flush=True)
     meta = {"checkpoint": model.path, "judge": judge.path, "device": str(model.device), "dtype": args.dtype,
             "torch_threads": torch.get_num_threads(), "prompts": PROMPTS, "args": vars(args), "time": time.ctime()}
     if args.json:

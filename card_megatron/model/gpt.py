@@ -249,10 +249,34 @@ def per_token_nll(logits: torch.Tensor, targets: torch.Tensor, suppress_id: Opti
     """Per-token negative log-likelihood from vocab-sharded logits, without gathering them.
 
     logits: [S, B, V/TP]; targets: [B, S] (global ids). Returns [B, S] float32.
-    Uses Megatron-core's vocab-parallel cross entropy (works for TP = 1 too).
+    Uses Megatron-core's vocab-parallel cross entropy (works for TP = 1 too), which
+    overwrites float32 ``logits`` in place (with the softmax): read anything else from
+    the logits (e.g. :func:`per_token_top1_logprob`) before calling this.
     """
     logits = logits.float()
     if suppress_id is not None:
         logits = suppress_token_logit(logits, suppress_id, vocab_start)
     nll = tensor_parallel.vocab_parallel_cross_entropy(logits.contiguous(), targets.t().contiguous())
     return nll.t()
+
+
+@torch.no_grad()
+def per_token_top1_logprob(logits: torch.Tensor, suppress_id: Optional[int] = None, vocab_start: int = 0,
+                           tp_group=None) -> torch.Tensor:
+    """Log-probability of the most probable token at each position, from vocab-sharded logits.
+
+    logits: [S, B, V/TP]; ``tp_group``: the tensor-parallel group over which the vocabulary
+    is sharded (None or size 1: unsharded). Returns [B, S] float32 (no grad). A target is
+    top-1 exactly when its log-probability (``-per_token_nll``) equals this value.
+    """
+    logits = logits.detach().float()
+    if suppress_id is not None:
+        logits = suppress_token_logit(logits, suppress_id, vocab_start)
+    sharded = tp_group is not None and torch.distributed.get_world_size(tp_group) > 1
+    top = logits.max(dim=-1).values
+    if sharded:
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+    sum_exp = torch.exp(logits - top[..., None]).sum(dim=-1)
+    if sharded:
+        torch.distributed.all_reduce(sum_exp, group=tp_group)
+    return (-torch.log(sum_exp)).t()

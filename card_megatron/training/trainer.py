@@ -20,6 +20,7 @@ import torch.distributed as dist
 from card_megatron.config import Config, config_to_dict, save_config, validate
 from card_megatron.parallel.state import ParallelInfo, init_distributed
 from card_megatron.training import checkpoint as ckpt
+from card_megatron.training import diagnostics
 from card_megatron.training.metrics import MetricsWriter, format_step, model_flops_per_token, peak_flops
 from card_megatron.training.schedule import learning_rate
 
@@ -217,6 +218,8 @@ class Trainer:
         metrics: dict[str, float] = {}
         bad = False
         grad_norm = None
+        step_logged = (self.step + 1) % cfg.train.log_interval == 0 or self.step + 1 == cfg.train.train_iters
+        context = None  # per-corruption sums of this step (CARD, logged steps only)
         if self.info.pp_size > 1:
             items = (self._pipeline_item(*self._prepare(b)) for b in batches)
             loss_value = float(self.engine.train_batch(data_iter=items))
@@ -229,7 +232,10 @@ class Trainer:
             for m, batch in enumerate(batches):
                 model_inputs, loss_inputs = self._prepare(batch)
                 logits = self.engine(model_inputs.input_ids, model_inputs.position_ids, model_inputs.attention_mask)
-                loss, micro_metrics = self.objective.loss(self._nll(logits, loss_inputs), loss_inputs)
+                # before the NLL: Megatron's cross entropy overwrites fp32 logits in place
+                top1 = self._top1_logprob(logits, loss_inputs) if step_logged and self._diagnose else None
+                nll = self._nll(logits, loss_inputs)
+                loss, micro_metrics = self.objective.loss(nll, loss_inputs)
                 micro_bad = self._all_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0
                 if micro_bad:
                     if cfg.parallel.zero_stage == 3:
@@ -240,6 +246,9 @@ class Trainer:
                     self.engine.backward(self._zero_loss())
                 else:
                     total += loss.item()
+                    if top1 is not None:
+                        sums = diagnostics.context_sums(nll, top1, loss_inputs.is_masked)
+                        context = sums if context is None else context + sums
                     self.engine.backward(loss)
                     for k, v in micro_metrics.items():
                         metrics[k] = metrics.get(k, 0.0) + float(v) / self.accumulation
@@ -253,6 +262,9 @@ class Trainer:
             t = torch.tensor([total / self.accumulation], dtype=torch.float64, device=self.info.device)
             dist.all_reduce(t, group=self._dp_group())
             loss_value = float(t.item()) / self.info.dp_size if not bad else float("nan")
+            if context is not None:
+                dist.all_reduce(context, group=self._dp_group())
+                metrics.update(diagnostics.context_metrics(context))
         self.step += 1
         self.consumed_samples += cfg.train.global_batch_size
         if bad:
@@ -271,6 +283,49 @@ class Trainer:
         metrics.update({"loss": loss_value, "lr": lr,
                         "grad_norm": float(grad_norm) if grad_norm is not None else None})
         return metrics
+
+    @property
+    def _diagnose(self) -> bool:
+        """Per-corruption metrics apply to CARD (masked inputs, causal) outside the pipeline engine."""
+        return self.cfg.logging.corruption_metrics and self.objective.name == "card" and self.info.pp_size == 1
+
+    def _top1_logprob(self, logits, loss_inputs):
+        from megatron.core import parallel_state
+
+        from card_megatron.model.gpt import per_token_top1_logprob
+
+        suppress = self.tokenizer.mask_id if loss_inputs.suppress_mask_logit else None
+        return per_token_top1_logprob(logits, suppress, self.vocab_start,
+                                      parallel_state.get_tensor_model_parallel_group())
+
+    @torch.no_grad()
+    def _validation_diagnostics(self, batches: list[dict]) -> dict:
+        """Per-corruption metrics of a corrupted pass and the mask probe, over validation batches."""
+        K = self.cfg.logging.probe_window
+        context, probe = None, None
+        for batch in batches:
+            mi, li = self._prepare(batch)  # noise from the validation seeds: the same every time
+            logits = self.engine(mi.input_ids, mi.position_ids, mi.attention_mask)
+            top1 = self._top1_logprob(logits, li)  # before the NLL, which overwrites the logits
+            sums = diagnostics.context_sums(self._nll(logits, li), top1, li.is_masked)
+            context = sums if context is None else context + sums
+            if K:
+                ids, pos, targets, gather = diagnostics.probe_batch(batch["tokens"], batch["sample_ids"], K,
+                                                                    self.tokenizer.mask_id)
+                logits = self.engine(ids, pos, None)
+                from card_megatron.objectives.base import LossInputs
+
+                li = LossInputs(targets=targets, weights=None, normaliser=None, suppress_mask_logit=False)
+                top1 = self._top1_logprob(logits, li)
+                sums = diagnostics.probe_sums(self._nll(logits, li), top1, gather)
+                probe = sums if probe is None else probe + sums
+        out: dict = {}
+        for sums, to_metrics in ((context, lambda s: diagnostics.context_metrics(s, "val_")),
+                                 (probe, diagnostics.probe_metrics)):
+            if sums is not None:
+                dist.all_reduce(sums, group=self._dp_group())
+                out.update(to_metrics(sums))
+        return out
 
     def _grad_norm(self) -> float:
         """Global gradient norm before clipping (DeepSpeed reports it only under ZeRO)."""
@@ -304,7 +359,8 @@ class Trainer:
                     losses.append(float(self.engine.eval_batch(items, num_micro_batches=1)))
             nll = sum(losses) / len(losses)
         else:
-            for batch in self._micro_batches("valid", 0, iters):
+            batches = list(self._micro_batches("valid", 0, iters))
+            for batch in batches:
                 for mi, li in self.objective.eval_passes(batch["tokens"], batch["noise_seeds"], batch["sample_ids"]):
                     logits = self.engine(mi.input_ids, mi.position_ids, mi.attention_mask)
                     s, c = self.objective.nll_terms(self._nll(logits, li), li)
@@ -313,8 +369,11 @@ class Trainer:
             t = torch.tensor([total, count], dtype=torch.float64, device=self.info.device)
             dist.all_reduce(t, group=self._dp_group())
             nll = float(t[0] / t[1])
+        result = {"val_nll": nll, "val_ppl": math.exp(min(nll, 50.0)), "val_ppl_is_bound": self.objective.is_bound}
+        if self._diagnose:
+            result.update(self._validation_diagnostics(batches))
         self.engine.train()
-        return {"val_nll": nll, "val_ppl": math.exp(min(nll, 50.0)), "val_ppl_is_bound": self.objective.is_bound}
+        return result
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -438,7 +497,12 @@ class Trainer:
 
     def _log_eval(self, ev: dict) -> None:
         bound = "<= " if ev["val_ppl_is_bound"] else ""
-        self._log_line(f"step {self.step:>7d} | validation nll {ev['val_nll']:.4f} | perplexity {bound}{ev['val_ppl']:.2f}")
+        line = f"step {self.step:>7d} | validation nll {ev['val_nll']:.4f} | perplexity {bound}{ev['val_ppl']:.2f}"
+        ks = sorted(int(k[len("probe_acc_k"):]) for k in ev if k.startswith("probe_acc_k"))
+        if ks:  # what the parallel decoder can use: right / confident after k masks
+            line += " | probe k: acc/conf " + " ".join(
+                f"{k}:{ev[f'probe_acc_k{k}']:.2f}/{ev[f'probe_conf_k{k}']:.2f}" for k in ks)
+        self._log_line(line)
         self.metrics.write({"step": self.step, **ev}, filename="eval.jsonl")
 
 

@@ -1,0 +1,153 @@
+"""The study's plans: which runs, on which corpora, with which decoding sweeps.
+
+A plan is data: corpora to tokenize, training runs (each an ordinary run directory,
+trained by ``python -m card_megatron.train`` with the plan's config and the run's
+overrides), and the decoding measurements. ``smoke`` exercises every part in about a
+minute (the tests run it), ``cpu`` fits the 2-core development machine in at most 75
+minutes, ``gpu`` is the same study at a larger scale for one GPU.
+
+Run names say what they are: ``{variant}-s{seed}`` on the main corpus and
+``copy-{objective}-s{seed}`` on the synthetic copy corpus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAIN, COPY = "main", "copy"  # the two corpora of every plan
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A corpus the study tokenizes itself (``--data`` replaces the main one)."""
+
+    input: str  # what tools/preprocess_data.py reads, e.g. builtin:python-code
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run. ``group``: efficiency | ablation | sweep | synthetic."""
+
+    name: str
+    corpus: str
+    group: str
+    label: str  # the variant, as the report names it (e.g. "strict tail (lambda=1)")
+    objective: str
+    seed: int
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """The decoding measurements (CARD.md §4) of the study's CARD models."""
+
+    num_prompts: int  # prompts from held-out documents of the main corpus
+    prompt_tokens: int  # tokens of each main-corpus prompt
+    max_new_tokens: int
+    thresholds: tuple[float, ...]  # tau; a value > 1 commits one token per step
+    windows: tuple[int, ...]  # K
+    temperature: float = 1.0  # the sampled sweep (the greedy sweep always runs)
+    top_p: float = 0.9
+    copy_prompts: int = 16  # synthetic corpus: prompts = a document's first string and its period
+    copy_max_new_tokens: int = 48
+    curve_checkpoints: int = 4  # checkpoints of the main CARD run decoded for the curve against tokens
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    description: str
+    config: str  # base YAML (model, optimizer, schedule) of every run
+    overrides: tuple[str, ...]  # applied to every run
+    copy_overrides: tuple[str, ...]  # applied to the synthetic-corpus runs after ``overrides``
+    corpora: dict[str, CorpusSpec]
+    runs: tuple[RunSpec, ...]
+    decode: DecodeSpec
+    jobs: int = 2  # training runs at once (one process each)
+    budget_minutes: float = 0.0  # what the plan is sized for on its machine (reported, not enforced)
+    notes: tuple[str, ...] = field(default=())
+
+
+# The paper's ablations (CARD.md §2-3) and the sweeps: (name, label, overrides).
+ABLATIONS = (
+    ("strict", "strict tail (lambda=1)", ("objective.tail_factor=1.0",)),
+    ("uniform", "uniform masking", ("objective.masking=uniform",)),
+    ("noreweight", "no reweighting", ("objective.reweighting=none",)),
+)
+SWEEPS = (
+    ("lambda1.25", "lambda=1.25", ("objective.tail_factor=1.25",)),
+    ("lambda2", "lambda=2", ("objective.tail_factor=2.0",)),
+    ("p0.25", "p=0.25", ("objective.reweight_decay=0.25",)),
+    ("p0.75", "p=0.75", ("objective.reweight_decay=0.75",)),
+)
+FULL_CARD = "full CARD (lambda=1.5, p=0.5)"
+
+
+def _runs(seeds: int, ablation_seeds: int, sweeps: bool, baselines: tuple[str, ...], copy_objectives: tuple[str, ...]
+          ) -> tuple[RunSpec, ...]:
+    runs = []
+    for seed in range(seeds):
+        runs.append(RunSpec(f"arm-s{seed}", MAIN, "efficiency", "ARM", "arm", seed))
+        runs.append(RunSpec(f"card-s{seed}", MAIN, "efficiency", FULL_CARD, "card", seed))
+    for name in baselines:
+        runs.append(RunSpec(f"{name}-s0", MAIN, "efficiency", name.upper(), name, 0))
+    for name, label, over in ABLATIONS:
+        for seed in range(ablation_seeds):
+            runs.append(RunSpec(f"{name}-s{seed}", MAIN, "ablation", label, "card", seed, over))
+    if sweeps:
+        for name, label, over in SWEEPS:
+            runs.append(RunSpec(f"{name}-s0", MAIN, "sweep", label, "card", 0, over))
+    for objective in copy_objectives:
+        runs.append(RunSpec(f"copy-{objective}-s0", COPY, "synthetic", objective.upper(), objective, 0))
+    return tuple(runs)
+
+
+PLANS: dict[str, Plan] = {
+    "smoke": Plan(
+        name="smoke",
+        description="every stage of the study on a toy model in about a minute (run by the tests)",
+        config="configs/study-cpu.yaml",
+        overrides=("model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=2",
+                   "model.ffn_hidden_size=128", "model.seq_length=32", "train.train_iters=6",
+                   "train.micro_batch_size=4", "train.global_batch_size=4", "train.eval_iters=1",
+                   "train.eval_interval=3", "train.save_interval=3", "train.log_interval=3",
+                   "optim.lr_warmup_iters=2", "logging.probe_window=4"),
+        copy_overrides=(),
+        corpora={MAIN: CorpusSpec("builtin:python-docs", 512), COPY: CorpusSpec("builtin:synthetic-copy", 512)},
+        runs=_runs(1, 1, False, ("mdlm", "bd3lm"), ("card",)),
+        decode=DecodeSpec(num_prompts=2, prompt_tokens=8, max_new_tokens=8, thresholds=(0.5, 2.0), windows=(4,),
+                          copy_prompts=2, copy_max_new_tokens=8, curve_checkpoints=2),
+        budget_minutes=2,
+    ),
+    "cpu": Plan(
+        name="cpu",
+        description="the study on the 2-core CPU machine (at most 75 minutes)",
+        config="configs/study-cpu.yaml",
+        overrides=(),
+        copy_overrides=(),
+        corpora={MAIN: CorpusSpec("builtin:python-code", 2048), COPY: CorpusSpec("builtin:synthetic-copy", 1024)},
+        runs=_runs(2, 2, True, ("mdlm", "bd3lm"), ("card", "arm")),
+        decode=DecodeSpec(num_prompts=16, prompt_tokens=24, max_new_tokens=48, thresholds=(0.3, 0.5, 0.7, 0.9, 2.0),
+                          windows=(4, 8)),
+        budget_minutes=75,
+    ),
+    "gpu": Plan(
+        name="gpu",
+        description="the study with a 125M-class model on one GPU",
+        config="configs/study-gpu.yaml",
+        overrides=(),
+        copy_overrides=(),
+        corpora={MAIN: CorpusSpec("builtin:python-code", 8192), COPY: CorpusSpec("builtin:synthetic-copy", 1024)},
+        runs=_runs(2, 2, True, ("mdlm", "bd3lm"), ("card", "arm")),
+        decode=DecodeSpec(num_prompts=64, prompt_tokens=32, max_new_tokens=96,
+                          thresholds=(0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 2.0), windows=(4, 8, 16), copy_prompts=64),
+        jobs=1,
+    ),
+}
+
+
+def get_plan(name: str) -> Plan:
+    if name not in PLANS:
+        raise ValueError(f"unknown plan {name!r} (available: {', '.join(PLANS)})")
+    return PLANS[name]

@@ -1,0 +1,282 @@
+"""The study's report: every number in ``study.json``, the tables in ``study.md``, PNG plots.
+
+Everything is read back from the run directories (``config.yaml``, ``eval.jsonl``,
+``metrics.jsonl``) and from ``decoding.json``, so the report can be rebuilt at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from typing import Optional
+
+import yaml
+
+from card_megatron.study.plans import FULL_CARD, Plan, RunSpec
+from card_megatron.training.checkpoint import atomic_write
+
+PROBE_KS = (0, 1, 2, 3, 5, 7)
+SEQ_MULTIPLIER = {"bd3lm": 2}  # BD3LM's model reads concat(xt, x0): 2L positions per sample
+
+
+def _jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    records = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                records[r["step"]] = r  # a resumed run may log a step twice: the last one counts
+    return [records[k] for k in sorted(records)]
+
+
+def collect_run(run_dir: str, run: RunSpec) -> dict:
+    """One run's measurements: evaluations against tokens, step time, peak memory, last metrics."""
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    L, gbs = cfg["model"]["seq_length"], cfg["train"]["global_batch_size"]
+    evals = _jsonl(os.path.join(run_dir, "eval.jsonl"))
+    for e in evals:
+        e["tokens"] = e["step"] * gbs * L
+    metrics = _jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    positions = gbs * L * SEQ_MULTIPLIER.get(run.objective, 1)  # what tokens_per_sec counts
+    step_times = [positions / m["tokens_per_sec"] for m in metrics[1:] if m.get("tokens_per_sec")]
+    return {
+        "name": run.name, "label": run.label, "group": run.group, "objective": run.objective, "seed": run.seed,
+        "corpus": run.corpus, "overrides": list(run.overrides), "tokens_per_step": gbs * L,
+        "split": cfg["data"]["split"],
+        "evals": evals, "final": evals[-1] if evals else None,
+        "step_time_s": statistics.median(step_times) if step_times else None,
+        "peak_memory_gb": max((m.get("memory_gb") or 0.0) for m in metrics) if metrics else None,
+        "last_metrics": metrics[-1] if metrics else None,
+    }
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarise(plan: Plan, runs: dict[str, dict], decoding: dict) -> dict:
+    """The report's tables as data (see the module docstring of ``card_megatron.study``)."""
+    def final(r, key):
+        return r["final"].get(key) if r.get("final") else None
+
+    by_label: dict[str, list[dict]] = {}
+    for r in runs.values():
+        if r["corpus"] == "main":
+            by_label.setdefault(r["label"], []).append(r)
+    variants = []
+    for label, rs in by_label.items():
+        ppl = [final(r, "val_ppl") for r in rs if final(r, "val_ppl") is not None]
+        row = {"label": label, "group": rs[0]["group"], "objective": rs[0]["objective"],
+               "runs": [r["name"] for r in rs], "bound": bool(final(rs[0], "val_ppl_is_bound")),
+               "tokens": rs[0]["final"]["tokens"] if rs[0].get("final") else None,
+               "val_ppl": _spread(ppl) if ppl else None}
+        for k in PROBE_KS:
+            vals = [final(r, f"probe_acc_k{k}") for r in rs if final(r, f"probe_acc_k{k}") is not None]
+            row[f"probe_acc_k{k}"] = _spread(vals) if vals else None
+            vals = [final(r, f"probe_conf_k{k}") for r in rs if final(r, f"probe_conf_k{k}") is not None]
+            row[f"probe_conf_k{k}"] = _spread(vals) if vals else None
+        variants.append(row)
+    arm = [r for r in runs.values() if r["objective"] == "arm" and r["corpus"] == "main"]
+    cost = []
+    for objective in ("arm", "card", "mdlm", "bd3lm"):
+        rs = [r for r in runs.values() if r["objective"] == objective and r["group"] == "efficiency"
+              and r["step_time_s"]]
+        if not rs:
+            continue
+        t = statistics.fmean(r["step_time_s"] for r in rs)
+        mem = max(r["peak_memory_gb"] or 0.0 for r in rs)
+        row = {"objective": objective, "step_time_s": t, "peak_memory_gb": mem}
+        if arm and arm[0]["step_time_s"]:
+            row["step_time_vs_arm"] = t / statistics.fmean(r["step_time_s"] for r in arm if r["step_time_s"])
+            row["memory_vs_arm"] = mem / max(r["peak_memory_gb"] or 0.0 for r in arm)
+        cost.append(row)
+    card_time = next((c["step_time_s"] for c in cost if c["objective"] == "card"), None)
+    for c in cost:
+        if card_time:
+            c["step_time_vs_card"] = c["step_time_s"] / card_time
+    return {"variants": variants, "cost": cost, "decoding": decoding}
+
+
+def _fmt(x, digits=2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, dict):
+        if x["n"] == 1:
+            return f"{x['mean']:.{digits}f}"
+        return f"{x['mean']:.{digits}f} [{x['min']:.{digits}f}, {x['max']:.{digits}f}]"
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return str(x)
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _decoding_table(rows: list[dict], best: Optional[dict]) -> list[str]:
+    lines = ["| setting | tokens/forward | speed-up vs AR (wall) | judge ppl | entropy | rep. 4-grams | same text as AR |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        mark = " **(best within 5%)**" if best is not None and r["setting"] == best["setting"] else ""
+        lines.append(f"| {r['setting']}{mark} | {r['tokens_per_forward']:.2f} | {r['speedup']:.2f} | "
+                     f"{_fmt(r.get('judge_ppl'))} | {r['entropy']:.2f} | {r['repetition_4gram']:.2f} | "
+                     f"{r['same_as_first']:.2f} |")
+    return lines
+
+
+def markdown(plan: Plan, meta: dict, runs: dict[str, dict], summary: dict) -> str:
+    """The tables of ``study.md``."""
+    out = [f"# Study: plan `{plan.name}`", "", plan.description + ".", "",
+           f"Machine: {meta['machine']}. Wall clock: {meta['elapsed_min']:.1f} min for the stages run this time "
+           f"({meta['runs_trained_now']} run(s) trained now). Written {meta['written']}.", "",
+           "Validation perplexity is exact for ARM and CARD (CARD on clean text is an AR model) and an upper bound "
+           "(ELBO, marked <=) for MDLM and BD3LM. Spread: mean [min, max] over seeds.", "",
+           "## Data efficiency (same model, data, tokens and optimizer)", "",
+           "| objective | runs | tokens | validation perplexity |", "| --- | --- | ---: | ---: |"]
+    for v in summary["variants"]:
+        if v["group"] == "efficiency":
+            bound = "<= " if v["bound"] else ""
+            out.append(f"| {v['label']} | {', '.join(v['runs'])} | {v['tokens']:,} | {bound}{_fmt(v['val_ppl'])} |")
+    out += ["", "![perplexity against tokens](perplexity.png)", "", "## Training cost (from the same runs)", "",
+            "| objective | step time (s) | vs ARM | vs CARD | peak memory (GB) | vs ARM |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for c in summary["cost"]:
+        out.append(f"| {c['objective']} | {c['step_time_s']:.3f} | {_fmt(c.get('step_time_vs_arm'))} | "
+                   f"{_fmt(c.get('step_time_vs_card'))} | {c['peak_memory_gb']:.2f} | {_fmt(c.get('memory_vs_arm'))} |")
+    out += ["", f"Runs train {plan.jobs} at a time, one process each, so step times include the same contention "
+            "for every objective; memory is the process's peak resident set (CPU) or peak allocated (GPU).", "",
+            "## Ablations and sweeps (CARD)", "",
+            "Probe: after a clean prefix and k [MASK], how often the prediction of the next position is right "
+            "(acc) and how often its top-1 probability exceeds 0.9 (conf): what parallel decoding can use.", "",
+            "| variant | runs | validation perplexity | probe acc k=1 | probe acc k=3 | probe conf k=1 | probe conf k=3 |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for v in summary["variants"]:
+        if v["group"] in ("ablation", "sweep") or v["label"] == FULL_CARD:
+            out.append(f"| {v['label']} | {', '.join(v['runs'])} | {_fmt(v['val_ppl'])} | "
+                       f"{_fmt(v['probe_acc_k1'], 3)} | {_fmt(v['probe_acc_k3'], 3)} | "
+                       f"{_fmt(v['probe_conf_k1'], 3)} | {_fmt(v['probe_conf_k3'], 3)} |")
+    out += ["", "![ablations](ablations.png)", ""]
+    dec = summary["decoding"]
+    if dec.get("main"):
+        out += ["## Decoding (main corpus)", "",
+                f"CARD model `{dec['main']['model']}`, judge `{dec['main']['judge']}`, {dec['main']['num_prompts']} "
+                f"held-out prompts, {dec['main']['max_new_tokens']} new tokens, batch = all prompts.", ""]
+        for mode in ("greedy", "sampled"):
+            part = dec["main"].get(mode)
+            if part:
+                out += [f"### {part['rows'][0]['mode']}", ""] + _decoding_table(part["rows"], part["best"]) + [""]
+        out += ["![speed against quality](decoding.png)", ""]
+    if dec.get("curve", {}).get("points"):
+        out += ["## Tokens per forward at equal quality, against training tokens", "",
+                "| checkpoint | tokens | probe acc k=1 | probe conf k=1 | AR judge ppl | best setting within 5% | "
+                "tokens/forward |", "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+        for c in dec["curve"]["points"]:
+            b = c["best"] or {}
+            out.append(f"| {c['step']} | {c['tokens']:,} | {_fmt(c.get('probe_acc_k1'), 3)} | "
+                       f"{_fmt(c.get('probe_conf_k1'), 3)} | {_fmt(c['ar_judge_ppl'])} | {b.get('setting', '-')} | "
+                       f"{_fmt(b.get('tokens_per_forward'))} |")
+        out += ["", "![curve](curve.png)", ""]
+    copy_runs = [r for r in runs.values() if r["corpus"] == "copy"]
+    if copy_runs:
+        out += ["## Synthetic copy corpus", "", "Validation perplexity against tokens (how fast each learns to copy):",
+                "", "| run | " + " | ".join(f"{e['tokens']:,}" for e in copy_runs[0]["evals"]) + " |",
+                "| --- |" + " ---: |" * len(copy_runs[0]["evals"])]
+        for r in copy_runs:
+            out.append(f"| {r['name']} | " + " | ".join(_fmt(e["val_ppl"]) for e in r["evals"]) + " |")
+        out.append("")
+    if dec.get("copy"):
+        out += [f"CARD decoding of `{dec['copy']['model']}`, greedy, {dec['copy']['num_prompts']} prompts "
+                "(a held-out document's first string and its period):", ""]
+        out += _decoding_table(dec["copy"]["rows"], None) + [""]
+    return "\n".join(out) + "\n"
+
+
+def plots(out_dir: str, runs: dict[str, dict], summary: dict) -> list[str]:
+    """perplexity.png, ablations.png, decoding.png, curve.png (those with data); returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def save(fig, name):
+        path = os.path.join(out_dir, name)
+        tmp = f"{path}.{os.getpid()}.tmp.png"
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+        written.append(path)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs.values():
+        if r["group"] == "efficiency" and r["evals"]:
+            bound = " (bound)" if r["evals"][-1].get("val_ppl_is_bound") else ""
+            ax.plot([e["tokens"] for e in r["evals"]], [e["val_ppl"] for e in r["evals"]], "o-", ms=3,
+                    label=r["name"] + bound)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation perplexity")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    save(fig, "perplexity.png")
+
+    variants = [v for v in summary["variants"] if v["objective"] == "card" and v["val_ppl"]]
+    if variants:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        for i, v in enumerate(variants):
+            vals = [runs[n]["final"]["val_ppl"] for n in v["runs"] if runs[n]["final"]]
+            left.scatter([i] * len(vals), vals, s=14)
+            left.errorbar([i], [v["val_ppl"]["mean"]], fmt="k_", ms=14)
+            acc = [runs[n]["final"].get("probe_acc_k1") for n in v["runs"] if runs[n]["final"]]
+            acc = [a for a in acc if a is not None]
+            if acc:
+                right.scatter([i] * len(acc), acc, s=14)
+        for a in (left, right):
+            a.set_xticks(range(len(variants)))
+            a.set_xticklabels([v["label"] for v in variants], rotation=40, ha="right", fontsize=7)
+        left.set_ylabel("validation perplexity (each seed)")
+        right.set_ylabel("probe accuracy after 1 mask")
+        save(fig, "ablations.png")
+
+    main = summary["decoding"].get("main")
+    if main:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for mode in ("greedy", "sampled"):
+            part = main.get(mode)
+            if not part or part["rows"][0].get("judge_ppl") is None:
+                continue
+            rows = part["rows"]
+            for K in sorted({r["window"] for r in rows[1:]}):
+                rs = [r for r in rows[1:] if r["window"] == K]
+                ax.plot([r["tokens_per_forward"] for r in rs], [r["judge_ppl"] for r in rs], "o-",
+                        label=f"CARD {mode}, K={K}")
+            ax.scatter([1.0], [rows[0]["judge_ppl"]], marker="*", s=100, label=f"AR {mode}")
+        ax.set_xlabel("tokens per forward pass")
+        ax.set_ylabel("judge perplexity (ARM)")
+        ax.legend(fontsize=7)
+        save(fig, "decoding.png")
+
+    curve = summary["decoding"].get("curve", {}).get("points")
+    if curve:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([c["tokens"] for c in curve], [(c["best"] or {}).get("tokens_per_forward", 1.0) for c in curve], "o-",
+                label="tokens/forward within 5% of AR ppl")
+        ax.plot([c["tokens"] for c in curve], [1 + 7 * (c.get("probe_conf_k1") or 0) for c in curve], "s--",
+                label="1 + 7 x probe conf (k=1)")
+        ax.set_xlabel("training tokens")
+        ax.legend(fontsize=7)
+        save(fig, "curve.png")
+    return written
+
+
+def write(out_dir: str, plan: Plan, meta: dict, runs: dict[str, dict], decoding: dict) -> dict:
+    """Writes study.json, study.md and the plots (atomically); returns the summary."""
+    summary = summarise(plan, runs, decoding)
+    atomic_write(os.path.join(out_dir, "study.json"),
+                 json.dumps({"plan": plan.name, "meta": meta, "runs": runs, **summary}, indent=1, default=str))
+    plots(out_dir, runs, summary)
+    atomic_write(os.path.join(out_dir, "study.md"), markdown(plan, meta, runs, summary))
+    return summary
