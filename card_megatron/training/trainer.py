@@ -6,13 +6,14 @@ inputs and loss inputs, and turns per-token NLL into the loss.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import os
 import signal
 import time
-from typing import Iterator, Optional
+from typing import ContextManager, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from card_megatron.config import Config, config_to_dict, save_config, validate
 from card_megatron.parallel.state import ParallelInfo, init_distributed
 from card_megatron.training import checkpoint as ckpt
+from card_megatron.training.ema import EMA
 from card_megatron.training.metrics import MetricsWriter, format_step, model_flops_per_token, peak_flops
 from card_megatron.training.schedule import learning_rate
 
@@ -52,6 +54,7 @@ class Trainer:
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer_model)
         self._build_objective_and_model()
         self._build_engine()
+        self.ema = self._build_ema()
         self._build_data()
 
         self.step = 0
@@ -132,6 +135,27 @@ class Trainer:
             config=self.ds_config,
             mpu=MegatronMPU() if info.pp_size == 1 else None,
         )
+
+    def _build_ema(self) -> Optional[EMA]:
+        decay = self.cfg.optim.ema_decay
+        if decay == 0.0:
+            return None
+        zero3 = self.optimizer if self.cfg.parallel.zero_stage == 3 else None
+        return EMA(list(self.model.named_parameters()), decay, zero3_optimizer=zero3)
+
+    def _ema_files(self) -> tuple[str, set[str]]:
+        """This rank's EMA file name and the names of all the files this layout writes: one per
+        (tensor, pipeline) rank, and per data-parallel rank only under ZeRO-3 (the EMA is replicated
+        over data parallelism otherwise, so the run can resume on another data-parallel size)."""
+        info, partitioned = self.info, self.cfg.parallel.zero_stage == 3
+        mine = ckpt.ema_file_name(info.tp_rank, info.pp_rank, info.dp_rank if partitioned else 0)
+        return mine, {ckpt.ema_file_name(t, p, d) for t in range(info.tp_size) for p in range(info.pp_size)
+                      for d in (range(info.dp_size) if partitioned else [0])}
+
+    def ema_weights(self) -> ContextManager[None]:
+        """Inside, the model holds the EMA weights (the trained ones come back on exit); a no-op
+        without EMA (optim.ema_decay=0). Collective under ZeRO-3: every rank must enter it."""
+        return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
 
     def _build_data(self) -> None:
         from card_megatron.data import build_datasets
@@ -253,6 +277,8 @@ class Trainer:
             t = torch.tensor([total / self.accumulation], dtype=torch.float64, device=self.info.device)
             dist.all_reduce(t, group=self._dp_group())
             loss_value = float(t.item()) / self.info.dp_size if not bad else float("nan")
+        if self.ema is not None and not bad and self.engine.was_step_applied():
+            self.ema.update()  # skipped steps (non-finite loss, fp16 overflow) leave the EMA alone
         self.step += 1
         self.consumed_samples += cfg.train.global_batch_size
         if bad:
@@ -288,9 +314,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation perplexity: exact for ARM/CARD, an upper bound (ELBO) for MDLM/BD3LM."""
+        """Validation perplexity: exact for ARM/CARD, an upper bound (ELBO) for MDLM/BD3LM.
+
+        Returns val_nll, val_ppl, val_ppl_is_bound, and with train.eval_ema also ema_val_nll and
+        ema_val_ppl (the same validation with the EMA weights).
+        """
+        nll = self._validation_nll()
+        ev = {"val_nll": nll, "val_ppl": math.exp(min(nll, 50.0)), "val_ppl_is_bound": self.objective.is_bound}
+        if self.cfg.train.eval_ema:
+            with self.ema.swapped():
+                ema_nll = self._validation_nll()
+            ev.update({"ema_val_nll": ema_nll, "ema_val_ppl": math.exp(min(ema_nll, 50.0))})
+        return ev
+
+    @torch.no_grad()
+    def _validation_nll(self) -> float:
+        """Mean validation NLL per token over the whole validation set (every rank gets it)."""
         cfg = self.cfg
         self.engine.eval()
         iters = cfg.train.eval_iters * self.accumulation  # micro-batches of this rank
@@ -314,7 +354,7 @@ class Trainer:
             dist.all_reduce(t, group=self._dp_group())
             nll = float(t[0] / t[1])
         self.engine.train()
-        return {"val_nll": nll, "val_ppl": math.exp(min(nll, 50.0)), "val_ppl_is_bound": self.objective.is_bound}
+        return nll
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -328,10 +368,21 @@ class Trainer:
         from card_megatron.model.export import gather_canonical_state
 
         info = self.info
-        state = gather_canonical_state(self.model, self.cfg.model.num_layers,
-                                       parallel_state.get_tensor_model_parallel_group(), info.tp_size,
-                                       zero3=self.cfg.parallel.zero_stage == 3)
+
+        def gather() -> dict[str, torch.Tensor]:
+            return gather_canonical_state(self.model, self.cfg.model.num_layers,
+                                          parallel_state.get_tensor_model_parallel_group(), info.tp_size,
+                                          zero3=self.cfg.parallel.zero_stage == 3)
+
+        state = gather()
         writer = info.dp_rank == 0 and info.tp_rank == 0
+        ema_export, ema_state, ema_file = None, None, None
+        if self.ema is not None:
+            with self.ema.swapped():  # the EMA is gathered exactly as the weights are
+                ema_export = gather()
+            ema_file, _ = self._ema_files()
+            if self.cfg.parallel.zero_stage == 3 or info.dp_rank == 0:
+                ema_state = self.ema.state_dict()
         import yaml
 
         path = ckpt.save_checkpoint(
@@ -340,6 +391,7 @@ class Trainer:
             tokenizer_model=self.cfg.data.tokenizer_model, export_state=state if writer else None,
             export_writer=writer, stage_index=info.pp_rank, num_stages=info.pp_size,
             keep_last=self.cfg.train.keep_last_checkpoints, rank=info.rank,
+            export_ema_state=ema_export if writer else None, ema_state=ema_state, ema_file=ema_file,
         )
         if self.is_rank0:
             log.info("saved checkpoint %s", path)
@@ -354,6 +406,24 @@ class Trainer:
         self.resumed_from = path
         if self.is_rank0:
             log.info("resumed from %s at step %d (%d samples consumed)", path, self.step, self.consumed_samples)
+        self._resume_ema(path)
+
+    def _resume_ema(self, path: str) -> None:
+        if self.ema is None:
+            if ckpt.has_ema(path):
+                self._log_line(f"{path} holds an EMA, but optim.ema_decay is 0: the EMA is dropped and later "
+                               "checkpoints have none")
+            return
+        ema_file, layout_files = self._ema_files()
+        saved = ckpt.load_ema_state(path, ema_file, layout_files)
+        if saved is None:
+            self.ema.reset()
+            self._log_line(f"{path} has no EMA: the EMA (decay {self.ema.decay}) starts from the weights of step "
+                           f"{self.step}")
+            return
+        self.ema.load_state_dict(saved, os.path.join(path, ema_file))
+        if saved["decay"] != self.ema.decay:
+            self._log_line(f"the EMA saved with decay {saved['decay']} continues with optim.ema_decay={self.ema.decay}")
 
     # ------------------------------------------------------------------ signals
 
@@ -438,7 +508,10 @@ class Trainer:
 
     def _log_eval(self, ev: dict) -> None:
         bound = "<= " if ev["val_ppl_is_bound"] else ""
-        self._log_line(f"step {self.step:>7d} | validation nll {ev['val_nll']:.4f} | perplexity {bound}{ev['val_ppl']:.2f}")
+        line = f"step {self.step:>7d} | validation nll {ev['val_nll']:.4f} | perplexity {bound}{ev['val_ppl']:.2f}"
+        if "ema_val_nll" in ev:
+            line += f" | EMA nll {ev['ema_val_nll']:.4f} | EMA perplexity {bound}{ev['ema_val_ppl']:.2f}"
+        self._log_line(line)
         self.metrics.write({"step": self.step, **ev}, filename="eval.jsonl")
 
 
