@@ -95,6 +95,9 @@ class OptimConfig:
     lr_warmup_iters: int = 100
     lr_decay_style: str = "cosine"  # cosine | linear | constant
     lr_decay_iters: Optional[int] = None  # None = train.train_iters
+    # Exponential moving average of the weights, updated after every applied optimizer step:
+    # ema = decay * ema + (1 - decay) * weights. 0 = off; MDLM and BD3LM use 0.9999.
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -111,6 +114,8 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 0  # 0 = only at the start and at the end
     eval_iters: int = 10  # validation micro-batches per evaluation
+    # Also validate the EMA weights (needs optim.ema_decay > 0): eval records gain ema_val_nll, ema_val_ppl.
+    eval_ema: bool = False
     max_nonfinite_steps: int = 10  # consecutive non-finite losses before stopping
 
 
@@ -352,6 +357,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         p.append(f"optim.lr_decay_style ({opt.lr_decay_style!r}) must be cosine, linear or constant")
     if opt.lr <= 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
         p.append(f"optim.lr ({opt.lr}) must be positive and >= optim.min_lr ({opt.min_lr})")
+    if not 0.0 <= opt.ema_decay < 1.0:
+        p.append(f"optim.ema_decay ({opt.ema_decay}) must be in [0, 1) (0 = off, e.g. 0.9999)")
+    elif t.eval_ema and opt.ema_decay == 0.0:
+        p.append("train.eval_ema needs an EMA: set optim.ema_decay (e.g. 0.9999) or train.eval_ema=false")
     if cfg.logging.wandb_mode not in ("offline", "online", "disabled"):
         p.append(f"logging.wandb_mode ({cfg.logging.wandb_mode!r}) must be offline, online or disabled")
     try:

@@ -50,6 +50,8 @@ def test_overrides_and_types():
         (["train.global_batch_size=10", "train.micro_batch_size=4"], "must be a multiple of train.micro_batch_size"),
         (["objective.tail_factor=0.5"], "tail_factor (0.5) must be >= 1"),
         (["noequals"], "expected section.key=value"),
+        (["optim.ema_decay=1.0"], "optim.ema_decay (1.0) must be in [0, 1)"),
+        (["train.eval_ema=true"], "train.eval_ema needs an EMA: set optim.ema_decay"),
     ],
 )
 def test_bad_values_are_named(overrides, message):

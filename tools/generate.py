@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a run directory (its latest checkpoint), a checkpoint directory, or an export "
                    "(export/ or export/model.pt); any TP/PP/ZeRO layout")
+    g.add_argument("--ema", action="store_true",
+                   help="use the checkpoint's EMA weights (runs trained with optim.ema_decay > 0; an error "
+                   "otherwise). --judge always uses its checkpoint's trained weights")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt (repeatable); with no --prompt/--input-file: unconditional")
     g.add_argument("--input-file", metavar="FILE",
@@ -133,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = [p for p in prompts for _ in range(args.num_samples)]
     dtype = getattr(torch, args.dtype)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints build notes on stdout; keep it JSON only
-        loaded = load_model(args.checkpoint, device=args.device, dtype=dtype)
+        loaded = load_model(args.checkpoint, device=args.device, dtype=dtype, ema=args.ema)
     decoding = resolve_decoding(loaded.config.objective.name, args.decoding)
     if decoding != "card":
         for name, default in _CARD_ONLY.items():
@@ -174,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
           f"{totals['new_tokens'] / seconds:.1f} tokens/s, "
           f"{totals['new_tokens'] / max(totals['forward_passes'], 1):.2f} tokens per forward "
           f"({totals['forward_passes']} forward passes over the sequences, {totals['model_calls']} batched model calls; "
-          f"decoding {decoding}: {detail}; device {loaded.device})", file=sys.stderr)
+          f"decoding {decoding}: {detail}; device {loaded.device}{'; EMA weights' if loaded.ema else ''})",
+          file=sys.stderr)
     line = f"quality: unigram entropy {summary['entropy']:.3f} nats, repeated 4-grams {summary['repetition_4gram']:.3f}"
     if judge is not None:
         line += f", judge perplexity {summary['judge_ppl']:.2f} over {summary['judge_tokens']} tokens ({judge.path})"

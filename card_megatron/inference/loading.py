@@ -3,7 +3,8 @@
 ``PATH`` may be a run directory (its latest checkpoint is used), a checkpoint directory
 (``.../checkpoints/step_00000100``), or a consolidated export (``.../export``, or the
 ``model.pt`` inside it). The export holds canonical (single-process) weights, the
-resolved config and the tokenizer, so no DeepSpeed or ZeRO tooling is needed.
+resolved config and the tokenizer, so no DeepSpeed or ZeRO tooling is needed. Runs trained
+with ``optim.ema_decay > 0`` also export the EMA weights, which ``load_model(..., ema=True)`` loads.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class LoadedModel:
     device: torch.device
     step: int
     path: str
+    ema: bool = False  # the model holds the EMA weights
 
 
 def resolve_export_dir(path: str) -> str:
@@ -51,8 +53,13 @@ def resolve_export_dir(path: str) -> str:
     )
 
 
-def load_model(path: str, device: Optional[str] = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Loads weights, config and tokenizer; initialises a single-process parallel state if needed."""
+def load_model(path: str, device: Optional[str] = None, dtype: torch.dtype = torch.float32,
+               ema: bool = False) -> LoadedModel:
+    """Loads weights, config and tokenizer; initialises a single-process parallel state if needed.
+
+    With ``ema`` it loads the EMA weights instead of the trained ones, and raises ValueError
+    when the checkpoint has none.
+    """
     from card_megatron.model.export import load_canonical_state
     from card_megatron.model.gpt import CardGPT
     from card_megatron.objectives import build_objective
@@ -74,6 +81,11 @@ def load_model(path: str, device: Optional[str] = None, dtype: torch.dtype = tor
     if not isinstance(blob, dict) or "state_dict" not in blob:
         raise ValueError(f"{weights_path}: not a card_megatron export (no state_dict)")
     state = blob["state_dict"]
+    if ema:
+        if "ema_state_dict" not in blob:
+            raise ValueError(f"{weights_path} has no EMA weights (the run was trained with optim.ema_decay=0); "
+                             "load it without EMA")
+        state = blob["ema_state_dict"]
     tokenizer = Tokenizer.load(tok_path)
     init_single_process()
     embed = state.get("embedding.embedding.word_embeddings.weight")
@@ -90,4 +102,4 @@ def load_model(path: str, device: Optional[str] = None, dtype: torch.dtype = tor
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device=dev, dtype=dtype).eval()
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, vocab_size=vocab_size, device=dev,
-                       step=int(blob.get("step", 0)), path=export)
+                       step=int(blob.get("step", 0)), path=export, ema=ema)

@@ -6,13 +6,14 @@ inputs and loss inputs, and turns per-token NLL into the loss.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import os
 import signal
 import time
-from typing import Iterator, Optional
+from typing import ContextManager, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,7 @@ from card_megatron.config import Config, config_to_dict, save_config, validate
 from card_megatron.parallel.state import ParallelInfo, init_distributed
 from card_megatron.training import checkpoint as ckpt
 from card_megatron.training import diagnostics
+from card_megatron.training.ema import EMA
 from card_megatron.training.metrics import MetricsWriter, format_step, model_flops_per_token, peak_flops
 from card_megatron.training.schedule import learning_rate
 
@@ -53,6 +55,7 @@ class Trainer:
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer_model)
         self._build_objective_and_model()
         self._build_engine()
+        self.ema = self._build_ema()
         self._build_data()
 
         self.step = 0
@@ -133,6 +136,27 @@ class Trainer:
             config=self.ds_config,
             mpu=MegatronMPU() if info.pp_size == 1 else None,
         )
+
+    def _build_ema(self) -> Optional[EMA]:
+        decay = self.cfg.optim.ema_decay
+        if decay == 0.0:
+            return None
+        zero3 = self.optimizer if self.cfg.parallel.zero_stage == 3 else None
+        return EMA(list(self.model.named_parameters()), decay, zero3_optimizer=zero3)
+
+    def _ema_files(self) -> tuple[str, set[str]]:
+        """This rank's EMA file name and the names of all the files this layout writes: one per
+        (tensor, pipeline) rank, and per data-parallel rank only under ZeRO-3 (the EMA is replicated
+        over data parallelism otherwise, so the run can resume on another data-parallel size)."""
+        info, partitioned = self.info, self.cfg.parallel.zero_stage == 3
+        mine = ckpt.ema_file_name(info.tp_rank, info.pp_rank, info.dp_rank if partitioned else 0)
+        return mine, {ckpt.ema_file_name(t, p, d) for t in range(info.tp_size) for p in range(info.pp_size)
+                      for d in (range(info.dp_size) if partitioned else [0])}
+
+    def ema_weights(self) -> ContextManager[None]:
+        """Inside, the model holds the EMA weights (the trained ones come back on exit); a no-op
+        without EMA (optim.ema_decay=0). Collective under ZeRO-3: every rank must enter it."""
+        return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
 
     def _build_data(self) -> None:
         from card_megatron.data import build_datasets
@@ -265,6 +289,8 @@ class Trainer:
             if context is not None:
                 dist.all_reduce(context, group=self._dp_group())
                 metrics.update(diagnostics.context_metrics(context))
+        if self.ema is not None and not bad and self.engine.was_step_applied():
+            self.ema.update()  # skipped steps (non-finite loss, fp16 overflow) leave the EMA alone
         self.step += 1
         self.consumed_samples += cfg.train.global_batch_size
         if bad:
@@ -299,11 +325,12 @@ class Trainer:
                                       parallel_state.get_tensor_model_parallel_group())
 
     @torch.no_grad()
-    def _validation_diagnostics(self, batches: list[dict]) -> dict:
-        """Per-corruption metrics of a corrupted pass and the mask probe, over validation batches."""
+    def _validation_diagnostics(self) -> dict:
+        """Per-corruption metrics of a corrupted pass and the mask probe, over the validation batches."""
         K = self.cfg.logging.probe_window
         context, probe = None, None
-        for batch in batches:
+        self.engine.eval()
+        for batch in self._micro_batches("valid", 0, self.cfg.train.eval_iters * self.accumulation):
             mi, li = self._prepare(batch)  # noise from the validation seeds: the same every time
             logits = self.engine(mi.input_ids, mi.position_ids, mi.attention_mask)
             top1 = self._top1_logprob(logits, li)  # before the NLL, which overwrites the logits
@@ -325,6 +352,7 @@ class Trainer:
             if sums is not None:
                 dist.all_reduce(sums, group=self._dp_group())
                 out.update(to_metrics(sums))
+        self.engine.train()
         return out
 
     def _grad_norm(self) -> float:
@@ -343,9 +371,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation perplexity: exact for ARM/CARD, an upper bound (ELBO) for MDLM/BD3LM."""
+        """Validation perplexity: exact for ARM/CARD, an upper bound (ELBO) for MDLM/BD3LM.
+
+        Returns val_nll, val_ppl, val_ppl_is_bound, and with train.eval_ema also ema_val_nll and
+        ema_val_ppl (the same validation with the EMA weights).
+        """
+        nll = self._validation_nll()
+        ev = {"val_nll": nll, "val_ppl": math.exp(min(nll, 50.0)), "val_ppl_is_bound": self.objective.is_bound}
+        if self._diagnose:
+            ev.update(self._validation_diagnostics())
+        if self.cfg.train.eval_ema:
+            with self.ema.swapped():
+                ema_nll = self._validation_nll()
+            ev.update({"ema_val_nll": ema_nll, "ema_val_ppl": math.exp(min(ema_nll, 50.0))})
+        return ev
+
+    @torch.no_grad()
+    def _validation_nll(self) -> float:
+        """Mean validation NLL per token over the whole validation set (every rank gets it)."""
         cfg = self.cfg
         self.engine.eval()
         iters = cfg.train.eval_iters * self.accumulation  # micro-batches of this rank
@@ -359,8 +403,7 @@ class Trainer:
                     losses.append(float(self.engine.eval_batch(items, num_micro_batches=1)))
             nll = sum(losses) / len(losses)
         else:
-            batches = list(self._micro_batches("valid", 0, iters))
-            for batch in batches:
+            for batch in self._micro_batches("valid", 0, iters):
                 for mi, li in self.objective.eval_passes(batch["tokens"], batch["noise_seeds"], batch["sample_ids"]):
                     logits = self.engine(mi.input_ids, mi.position_ids, mi.attention_mask)
                     s, c = self.objective.nll_terms(self._nll(logits, li), li)
@@ -369,11 +412,8 @@ class Trainer:
             t = torch.tensor([total, count], dtype=torch.float64, device=self.info.device)
             dist.all_reduce(t, group=self._dp_group())
             nll = float(t[0] / t[1])
-        result = {"val_nll": nll, "val_ppl": math.exp(min(nll, 50.0)), "val_ppl_is_bound": self.objective.is_bound}
-        if self._diagnose:
-            result.update(self._validation_diagnostics(batches))
         self.engine.train()
-        return result
+        return nll
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -387,10 +427,21 @@ class Trainer:
         from card_megatron.model.export import gather_canonical_state
 
         info = self.info
-        state = gather_canonical_state(self.model, self.cfg.model.num_layers,
-                                       parallel_state.get_tensor_model_parallel_group(), info.tp_size,
-                                       zero3=self.cfg.parallel.zero_stage == 3)
+
+        def gather() -> dict[str, torch.Tensor]:
+            return gather_canonical_state(self.model, self.cfg.model.num_layers,
+                                          parallel_state.get_tensor_model_parallel_group(), info.tp_size,
+                                          zero3=self.cfg.parallel.zero_stage == 3)
+
+        state = gather()
         writer = info.dp_rank == 0 and info.tp_rank == 0
+        ema_export, ema_state, ema_file = None, None, None
+        if self.ema is not None:
+            with self.ema.swapped():  # the EMA is gathered exactly as the weights are
+                ema_export = gather()
+            ema_file, _ = self._ema_files()
+            if self.cfg.parallel.zero_stage == 3 or info.dp_rank == 0:
+                ema_state = self.ema.state_dict()
         import yaml
 
         path = ckpt.save_checkpoint(
@@ -399,6 +450,7 @@ class Trainer:
             tokenizer_model=self.cfg.data.tokenizer_model, export_state=state if writer else None,
             export_writer=writer, stage_index=info.pp_rank, num_stages=info.pp_size,
             keep_last=self.cfg.train.keep_last_checkpoints, rank=info.rank,
+            export_ema_state=ema_export if writer else None, ema_state=ema_state, ema_file=ema_file,
         )
         if self.is_rank0:
             log.info("saved checkpoint %s", path)
@@ -413,6 +465,24 @@ class Trainer:
         self.resumed_from = path
         if self.is_rank0:
             log.info("resumed from %s at step %d (%d samples consumed)", path, self.step, self.consumed_samples)
+        self._resume_ema(path)
+
+    def _resume_ema(self, path: str) -> None:
+        if self.ema is None:
+            if ckpt.has_ema(path):
+                self._log_line(f"{path} holds an EMA, but optim.ema_decay is 0: the EMA is dropped and later "
+                               "checkpoints have none")
+            return
+        ema_file, layout_files = self._ema_files()
+        saved = ckpt.load_ema_state(path, ema_file, layout_files)
+        if saved is None:
+            self.ema.reset()
+            self._log_line(f"{path} has no EMA: the EMA (decay {self.ema.decay}) starts from the weights of step "
+                           f"{self.step}")
+            return
+        self.ema.load_state_dict(saved, os.path.join(path, ema_file))
+        if saved["decay"] != self.ema.decay:
+            self._log_line(f"the EMA saved with decay {saved['decay']} continues with optim.ema_decay={self.ema.decay}")
 
     # ------------------------------------------------------------------ signals
 
@@ -502,6 +572,8 @@ class Trainer:
         if ks:  # what the parallel decoder can use: right / confident after k masks
             line += " | probe k: acc/conf " + " ".join(
                 f"{k}:{ev[f'probe_acc_k{k}']:.2f}/{ev[f'probe_conf_k{k}']:.2f}" for k in ks)
+        if "ema_val_nll" in ev:
+            line += f" | EMA nll {ev['ema_val_nll']:.4f} | EMA perplexity {bound}{ev['ema_val_ppl']:.2f}"
         self._log_line(line)
         self.metrics.write({"step": self.step, **ev}, filename="eval.jsonl")
 

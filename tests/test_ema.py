@@ -1,0 +1,226 @@
+"""EMA of the weights: the update rule, swapping, exact resume, layout independence, export and loading.
+
+Multi-process runs use torchrun on gloo (2 ranks) with timeouts, like tests/test_training.py.
+"""
+
+import importlib.util
+import io
+import logging
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from card_megatron.training.ema import EMA
+from tests.training_runs import REPO, losses, overrides, records, train
+
+ITERS = 6
+# hidden_size 128: under ZeRO-3 the embedding and output layer (vocab x 128 elements, above DeepSpeed's
+# 1e5-element persistence threshold) are partitioned while the small parameters stay gathered
+# ("persistent"), so both kinds of ZeRO-3 parameter are swapped and exported.
+EMA_ARGS = ["optim.ema_decay=0.9", "train.eval_ema=true", "model.hidden_size=128"]
+LAYOUTS = {
+    "single": (1, []),
+    "tp2": (2, ["parallel.tensor_model_parallel_size=2"]),
+    "dp2_zero3": (2, ["parallel.zero_stage=3"]),  # each rank's EMA covers only its partition
+}
+
+
+def _params(*shapes, dtype=torch.float32):
+    return [(f"p{i}", torch.nn.Parameter(torch.randn(*s).to(dtype))) for i, s in enumerate(shapes)]
+
+
+def test_update_matches_the_formula():
+    torch.manual_seed(0)
+    named = _params((5, 3), (7,))
+    ema = EMA(named, decay=0.9)
+    expected = [p.detach().double().clone() for _, p in named]
+    for _ in range(5):
+        with torch.no_grad():
+            for _, p in named:
+                p.add_(torch.randn_like(p))
+        ema.update()
+        expected = [0.9 * e + (1 - 0.9) * p.detach().double() for e, (_, p) in zip(expected, named)]
+    assert ema.num_updates == 5
+    for s, e in zip(ema.shadow, expected):
+        assert s.dtype == torch.float32
+        torch.testing.assert_close(s.double(), e, rtol=1e-6, atol=1e-6)
+
+
+def test_swapped_puts_the_ema_in_and_restores_the_weights_bit_for_bit():
+    torch.manual_seed(1)
+    named = _params((4, 4), (3,), dtype=torch.bfloat16)  # the shadow is fp32 whatever the weights are
+    ema = EMA(named, decay=0.5)
+    with torch.no_grad():
+        for _, p in named:
+            p.mul_(3.0)
+    ema.update()
+    trained = [p.detach().clone() for _, p in named]
+    with ema.swapped():
+        for s, (_, p) in zip(ema.shadow, named):
+            assert torch.equal(p, s.to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="inside"):
+        with ema.swapped():
+            raise RuntimeError("inside")
+    for t, (_, p) in zip(trained, named):
+        assert torch.equal(p, t)
+
+
+def test_state_dict_round_trip_and_mismatch():
+    torch.manual_seed(2)
+    ema = EMA(_params((4, 2), (2,)), decay=0.99)
+    ema.update()
+    buffer = io.BytesIO()
+    torch.save(ema.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    other = EMA(_params((4, 2), (2,)), decay=0.99)
+    other.load_state_dict(saved)
+    assert other.num_updates == 1
+    for a, b in zip(ema.shadow, other.shadow):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"ckpt/ema\.pt: EMA of p0 has shape \(4, 2\), this rank holds \(2, 4\)"):
+        EMA(_params((2, 4), (2,)), decay=0.99).load_state_dict(saved, "ckpt/ema.pt")
+
+
+def test_ema_switched_on_and_off_between_runs(tiny_corpus, tmp_path, caplog):
+    """EMA turned on when resuming starts from the resumed weights; turned off, it is dropped; a checkpoint
+    of another layout is refused; load_model(ema=True) refuses a checkpoint without EMA."""
+    from card_megatron.config import load_config
+    from card_megatron.inference.loading import load_model
+    from card_megatron.training.trainer import Trainer
+
+    run = str(tmp_path / "switch")
+
+    def trainer(*extra):
+        return Trainer(load_config(os.path.join(REPO, "configs", "tiny-cpu.yaml"),
+                                   overrides(tiny_corpus, run, 10, *extra)))
+
+    caplog.set_level(logging.INFO, logger="card_megatron")
+    plain = trainer()
+    assert plain.ema is None
+    with plain.ema_weights():  # a no-op without EMA
+        pass
+    plain.train_step()
+    plain.save()
+    with pytest.raises(ValueError, match=r"step_00000001/export/model\.pt has no EMA weights"):
+        load_model(run, device="cpu", ema=True)
+
+    with_ema = trainer("optim.ema_decay=0.5")
+    assert "has no EMA: the EMA (decay 0.5) starts from the weights of step 1" in caplog.text
+    before = [p.detach().clone() for p in with_ema.model.parameters()]
+    for s, p in zip(with_ema.ema.shadow, before):
+        assert torch.equal(s, p)
+    with_ema.train_step()
+    for s, b, p in zip(with_ema.ema.shadow, before, with_ema.model.parameters()):
+        torch.testing.assert_close(s, 0.5 * b + 0.5 * p.detach())
+    with with_ema.ema_weights():
+        for s, p in zip(with_ema.ema.shadow, with_ema.model.parameters()):
+            assert torch.equal(p, s)
+    with_ema.save()
+    checkpoint = os.path.join(run, "checkpoints", "step_00000002")
+    assert "ema_state_dict" in torch.load(os.path.join(checkpoint, "export", "model.pt"), weights_only=True)
+
+    caplog.clear()
+    assert trainer().ema is None
+    assert "holds an EMA, but optim.ema_decay is 0: the EMA is dropped" in caplog.text
+
+    # An EMA saved with TP=2 (two files) cannot resume on one process: refused, with the reason.
+    shutil.copyfile(os.path.join(checkpoint, "ema_tp00_pp000_dp00000.pt"),
+                    os.path.join(checkpoint, "ema_tp01_pp000_dp00000.pt"))
+    with pytest.raises(ValueError, match="holds the EMA of another parallel layout"):
+        trainer("optim.ema_decay=0.5")
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+@pytest.fixture(scope="module")
+def ema_run(tiny_corpus, tmp_path_factory):
+    """layout -> the run directory of an ITERS-step run with EMA (each trained once, on first use)."""
+    done = {}
+
+    def get(layout: str) -> str:
+        if layout not in done:
+            nproc, extra = LAYOUTS[layout]
+            run = str(tmp_path_factory.mktemp(layout))
+            train(nproc, overrides(tiny_corpus, run, ITERS, *EMA_ARGS, *extra))
+            done[layout] = run
+        return done[layout]
+
+    return get
+
+
+def _export(run: str, step: int = ITERS) -> dict:
+    return torch.load(os.path.join(run, "checkpoints", f"step_{step:08d}", "export", "model.pt"), weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2", "dp2_zero3"])
+def test_ema_matches_single_process(layout, ema_run):
+    """The exported EMA (canonical names, full shapes) and the EMA validation do not depend on the layout."""
+    single, run = ema_run("single"), ema_run(layout)
+    a, b = _export(single), _export(run)
+    assert a["ema_state_dict"].keys() == a["state_dict"].keys() == b["ema_state_dict"].keys()
+    for name in a["ema_state_dict"]:
+        # the same tolerance as the trained weights' parity (tests/test_training.py)
+        torch.testing.assert_close(b["ema_state_dict"][name], a["ema_state_dict"][name], rtol=1e-3, atol=1e-4,
+                                   msg=name)
+    name = "output.output_layer.weight"
+    assert not torch.allclose(a["ema_state_dict"][name], a["state_dict"][name])  # the EMA is not the weights
+    e0, e1 = records(single, "eval.jsonl"), records(run, "eval.jsonl")
+    assert e0[0]["ema_val_nll"] == e0[0]["val_nll"]  # the EMA starts from the initial weights
+    assert e0[-1]["ema_val_nll"] != e0[-1]["val_nll"]
+    assert math.isclose(e1[-1]["ema_val_nll"], e0[-1]["ema_val_nll"], rel_tol=1e-5)
+
+
+@pytest.mark.slow
+def test_exact_resume_keeps_the_ema(ema_run, tiny_corpus, tmp_path):
+    """ZeRO-3 on 2 ranks, stopped by exit_interval and resumed: bit-identical losses, EMA validation
+    and exported EMA, as if never interrupted."""
+    full = ema_run("dp2_zero3")
+    stopped = str(tmp_path / "stopped")
+    args = overrides(tiny_corpus, stopped, ITERS, *EMA_ARGS, *LAYOUTS["dp2_zero3"][1])
+    train(2, [*args, "train.exit_interval=3"])
+    files = sorted(f for f in os.listdir(os.path.join(stopped, "checkpoints", "step_00000003")) if f.startswith("ema_"))
+    assert files == ["ema_tp00_pp000_dp00000.pt", "ema_tp00_pp000_dp00001.pt"]  # one partition per rank
+    train(2, args)
+    assert losses(stopped) == losses(full)
+    assert records(stopped, "eval.jsonl")[-1] == records(full, "eval.jsonl")[-1]
+    a, b = _export(full), _export(stopped)
+    for name in a["ema_state_dict"]:
+        assert torch.equal(b["ema_state_dict"][name], a["ema_state_dict"][name]), name
+
+
+def _generate_tool():
+    spec = importlib.util.spec_from_file_location("generate_tool", os.path.join(REPO, "tools", "generate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_load_model_and_generate_with_ema(ema_run, tmp_path, capsys):
+    from card_megatron.inference.loading import load_model
+
+    run = ema_run("single")
+    blob = _export(run)
+    plain, ema = load_model(run, device="cpu"), load_model(run, device="cpu", ema=True)
+    assert ema.ema and not plain.ema
+    for name, p in ema.model.named_parameters():
+        assert torch.equal(p, blob["ema_state_dict"][name]), name
+    for name, p in plain.model.named_parameters():
+        assert torch.equal(p, blob["state_dict"][name]), name
+
+    tool = _generate_tool()
+    assert tool.main(["--checkpoint", run, "--ema", "--max-new-tokens", "3", "--greedy"]) == 0
+    assert "EMA weights" in capsys.readouterr().err
+    no_ema = tmp_path / "no_ema"
+    shutil.copytree(os.path.join(run, "checkpoints", f"step_{ITERS:08d}", "export"), no_ema)
+    del blob["ema_state_dict"]
+    torch.save(blob, no_ema / "model.pt")
+    assert tool.main(["--checkpoint", str(no_ema), "--ema", "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{no_ema / 'model.pt'} has no EMA weights" in err and "Traceback" not in err
