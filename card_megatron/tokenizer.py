@@ -140,11 +140,18 @@ class Tokenizer:
         )
 
 
-def write_tokenizer_sidecar(tokenizer: Tokenizer, path: str) -> None:
-    """Writes ``tokenizer.metadata()`` as JSON to ``path`` (temp name, then rename)."""
+def write_tokenizer_sidecar(tokenizer: Tokenizer, path: str, inputs: Optional[list[dict[str, Any]]] = None) -> None:
+    """Writes ``tokenizer.metadata()`` as JSON to ``path`` (temp name, then rename).
+
+    ``inputs``: what the data was made of (one record per input, see
+    :mod:`card_megatron.data.preprocess`), stored under the key ``"inputs"``.
+    """
+    meta = tokenizer.metadata()
+    if inputs is not None:
+        meta["inputs"] = inputs
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(tokenizer.metadata(), f, indent=2, sort_keys=True)
+        json.dump(meta, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
 

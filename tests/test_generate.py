@@ -140,6 +140,87 @@ def test_max_steps_forces_the_rest(single_process):
     assert all(o.token_ids[:2] == a.token_ids[:2] for o, a in zip(outs, ar))  # steps 1-2: one token each
 
 
+def _reference_card(model, prompt, max_new, window, threshold, policy, special=SPECIAL, max_steps=None):
+    """CARD's dynamic parallel decoding, greedy, written from CARD.md section 4 without a KV cache:
+    every step is one plain causal forward over the whole sequence. Returns (new tokens, forward passes).
+
+    The text is the committed tokens x_0 .. x_{n-1}; the window is positions n .. n+K-1. The
+    forward reads x_0 .. x_{n-1} and then, for positions n .. n+K-2, [MASK] (or the token a
+    previous step already committed there). The output at input position j predicts position
+    j+1, so window position n+k is predicted by the output at n-1+k. Position n is always
+    committed, the others when their top-1 probability exceeds the threshold (``prefix``: only
+    while every position to their left in the window commits too). Committed tokens stay. The
+    leftmost run of committed positions joins the text; decoding stops when that brings an eos
+    (kept, the rest dropped) or max_new tokens. The max_steps-th forward commits all it reads.
+    """
+    banned = _banned()
+    text = list(prompt)
+    ahead = {}  # position -> token committed beyond the text (policy "any")
+    limit = len(prompt) + max_new
+    passes = 0
+    while True:
+        n = len(text)
+        forced = max_steps is not None and passes + 1 == max_steps
+        width = limit - n if forced else min(window, limit - n)
+        inputs = text + [ahead.get(p, special.mask) for p in range(n, n + width - 1)]
+        with torch.no_grad():
+            logits = model(torch.tensor([inputs]), torch.arange(len(inputs))[None])[:, 0].double()
+        passes += 1
+        probs = torch.softmax(logits[n - 1: n - 1 + width].masked_fill(banned, float("-inf")), dim=-1)
+        for k in range(width):
+            if n + k in ahead:
+                continue
+            if k == 0 or forced or float(probs[k].max()) > threshold:
+                ahead[n + k] = int(probs[k].argmax())
+            elif policy == "prefix":
+                break
+        while len(text) in ahead:
+            text.append(ahead.pop(len(text)))
+        new = text[len(prompt):]
+        if special.eos in text[n:]:
+            return new[: new.index(special.eos) + 1], passes
+        if len(text) >= limit:
+            return new, passes
+
+
+@pytest.mark.parametrize("window", [4, 8])
+@pytest.mark.parametrize("policy", ["prefix", "any"])
+def test_card_parallel_decoding_equals_no_cache_reference(single_process, window, policy):
+    """The cached decoder commits the same tokens in the same number of forward passes as the
+    no-cache reference, for thresholds below 1, on a ragged batch. The output layer is scaled
+    so that confidences exceed tau often: a random model's confidence hardly depends on the
+    position, so each scale puts the threshold rule to work for some tau and not others."""
+    prompts = PROMPTS + [[3, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+    max_new = 16
+    partial = set()  # thresholds at which some sequence committed several tokens in a pass, but not always K
+    num_forced = 0  # sequences that max_steps cut short
+    for sharpen in (20, 25, 60):
+        model = _model(sharpen=sharpen)
+        cases = [(tau, SPECIAL, None) for tau in (0.05, 0.3, 0.5, 0.9)]
+        free = _causal(model, prompts, max_new=max_new, cfg=CausalDecodeConfig(window=window, threshold=0.5,
+                                                                                commit_policy=policy))
+        eos = Special(eos=free[0].token_ids[4], mask=SPECIAL.mask, pad=SPECIAL.pad)  # sequence 0 stops early
+        cases += [(0.5, eos, None), (0.5, SPECIAL, 3)]
+        for tau, special, max_steps in cases:
+            cfg = CausalDecodeConfig(window=window, threshold=tau, commit_policy=policy, max_steps=max_steps)
+            outs = _causal(model, prompts, max_new=max_new, cfg=cfg, special=special)
+            for prompt, out in zip(prompts, outs):
+                ref = _reference_card(model, prompt, max_new, window, tau, policy, special, max_steps)
+                assert (out.token_ids, out.num_forward_passes) == ref, (sharpen, tau, special, max_steps, prompt)
+                assert out.stopped == ("eos" if special.eos in out.token_ids else "length")
+                if max_steps is None and len(out.token_ids) > out.num_forward_passes > -(-max_new // window):
+                    partial.add(tau)
+            if special is eos:
+                assert outs[0].stopped == "eos" and len(outs[0].token_ids) <= 5
+            if max_steps is not None:
+                assert all(o.num_forward_passes <= 3 and (o.stopped == "eos" or len(o.token_ids) == max_new)
+                           for o in outs)
+                num_forced += sum(f.num_forward_passes > 3 for f in free)
+            if tau == 0.05:  # almost every position is confident: whole windows
+                assert all(o.num_forward_passes == -(-max_new // window) for o in outs)
+    assert partial == {0.3, 0.5, 0.9} and num_forced > 0
+
+
 def test_mdlm_batch_equals_alone_and_caching_is_exact(single_process, monkeypatch):
     from card_megatron.inference import diffusion
 

@@ -1,10 +1,13 @@
 """Tokenizer, built-in corpus and tools/preprocess_data.py end to end (CLI and library)."""
 
+import dataclasses
 import gzip
 import hashlib
 import itertools
 import json
 import os
+import platform
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +18,13 @@ import pytest
 import sentencepiece as spm
 
 from card_megatron.data import preprocess as pp
-from card_megatron.data.corpus import builtin_documents
+from card_megatron.data.builtin import (
+    SyntheticCopySpec,
+    python_code_files,
+    synthetic_copy_documents,
+    synthetic_copy_lexicon,
+)
+from card_megatron.data.corpus import builtin_documents, builtin_parameters, builtin_source, fingerprint_documents
 from card_megatron.data.shards import TokenShard
 from card_megatron.tokenizer import MASK_PIECE, Tokenizer, train_tokenizer
 
@@ -124,6 +133,103 @@ def test_builtin_corpus_deterministic_and_non_trivial(docs):
     assert topics["if"].strip() in full[-len(topics):]  # pydoc topics
 
 
+def test_synthetic_copy_deterministic_and_structured():
+    spec = SyntheticCopySpec(num_documents=300)
+    docs = list(synthetic_copy_documents(spec))
+    assert docs == list(synthetic_copy_documents(spec)) == list(builtin_documents("builtin:synthetic-copy", spec))
+    other = list(synthetic_copy_documents(dataclasses.replace(spec, seed=1)))
+    assert len(other) == 300 and other != docs and synthetic_copy_lexicon(dataclasses.replace(spec, seed=1)) != \
+        synthetic_copy_lexicon(spec)
+    lexicon = synthetic_copy_lexicon(spec)
+    assert len(lexicon) == len(set(lexicon)) == 256
+    assert all(re.fullmatch("([bdfgklmnprstvz][aeiou]){2,3}", w) for w in lexicon)
+    num_words, num_repeats = set(), set()
+    for doc in docs:  # one string "w1 w2 ... wn." repeated, separated by one space
+        string = doc[: doc.index(".") + 1]
+        repeats = doc.count(".")
+        assert doc == " ".join([string] * repeats)
+        words = string[:-1].split(" ")
+        assert set(words) <= set(lexicon)
+        num_words.add(len(words))
+        num_repeats.add(repeats)
+    assert num_words == set(range(6, 13)) and num_repeats == set(range(6, 11))  # both ends included
+    # the defaults the experiments start from
+    default = SyntheticCopySpec()
+    assert (default.seed, default.num_documents, default.lexicon_size) == (0, 20000, 256)
+    # the generator itself is pinned (only random.Random.random() is used, stable across Python versions)
+    pinned = SyntheticCopySpec(seed=0, num_documents=2, lexicon_size=256, syllables_per_word=(2, 3),
+                               words_per_string=(6, 12), repeats=(6, 10), consonants="bdfgklmnprstvz", vowels="aeiou")
+    assert list(synthetic_copy_documents(pinned)) == [
+        " ".join(["tuga manatu zoba zavibi lesuvo sigilo."] * 10),
+        " ".join(["godete pafu kuvu vudiki faro viva rorabo faro fibela bubaka kitapa."] * 8),
+    ]
+    with pytest.raises(ValueError, match=r"repeats \(\(3, 2\)\).*lexicon_size \(0\)"):
+        SyntheticCopySpec(repeats=(3, 2), lexicon_size=0)
+    with pytest.raises(ValueError, match="has no parameters"):
+        builtin_source("python-code", spec)
+
+
+def test_python_code_files_order_and_fingerprint():
+    files = python_code_files()
+    rels = [rel for rel, _ in files]
+    assert rels == sorted(rels, key=lambda r: hashlib.sha256(r.encode()).hexdigest()) and rels != sorted(rels)
+    assert len(set(rels)) == len(rels) > 300 and "json/decoder.py" in rels
+    for rel in rels:
+        parts = rel.split("/")
+        assert not set(parts[:-1]) & {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3"}, rel
+        assert not parts[-1].startswith("test_") and rel.endswith(".py"), rel
+    docs = list(builtin_documents("builtin:python-code"))
+    assert [d[: d.index("\n")] for d in docs] == [f"# file: {rel}" for rel in rels]  # one document per file
+    path = dict(files)["json/decoder.py"]
+    assert docs[rels.index("json/decoder.py")] == "# file: json/decoder.py\n" + open(path, encoding="utf-8").read()
+    assert sum(map(len, docs)) > 5_000_000
+    # stable across calls and processes (another hash seed too)
+    here = fingerprint_documents(docs)
+    assert fingerprint_documents(builtin_documents("python-code")) == here
+    code = ("from card_megatron.data.corpus import builtin_documents as b, fingerprint_documents as f;"
+            "print(f(b('python-code')))")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**ENV, "PYTHONHASHSEED": "123"})
+    assert other.stdout.strip() == here, other.stderr
+    params = builtin_parameters("python-code")
+    assert params["num_files"] == len(files) and params["python_version"] == platform.python_version()
+
+
+def test_python_code_split_never_shares_a_file(tmp_path, tok):
+    """data.split gives each split a contiguous range of whole documents: since python-code is one
+    document per file, no file is seen by both the train and the valid split."""
+    from card_megatron.config import DataConfig
+    from card_megatron.data.dataset import build_datasets
+
+    sample = list(itertools.islice((d for d in builtin_documents("python-code") if len(d) < 6000), 40))
+    inp = write_jsonl(tmp_path / "code.jsonl", [{"text": d} for d in sample])
+    pp.preprocess(pp.PreprocessOptions(inputs=[inp], output_prefix=str(tmp_path / "code"), tokenizer_model=tok.source))
+    prefix = str(tmp_path / "code_text_document")
+    shard = TokenShard(prefix)
+    file_of = [tok.decode(shard[d][:40]).split("\n")[0] for d in range(len(shard))]
+    assert file_of == [d.split("\n")[0] for d in sample]
+    L = 32
+    sizes = np.asarray(shard.sequence_lengths)
+    train_tokens, valid_tokens = int(sizes[:32].sum()), int(sizes[32:].sum())  # split 80,20,0 of 40 documents
+    n = {"train": train_tokens // L, "valid": valid_tokens // L}
+    data = build_datasets(DataConfig(data_path=prefix, split="80,20,0", cache_dir=str(tmp_path / "cache")), L, 1, n)
+    seen = {}
+    for split, ds in data.items():
+        if not len(ds):
+            continue
+        docs, headers = set(), set()
+        for k in range(len(ds)):
+            d, s = ds.locate(k)
+            bounds = ds.arrays[f"d{d}_sample_index"]
+            docs.update(int(x) for x in ds.arrays[f"d{d}_document_index"][bounds[s, 0]: bounds[s + 1, 0] + 1])
+            headers.update(re.findall(r"# file: \S+\.py(?=\n)", tok.decode(ds[k]["tokens"].tolist())))
+        files = {file_of[x] for x in docs}
+        assert len(files) == len(docs) and headers <= files  # the text agrees with the index
+        seen[split] = files
+    assert len(seen["train"]) >= 30 and len(seen["valid"]) >= 6
+    assert seen["train"].isdisjoint(seen["valid"])
+
+
 # -- the tool end to end -----------------------------------------------------------
 def test_cli_end_to_end_workers(tmp_path, docs, tok_path, tok):
     records = [{"text": d, "id": i} for i, d in enumerate(docs)]
@@ -142,7 +248,40 @@ def test_cli_end_to_end_workers(tmp_path, docs, tok_path, tok):
         meta = json.load(open(f"{out}.tokenizer.json"))
         assert (meta["pad_id"], meta["bos_id"], meta["eos_id"], meta["mask_id"]) == (0, 2, 3, 4)
         assert meta["vocab_size"] == tok.vocab_size
+        assert meta["inputs"] == [{"name": os.path.abspath(inp), "kind": "jsonl", "gzip": False,
+                                   "size_bytes": os.path.getsize(inp), "num_lines": 200, "num_documents": {"text": 200},
+                                   "sha256": hashlib.sha256(open(inp, "rb").read()).hexdigest(),
+                                   "sha256_of": "file bytes"}]
     assert outs[1] == outs[2]
+
+
+def test_sidecar_records_builtin_and_file_inputs(tmp_path, tok):
+    """A small synthetic-copy (spec given through the library) next to a gzip file without a final line end."""
+    spec = SyntheticCopySpec(seed=3, num_documents=40)
+    raw = b"first line\n\nthird line"
+    with gzip.open(tmp_path / "f.txt.gz", "wb") as f:
+        f.write(raw)
+    inputs = [builtin_source("synthetic-copy", spec), str(tmp_path / "f.txt.gz")]
+    stats = pp.preprocess(pp.PreprocessOptions(inputs=inputs, output_prefix=str(tmp_path / "s"),
+                                               tokenizer_model=tok.source, workers=2, chunk_bytes=1000))
+    docs = list(synthetic_copy_documents(spec))
+    assert_shard(str(tmp_path / "s_text_document"), tok, docs + ["first line", "third line"])
+    meta = json.load(open(tmp_path / "s.tokenizer.json"))
+    assert meta["inputs"] == stats.inputs and meta["mask_id"] == tok.mask_id
+    synthetic, text = meta["inputs"]
+    assert synthetic == {"name": "builtin:synthetic-copy", "kind": "builtin", "num_lines": 40,
+                         "num_documents": {"text": 40}, "sha256": fingerprint_documents(docs), "sha256_of": "documents",
+                         "parameters": {"seed": 3, "num_documents": 40, "lexicon_size": 256,
+                                        "syllables_per_word": [2, 3], "words_per_string": [6, 12], "repeats": [6, 10],
+                                        "consonants": "bdfgklmnprstvz", "vowels": "aeiou"}}
+    assert text == {"name": str(tmp_path / "f.txt.gz"), "kind": "txt", "gzip": True,
+                    "size_bytes": os.path.getsize(tmp_path / "f.txt.gz"), "num_lines": 3, "num_documents": {"text": 2},
+                    "sha256": hashlib.sha256(raw).hexdigest(), "sha256_of": "file bytes"}
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    with pytest.raises(ValueError, match="takes a SyntheticCopySpec"):
+        builtin_source("synthetic-copy", {"seed": 1})
+    with pytest.raises(ValueError, match="unknown built-in corpus 'builtin:nope'.*builtin:synthetic-copy"):
+        pp.resolve_inputs(["builtin:nope"])
 
 
 def test_small_chunks_many_workers_keep_order(tmp_path, docs, tok):

@@ -3,6 +3,8 @@
 
   python tools/preprocess_data.py --input builtin:python-docs --train-tokenizer --vocab-size 8000 \\
       --output-prefix data/pydocs --workers 2
+  python tools/preprocess_data.py --input builtin:synthetic-copy --train-tokenizer --vocab-size 1000 \\
+      --output-prefix data/copy --workers 2
   python tools/preprocess_data.py --input 'corpus/*.jsonl.gz' --tokenizer-model tok.model \\
       --output-prefix data/web --workers 16
   python tools/preprocess_data.py --merge data/a_text_document data/b_text_document --output-prefix data/ab_text_document
@@ -19,17 +21,26 @@ import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from card_megatron.data.builtin import BUILTIN_CORPORA, BUILTIN_PREFIX  # noqa: E402
 from card_megatron.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from card_megatron.data.shards import merge_shards  # noqa: E402
+
+
+def _builtin_help() -> str:
+    width = max(len(BUILTIN_PREFIX + name) for name in BUILTIN_CORPORA)
+    lines = [f"  {BUILTIN_PREFIX + name:<{width}}  {text}" for name, text in BUILTIN_CORPORA.items()]
+    return "built-in corpora (--input builtin:NAME; nothing downloaded, fixed document order):\n" + "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog=textwrap.fill(
+        epilog=_builtin_help() + "\n\n" + textwrap.fill(
             "Outputs {output_prefix}_{key}_document.bin/.idx (Megatron MMIDIDX v1; uint16 tokens when the "
             "vocabulary is under 65500, else int32), one sequence per document ending with the end-of-document "
-            "id, and {output_prefix}.tokenizer.json with the pad/bos/eos/mask ids and the vocabulary size. "
+            "id, and {output_prefix}.tokenizer.json with the pad/bos/eos/mask ids, the vocabulary size and, "
+            "under \"inputs\", each input's name, line and document counts, sha256 (of a file's bytes, or of a "
+            "built-in corpus's documents) and a built-in corpus's parameters. "
             "Files are written under temporary names and renamed only when complete. User errors (bad input "
             "line, missing key or tokenizer, existing output) exit with status 1 and a message on stderr.",
             width=100,
@@ -39,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("input")
     g.add_argument("--input", nargs="+", metavar="PATH",
                    help="input files or globs: .jsonl/.json/.ndjson (one JSON object per line), .txt (one document "
-                   "per line), each optionally .gz; or builtin:python-docs (the standard-library docstrings and "
-                   "pydoc topics of this Python, about 2 MB, no download)")
+                   "per line), each optionally .gz; or a built-in corpus: "
+                   + ", ".join(BUILTIN_PREFIX + name for name in BUILTIN_CORPORA) + " (listed below)")
     g.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
                    help="JSON keys to tokenize, one output shard per key (default: text)")
     g.add_argument("--skip-bad-lines", action="store_true",

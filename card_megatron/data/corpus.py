@@ -1,25 +1,30 @@
-"""Text inputs of the preprocessing tool: files (JSONL, .jsonl.gz, .txt) and the built-in corpus.
+"""Text inputs of the preprocessing tool: files (JSONL, .jsonl.gz, .txt) and built-in corpora.
 
 Files are read in raw blocks cut at line ends (:func:`iter_chunks`) so that parsing,
 decoding and tokenization all happen in worker processes; the reading process only
-counts lines. ``builtin:python-docs`` is English prose that ships with every CPython:
-the docstrings of the standard library (read with ``ast``, nothing is imported) and
-``pydoc_data.topics``, in a fixed order.
+counts lines and hashes the bytes (:class:`InputFingerprint`). The built-in corpora
+(``builtin:python-docs``, ``builtin:python-code``, ``builtin:synthetic-copy``) are
+generated in :mod:`card_megatron.data.builtin` and come as lists of documents.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_CORPORA = ("python-docs",)
-# Stdlib directories holding tests, test data or third-party code rather than documentation.
-_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
+from card_megatron.data.builtin import (  # noqa: F401 (re-exported)
+    BUILTIN_CORPORA,
+    BUILTIN_PREFIX,
+    builtin_documents,
+    builtin_name,
+    builtin_parameters,
+    check_spec,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class InputSource:
     name: str  # the path, or "builtin:python-docs"
     kind: str  # "jsonl" | "txt" | "builtin"
     gzip: bool = False
+    spec: Optional[Any] = None  # a built-in corpus's parameters (SyntheticCopySpec); None = defaults
 
     def size_bytes(self) -> Optional[int]:
         """Bytes on disk (compressed for gzip), or None when unknown."""
@@ -82,18 +88,30 @@ def _source_for(path: str) -> InputSource:
     raise ValueError(f"input {path}: unknown file type (expected .jsonl, .json, .ndjson or .txt, optionally .gz)")
 
 
-def resolve_inputs(patterns: Sequence[str]) -> list[InputSource]:
-    """Expands files and globs (sorted) into input sources; ValueError for no match or an unknown type."""
+def builtin_source(name: str, spec: Optional[Any] = None) -> InputSource:
+    """The input source of a built-in corpus, ``name`` with or without ``builtin:``; ``spec`` sets
+    its parameters (a :class:`~card_megatron.data.builtin.SyntheticCopySpec` for synthetic-copy).
+    The command line always uses the defaults; library callers (tests) pass a spec here."""
+    bare = builtin_name(name)
+    check_spec(bare, spec)
+    return InputSource(BUILTIN_PREFIX + bare, "builtin", spec=spec)
+
+
+def resolve_inputs(patterns: Sequence[Union[str, InputSource]]) -> list[InputSource]:
+    """Expands files and globs (sorted) into input sources; ValueError for no match or an unknown type.
+
+    ``builtin:NAME`` is a built-in corpus with its default parameters; an :class:`InputSource`
+    (e.g. from :func:`builtin_source`) is taken as it is.
+    """
     if not patterns:
         raise ValueError("no input given (--input)")
     sources: list[InputSource] = []
     for pattern in patterns:
+        if isinstance(pattern, InputSource):
+            sources.append(pattern)
+            continue
         if pattern.startswith(BUILTIN_PREFIX):
-            name = pattern[len(BUILTIN_PREFIX):]
-            if name not in BUILTIN_CORPORA:
-                raise ValueError(f"unknown built-in corpus {pattern!r} (available: "
-                                 + ", ".join(BUILTIN_PREFIX + c for c in BUILTIN_CORPORA) + ")")
-            sources.append(InputSource(pattern, "builtin"))
+            sources.append(builtin_source(pattern))
             continue
         if glob.has_magic(pattern):
             matches = sorted(p for p in glob.glob(pattern) if not os.path.isdir(p))
@@ -109,102 +127,46 @@ def resolve_inputs(patterns: Sequence[str]) -> list[InputSource]:
     return sources
 
 
-# -- the built-in corpus -----------------------------------------------------------
-def _stdlib_sources() -> list[tuple[str, str]]:
-    """(module name, path) of every stdlib ``.py`` file outside test/vendored dirs, sorted by name."""
-    import sysconfig
-
-    root = sysconfig.get_paths()["stdlib"]
-    found: list[tuple[str, str]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
-        rel = os.path.relpath(dirpath, root)
-        if rel != "." and not os.path.isfile(os.path.join(dirpath, "__init__.py")):
-            dirnames[:] = []
-            continue
-        for fn in filenames:
-            if not fn.endswith(".py") or fn.startswith("test_"):
-                continue
-            parts = [] if rel == "." else rel.split(os.sep)
-            stem = fn[:-3]
-            name = ".".join(parts + ([] if stem == "__init__" else [stem]))
-            if name:
-                found.append((name, os.path.join(dirpath, fn)))
-    return sorted(found)
+# -- fingerprints ------------------------------------------------------------------------
+def _add_document(sha, text: str) -> None:
+    data = text.encode("utf-8")
+    sha.update(len(data).to_bytes(8, "little"))
+    sha.update(data)
 
 
-def _signature(node) -> str:
-    import ast
-
-    try:
-        return f"({ast.unparse(node.args)})"
-    except Exception:  # pragma: no cover - malformed defaults
-        return "(...)"
-
-
-def _module_documents(module: str, path: str) -> list[str]:
-    """Documents of one module: its docstring, then one per top-level function and class."""
-    import ast
-    import tokenize
-
-    try:
-        with tokenize.open(path) as f:
-            tree = ast.parse(f.read(), filename=path)
-    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-        return []
-    docs: list[str] = []
-    mod_doc = ast.get_docstring(tree, clean=True)
-    if mod_doc:
-        docs.append(f"Module {module}\n\n{mod_doc}")
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node, clean=True)
-            if doc and not node.name.startswith("_"):
-                docs.append(f"{module}.{node.name}{_signature(node)}\n\n{doc}")
-        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
-            parts = []
-            doc = ast.get_docstring(node, clean=True)
-            if doc:
-                parts.append(f"class {module}.{node.name}\n\n{doc}")
-            for item in node.body:
-                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    mdoc = ast.get_docstring(item, clean=True)
-                    if mdoc and (not item.name.startswith("_") or item.name == "__init__"):
-                        parts.append(f"{node.name}.{item.name}{_signature(item)}\n\n{mdoc}")
-            if parts:
-                docs.append("\n\n".join(parts))
-    return docs
+def fingerprint_documents(texts: Iterable[str]) -> str:
+    """sha256 (hex) over documents in order, each as its UTF-8 byte count (8 bytes, little
+    endian) then its UTF-8 bytes: the fingerprint of a built-in corpus in the sidecar."""
+    sha = hashlib.sha256()
+    for text in texts:
+        _add_document(sha, text)
+    return sha.hexdigest()
 
 
-def builtin_documents(name: str = "python-docs") -> Iterator[str]:
-    """Yields the documents of a built-in corpus in a fixed order (lazily: the first few are cheap).
+class InputFingerprint:
+    """The content fingerprint of one input, fed its chunks in order as they go by.
 
-    ``python-docs``: standard-library docstrings (one document per module docstring and per
-    public top-level function or class), then the ``pydoc_data.topics`` help topics.
+    ``sha256``: for a file, of its bytes (after gzip decompression), what ``sha256sum FILE``
+    (or ``gzip -dc FILE | sha256sum``) prints; for a built-in corpus, of its documents
+    (:func:`fingerprint_documents`). ``of`` says which ("file bytes" or "documents").
     """
-    if name.startswith(BUILTIN_PREFIX):
-        name = name[len(BUILTIN_PREFIX):]
-    if name != "python-docs":
-        raise ValueError(f"unknown built-in corpus {name!r} (available: {', '.join(BUILTIN_CORPORA)})")
-    if _BUILTIN_CACHE:  # parsing the stdlib takes seconds; a run may read the corpus twice
-        yield from _BUILTIN_CACHE
-        return
-    docs: list[str] = []
-    for module, path in _stdlib_sources():
-        for doc in _module_documents(module, path):
-            docs.append(doc)
-            yield doc
-    from pydoc_data.topics import topics
 
-    for key in sorted(topics):
-        text = topics[key].strip()
-        if text:
-            docs.append(text)
-            yield text
-    _BUILTIN_CACHE.extend(docs)  # only once complete (about 2 MB)
+    def __init__(self, source: InputSource) -> None:
+        self.of = "documents" if source.kind == "builtin" else "file bytes"
+        self._sha = hashlib.sha256()
 
+    def update(self, chunk: Chunk) -> None:
+        """Adds the next chunk of the input (for a byte range this reads it from the file)."""
+        data = chunk.data()
+        if chunk.kind == "builtin":
+            for text in data:
+                _add_document(self._sha, text)
+        else:  # chunk.length excludes the line end added after an unterminated last line
+            self._sha.update(memoryview(data)[: chunk.length])
 
-_BUILTIN_CACHE: list[str] = []
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
 
 
 # -- chunked reading -----------------------------------------------------------------
@@ -241,7 +203,7 @@ def iter_chunks(source: InputSource, chunk_bytes: int = 1 << 20, chunk_docs: int
     if source.kind == "builtin":
         batch: list[str] = []
         size = 0
-        for text in builtin_documents(source.name):
+        for text in builtin_documents(source.name, source.spec):
             batch.append(text)
             size += len(text)
             if len(batch) >= chunk_docs:

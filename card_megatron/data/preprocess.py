@@ -7,6 +7,23 @@ tokenizes with SentencePiece, appends the end-of-document id and returns the tok
 packed array per key. The main process streams them into one C++ shard writer per key
 (``{output_prefix}_{key}_document.bin/.idx``), reports progress and renames the shards into
 place only when everything succeeded.
+
+The sidecar ``{output_prefix}.tokenizer.json`` holds the tokenizer's reserved ids and sizes
+and, under ``"inputs"``, one record per input saying what the shards were made of::
+
+    {"name": "builtin:synthetic-copy" or the file's absolute path,
+     "kind": "builtin" | "jsonl" | "txt",
+     "num_lines": lines read (files) or documents generated (built-in), skipped ones included,
+     "num_documents": {json key: documents written to that key's shard},
+     "sha256": hex digest, "sha256_of": "file bytes" | "documents",
+     "parameters": {...}                     built-in only: builtin.builtin_parameters()
+     "gzip": bool, "size_bytes": int}        files only
+
+``sha256`` of a file is over its bytes (after gzip decompression; ``sha256sum`` prints the
+same); of a built-in corpus, over its documents (``corpus.fingerprint_documents``). Both are
+computed in the reading process as the chunks go by. The record lives in the tokenizer
+sidecar because that is the file the run already writes atomically next to the shards, and
+the one a checkpoint copies when the tokenizer was trained here (``{output_prefix}.model``).
 """
 
 from __future__ import annotations
@@ -25,11 +42,18 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
-from card_megatron.data.corpus import Chunk, InputSource, iter_chunks, resolve_inputs
+from card_megatron.data.corpus import (
+    Chunk,
+    InputFingerprint,
+    InputSource,
+    builtin_parameters,
+    iter_chunks,
+    resolve_inputs,
+)
 from card_megatron.data.shards import ShardStats, ShardWriter, shard_exists, token_dtype
 from card_megatron.tokenizer import Tokenizer, train_tokenizer, write_tokenizer_sidecar
 
@@ -42,9 +66,13 @@ class PreprocessError(ValueError):
 
 @dataclass
 class PreprocessOptions:
-    """Settings of one preprocessing run (the tool's flags)."""
+    """Settings of one preprocessing run (the tool's flags).
 
-    inputs: Sequence[str]
+    ``inputs``: paths, globs and ``builtin:NAME``, or :class:`InputSource` objects (e.g.
+    ``corpus.builtin_source("synthetic-copy", SyntheticCopySpec(num_documents=100))``).
+    """
+
+    inputs: Sequence[Union[str, InputSource]]
     output_prefix: str
     json_keys: Sequence[str] = ("text",)
     tokenizer_model: Optional[str] = None
@@ -71,6 +99,7 @@ class PreprocessStats:
     text_bytes: int = 0
     elapsed_s: float = 0.0
     tokenizer: Optional[dict] = None
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # the sidecar's "inputs" records
 
     def summary(self) -> str:
         lines = [f"read {self.num_lines} lines/documents ({self.text_bytes / 1e6:.1f} MB) in {self.elapsed_s:.1f} s"]
@@ -413,15 +442,45 @@ def _prepare_tokenizer(opts: PreprocessOptions, sources: Sequence[InputSource], 
     return Tokenizer.load(opts.tokenizer_model)
 
 
-def _all_chunks(sources: Sequence[InputSource], chunk_bytes: int, disk_before: deque) -> Iterator[Chunk]:
+def _all_chunks(sources: Sequence[InputSource], chunk_bytes: int, disk_before: deque,
+                fingerprints: Sequence[InputFingerprint]) -> Iterator[Chunk]:
+    """The chunks of every source in order; appends (disk position, source index) of each to
+    ``disk_before`` and feeds it to its source's fingerprint."""
     done = 0
-    for src in sources:
+    for i, src in enumerate(sources):
         last = 0
         for chunk in iter_chunks(src, chunk_bytes):
-            disk_before.append(done + chunk.input_pos)
+            fingerprints[i].update(chunk)
+            disk_before.append((done + chunk.input_pos, i))
             last = chunk.input_pos
             yield chunk
         done += src.size_bytes() or last
+
+
+@dataclass
+class _InputCounts:
+    num_lines: int = 0
+    num_documents: Counter = field(default_factory=Counter)
+
+
+def _input_record(src: InputSource, keys: Sequence[str], fingerprint: InputFingerprint,
+                  counts: _InputCounts) -> dict[str, Any]:
+    """One entry of the sidecar's "inputs" list (format in the module docstring)."""
+    builtin = src.kind == "builtin"
+    record: dict[str, Any] = {
+        "name": src.name if builtin else os.path.abspath(src.name),
+        "kind": src.kind,
+        "num_lines": counts.num_lines,
+        "num_documents": {k: counts.num_documents[k] for k in keys},
+        "sha256": fingerprint.sha256,
+        "sha256_of": fingerprint.of,
+    }
+    if builtin:
+        record["parameters"] = builtin_parameters(src.name, src.spec)
+    else:
+        record["gzip"] = src.gzip
+        record["size_bytes"] = src.size_bytes()
+    return record
 
 
 def preprocess(opts: PreprocessOptions) -> PreprocessStats:
@@ -459,18 +518,20 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
     stats = PreprocessStats(tokenizer=tok.metadata())
     sizes = [s.size_bytes() for s in sources]
     progress = _Progress(sum(sizes) if all(x is not None for x in sizes) else None, opts.log_interval)
-    disk_pos: deque = deque()  # disk position after each submitted chunk, consumed in order
+    disk_pos: deque = deque()  # (disk position, source index) after each submitted chunk, consumed in order
+    fingerprints = [InputFingerprint(src) for src in sources]
+    counts = [_InputCounts() for _ in sources]
     writers: dict[str, ShardWriter] = {}
     try:
         for k in keys:
             writers[k] = ShardWriter(prefixes[k], dtype=dtype, overwrite=opts.overwrite)
         meta: deque = deque()  # submitted chunks, in order, until their result is consumed
-        chunks = _track(_all_chunks(sources, opts.chunk_bytes, disk_pos), meta)
+        chunks = _track(_all_chunks(sources, opts.chunk_bytes, disk_pos, fingerprints), meta)
         state = {"model_bytes": b"", "keys": keys, "skip_bad_lines": opts.skip_bad_lines, "dtype": dtype.str}
         _W.clear()
         _W.update(_worker_state(**state, tokenizer=tok))
         if opts.workers == 1:
-            _run(map(_encode_chunk, chunks), meta, keys, writers, stats, progress, disk_pos)
+            _run(map(_encode_chunk, chunks), meta, keys, writers, stats, progress, disk_pos, counts)
         else:
             fork = "fork" in mp.get_all_start_methods()
             ctx = mp.get_context("fork") if fork else mp.get_context()
@@ -480,7 +541,7 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
             pool = _start_pool(opts.workers, ctx, init_state)
             try:
                 results = _ordered_map(pool, _encode_chunk, chunks, 2 * opts.workers)
-                _run(results, meta, keys, writers, stats, progress, disk_pos)
+                _run(results, meta, keys, writers, stats, progress, disk_pos, counts)
             except BrokenProcessPool:
                 raise PreprocessError("a tokenizer worker process died (out of memory or killed?)") from None
             finally:
@@ -490,7 +551,8 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
                 raise PreprocessError(f"no documents for key {k!r} in the input (all skipped: {dict(stats.skipped)})")
         for k, w in writers.items():
             stats.outputs[k] = w.finalize()
-        write_tokenizer_sidecar(tok, f"{opts.output_prefix}.tokenizer.json")
+        stats.inputs = [_input_record(src, keys, fp, c) for src, fp, c in zip(sources, fingerprints, counts)]
+        write_tokenizer_sidecar(tok, f"{opts.output_prefix}.tokenizer.json", inputs=stats.inputs)
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -507,21 +569,21 @@ def _track(chunks: Iterable[Chunk], meta: deque) -> Iterator[Chunk]:
         yield c
 
 
-def _run(results, meta, keys, writers, stats, progress, disk_pos) -> None:
+def _run(results, meta, keys, writers, stats, progress, disk_pos, counts: list[_InputCounts]) -> None:
     # meta and disk_pos hold the submitted chunks in order: each result belongs to the oldest
-    line_base: dict[str, int] = {}
     for res in results:
         chunk = meta.popleft()
-        pos = disk_pos.popleft()
-        first_line = line_base.get(chunk.source, 0)
+        pos, source = disk_pos.popleft()
+        first_line = counts[source].num_lines
         if res.error:
             raise PreprocessError(_error_message(chunk, first_line, res.error))
-        line_base[chunk.source] = first_line + res.num_lines
+        counts[source].num_lines = first_line + res.num_lines
         docs = toks = 0
         for k, key in enumerate(keys):
             writers[key].add_documents(res.tokens[k], res.lengths[k])
             docs += len(res.lengths[k])
             toks += len(res.tokens[k])
+            counts[source].num_documents[key] += len(res.lengths[k])
         stats.skipped.update(res.skipped)
         stats.num_lines += res.num_lines
         stats.text_bytes += res.text_bytes
