@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# `make demo`: tokenize the built-in corpus, train CARD (configs/tiny-cpu.yaml) on CPU with
-# 2 processes for a few minutes, report validation perplexity at start and end, and print a
-# sample decoded with CARD's parallel decoder.
+# `make demo`: tokenize the built-in synthetic copy corpus, train CARD (configs/demo.yaml) on CPU
+# with 2 processes for a few minutes, report validation perplexity and the mask probe at start and
+# end, then decode held-out prompts with CARD's parallel decoder and with AR (both greedy, KV cache)
+# and print the tokens committed per forward pass.
 #   NPROC=2 RUN=runs/demo bash tools/demo.sh [section.key=value ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 NPROC=${NPROC:-2}
 RUN=${RUN:-runs/demo}
-DATA=demo_data/python_docs
+DATA=demo_data/synthetic_copy
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ ! -f "${DATA}_text_document.idx" ]; then
-  echo "== tokenizing the built-in corpus (builtin:python-docs) into ${DATA}_text_document.{bin,idx}"
+  echo "== tokenizing the built-in corpus (builtin:synthetic-copy) into ${DATA}_text_document.{bin,idx}"
   mkdir -p "$(dirname "$DATA")"
-  "$PY" tools/preprocess_data.py --input builtin:python-docs --train-tokenizer --vocab-size 4096 \
-    --output-prefix "$DATA" --workers "$NPROC"
+  "$PY" tools/preprocess_data.py --input builtin:synthetic-copy --train-tokenizer --vocab-size 1024 \
+    --output-prefix "$DATA" --workers "$NPROC" --overwrite
 fi
 
 if [ -f "$RUN/finished" ]; then
@@ -24,19 +25,6 @@ if [ -f "$RUN/finished" ]; then
 fi
 echo "== training CARD on $NPROC CPU processes (run directory: $RUN)"
 "$PY" -m torch.distributed.run --nproc-per-node "$NPROC" --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29517}" \
-  -m card_megatron.train --config configs/tiny-cpu.yaml "train.run_dir=$RUN" "$@" --summary-json "$RUN/summary.json"
+  -m card_megatron.train --config configs/demo.yaml "train.run_dir=$RUN" "$@"
 
-"$PY" - "$RUN/summary.json" <<'PYEOF'
-import json, sys
-s = json.load(open(sys.argv[1]))
-first, last = s.get("initial_eval"), s.get("final_eval")
-if first and last:
-    bound = "<= " if last["val_ppl_is_bound"] else ""
-    print(f"== validation perplexity: {bound}{first['val_ppl']:.1f} at step {s['start_step']} -> "
-          f"{bound}{last['val_ppl']:.1f} at step {s['end_step']}")
-PYEOF
-
-if [ -f tools/generate.py ]; then
-  echo "== a sample from the trained model (CARD parallel decoding, KV cache)"
-  "$PY" tools/generate.py --checkpoint "$RUN" --prompt "The default value of" --max-new-tokens 48 --seed 0
-fi
+"$PY" tools/demo_report.py "$RUN"

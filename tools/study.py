@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")  # TE/Apex absent, etc.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     plan = get_plan(args.plan)
     if args.list:
