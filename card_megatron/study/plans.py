@@ -136,7 +136,7 @@ PLANS: dict[str, Plan] = {
     ),
     "gpu": Plan(
         name="gpu",
-        description="the study with a 125M-class model on one GPU",
+        description="the study with a 30M-parameter model on one GPU (four runs at a time)",
         config="configs/study-gpu.yaml",
         overrides=(),
         copy_overrides=(),
@@ -144,7 +144,8 @@ PLANS: dict[str, Plan] = {
         runs=_runs(2, 2, True, ("mdlm", "bd3lm"), ("card", "arm")),
         decode=DecodeSpec(num_prompts=64, prompt_tokens=32, max_new_tokens=96,
                           thresholds=(0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 2.0), windows=(4, 8, 16), copy_prompts=64),
-        jobs=1,
+        jobs=4,
+        budget_minutes=10,
     ),
 }
 
