@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -232,7 +233,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"override {item!r}: expected section.key=value")
         dotted, value = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        _apply(cfg, section, key, yaml.safe_load(value) if value else "", "command line")
+        # The text goes to _coerce as given: it parses by the key's declared type, so a string key
+        # keeps "on", "0123" or "0x1F" verbatim and a number is read in decimal (never as YAML).
+        _apply(cfg, section, key, value, "command line")
     validate(cfg)
     return cfg
 
@@ -260,6 +263,79 @@ def save_config(cfg: Config, path: str) -> None:
 
 # --------------------------------------------------------------------------- validation
 
+_INF = math.inf
+# The range of every numeric key: (low, high, low included, high included, note). Rules that
+# relate two keys (divisibility, min_lr <= lr, probe_window <= seq_length) are in validate().
+RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
+    "model.num_layers": (1, _INF, True, False, ""),
+    "model.hidden_size": (1, _INF, True, False, ""),
+    "model.num_attention_heads": (1, _INF, True, False, ""),
+    "model.num_query_groups": (1, _INF, True, False, " (or none: one per head)"),
+    "model.ffn_hidden_size": (1, _INF, True, False, " (or none: 4 x hidden_size)"),
+    "model.seq_length": (1, _INF, True, False, ""),
+    "model.vocab_size": (1, _INF, True, False, " (or none: the tokenizer's)"),
+    "model.make_vocab_size_divisible_by": (1, _INF, True, False, ""),
+    "model.rotary_base": (0, _INF, False, False, ""),
+    "model.norm_epsilon": (0, _INF, False, False, ""),
+    "model.init_method_std": (0, _INF, False, False, " (e.g. 0.02)"),
+    "model.hidden_dropout": (0, 1, True, False, ""),
+    "model.attention_dropout": (0, 1, True, False, ""),
+    "objective.tail_factor": (1, _INF, True, False, " (1 = strict tail)"),
+    "objective.reweight_decay": (0, 1, True, True, ""),
+    "objective.reweight_beta": (0, _INF, False, False, ""),
+    "objective.t_eps": (0, 1, False, False, ""),
+    "objective.block_size": (1, _INF, True, False, ""),
+    "objective.eval_t_samples": (1, _INF, True, False, ""),
+    "data.num_workers": (0, _INF, True, False, ""),
+    "parallel.tensor_model_parallel_size": (1, _INF, True, False, ""),
+    "parallel.pipeline_model_parallel_size": (1, _INF, True, False, ""),
+    "parallel.zero_stage": (0, 3, True, True, ""),
+    "parallel.distributed_timeout_minutes": (1, _INF, True, False, ""),
+    "optim.lr": (0, _INF, False, False, ""),
+    "optim.min_lr": (0, _INF, True, False, ""),
+    "optim.weight_decay": (0, _INF, True, False, ""),
+    "optim.adam_beta1": (0, 1, True, False, ""),
+    "optim.adam_beta2": (0, 1, True, False, ""),
+    "optim.adam_eps": (0, _INF, False, False, ""),
+    "optim.clip_grad": (0, _INF, True, False, " (0 = no clipping)"),
+    "optim.lr_warmup_iters": (0, _INF, True, False, ""),
+    "optim.lr_decay_iters": (1, _INF, True, False, " (or none: train.train_iters)"),
+    "optim.ema_decay": (0, 1, True, False, " (0 = off, e.g. 0.9999)"),
+    "train.train_iters": (1, _INF, True, False, ""),
+    "train.micro_batch_size": (1, _INF, True, False, ""),
+    "train.global_batch_size": (1, _INF, True, False, ""),
+    "train.seed": (0, 2**64 - 1, True, True, ""),
+    "train.save_interval": (0, _INF, True, False, " (0 = only at the end)"),
+    "train.keep_last_checkpoints": (1, _INF, True, False, ""),
+    "train.exit_interval": (0, _INF, True, False, " (0 = off)"),
+    "train.log_interval": (1, _INF, True, False, ""),
+    "train.eval_interval": (0, _INF, True, False, " (0 = only at the start and the end)"),
+    "train.eval_iters": (1, _INF, True, False, ""),
+    "train.max_nonfinite_steps": (1, _INF, True, False, ""),
+    "logging.probe_window": (0, _INF, True, False, " (0 = off)"),
+}
+
+
+def _range_text(low: float, high: float, low_in: bool, high_in: bool) -> str:
+    if high == _INF:
+        return f">= {low}" if low_in else ("positive" if low == 0 else f"> {low}")
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def _range_problems(cfg: Config) -> list[str]:
+    """A problem for every numeric key outside its RANGES entry (NaN and infinity included)."""
+    p = []
+    for name, (low, high, low_in, high_in, note) in RANGES.items():
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            p.append(f"{name} ({value}) must be a finite number")
+        elif not ((low <= value if low_in else low < value) and (value <= high if high_in else value < high)):
+            p.append(f"{name} ({value}) must be {_range_text(low, high, low_in, high_in)}{note}")
+    return p
+
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Checks every value; raises one ConfigError listing all problems.
@@ -267,20 +343,15 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     With ``world_size`` it also checks that the parallel sizes divide it and that the
     global batch matches micro batch x data parallel x accumulation.
     """
-    p: list[str] = []
+    p: list[str] = _range_problems(cfg)
     m, o, par, t, opt = cfg.model, cfg.objective, cfg.parallel, cfg.train, cfg.optim
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
-        if getattr(m, name) <= 0:
-            p.append(f"model.{name} ({getattr(m, name)}) must be positive")
     if m.num_attention_heads > 0 and m.hidden_size % m.num_attention_heads:
         p.append(
             f"model.hidden_size ({m.hidden_size}) must be divisible by "
             f"model.num_attention_heads ({m.num_attention_heads})"
         )
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
-        p.append(f"parallel sizes must be >= 1 (tensor {tp}, pipeline {pp})")
-    else:
+    if tp >= 1 and pp >= 1:
         if m.num_attention_heads % tp:
             p.append(
                 f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
@@ -304,9 +375,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                 f"model.untie_embeddings_and_output_weights must be true with "
                 f"parallel.pipeline_model_parallel_size ({pp}) > 1"
             )
-    if par.zero_stage not in (0, 1, 2, 3):
-        p.append(f"parallel.zero_stage ({par.zero_stage}) must be 0, 1, 2 or 3")
-    elif pp > 1 and par.zero_stage > 1:
+    if pp > 1 and par.zero_stage > 1:
         p.append(
             f"parallel.zero_stage ({par.zero_stage}) with pipeline_model_parallel_size ({pp}) is not "
             "supported: DeepSpeed's pipeline engine allows ZeRO 0 or 1 only"
@@ -317,55 +386,32 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         p.append(f"objective.name ({o.name!r}) must be one of {', '.join(OBJECTIVES)}")
     if o.masking not in ("tail", "uniform"):
         p.append(f"objective.masking ({o.masking!r}) must be tail or uniform")
-    if o.tail_factor < 1.0:
-        p.append(f"objective.tail_factor ({o.tail_factor}) must be >= 1 (1 = strict tail)")
     if o.reweighting not in ("context", "none"):
         p.append(f"objective.reweighting ({o.reweighting!r}) must be context or none")
-    if not 0.0 <= o.reweight_decay <= 1.0:
-        p.append(f"objective.reweight_decay ({o.reweight_decay}) must be in [0, 1]")
-    if o.reweight_beta <= 0:
-        p.append(f"objective.reweight_beta ({o.reweight_beta}) must be positive")
     if o.normaliser not in ("weights", "tokens"):
         p.append(f"objective.normaliser ({o.normaliser!r}) must be weights or tokens")
-    if not 0.0 < o.t_eps < 1.0:
-        p.append(f"objective.t_eps ({o.t_eps}) must be in (0, 1)")
-    if o.name == "bd3lm" and (o.block_size <= 0 or m.seq_length % o.block_size):
+    if o.name == "bd3lm" and o.block_size >= 1 and m.seq_length % o.block_size:
         p.append(f"objective.block_size ({o.block_size}) must divide model.seq_length ({m.seq_length})")
-    if o.eval_t_samples < 1:
-        p.append(f"objective.eval_t_samples ({o.eval_t_samples}) must be >= 1")
-    if t.micro_batch_size < 1 or t.global_batch_size < 1:
-        p.append("train.micro_batch_size and train.global_batch_size must be >= 1")
-    elif t.global_batch_size % t.micro_batch_size:
+    if t.micro_batch_size >= 1 and t.global_batch_size % t.micro_batch_size:
         p.append(
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size ({t.micro_batch_size})"
         )
-    if t.train_iters < 1:
-        p.append(f"train.train_iters ({t.train_iters}) must be >= 1")
     if t.precision not in ("auto", "bf16", "fp16", "fp32"):
         p.append(f"train.precision ({t.precision!r}) must be auto, bf16, fp16 or fp32")
-    for name in ("save_interval", "exit_interval", "eval_interval"):
-        if getattr(t, name) < 0:
-            p.append(f"train.{name} ({getattr(t, name)}) must be >= 0")
-    if not 0 <= cfg.logging.probe_window <= m.seq_length:
+    if cfg.logging.probe_window > m.seq_length:
         p.append(f"logging.probe_window ({cfg.logging.probe_window}) must lie in [0, model.seq_length={m.seq_length}]")
-    if t.log_interval < 1:
-        p.append(f"train.log_interval ({t.log_interval}) must be >= 1")
-    if t.keep_last_checkpoints < 1:
-        p.append(f"train.keep_last_checkpoints ({t.keep_last_checkpoints}) must be >= 1")
     if opt.lr_decay_style not in ("cosine", "linear", "constant"):
         p.append(f"optim.lr_decay_style ({opt.lr_decay_style!r}) must be cosine, linear or constant")
-    if opt.lr <= 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
-        p.append(f"optim.lr ({opt.lr}) must be positive and >= optim.min_lr ({opt.min_lr})")
-    if not 0.0 <= opt.ema_decay < 1.0:
-        p.append(f"optim.ema_decay ({opt.ema_decay}) must be in [0, 1) (0 = off, e.g. 0.9999)")
-    elif t.eval_ema and opt.ema_decay == 0.0:
+    if opt.min_lr > opt.lr:
+        p.append(f"optim.min_lr ({opt.min_lr}) must be <= optim.lr ({opt.lr})")
+    if t.eval_ema and opt.ema_decay == 0.0:
         p.append("train.eval_ema needs an EMA: set optim.ema_decay (e.g. 0.9999) or train.eval_ema=false")
     if cfg.logging.wandb_mode not in ("offline", "online", "disabled"):
         p.append(f"logging.wandb_mode ({cfg.logging.wandb_mode!r}) must be offline, online or disabled")
     try:
         split = [float(x) for x in cfg.data.split.split(",")]
-        if len(split) != 3 or min(split) < 0 or sum(split) <= 0:
+        if len(split) != 3 or not all(math.isfinite(x) and x >= 0 for x in split) or sum(split) <= 0:
             raise ValueError
     except ValueError:
         p.append(f"data.split ({cfg.data.split!r}) must be three non-negative weights, e.g. 969,30,1")
@@ -384,6 +430,36 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                 )
     if p:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
+
+
+# --------------------------------------------------------------------------- resuming
+
+# The keys a resumed run may change (docs/design.md "Resuming"); every other key must equal the
+# checkpoint's. The optimizer's betas, eps and weight decay are not here: loading the optimizer
+# state brings back the saved ones, so a new value would be ignored without a word.
+RESUMABLE = frozenset({
+    "train.train_iters", "train.micro_batch_size", "train.run_dir", "train.save_interval",
+    "train.keep_last_checkpoints", "train.exit_interval", "train.log_interval", "train.eval_interval",
+    "train.eval_iters", "train.eval_ema", "train.max_nonfinite_steps",
+    "optim.lr", "optim.min_lr", "optim.lr_warmup_iters", "optim.lr_decay_style", "optim.lr_decay_iters",
+    "optim.clip_grad", "optim.ema_decay",
+    "data.num_workers", "data.cache_dir",
+    "parallel.distributed_backend", "parallel.distributed_timeout_minutes",
+}) | {f"logging.{f.name}" for f in dataclasses.fields(LoggingConfig)}
+
+
+def resume_changes(saved: Config, cfg: Config, saved_dp: Optional[int] = None, dp: Optional[int] = None) -> list[str]:
+    """Every change from the checkpoint's config ``saved`` to ``cfg`` that a resume may not make,
+    as "section.key: saved -> new"; also a data-parallel size change (``saved_dp`` -> ``dp``)
+    under ZeRO, whose optimizer state is partitioned by data-parallel rank. [] when none."""
+    old, new = config_to_dict(saved), config_to_dict(cfg)
+    changes = [f"{section}.{key}: {old[section][key]!r} -> {value!r}"
+               for section, values in new.items() for key, value in values.items()
+               if value != old[section][key] and f"{section}.{key}" not in RESUMABLE]
+    if saved_dp is not None and dp is not None and saved_dp != dp and cfg.parallel.zero_stage > 0:
+        changes.append(f"data-parallel size: {saved_dp} -> {dp} under parallel.zero_stage {cfg.parallel.zero_stage} "
+                       "(the ZeRO optimizer state is not re-partitioned; only ZeRO 0 resumes on another size)")
+    return changes
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -10,6 +10,7 @@ piece count``) and ``vocab_size`` counts it; a missing pad/bos/eos is appended t
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -70,6 +71,8 @@ class Tokenizer:
         self.appended: tuple[str, ...] = tuple(appended)
         self.vocab_size: int = next_id
         self._model_eos = processor.eos_id() >= 0
+        # What identifies the model (two models of one size differ here): sha256 of its serialized proto.
+        self.sha256: str = hashlib.sha256(processor.serialized_model_proto()).hexdigest()
 
     # -- construction ---------------------------------------------------------------
     @classmethod
@@ -120,7 +123,7 @@ class Tokenizer:
         return self.sp.decode(keep)
 
     def metadata(self) -> dict[str, Any]:
-        """The reserved ids and sizes, as written to the ``.tokenizer.json`` sidecar."""
+        """The reserved ids and sizes, and the model's ``sha256``, as written to the ``.tokenizer.json`` sidecar."""
         return {
             "model": os.path.abspath(self.source) if os.path.exists(self.source) else self.source,
             "vocab_size": self.vocab_size,
@@ -131,6 +134,7 @@ class Tokenizer:
             "mask_id": self.mask_id,
             "unk_id": self.unk_id,
             "appended": list(self.appended),
+            "sha256": self.sha256,
         }
 
     def __repr__(self) -> str:

@@ -9,7 +9,8 @@
 # set CARD_MEGATRON_ROOT to submit from elsewhere). See docs/slurm.md.
 #
 # Environment knobs (all optional):
-#   PYTHON           interpreter with card_megatron's requirements (default: python)
+#   PYTHON           interpreter with card_megatron's requirements (default: python); checked
+#                    (import card_megatron, torch, deepspeed, megatron.core) before launching
 #   GPUS_PER_NODE    default: the GPUs SLURM allocated; 0 = CPU with gloo
 #   PROCS_PER_NODE   training processes per node (default: GPUS_PER_NODE, or 1 on CPU)
 #   NNODES           default: the job's node count (1 for a dry run outside SLURM)
@@ -71,6 +72,12 @@ cd "$ROOT"
 [[ -f "$CONFIG" ]] || die "config file not found: $CONFIG (relative paths are relative to $ROOT)"
 PYTHON=${PYTHON:-python}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# The interpreter must import the project's requirements here, before anything is launched (a
+# dry run too): otherwise every rank would fail the same way after the queue wait.
+if ! IMPORT_ERROR=$("$PYTHON" -c "import card_megatron, torch, deepspeed, megatron.core" 2>&1); then
+  die "PYTHON=$PYTHON cannot import the project's requirements (card_megatron, torch, deepspeed, megatron.core): $(tail -n 1 <<< "$IMPORT_ERROR")
+  activate the environment (source .venv/bin/activate) or set PYTHON=/path/to/.venv/bin/python"
+fi
 
 # --------------------------------------------------------------------------- how many
 NNODES=${NNODES:-${SLURM_JOB_NUM_NODES:-1}}

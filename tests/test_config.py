@@ -82,3 +82,78 @@ def test_unknown_yaml_key_names_the_file(tmp_path):
     path.write_text("model:\n  hiden_size: 3\n")
     with pytest.raises(ConfigError, match=f"{path}: unknown key model.hiden_size"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.clip_grad=-1", "optim.clip_grad (-1.0) must be >= 0"),
+        ("optim.lr_warmup_iters=-10", "optim.lr_warmup_iters (-10) must be >= 0"),
+        ("optim.weight_decay=-3", "optim.weight_decay (-3.0) must be >= 0"),
+        ("model.init_method_std=-1", "model.init_method_std (-1.0) must be positive"),
+        ("optim.adam_beta1=5", "optim.adam_beta1 (5.0) must be in [0, 1)"),
+        ("model.hidden_dropout=2", "model.hidden_dropout (2.0) must be in [0, 1)"),
+        ("optim.lr=nan", "optim.lr (nan) must be a finite number"),
+        ("optim.adam_eps=inf", "optim.adam_eps (inf) must be a finite number"),
+        ("train.eval_iters=0", "train.eval_iters (0) must be >= 1"),
+        ("data.num_workers=-1", "data.num_workers (-1) must be >= 0"),
+        ("optim.lr_decay_iters=0", "optim.lr_decay_iters (0) must be >= 1"),
+    ],
+)
+def test_numeric_values_out_of_range_are_named(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_every_numeric_key_has_a_range():
+    import dataclasses
+    import typing
+
+    from card_megatron.config import RANGES, Config
+
+    for section in dataclasses.fields(Config):
+        for f, tp in typing.get_type_hints(type(getattr(Config(), section.name))).items():
+            if int in (tp, *typing.get_args(tp)) or float in (tp, *typing.get_args(tp)):
+                assert f"{section.name}.{f}" in RANGES, f"{section.name}.{f} has no range in config.RANGES"
+
+
+def test_override_text_of_string_keys_is_kept_as_given():
+    cfg = load_config(None, ["train.run_dir=on", "data.data_path=0123", "data.tokenizer_model=0x1F",
+                             "data.cache_dir=none", "train.seed=0123", "optim.lr=1e-3", "logging.wandb=on"])
+    assert (cfg.train.run_dir, cfg.data.data_path, cfg.data.tokenizer_model) == ("on", "0123", "0x1F")
+    assert cfg.data.cache_dir is None and cfg.train.seed == 123 and cfg.optim.lr == 1e-3 and cfg.logging.wandb
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.hidden_size=[1", "command line: model.hidden_size: expected an integer, got '[1'"),
+        ("optim.lr={a: 1", "command line: optim.lr: expected a number, got '{a: 1'"),
+        ("logging.wandb=maybe", "command line: logging.wandb: expected true/false, got 'maybe'"),
+    ],
+)
+def test_unparsable_override_names_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_resume_changes_lists_what_may_not_change():
+    from card_megatron.config import resume_changes
+
+    saved = load_config(None, ["data.data_path=a", "model.seq_length=64"])
+    same_run = load_config(None, ["data.data_path=a", "model.seq_length=64", "train.train_iters=5000",
+                                  "optim.lr=1e-4", "optim.lr_decay_style=linear", "train.log_interval=1",
+                                  "train.eval_iters=3", "data.num_workers=2", "train.keep_last_checkpoints=9",
+                                  "logging.wandb=true", "train.micro_batch_size=4"])
+    assert resume_changes(saved, same_run) == []
+    assert resume_changes(saved, same_run, saved_dp=1, dp=2) == []  # ZeRO 0: another data-parallel size is fine
+    changed = load_config(None, ["data.data_path=b", "model.seq_length=128", "objective.name=arm",
+                                 "parallel.tensor_model_parallel_size=2", "parallel.zero_stage=1",
+                                 "optim.adam_beta2=0.99", "train.train_iters=9"])
+    got = resume_changes(saved, changed, saved_dp=2, dp=1)
+    assert got[:-1] == ["model.seq_length: 64 -> 128", "objective.name: 'card' -> 'arm'", "data.data_path: 'a' -> 'b'",
+                        "parallel.tensor_model_parallel_size: 1 -> 2", "parallel.zero_stage: 0 -> 1",
+                        "optim.adam_beta2: 0.95 -> 0.99"]
+    assert got[-1].startswith("data-parallel size: 2 -> 1 under parallel.zero_stage 1")

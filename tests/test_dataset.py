@@ -308,3 +308,46 @@ def test_offline_build_tool_fills_the_same_cache(shard, tmp_path, monkeypatch):
     monkeypatch.setattr(idx, "build_split_arrays", no_build)
     out = build_datasets(cfg_for(prefix, cache), 16, 3, {"train": 40, "valid": 6})
     assert len(out["train"]) == 40 and len(out["valid"]) == 6
+
+
+def _tokenizer(vocab_size, sha256="a" * 64):
+    """What build_datasets reads of a Tokenizer: its size, source and hash."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(vocab_size=vocab_size, source="/models/tok.model", sha256=sha256)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(shard, tmp_path, caplog):
+    """Ids over the vocabulary would crash in F.embedding (TP=1) or be zeroed silently (TP=2)."""
+    prefix, docs = shard
+    top = max(max(d) for d in docs)
+    cfg = cfg_for(prefix, tmp_path / "cache")
+    with pytest.raises(ValueError) as e:
+        build_datasets(cfg, 16, 1, {"train": 10}, tokenizer=_tokenizer(500))
+    assert f"{prefix}.bin holds token id {top}, outside the vocabulary" in str(e.value)
+    assert "/models/tok.model (500 ids, 0..499)" in str(e.value)
+    assert "no tokenizer sidecar" in caplog.text  # no sidecar: a warning, not an error
+    cached = [d for d in os.listdir(tmp_path / "cache") if d.startswith("tokens_") and not d.endswith(".lock")]
+    assert len(cached) == 1  # the maximum is cached beside the sample index
+    build_datasets(cfg, 16, 1, {"train": 10}, tokenizer=_tokenizer(top + 1))
+
+
+def test_shard_of_another_tokenizer_is_refused(shard, tmp_path, caplog):
+    import json
+
+    prefix, _ = shard
+    sidecar = str(tmp_path / "corpus.tokenizer.json")  # {output_prefix}.tokenizer.json of corpus_text_document
+    with open(sidecar, "w") as f:
+        json.dump({"model": "/models/other.model", "vocab_size": 1024, "sha256": "b" * 64}, f)
+    cfg = cfg_for(prefix, tmp_path / "cache")
+    with pytest.raises(ValueError) as e:
+        build_datasets(cfg, 16, 1, {"train": 10}, tokenizer=_tokenizer(1024))
+    text = str(e.value)
+    assert f"{prefix} was tokenized with /models/other.model" in text and sidecar in text
+    assert "data.tokenizer_model is /models/tok.model" in text
+    build_datasets(cfg, 16, 1, {"train": 10}, tokenizer=_tokenizer(1024, sha256="b" * 64))
+    with open(sidecar, "w") as f:
+        json.dump({"model": "/models/other.model", "vocab_size": 1024}, f)
+    with caplog.at_level(logging.WARNING):
+        build_datasets(cfg, 16, 1, {"train": 10}, tokenizer=_tokenizer(1024))
+    assert "predates tokenizer hashes" in caplog.text

@@ -412,3 +412,15 @@ def _export(run_dir):
     from card_megatron.inference.loading import resolve_export_dir
 
     return resolve_export_dir(run_dir)
+
+
+def test_cli_output_is_checked_before_loading(tmp_path, capsys):
+    """A directory or an uncreatable --output fails at once, not after loading and generating."""
+    tool = _cli()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for output, match in ((tmp_path, "is a directory"), (blocker / "out.jsonl", "cannot be written")):
+        # the checkpoint does not exist: the output is reported first, so nothing was loaded
+        assert tool.main(["--checkpoint", str(tmp_path / "missing"), "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert f"output {output} {match}" in err and "checkpoint not found" not in err, err

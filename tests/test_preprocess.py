@@ -268,6 +268,7 @@ def test_sidecar_records_builtin_and_file_inputs(tmp_path, tok):
     assert_shard(str(tmp_path / "s_text_document"), tok, docs + ["first line", "third line"])
     meta = json.load(open(tmp_path / "s.tokenizer.json"))
     assert meta["inputs"] == stats.inputs and meta["mask_id"] == tok.mask_id
+    assert meta["sha256"] == hashlib.sha256(open(tok.source, "rb").read()).hexdigest() == tok.sha256
     synthetic, text = meta["inputs"]
     assert synthetic == {"name": "builtin:synthetic-copy", "kind": "builtin", "num_lines": 40,
                          "num_documents": {"text": 40}, "sha256": fingerprint_documents(docs), "sha256_of": "documents",
@@ -529,3 +530,11 @@ def test_fast_parser_matches_line_by_line_reference():
             assert fast == (ref_texts, ref_skipped, ref_lines), (kind, keys, lines)
             agree += 1
     assert agree > 100 and fallbacks > 100
+
+
+def test_existing_file_with_glob_characters_is_a_file(tmp_path):
+    """x[1].jsonl is that file, not the pattern matching x1.jsonl."""
+    (tmp_path / "x[1].jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "x1.jsonl").write_text('{"text": "b"}\n')
+    assert [s.name for s in pp.resolve_inputs([str(tmp_path / "x[1].jsonl")])] == [str(tmp_path / "x[1].jsonl")]
+    assert [s.name for s in pp.resolve_inputs([str(tmp_path / "x[0-9].jsonl")])] == [str(tmp_path / "x1.jsonl")]

@@ -182,6 +182,19 @@ def test_dry_run_rejects_layouts_that_do_not_fit(small_config, env, overrides, m
     assert "dry run: nothing launched" not in r.stdout
 
 
+def test_dry_run_checks_the_interpreter(small_config, tmp_path):
+    """A $PYTHON that cannot import the requirements (e.g. the .venv not activated) stops the launch."""
+    isolated = tmp_path / "python"  # the same interpreter without site-packages or PYTHONPATH: no card_megatron
+    isolated.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')
+    isolated.chmod(0o755)
+    env = {**_local_env(GPUS_PER_NODE="0", PROCS_PER_NODE="2"), "PYTHON": str(isolated)}
+    r = subprocess.run(["bash", PRETRAIN, "--dry-run", small_config], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and "dry run: nothing launched" not in r.stdout
+    assert f"PYTHON={isolated} cannot import the project's requirements" in r.stderr
+    assert "No module named 'card_megatron'" in r.stderr and "set PYTHON=" in r.stderr
+
+
 def test_pretrain_refuses_to_run_outside_slurm_and_without_config(small_config):
     r = subprocess.run(["bash", PRETRAIN, small_config, "parallel.tensor_model_parallel_size=1"],
                        env=_local_env(), capture_output=True, text=True, timeout=60)

@@ -185,6 +185,37 @@ def test_bad_config_is_reported_before_training(tiny_corpus, tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_with_a_changed_config_is_refused(tiny_corpus, tmp_path):
+    """What a resume may not change is listed (and nothing else), before any library call can fail on it."""
+    run = str(tmp_path / "run")
+    train(1, overrides(tiny_corpus, run, 2))
+    changed = overrides(tiny_corpus, run, 3, "model.seq_length=16", "objective.name=arm", "parallel.zero_stage=1",
+                        "data.data_path=/elsewhere/docs_text_document", "optim.lr=1e-3", "train.log_interval=2")
+    proc = subprocess.run(command(1, changed), cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "cannot resume" in err and "step_00000002" in err and "Traceback" not in err
+    for change in ("model.seq_length: 32 -> 16", "objective.name: 'card' -> 'arm'", "parallel.zero_stage: 0 -> 1",
+                   f"data.data_path: '{tiny_corpus[0]}' -> '/elsewhere/docs_text_document'"):
+        assert change in err, change
+    assert "train.train_iters" not in err and "optim.lr" not in err and "log_interval" not in err
+
+
+@pytest.mark.slow
+def test_data_of_another_tokenizer_is_refused(tiny_corpus, tmp_path):
+    """data.tokenizer_model must be the tokenizer that made the shard (its sidecar says which)."""
+    from card_megatron.tokenizer import train_tokenizer
+
+    other = str(tmp_path / "other.model")
+    train_tokenizer(["a different tiny corpus of words and more words"] * 50, other, 300)
+    args = overrides(tiny_corpus, str(tmp_path / "run"), 2, f"data.tokenizer_model={other}")
+    proc = subprocess.run(command(1, args), cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{tiny_corpus[0]} was tokenized with {os.path.abspath(tiny_corpus[1])}" in proc.stderr
+    assert f"data.tokenizer_model is {other}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
 def test_wandb_logs_offline_into_the_run_directory(tiny_corpus, tmp_path):
     run = str(tmp_path / "wandb")
     train(1, overrides(tiny_corpus, run, 2, "logging.wandb=true"))

@@ -46,7 +46,8 @@ prompts: every prompt is preceded by the document-boundary token (eos; the train
   so longer contexts must be asked for explicitly.
 
 exit status: 0 on success, 2 for bad input (missing or corrupt checkpoint, tokenizer mismatch,
-  prompt too long, bad flag values), with a one-line message."""
+  prompt too long, bad flag values, an --output that cannot be written: checked before generating),
+  with a one-line message."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from card_megatron.inference import quality
     from card_megatron.inference.generate import GenerationConfig, generate, resolve_decoding
     from card_megatron.inference.loading import load_model
-    from card_megatron.inference.records import read_prompts, write_jsonl
+    from card_megatron.inference.records import check_writable, read_prompts, write_jsonl
     from card_megatron.inference.sampling import SamplingConfig
 
     import torch
@@ -128,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("num_samples", "batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} ({getattr(args, name)}) must be >= 1")
+    if args.output:
+        check_writable(args.output)  # before loading and generating, not after
     sampling_cfg = SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
                                   top_p=args.top_p, seed=args.seed)
     prompts = list(args.prompt) + (read_prompts(args.input_file) if args.input_file else [])

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("input")
     g.add_argument("--input", nargs="+", metavar="PATH",
-                   help="input files or globs: .jsonl/.json/.ndjson (one JSON object per line), .txt (one document "
+                   help="input files or globs (an existing path is a file, even with glob characters in its name): "
+                   ".jsonl/.json/.ndjson (one JSON object per line), .txt (one document "
                    "per line), each optionally .gz; or a built-in corpus: "
                    + ", ".join(BUILTIN_PREFIX + name for name in BUILTIN_CORPORA) + " (listed below)")
     g.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",

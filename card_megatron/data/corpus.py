@@ -100,6 +100,8 @@ def builtin_source(name: str, spec: Optional[Any] = None) -> InputSource:
 def resolve_inputs(patterns: Sequence[Union[str, InputSource]]) -> list[InputSource]:
     """Expands files and globs (sorted) into input sources; ValueError for no match or an unknown type.
 
+    A path that exists is that file even when its name has glob characters (``x[1].jsonl``).
+
     ``builtin:NAME`` is a built-in corpus with its default parameters; an :class:`InputSource`
     (e.g. from :func:`builtin_source`) is taken as it is.
     """
@@ -113,7 +115,7 @@ def resolve_inputs(patterns: Sequence[Union[str, InputSource]]) -> list[InputSou
         if pattern.startswith(BUILTIN_PREFIX):
             sources.append(builtin_source(pattern))
             continue
-        if glob.has_magic(pattern):
+        if glob.has_magic(pattern) and not os.path.exists(pattern):  # an existing path is a file, not a pattern
             matches = sorted(p for p in glob.glob(pattern) if not os.path.isdir(p))
             if not matches:
                 raise ValueError(f"input {pattern}: no file matches")

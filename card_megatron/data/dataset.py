@@ -14,6 +14,7 @@ reader has it, else ``shard[doc][offset:offset + length]``.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import time
@@ -208,6 +209,51 @@ def _warn_without_eod(prefix: str, shard_sizes: np.ndarray, read: Callable, eod:
         )  # fmt: skip
 
 
+def _check_same_tokenizer(prefix: str, tokenizer: Any) -> None:
+    """Raises ValueError if the shard's sidecar names another tokenizer than ``tokenizer``
+    (their sha256 differ); warns when there is no sidecar or it predates the hash."""
+    from card_megatron.data.preprocess import sidecar_for
+
+    sidecar = sidecar_for(prefix)
+    if sidecar is None:
+        logger.warning("%s has no tokenizer sidecar ({output prefix}.tokenizer.json): cannot check that "
+                       "data.tokenizer_model (%s) is the tokenizer that made it", prefix, tokenizer.source)
+        return
+    try:
+        with open(sidecar) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{sidecar}: cannot read the tokenizer sidecar of {prefix} ({e})") from None
+    saved = meta.get("sha256")
+    if saved is None:
+        logger.warning("%s predates tokenizer hashes: cannot check that data.tokenizer_model (%s) made %s",
+                       sidecar, tokenizer.source, prefix)
+    elif saved != tokenizer.sha256:
+        raise ValueError(
+            f"{prefix} was tokenized with {meta.get('model', '?')} (sha256 {saved[:16]}..., says {sidecar}), but "
+            f"data.tokenizer_model is {tokenizer.source} (sha256 {tokenizer.sha256[:16]}...): set "
+            "data.tokenizer_model to the tokenizer that made the shard, or re-tokenize the data with this one"
+        )
+
+
+def _check_token_ids(prefix: str, fingerprint: str, tokenizer: Any, cache_dir: str, lock_timeout_s: float) -> None:
+    """Raises ValueError if the shard holds an id outside ``tokenizer``'s vocabulary. The shard's
+    largest id is computed once and cached beside the sample index, keyed by the fingerprint."""
+    def build() -> dict[str, np.ndarray]:
+        tokens = open_shard(prefix).tokens
+        return {"max_token_id": np.array([int(tokens.max()) if len(tokens) else -1], dtype=np.int64)}
+
+    description = {"format_version": idx.FORMAT_VERSION, "max_token_id_of": fingerprint}
+    arrays, _ = idx.load_or_build(cache_dir, "tokens", description, build, lock_timeout_s)
+    max_id = int(arrays["max_token_id"][0])
+    if max_id >= tokenizer.vocab_size:
+        raise ValueError(
+            f"{prefix}.bin holds token id {max_id}, outside the vocabulary of data.tokenizer_model "
+            f"{tokenizer.source} ({tokenizer.vocab_size} ids, 0..{tokenizer.vocab_size - 1}): the shard was made "
+            "with another tokenizer; set data.tokenizer_model to it, or re-tokenize the data with this one"
+        )
+
+
 def build_datasets(
     data_cfg: DataConfig,
     seq_length: int,
@@ -215,6 +261,7 @@ def build_datasets(
     num_samples: Mapping[str, int],
     tokenizer_eod: Optional[int] = None,
     *,
+    tokenizer: Any = None,
     lock_timeout_s: float = 3600.0,
 ) -> dict[str, PackedDataset]:
     """One :class:`PackedDataset` per split ("train", "valid", "test").
@@ -223,7 +270,9 @@ def build_datasets(
     dataset, nothing built); more than one epoch is built where needed. The indices are
     cached in ``data_cfg.cache_dir`` (None = ``{first prefix}_index_cache``); every process
     may call this at once: one builds, the others wait up to ``lock_timeout_s`` and load.
-    With ``tokenizer_eod`` given, warns if the shards' documents do not end with it.
+    With ``tokenizer_eod`` given, warns if the shards' documents do not end with it. With
+    ``tokenizer`` (a :class:`~card_megatron.tokenizer.Tokenizer`) given, raises ValueError naming
+    the shard when it holds ids outside the vocabulary or its sidecar names another tokenizer.
     """
     unknown = set(num_samples) - set(idx.SPLITS)
     if unknown:
@@ -241,6 +290,10 @@ def build_datasets(
         for prefix, sizes, read in zip(prefixes, shards.sizes, shards.readers):
             _warn_without_eod(prefix, sizes, read, tokenizer_eod)
     cache_dir = idx.default_cache_dir(prefixes[0], data_cfg.cache_dir)
+    if tokenizer is not None:
+        for prefix, fingerprint in zip(prefixes, fingerprints):
+            _check_same_tokenizer(prefix, tokenizer)
+            _check_token_ids(prefix, fingerprint, tokenizer, cache_dir, lock_timeout_s)
 
     datasets: dict[str, PackedDataset] = {}
     for s, split in enumerate(idx.SPLITS):

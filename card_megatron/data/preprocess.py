@@ -8,8 +8,10 @@ packed array per key. The main process streams them into one C++ shard writer pe
 (``{output_prefix}_{key}_document.bin/.idx``), reports progress and renames the shards into
 place only when everything succeeded.
 
-The sidecar ``{output_prefix}.tokenizer.json`` holds the tokenizer's reserved ids and sizes
-and, under ``"inputs"``, one record per input saying what the shards were made of::
+The sidecar ``{output_prefix}.tokenizer.json`` holds the tokenizer's reserved ids and sizes,
+its ``sha256`` (of the serialized SentencePiece model: training refuses a shard whose tokenizer
+differs from ``data.tokenizer_model``) and, under ``"inputs"``, one record per input saying what
+the shards were made of::
 
     {"name": "builtin:synthetic-copy" or the file's absolute path,
      "kind": "builtin" | "jsonl" | "txt",
@@ -117,6 +119,17 @@ class PreprocessStats:
 def output_prefix_for(output_prefix: str, key: str) -> str:
     """Megatron's naming: ``{output_prefix}_{key}_document``."""
     return f"{output_prefix}_{key}_document"
+
+
+def sidecar_for(data_prefix: str) -> Optional[str]:
+    """The ``{output_prefix}.tokenizer.json`` written with the shard ``data_prefix``
+    (``{output_prefix}_{key}_document``, or ``{data_prefix}.tokenizer.json``); None if there is none."""
+    stem = data_prefix[: -len("_document")] if data_prefix.endswith("_document") else ""
+    cuts = [i for i, c in enumerate(stem) if c == "_"]
+    for candidate in [stem[:i] for i in reversed(cuts)] + [data_prefix]:
+        if os.path.isfile(f"{candidate}.tokenizer.json"):
+            return f"{candidate}.tokenizer.json"
+    return None
 
 
 # -- parsing (shared by the workers and tokenizer training) ---------------------------

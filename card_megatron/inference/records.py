@@ -46,6 +46,20 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def check_writable(path: str) -> None:
+    """Raises ValueError naming ``path`` unless :func:`write_jsonl` can write it: call it before the
+    work whose results go there. Creates missing parent directories, as write_jsonl would."""
+    if os.path.isdir(path):
+        raise ValueError(f"output {path} is a directory: give a file name")
+    probe = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"output {path} cannot be written ({e.strerror or e})") from None
+
+
 def write_jsonl(path: str, records: Iterable[dict]) -> None:
     """Writes one JSON object per line to ``path`` under a temporary name, then renames it."""
     directory = os.path.dirname(os.path.abspath(path))

@@ -4,7 +4,8 @@ Layout of ``{run_dir}/checkpoints``::
 
     step_00000100/            DeepSpeed engine checkpoint (model, optimizer, ZeRO shards)
         client state            consumed samples, step, RNG states (inside DeepSpeed's files)
-        config.yaml             the resolved config
+        config.yaml             the resolved config (a resume compares it: config.resume_changes)
+        meta.json               step, consumed samples, data-parallel size
         tokenizer.model         the tokenizer the run used
         export/model.pt         consolidated weights, canonical names, loadable under any layout
                                 (with an EMA, also ``ema_state_dict``: the EMA weights, gathered alike)
@@ -30,6 +31,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
+
+from card_megatron.config import Config, config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +141,7 @@ def save_checkpoint(engine, run_dir: str, step: int, client_state: dict, *, conf
                 sidecar = os.path.splitext(tokenizer_model)[0] + ".tokenizer.json"
                 if os.path.exists(sidecar):
                     shutil.copyfile(sidecar, os.path.join(dst, "tokenizer.tokenizer.json"))
-        meta = {"step": step, "consumed_samples": client_state["consumed_samples"]}
+        meta = {k: client_state[k] for k in ("step", "consumed_samples", "data_parallel_size") if k in client_state}
         atomic_write(os.path.join(path, "meta.json"), json.dumps(meta))
         atomic_write(os.path.join(root, "latest"), tag)
         _prune(root, keep_last)
@@ -182,6 +186,24 @@ def load_ema_state(path: str, ema_file: str, layout_files: set[str]) -> Optional
             "resume with the tensor and pipeline sizes (and, under ZeRO-3, the data-parallel size) that saved it"
         )
     return torch.load(os.path.join(path, ema_file), map_location="cpu", weights_only=True)
+
+
+def saved_config(path: str) -> Optional[Config]:
+    """The config that checkpoint ``path`` was saved with (its ``config.yaml``), or None without one."""
+    file = os.path.join(path, "config.yaml")
+    if not os.path.exists(file):
+        return None
+    with open(file) as f:
+        return config_from_dict(yaml.safe_load(f) or {})
+
+
+def saved_meta(path: str) -> dict:
+    """Checkpoint ``path``'s ``meta.json`` (step, consumed_samples, data_parallel_size); {} without one."""
+    file = os.path.join(path, "meta.json")
+    if not os.path.exists(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
 
 
 def load_checkpoint(engine, path: str) -> dict:

@@ -18,7 +18,7 @@ from typing import ContextManager, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from card_megatron.config import Config, config_to_dict, save_config, validate
+from card_megatron.config import Config, ConfigError, config_to_dict, resume_changes, save_config, validate
 from card_megatron.parallel.state import ParallelInfo, init_distributed
 from card_megatron.training import checkpoint as ckpt
 from card_megatron.training import diagnostics
@@ -49,6 +49,9 @@ class Trainer:
         dist.barrier()
         self._stop_requested = False
         self._install_signal_handlers()
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest:
+            self._check_resume(latest)  # before anything is built: a changed layout fails here, not in DeepSpeed
 
         from card_megatron.tokenizer import Tokenizer
 
@@ -64,7 +67,6 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.resumed_from: Optional[str] = None
-        latest = ckpt.latest_checkpoint(self.run_dir)
         if latest:
             self._resume(latest)
         if self.is_rank0:
@@ -168,6 +170,7 @@ class Trainer:
         self.datasets = build_datasets(
             cfg.data, cfg.model.seq_length, t.seed,
             {"train": t.train_iters * t.global_batch_size, "valid": self.valid_samples, "test": 0},
+            tokenizer=self.tokenizer,
         )
 
     # ------------------------------------------------------------------ batches
@@ -419,7 +422,7 @@ class Trainer:
 
     def _client_state(self) -> dict:
         return {"step": self.step, "consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
-                "rng": ckpt.rng_state()}
+                "data_parallel_size": self.info.dp_size, "rng": ckpt.rng_state()}
 
     def save(self) -> str:
         from megatron.core import parallel_state
@@ -455,6 +458,19 @@ class Trainer:
         if self.is_rank0:
             log.info("saved checkpoint %s", path)
         return path
+
+    def _check_resume(self, path: str) -> None:
+        """Raises ConfigError listing what this config changes that a resume of ``path`` may not
+        (config.RESUMABLE says what may change)."""
+        saved, saved_dp = ckpt.saved_config(path), ckpt.saved_meta(path).get("data_parallel_size")
+        changes = resume_changes(saved, self.cfg, saved_dp, self.info.dp_size) if saved is not None else []
+        if changes:
+            raise ConfigError(
+                f"cannot resume {path} with this config; it changes what a resume may not change:\n  - "
+                + "\n  - ".join(changes)
+                + f"\nRestore these values, or start a new run with another train.run_dir (now {self.run_dir}). "
+                "docs/design.md 'Resuming' says what may change."
+            )
 
     def _resume(self, path: str) -> None:
         state = ckpt.load_checkpoint(self.engine, path)
