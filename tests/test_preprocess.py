@@ -273,7 +273,7 @@ def test_sidecar_records_builtin_and_file_inputs(tmp_path, tok):
     assert synthetic == {"name": "builtin:synthetic-copy", "kind": "builtin", "num_lines": 40,
                          "num_documents": {"text": 40}, "sha256": fingerprint_documents(docs), "sha256_of": "documents",
                          "parameters": {"seed": 3, "num_documents": 40, "lexicon_size": 256,
-                                        "syllables_per_word": [2, 3], "words_per_string": [6, 12], "repeats": [6, 10],
+                                        "syllables_per_word": [2, 3], "words_per_string": [8, 8], "repeats": [6, 10],
                                         "consonants": "bdfgklmnprstvz", "vowels": "aeiou"}}
     assert text == {"name": str(tmp_path / "f.txt.gz"), "kind": "txt", "gzip": True,
                     "size_bytes": os.path.getsize(tmp_path / "f.txt.gz"), "num_lines": 3, "num_documents": {"text": 2},
