@@ -117,6 +117,9 @@ class TrainConfig:
     # Also validate the EMA weights (needs optim.ema_decay > 0): eval records gain ema_val_nll, ema_val_ppl.
     eval_ema: bool = False
     max_nonfinite_steps: int = 10  # consecutive non-finite losses before stopping
+    # Resume with torch.load(weights_only=False): only for run directories you trust (checkpoints saved
+    # elsewhere holding objects this code never saves). By default nothing in a checkpoint can run code.
+    trust_checkpoint: bool = False
 
 
 @dataclass
