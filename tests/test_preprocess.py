@@ -399,6 +399,20 @@ def test_user_errors(tmp_path, tok_path):
                                                               "--overwrite", "--merge", "--skip-bad-lines"))
 
 
+def test_second_run_on_one_output_prefix_is_refused(tmp_path, tok):
+    """{output_prefix}.lock is held for the whole run: a second run is refused, naming the holder (issue 14)."""
+    from card_megatron.lock import ExclusiveLock
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
+    opts = pp.PreprocessOptions(inputs=[inp], output_prefix=str(tmp_path / "o"), tokenizer_model=tok.source)
+    with ExclusiveLock(str(tmp_path / "o.lock")):
+        with pytest.raises(pp.PreprocessError, match=rf"o\.lock is locked by host .* pid {os.getpid()} since .*--output-prefix"):
+            pp.preprocess(opts)
+    assert not os.path.exists(tmp_path / "o_text_document.bin")
+    pp.preprocess(opts)  # released: the leftover lock file does not block
+    assert os.path.exists(tmp_path / "o_text_document.bin")
+
+
 # -- interruption ----------------------------------------------------------------------
 def test_exception_mid_run_leaves_nothing(tmp_path, tok, docs, monkeypatch):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in docs])

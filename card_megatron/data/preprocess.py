@@ -55,6 +55,7 @@ from card_megatron.data.corpus import (
     resolve_inputs,
 )
 from card_megatron.data.shards import ShardStats, ShardWriter, shard_exists, token_dtype
+from card_megatron.lock import ExclusiveLock, LockHeldError
 from card_megatron.tokenizer import Tokenizer, train_tokenizer, write_tokenizer_sidecar
 
 logger = logging.getLogger(__name__)
@@ -487,9 +488,26 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
     """Tokenizes ``opts.inputs`` into one shard per JSON key; returns the run's statistics.
 
     Raises PreprocessError (a ValueError) for every user error: bad input lines (naming file
-    and line), missing key, missing tokenizer, existing output without ``overwrite``. On any
-    error or interruption no finished-looking shard is left behind.
+    and line), missing key, missing tokenizer, existing output without ``overwrite``, another
+    run writing the same output prefix (``{output_prefix}.lock`` names it). On any error or
+    interruption no finished-looking shard is left behind.
     """
+    out_dir = os.path.dirname(os.path.abspath(opts.output_prefix))
+    if not os.path.isdir(out_dir):
+        raise PreprocessError(f"output directory {out_dir} does not exist")
+    lock = ExclusiveLock(f"{opts.output_prefix}.lock", 0.0, "Another preprocessing run is writing this "
+                         "--output-prefix: wait for it to end, or choose another --output-prefix.")
+    try:
+        lock.acquire()
+    except LockHeldError as e:
+        raise PreprocessError(str(e)) from None
+    try:
+        return _preprocess(opts)
+    finally:
+        lock.release()
+
+
+def _preprocess(opts: PreprocessOptions) -> PreprocessStats:
     t0 = time.monotonic()
     keys = tuple(opts.json_keys)
     if not keys:
@@ -507,9 +525,6 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
         for p in prefixes.values():
             if shard_exists(p):
                 raise PreprocessError(f"output {p}.bin/.idx already exists (pass --overwrite to replace it)")
-    out_dir = os.path.dirname(os.path.abspath(opts.output_prefix))
-    if not os.path.isdir(out_dir):
-        raise PreprocessError(f"output directory {out_dir} does not exist")
 
     tok = _prepare_tokenizer(opts, sources, keys)
     dtype = token_dtype(tok.vocab_size)
