@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -338,3 +339,46 @@ def test_disk_full_during_a_save_says_so_and_keeps_the_last_checkpoint(tiny_corp
         trainer.save()
     assert ckpt.latest_checkpoint(cfg.train.run_dir) == first
     trainer._close()
+
+
+def test_stale_extension_build_lock_is_removed_with_a_warning(tmp_path, monkeypatch, caplog):
+    """A torch-extension build killed midway leaves `lock`, on which every later start would wait in
+    silence: an old one is removed with a warning naming it, a young one is named (issue 14)."""
+    from card_megatron.parallel import cpu_adapter
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    young = tmp_path / "py311_cpu" / "other_op" / "lock"
+    for lock in (stale, young):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - 2 * cpu_adapter.STALE_BUILD_LOCK_S
+    os.utime(stale, (old, old))
+    with caplog.at_level("WARNING"):
+        assert cpu_adapter.clear_stale_build_locks() == [str(stale)]
+    assert not stale.exists() and young.exists()
+    assert f"removed {stale}" in caplog.text and f"{young} exists" in caplog.text
+
+
+@pytest.mark.slow
+def test_training_starts_despite_a_killed_op_build(tiny_corpus, tmp_path):
+    """The same end to end: DeepSpeed's CPU op cache with a lock left by a killed build; training starts."""
+    import shutil
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    from card_megatron.parallel import cpu_adapter
+
+    root = tmp_path / "extensions"
+    built = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    if os.path.isdir(built):
+        shutil.copytree(built, root, ignore=shutil.ignore_patterns("lock"))
+    lock = root / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    old = time.time() - 2 * cpu_adapter.STALE_BUILD_LOCK_S
+    os.utime(lock, (old, old))
+    proc = subprocess.run(command(1, overrides(tiny_corpus, str(tmp_path / "run"), 1)), cwd=REPO,
+                          env={**env(), "TORCH_EXTENSIONS_DIR": str(root)}, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"removed {lock}" in proc.stderr
