@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from tests.training_runs import REPO, command, env, losses, overrides, records, train
+from tests.training_runs import REPO, command, env, kill_tree, losses, overrides, records, train
 
 ITERS = 6
 
@@ -102,7 +102,7 @@ def test_exact_resume_after_exit_interval_and_kill(tiny_corpus, tmp_path):
         if os.path.exists(latest) and open(latest).read().strip() >= "step_00000002":
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)  # torchrun and its workers (each in a session of its own)
     proc.wait()
     killed_at = int(open(latest).read().strip().split("_")[1])
     assert killed_at < 8, "the run finished before it could be killed"
