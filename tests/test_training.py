@@ -106,7 +106,7 @@ def test_exact_resume_after_exit_interval_and_kill(tiny_corpus, tmp_path):
     proc.wait()
     killed_at = int(open(latest).read().strip().split("_")[1])
     assert killed_at < 8, "the run finished before it could be killed"
-    train(2, overrides(tiny_corpus, killed, 8, *extra, "train.keep_last_checkpoints=2"))
+    train(2, overrides(tiny_corpus, killed, 8, *extra, "train.save_interval=2", "train.keep_last_checkpoints=2"))
     resumed = losses(killed)
     for step in range(killed_at + 1, 9):
         assert resumed[step] == reference[step], (step, resumed[step], reference[step])
@@ -338,7 +338,7 @@ def test_disk_full_during_a_save_says_so_and_keeps_the_last_checkpoint(tiny_corp
     with pytest.raises(OSError, match=r"the disk is full: saving checkpoint .*step_00000002 failed .*step_00000001 is intact"):
         trainer.save()
     assert ckpt.latest_checkpoint(cfg.train.run_dir) == first
-    trainer._close()
+    trainer.close()
 
 
 def test_stale_extension_build_lock_is_removed_with_a_warning(tmp_path, monkeypatch, caplog):

@@ -49,6 +49,16 @@ class Trainer:
         if self.is_rank0:
             os.makedirs(self.run_dir, exist_ok=True)
         self._run_lock = self._lock_run_dir()
+        try:
+            self._build()
+        except BaseException:
+            if self._run_lock is not None:
+                self._run_lock.release()
+            raise
+
+    def _build(self) -> None:
+        """Everything after the run directory is locked: model, engine, EMA, data, resume, metrics."""
+        cfg = self.cfg
         self._stop_requested = False
         self._install_signal_handlers()
 
@@ -529,7 +539,7 @@ class Trainer:
             self._log_line(f"{self.resumed_from} is at step {self.step}, train.train_iters is {t.train_iters}: the run "
                            "is finished, nothing to do (raise train.train_iters to train on)")
             summary.update({"end_step": self.step, "stopped_by": "finished_before", "skipped_steps": self.skipped_steps})
-            self._close()
+            self.close()
             return summary
         for name in ("finished", "preempted"):
             if self.is_rank0 and os.path.exists(os.path.join(self.run_dir, name)):
@@ -586,10 +596,12 @@ class Trainer:
                 ckpt.atomic_write(os.path.join(self.run_dir, "finished"), str(self.step))
         dist.barrier()
         summary.update({"end_step": self.step, "stopped_by": stopped_by, "skipped_steps": self.skipped_steps})
-        self._close()
+        self.close()
         return summary
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Closes the metrics files and releases the run directory (``train()`` ends with it; a Trainer
+        used without ``train()`` holds the run directory until this is called)."""
         self.metrics.close()
         dist.barrier()  # every rank is done with the run directory before the lock goes
         if self._run_lock is not None:
