@@ -323,14 +323,16 @@ def safe_load(path: str, map_location=None, trust: bool = False) -> Any:
         with torch.serialization.safe_globals(_deepspeed_state_classes()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), None)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line), None)
         if detail is None:  # not a forbidden object: a damaged file
-            raise ValueError(f"{path} is corrupt ({str(e).splitlines()[0]}); move {os.path.dirname(path)} out of the "
-                             "way to resume from the previous checkpoint") from None
+            what = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
+            raise ValueError(f"{path} is corrupt ({what}); move {os.path.dirname(path)} out "
+                             "of the way to resume from the previous checkpoint") from None
         raise ValueError(
-            f"refusing to load {path}: it holds an object that a checkpoint saved by this code never holds "
-            f"({detail}), and loading it could run code. If you trust the run directory, resume with "
-            "train.trust_checkpoint=true"
+            f"refusing to load {path}: it holds an object outside the allowlist ({detail}), and loading it could "
+            "run code. Checkpoints saved by this code hold none (those saved before the RNG states were stored as "
+            "tensors hold NumPy arrays). If you trust the run directory, resume with train.trust_checkpoint=true"
         ) from None
     except (EOFError, RuntimeError) as e:
         raise ValueError(f"{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
