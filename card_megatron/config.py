@@ -118,6 +118,9 @@ class TrainConfig:
     # Also validate the EMA weights (needs optim.ema_decay > 0): eval records gain ema_val_nll, ema_val_ppl.
     eval_ema: bool = False
     max_nonfinite_steps: int = 10  # consecutive non-finite losses before stopping
+    # Resume with torch.load(weights_only=False): only for run directories you trust (checkpoints saved
+    # elsewhere holding objects this code never saves). By default nothing in a checkpoint can run code.
+    trust_checkpoint: bool = False
 
 
 @dataclass
@@ -440,7 +443,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 RESUMABLE = frozenset({
     "train.train_iters", "train.micro_batch_size", "train.run_dir", "train.save_interval",
     "train.keep_last_checkpoints", "train.exit_interval", "train.log_interval", "train.eval_interval",
-    "train.eval_iters", "train.eval_ema", "train.max_nonfinite_steps",
+    "train.eval_iters", "train.eval_ema", "train.max_nonfinite_steps", "train.trust_checkpoint",
     "optim.lr", "optim.min_lr", "optim.lr_warmup_iters", "optim.lr_decay_style", "optim.lr_decay_iters",
     "optim.clip_grad", "optim.ema_decay",
     "data.num_workers", "data.cache_dir",

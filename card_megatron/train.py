@@ -46,12 +46,18 @@ def main(argv=None) -> int:
         return 2
     from card_megatron.training.trainer import Trainer
 
+    from card_megatron.lock import LockHeldError
+
     try:
         trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, LockHeldError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except OSError as e:  # a failed save (disk full): the message says what is intact
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.summary_json and rank == 0:
         with open(args.summary_json + ".tmp", "w") as f:
             json.dump(summary, f, indent=2)

@@ -1,5 +1,6 @@
 """build_datasets, the cache, the sampler and collate, on small shards written to a temp dir."""
 
+import errno
 import logging
 import multiprocessing as mp
 import os
@@ -351,3 +352,44 @@ def test_shard_of_another_tokenizer_is_refused(shard, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         build_datasets(cfg, 16, 1, {"train": 10}, tokenizer=_tokenizer(1024))
     assert "predates tokenizer hashes" in caplog.text
+
+
+def test_broken_cache_entry_is_rebuilt_with_a_warning(shard, tmp_path, caplog):
+    """A truncated or reshaped .npy of a cache entry is named in a warning and rebuilt (issue 14)."""
+    prefix, docs = shard
+    cfg = cfg_for(prefix, tmp_path / "cache")
+    good = build_datasets(cfg, 16, 1, {"train": 50})["train"]
+    expected = [np.array(good[k]["tokens"]) for k in range(50)]
+    victim = os.path.join(good.entry_dir, "d0_sample_index.npy")
+    for damage in ("truncate", "reshape"):
+        if damage == "truncate":
+            with open(victim, "r+b") as f:
+                f.truncate(os.path.getsize(victim) // 2)
+        else:
+            np.save(victim, np.zeros((3, 2), dtype=np.int32))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            again = build_datasets(cfg, 16, 1, {"train": 50})["train"]
+        assert any(victim in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records), caplog.text
+        assert again.entry_dir == good.entry_dir
+        for k in range(50):
+            np.testing.assert_array_equal(again[k]["tokens"], expected[k])
+
+
+def test_read_only_cache_suggests_cache_dir(shard, tmp_path, monkeypatch):
+    """A cache that cannot be written (read-only dataset directory) names data.cache_dir (issue 14)."""
+    prefix, _ = shard
+    cache = tmp_path / "ro_cache"
+    cache.mkdir()
+    if os.geteuid() == 0:  # root ignores permissions: the file system says read-only instead
+        def read_only(path, *args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+        monkeypatch.setattr(idx.os, "open", read_only)
+    else:
+        os.chmod(cache, 0o555)
+    try:
+        with pytest.raises(ValueError, match=r"ro_cache .*data\.cache_dir"):
+            build_datasets(cfg_for(prefix, cache), 16, 1, {"train": 50})
+    finally:
+        os.chmod(cache, 0o755)

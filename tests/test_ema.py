@@ -105,6 +105,7 @@ def test_ema_switched_on_and_off_between_runs(tiny_corpus, tmp_path, caplog):
         pass
     plain.train_step()
     plain.save()
+    plain.close()  # a Trainer holds the run directory until then
     with pytest.raises(ValueError, match=r"step_00000001/export/model\.pt has no EMA weights"):
         load_model(run, device="cpu", ema=True)
 
@@ -120,11 +121,14 @@ def test_ema_switched_on_and_off_between_runs(tiny_corpus, tmp_path, caplog):
         for s, p in zip(with_ema.ema.shadow, with_ema.model.parameters()):
             assert torch.equal(p, s)
     with_ema.save()
+    with_ema.close()
     checkpoint = os.path.join(run, "checkpoints", "step_00000002")
     assert "ema_state_dict" in torch.load(os.path.join(checkpoint, "export", "model.pt"), weights_only=True)
 
     caplog.clear()
-    assert trainer().ema is None
+    dropped = trainer()
+    assert dropped.ema is None
+    dropped.close()
     assert "holds an EMA, but optim.ema_decay is 0: the EMA is dropped" in caplog.text
 
     # An EMA saved with TP=2 (two files) cannot resume on one process: refused, with the reason.

@@ -1,6 +1,7 @@
 """Tokenizer, built-in corpus and tools/preprocess_data.py end to end (CLI and library)."""
 
 import dataclasses
+import errno
 import gzip
 import hashlib
 import itertools
@@ -342,6 +343,8 @@ def assert_user_error(r, *fragments):
     (b'{"text": "caf\xe9"}', "invalid UTF-8"),
     (b'["a", "list"]', "expected a JSON object"),
     (b'{"text": 12}', "not a string"),
+    (b'{"text": "\\ud800"}', "lone UTF-16 surrogate"),  # valid JSON, but no text
+    (b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
 ])
 def test_bad_line_names_file_and_line(tmp_path, tok_path, bad_line, message):
     inp = write_jsonl(tmp_path / "bad.jsonl", [{"text": "good one"}, {"text": "good two"}], [bad_line])
@@ -398,6 +401,45 @@ def test_user_errors(tmp_path, tok_path):
     r = run_tool("--help")
     assert r.returncode == 0 and all(f in r.stdout for f in ("--input", "--json-keys", "--output-prefix", "--workers",
                                                               "--overwrite", "--merge", "--skip-bad-lines"))
+
+
+def test_second_run_on_one_output_prefix_is_refused(tmp_path, tok):
+    """{output_prefix}.lock is held for the whole run: a second run is refused, naming the holder (issue 14)."""
+    from card_megatron.lock import ExclusiveLock
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
+    opts = pp.PreprocessOptions(inputs=[inp], output_prefix=str(tmp_path / "o"), tokenizer_model=tok.source)
+    with ExclusiveLock(str(tmp_path / "o.lock")):
+        with pytest.raises(pp.PreprocessError, match=rf"o\.lock is locked by host .* pid {os.getpid()} since .*--output-prefix"):
+            pp.preprocess(opts)
+    assert not os.path.exists(tmp_path / "o_text_document.bin")
+    pp.preprocess(opts)  # released: the leftover lock file does not block
+    assert os.path.exists(tmp_path / "o_text_document.bin")
+
+
+def test_failed_run_leaves_no_tokenizer_and_says_disk_full(tmp_path, docs, monkeypatch):
+    """A trained tokenizer is renamed into place only with its shards: a run that fails later (here: the
+    disk fills at the end) leaves no {prefix}.model, says so, and the rerun works (issue 14)."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in docs[:100]])
+    opts = pp.PreprocessOptions(inputs=[inp], output_prefix=str(tmp_path / "tr"), train_tokenizer=True,
+                                vocab_size=500)
+    real = pp.ShardWriter.finalize
+
+    def full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.prefix + ".bin")
+
+    monkeypatch.setattr(pp.ShardWriter, "finalize", full)
+    with pytest.raises(pp.PreprocessError, match=r"tr_text_document\.bin: the disk is full; no output written"):
+        pp.preprocess(opts)
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "tr.lock"]
+    monkeypatch.setattr(pp.ShardWriter, "finalize", real)
+    # A SIGKILLed run's temporaries are removed by the next run on the prefix.
+    dead = [tmp_path / "tr_text_document.bin.99999.tmp", tmp_path / "tr.model.99999.tmp"]
+    for d in dead:
+        d.write_bytes(b"partial")
+    pp.preprocess(opts)
+    assert not any(d.exists() for d in dead)
+    assert os.path.exists(tmp_path / "tr.model") and [p for p in os.listdir(tmp_path) if ".tmp" in p] == []
 
 
 # -- interruption ----------------------------------------------------------------------

@@ -8,12 +8,13 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from tests.training_runs import REPO, command, env, losses, overrides, records, train
+from tests.training_runs import REPO, command, env, kill_tree, losses, overrides, records, train
 
 ITERS = 6
 
@@ -101,11 +102,11 @@ def test_exact_resume_after_exit_interval_and_kill(tiny_corpus, tmp_path):
         if os.path.exists(latest) and open(latest).read().strip() >= "step_00000002":
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)  # torchrun and its workers (each in a session of its own)
     proc.wait()
     killed_at = int(open(latest).read().strip().split("_")[1])
     assert killed_at < 8, "the run finished before it could be killed"
-    train(2, overrides(tiny_corpus, killed, 8, *extra, "train.keep_last_checkpoints=2"))
+    train(2, overrides(tiny_corpus, killed, 8, *extra, "train.save_interval=2", "train.keep_last_checkpoints=2"))
     resumed = losses(killed)
     for step in range(killed_at + 1, 9):
         assert resumed[step] == reference[step], (step, resumed[step], reference[step])
@@ -222,3 +223,193 @@ def test_wandb_logs_offline_into_the_run_directory(tiny_corpus, tmp_path):
     offline = [d for d in os.listdir(os.path.join(run, "wandb")) if d.startswith("offline-run-")]
     assert len(offline) == 1, os.listdir(os.path.join(run, "wandb"))
     assert os.path.getsize(os.path.join(run, "wandb", offline[0], f"run-{open(os.path.join(run, 'wandb_id.txt')).read().strip()}.wandb")) > 0
+
+
+# ---------------------------------------------------------------- nothing silent, nothing lost (issue 14)
+
+
+def _fake_checkpoint(root, step, files):
+    """A checkpoint directory with ``files`` (name -> bytes) and a manifest, as save_checkpoint writes it."""
+    path = os.path.join(root, f"step_{step:08d}")
+    os.makedirs(path)
+    for name, data in files.items():
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(data)
+    meta = {"step": step, "consumed_samples": 8 * step, "files": {n: len(d) for n, d in files.items()}}
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return path
+
+
+def test_latest_checkpoint_falls_back_to_the_newest_complete_one(tmp_path, caplog):
+    """A truncated or missing file, an empty or dangling `latest`: warned about by name, the newest
+    complete checkpoint is used; with none complete, an error naming every problem."""
+    from card_megatron.training.checkpoint import latest_checkpoint
+
+    run = str(tmp_path)
+    root = os.path.join(run, "checkpoints")
+    os.makedirs(root)
+    assert latest_checkpoint(run) is None
+    files = {"mp_rank_00_model_states.pt": b"x" * 100, "zero_pp_rank_0_mp_rank_00_optim_states.pt": b"y" * 50}
+    two = _fake_checkpoint(root, 2, files)
+    four = _fake_checkpoint(root, 4, files)
+    latest = os.path.join(root, "latest")
+    with open(latest, "w") as f:
+        f.write("step_00000004")
+    assert latest_checkpoint(run) == four
+    victim = os.path.join(four, "mp_rank_00_model_states.pt")
+    open(victim, "w").close()  # killed mid-save: 0 bytes
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(run) == two
+    assert f"{victim} holds 0 bytes" in caplog.text and f"resuming from the newest complete checkpoint, {two}" in caplog.text
+    os.remove(victim)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(run) == two
+    assert f"{victim} is missing" in caplog.text
+    open(latest, "w").close()  # an empty latest
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(run) == two
+    assert "is empty or names no checkpoint" in caplog.text
+    os.remove(os.path.join(two, "meta.json"))
+    with pytest.raises(ValueError, match=r"no complete checkpoint .*meta.json is missing"):
+        latest_checkpoint(run)
+
+
+@pytest.mark.slow
+def test_finished_run_saves_nothing_and_a_broken_checkpoint_falls_back(tiny_corpus, tmp_path):
+    """Rerunning a finished run saves nothing (`latest` is never rewritten in place); a newest checkpoint
+    truncated to 0 bytes is named and the run resumes bit-exactly from the one before."""
+    run = str(tmp_path / "run")
+    args = overrides(tiny_corpus, run, 4, "train.save_interval=2")
+    train(1, args)
+    reference = losses(run)
+    model = os.path.join(run, "checkpoints", "step_00000004", "mp_rank_00_model_states.pt")
+    before = os.stat(model)
+    again = train(1, args)
+    assert "the run is finished, nothing to do" in again.stderr
+    after = os.stat(model)
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+
+    open(model, "w").close()  # a kill during a save of the same tag left it at 0 bytes
+    resumed = train(1, args)
+    assert f"{model} holds 0 bytes" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "step_00000002 at step 2" in resumed.stderr
+    got = losses(run)
+    for step in (3, 4):
+        assert got[step] == reference[step], (step, got[step], reference[step])
+    assert open(os.path.join(run, "checkpoints", "latest")).read().strip() == "step_00000004"
+    assert os.path.getsize(model) > 0
+
+
+@pytest.mark.slow
+def test_planted_payload_in_a_checkpoint_does_not_run(tiny_corpus, tmp_path):
+    """Resuming reads every checkpoint file with weights_only=True: a pickle that would run code is
+    refused by name, and its code never runs."""
+    run = str(tmp_path / "run")
+    train(1, overrides(tiny_corpus, run, 2))
+    path = os.path.join(run, "checkpoints", "step_00000002")
+    marker = str(tmp_path / "pwned")
+    victim = os.path.join(path, "mp_rank_00_model_states.pt")
+    state = torch.load(victim, weights_only=False)  # the test trusts its own file
+    state["payload"] = _Payload(marker)
+    torch.save(state, victim)
+    meta_path = os.path.join(path, "meta.json")
+    meta = json.load(open(meta_path))
+    meta["files"]["mp_rank_00_model_states.pt"] = os.path.getsize(victim)  # the planter fixes the manifest too
+    json.dump(meta, open(meta_path, "w"))
+    proc = subprocess.run(command(1, overrides(tiny_corpus, run, 4)), cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"refusing to load {victim}" in proc.stderr and "train.trust_checkpoint=true" in proc.stderr
+    assert not os.path.exists(marker)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_second_trainer_on_a_run_dir_is_refused(tiny_corpus, tmp_path):
+    """rank 0 holds {run_dir}/run.lock for the whole run: a second trainer is refused, naming the holder."""
+    from card_megatron.lock import ExclusiveLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with ExclusiveLock(str(run / "run.lock")):
+        proc = subprocess.run(command(1, overrides(tiny_corpus, str(run), 2)), cwd=REPO, env=env(),
+                              capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{run / 'run.lock'} is locked by host " in proc.stderr and f"pid {os.getpid()} since " in proc.stderr
+    assert not os.path.exists(run / "metrics.jsonl")
+
+
+def test_disk_full_during_a_save_says_so_and_keeps_the_last_checkpoint(tiny_corpus, tmp_path):
+    import errno
+
+    from card_megatron.config import load_config
+    from card_megatron.training import checkpoint as ckpt
+    from card_megatron.training.trainer import Trainer
+
+    cfg = load_config(os.path.join(REPO, "configs", "tiny-cpu.yaml"), overrides(tiny_corpus, str(tmp_path / "full"), 4))
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    first = trainer.save()
+
+    def full(state_dict, path):
+        open(path, "wb").close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    trainer.engine.checkpoint_engine.save = full
+    trainer.train_step()
+    with pytest.raises(OSError, match=r"the disk is full: saving checkpoint .*step_00000002 failed .*step_00000001 is intact"):
+        trainer.save()
+    assert ckpt.latest_checkpoint(cfg.train.run_dir) == first
+    trainer.close()
+
+
+def test_stale_extension_build_lock_is_removed_with_a_warning(tmp_path, monkeypatch, caplog):
+    """A torch-extension build killed midway leaves `lock`, on which every later start would wait in
+    silence: an old one is removed with a warning naming it, a young one is named (issue 14)."""
+    from card_megatron.parallel import cpu_adapter
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    young = tmp_path / "py311_cpu" / "other_op" / "lock"
+    for lock in (stale, young):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - 2 * cpu_adapter.STALE_BUILD_LOCK_S
+    os.utime(stale, (old, old))
+    with caplog.at_level("WARNING"):
+        assert cpu_adapter.clear_stale_build_locks() == [str(stale)]
+    assert not stale.exists() and young.exists()
+    assert f"removed {stale}" in caplog.text and f"{young} exists" in caplog.text
+
+
+@pytest.mark.slow
+def test_training_starts_despite_a_killed_op_build(tiny_corpus, tmp_path):
+    """The same end to end: DeepSpeed's CPU op cache with a lock left by a killed build; training starts."""
+    import shutil
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    from card_megatron.parallel import cpu_adapter
+
+    root = tmp_path / "extensions"
+    built = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    if os.path.isdir(built):
+        shutil.copytree(built, root, ignore=shutil.ignore_patterns("lock"))
+    lock = root / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    old = time.time() - 2 * cpu_adapter.STALE_BUILD_LOCK_S
+    os.utime(lock, (old, old))
+    proc = subprocess.run(command(1, overrides(tiny_corpus, str(tmp_path / "run"), 1)), cwd=REPO,
+                          env={**env(), "TORCH_EXTENSIONS_DIR": str(root)}, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"removed {lock}" in proc.stderr

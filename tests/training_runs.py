@@ -56,3 +56,29 @@ def losses(run_dir: str) -> dict[int, float]:
 def records(run_dir: str, name: str = "metrics.jsonl") -> list[dict]:
     with open(os.path.join(run_dir, name)) as f:
         return [json.loads(line) for line in f]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILLs ``pid`` and every process below it. torchrun starts each worker in a session of its
+    own, so killing torchrun's process group leaves the workers running (and finishing the run)."""
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

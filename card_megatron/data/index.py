@@ -41,7 +41,8 @@ How one split's sample stream is made, for sequence length L (samples of L+1 tok
 The cache: arrays of one split live in ``{cache_dir}/{split}_{key}/`` as ``.npy`` files,
 where key hashes everything they depend on (:data:`FORMAT_VERSION`, shard fingerprints,
 blend weights, split weights, L, seed, sample count). A build writes to a temporary
-directory and renames it into place; an exclusive ``fcntl.flock`` on
+directory and renames it into place (``description.json`` records every array's shape and
+dtype; an entry whose files disagree is rebuilt with a warning naming the file); an exclusive ``fcntl.flock`` on
 ``{split}_{key}.lock`` makes one process build while the others wait, then every
 process memory-maps the same files.
 """
@@ -49,7 +50,7 @@ process memory-maps the same files.
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import hashlib
 import json
 import logging
@@ -63,6 +64,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from card_megatron import _indexer
+from card_megatron.lock import ExclusiveLock, LockHeldError
 
 logger = logging.getLogger(__name__)
 
@@ -247,51 +249,58 @@ def cache_key(description: dict) -> str:
 
 @contextlib.contextmanager
 def exclusive_lock(path: str, timeout_s: float) -> Iterator[None]:
-    """Holds an exclusive ``fcntl.flock`` on ``path`` (created if needed).
+    """Holds an exclusive lock on ``path`` (:class:`card_megatron.lock.ExclusiveLock`).
 
     Raises TimeoutError, naming the lock file and its holder, after ``timeout_s`` seconds.
-    The kernel drops the lock when its holder exits, so a leftover file never blocks.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    lock = ExclusiveLock(path, timeout_s, "It is building the sample index. Wait for it, build the index "
+                         "ahead with tools/build_index.py, or raise the lock timeout.")
     try:
-        start = time.monotonic()
-        delay = 0.01
-        announced = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = _read_holder(path)
-                if not announced:
-                    logger.info("waiting for %s (held by %s)", path, holder)
-                    announced = True
-                if time.monotonic() - start > timeout_s:
-                    raise TimeoutError(
-                        f"timed out after {timeout_s:.0f} s waiting for the index lock {path}, held by "
-                        f"{holder} (it is building the sample index). Wait for it, build the index "
-                        f"ahead with tools/build_index.py, or raise the lock timeout."
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+        lock.acquire()
+    except LockHeldError as e:
+        raise TimeoutError(str(e)) from None
+    try:
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
-def _read_holder(path: str) -> str:
+class BrokenCacheEntry(ValueError):
+    """A cache entry whose files do not match its description (truncated, missing, rewritten)."""
+
+
+def _check_npy(path: str, expected: Optional[list]) -> None:
+    """Raises BrokenCacheEntry naming ``path`` unless it is a whole .npy file of the expected
+    [shape, dtype] (from the entry's description.json; None for entries that predate it)."""
     try:
-        with open(path) as f:
-            return f.read().strip() or "an unknown process"
-    except OSError:
-        return "an unknown process"
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            offset = f.tell()
+    except (OSError, ValueError) as e:
+        raise BrokenCacheEntry(f"sample-index cache file {path} is unreadable ({e})") from None
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size != need:
+        raise BrokenCacheEntry(f"sample-index cache file {path} holds {size} bytes, its header promises {need} "
+                               "(truncated or overwritten)")
+    if expected is not None and [list(shape), dtype.str] != [list(expected[0]), expected[1]]:
+        raise BrokenCacheEntry(f"sample-index cache file {path} holds {dtype.str} {list(shape)}, its entry "
+                               f"describes {expected[1]} {list(expected[0])}")
 
 
 def _load_dir(directory: str) -> dict[str, np.ndarray]:
-    with open(os.path.join(directory, "description.json")) as f:
-        names = json.load(f)["arrays"]
+    """Memory-maps a complete cache entry; raises BrokenCacheEntry naming the broken file."""
+    try:
+        with open(os.path.join(directory, "description.json")) as f:
+            record = json.load(f)
+        names = record["arrays"]
+    except (OSError, ValueError, KeyError) as e:
+        raise BrokenCacheEntry(f"sample-index cache entry {directory}: unreadable description.json ({e})") from None
+    shapes = record.get("shapes", {})
+    for name in names:
+        _check_npy(os.path.join(directory, f"{name}.npy"), shapes.get(name))
     return {name: np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r") for name in names}
 
 
@@ -305,22 +314,45 @@ def load_or_build(
     """Memory-maps the cached arrays of ``description``, building them first if absent.
 
     ``name`` prefixes the cache entry (``{name}_{key}``). One process builds (under the
-    lock); the others wait, then load the same files. Returns (arrays, entry directory).
+    lock); the others wait, then load the same files. An entry whose files do not match its
+    description is rebuilt, with a warning naming the broken file. Returns (arrays, entry
+    directory). Raises ValueError suggesting data.cache_dir when the cache cannot be written.
     """
     key = cache_key(description)
     final = os.path.join(cache_dir, f"{name}_{key}")
     done = os.path.join(final, "description.json")
     if os.path.exists(done):  # hit: no lock needed, the entry is complete once it exists
-        logger.info("loaded sample index %s", final)
-        return _load_dir(final), final
+        try:
+            arrays = _load_dir(final)
+            logger.info("loaded sample index %s", final)
+            return arrays, final
+        except BrokenCacheEntry as e:
+            logger.warning("%s: rebuilding the entry", e)
     try:
-        os.makedirs(cache_dir, exist_ok=True)
+        return _build_entry(cache_dir, name, key, final, build, description, lock_timeout_s)
+    except TimeoutError:
+        raise
     except OSError as e:
-        raise ValueError(f"data.cache_dir: cannot create the index cache {cache_dir}: {e}") from None
+        why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+        raise ValueError(
+            f"cannot write the sample-index cache {cache_dir} ({why}: {e.filename or final}). Set data.cache_dir to "
+            "a writable directory with free space (by default the cache lives beside the data, which may be "
+            "read-only), or build the index ahead with tools/build_index.py where it is writable"
+        ) from None
+
+
+def _build_entry(cache_dir: str, name: str, key: str, final: str, build: Callable[[], dict[str, np.ndarray]],
+                 description: dict, lock_timeout_s: float) -> tuple[dict[str, np.ndarray], str]:
+    done = os.path.join(final, "description.json")
+    os.makedirs(cache_dir, exist_ok=True)
     with exclusive_lock(f"{final}.lock", lock_timeout_s):
-        if os.path.exists(done):  # another process built it while we waited
-            logger.info("loaded sample index %s (built by another process)", final)
-            return _load_dir(final), final
+        if os.path.exists(done):  # another process built (or rebuilt) it while we waited
+            try:
+                arrays = _load_dir(final)
+                logger.info("loaded sample index %s (built by another process)", final)
+                return arrays, final
+            except BrokenCacheEntry as e:
+                logger.warning("%s: rebuilding the entry", e)
         # We hold the lock: any temporary or partial entry for this key is dead.
         for entry in os.listdir(cache_dir):
             if entry.startswith(f"{name}_{key}.tmp"):
@@ -334,7 +366,8 @@ def load_or_build(
         os.makedirs(tmp)
         for array_name, array in arrays.items():
             np.save(os.path.join(tmp, f"{array_name}.npy"), array)
-        record = dict(description, arrays=sorted(arrays), build_seconds=round(seconds, 3))
+        shapes = {n: [list(a.shape), a.dtype.str] for n, a in arrays.items()}
+        record = dict(description, arrays=sorted(arrays), shapes=shapes, build_seconds=round(seconds, 3))
         with open(os.path.join(tmp, "description.json"), "w") as f:
             json.dump(record, f, indent=1, sort_keys=True)
         os.rename(tmp, final)

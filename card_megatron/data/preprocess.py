@@ -6,7 +6,12 @@ memory stays bounded. Each worker decodes UTF-8, parses JSON, takes the ``json_k
 tokenizes with SentencePiece, appends the end-of-document id and returns the tokens as one
 packed array per key. The main process streams them into one C++ shard writer per key
 (``{output_prefix}_{key}_document.bin/.idx``), reports progress and renames the shards into
-place only when everything succeeded.
+place only when everything succeeded; a tokenizer trained by the run (``--train-tokenizer``)
+is renamed to ``{output_prefix}.model`` with them. The run holds ``{output_prefix}.lock``
+throughout (a second run on the prefix is refused, naming the holder) and first removes the
+``*.<pid>.tmp`` files that killed runs left beside its outputs. Every bad line (invalid UTF-8
+or JSON, nesting too deep, a lone surrogate, a missing or non-string key) is named by file and
+line, or skipped with ``--skip-bad-lines``; an I/O error names the file (and a full disk).
 
 The sidecar ``{output_prefix}.tokenizer.json`` holds the tokenizer's reserved ids and sizes,
 its ``sha256`` (of the serialized SentencePiece model: training refuses a shard whose tokenizer
@@ -30,12 +35,15 @@ the one a checkpoint copies when the tokenizer was trained here (``{output_prefi
 
 from __future__ import annotations
 
+import errno
+import glob
 import itertools
 import json
 import logging
 import multiprocessing as mp
 import operator
 import os
+import re
 import signal
 import sys
 import time
@@ -57,6 +65,7 @@ from card_megatron.data.corpus import (
     resolve_inputs,
 )
 from card_megatron.data.shards import ShardStats, ShardWriter, shard_exists, token_dtype
+from card_megatron.lock import ExclusiveLock, LockHeldError
 from card_megatron.tokenizer import Tokenizer, train_tokenizer, write_tokenizer_sidecar
 
 logger = logging.getLogger(__name__)
@@ -134,6 +143,7 @@ def sidecar_for(data_prefix: str) -> Optional[str]:
 
 # -- parsing (shared by the workers and tokenizer training) ---------------------------
 _SCAN_ONCE = json.JSONDecoder().scan_once
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate (paired or not)
 
 
 def _json_loads(line: str):
@@ -169,6 +179,8 @@ def _parse_clean_chunk(
         if len(kept) != len(docs):
             skipped["empty documents"] = len(docs) - len(kept)
         return [kept], skipped, len(lines)
+    if _SURROGATE_ESCAPE.search(text):
+        return None  # maybe a lone surrogate: the reference path checks each value
     try:
         # A StopIteration from the scanner (e.g. on a blank line) ends map() early: caught by the length check.
         parsed = list(map(_SCAN_ONCE, lines, itertools.repeat(0)))
@@ -261,6 +273,10 @@ def _parse_lines(
             if bad(i, "lines with invalid JSON", f"invalid JSON ({e.msg} at column {e.colno})"):
                 break
             continue
+        except RecursionError:
+            if bad(i, "lines with JSON nested too deeply", "JSON nested too deeply to parse"):
+                break
+            continue
         if not isinstance(obj, dict):
             if bad(i, "lines that are not JSON objects", f"expected a JSON object, got {type(obj).__name__}"):
                 break
@@ -274,6 +290,12 @@ def _parse_lines(
                 break
             if not isinstance(v, str):
                 bad(i, f"lines with non-string {key!r}", f"key {key!r} is a {type(v).__name__}, not a string")
+                break
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:  # valid JSON ("\ud800"), but no text: the tokenizer cannot take it
+                bad(i, "lines with a lone surrogate", f"key {key!r} holds a lone UTF-16 surrogate "
+                    f"({v[e.start]!r} at character {e.start})")
                 break
             values.append(v)
         else:
@@ -447,12 +469,18 @@ def _prepare_tokenizer(opts: PreprocessOptions, sources: Sequence[InputSource], 
         sentences = itertools.islice(
             _iter_texts_for_training(sources, keys, opts.skip_bad_lines), opts.tokenizer_scan_sentences
         )
-        return train_tokenizer(
-            sentences, model_path, opts.vocab_size, opts.tokenizer_type, opts.tokenizer_sample_sentences, opts.seed
-        )
+        # Trained into a temporary file, renamed once the shards are done: a failed run leaves no model.
+        tok = train_tokenizer(sentences, _staged_model(opts), opts.vocab_size, opts.tokenizer_type,
+                              opts.tokenizer_sample_sentences, opts.seed)
+        tok.source = model_path
+        return tok
     if not opts.tokenizer_model:
         raise PreprocessError("no tokenizer: give --tokenizer-model PATH or --train-tokenizer --vocab-size N")
     return Tokenizer.load(opts.tokenizer_model)
+
+
+def _staged_model(opts: PreprocessOptions) -> str:
+    return f"{opts.output_prefix}.model.{os.getpid()}.tmp"
 
 
 def _all_chunks(sources: Sequence[InputSource], chunk_bytes: int, disk_before: deque,
@@ -500,9 +528,43 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
     """Tokenizes ``opts.inputs`` into one shard per JSON key; returns the run's statistics.
 
     Raises PreprocessError (a ValueError) for every user error: bad input lines (naming file
-    and line), missing key, missing tokenizer, existing output without ``overwrite``. On any
-    error or interruption no finished-looking shard is left behind.
+    and line), missing key, missing tokenizer, existing output without ``overwrite``, another
+    run writing the same output prefix (``{output_prefix}.lock`` names it). On any error or
+    interruption no finished-looking shard is left behind.
     """
+    out_dir = os.path.dirname(os.path.abspath(opts.output_prefix))
+    if not os.path.isdir(out_dir):
+        raise PreprocessError(f"output directory {out_dir} does not exist")
+    lock = ExclusiveLock(f"{opts.output_prefix}.lock", 0.0, "Another preprocessing run is writing this "
+                         "--output-prefix: wait for it to end, or choose another --output-prefix.")
+    try:
+        lock.acquire()
+    except LockHeldError as e:
+        raise PreprocessError(str(e)) from None
+    try:
+        _remove_dead_temporaries(opts)
+        return _preprocess(opts)
+    except OSError as e:
+        why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+        raise PreprocessError(f"{e.filename or opts.output_prefix}: {why}; no output written") from None
+    finally:
+        lock.release()
+
+
+def _remove_dead_temporaries(opts: PreprocessOptions) -> None:
+    """Removes the temporary files (``OUTPUT.<pid>.tmp``) that killed runs left beside this run's
+    outputs: under the output prefix's lock no other run is writing them."""
+    outputs = [f"{opts.output_prefix}.model", f"{opts.output_prefix}.tokenizer.json"]
+    for key in opts.json_keys:
+        outputs += [f"{output_prefix_for(opts.output_prefix, key)}.{ext}" for ext in ("bin", "idx")]
+    for out in outputs:
+        for path in glob.glob(f"{glob.escape(out)}.*.tmp"):
+            if re.fullmatch(r"(\.\d+\.tmp)+", path[len(out):]) and os.path.isfile(path):
+                logger.warning("removing %s, left by a preprocessing run that was killed", path)
+                os.remove(path)
+
+
+def _preprocess(opts: PreprocessOptions) -> PreprocessStats:
     t0 = time.monotonic()
     keys = tuple(opts.json_keys)
     if not keys:
@@ -520,9 +582,6 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
         for p in prefixes.values():
             if shard_exists(p):
                 raise PreprocessError(f"output {p}.bin/.idx already exists (pass --overwrite to replace it)")
-    out_dir = os.path.dirname(os.path.abspath(opts.output_prefix))
-    if not os.path.isdir(out_dir):
-        raise PreprocessError(f"output directory {out_dir} does not exist")
 
     tok = _prepare_tokenizer(opts, sources, keys)
     dtype = token_dtype(tok.vocab_size)
@@ -564,11 +623,15 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
                 raise PreprocessError(f"no documents for key {k!r} in the input (all skipped: {dict(stats.skipped)})")
         for k, w in writers.items():
             stats.outputs[k] = w.finalize()
+        if opts.train_tokenizer:
+            os.replace(_staged_model(opts), f"{opts.output_prefix}.model")
         stats.inputs = [_input_record(src, keys, fp, c) for src, fp, c in zip(sources, fingerprints, counts)]
         write_tokenizer_sidecar(tok, f"{opts.output_prefix}.tokenizer.json", inputs=stats.inputs)
     except BaseException:
         for w in writers.values():
             w.abort()
+        if opts.train_tokenizer and os.path.exists(_staged_model(opts)):
+            os.remove(_staged_model(opts))
         raise
     finally:
         _W.clear()  # the tokenizer, shared with forked workers

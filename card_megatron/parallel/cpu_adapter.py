@@ -11,19 +11,56 @@ megatron-core 0.16.1, see shared/PLATFORM.md):
   checkpoint is used instead (:func:`activation_checkpoint`).
 * DeepSpeed picks its accelerator from ``DS_ACCELERATOR``; it is set to ``cpu`` before
   DeepSpeed is imported.
+* On its first start DeepSpeed builds its CPU communication op (``deepspeed_shm_comm``) with
+  torch's JIT extension loader, which waits for as long as a ``lock`` file exists in the build
+  directory. A build killed midway leaves that file and every later start would hang in
+  silence: :func:`clear_stale_build_locks` removes locks older than
+  :data:`STALE_BUILD_LOCK_S` with a warning naming them, and warns about younger ones.
 
 The GPU path is untouched: NCCL, CUDA RNG tracker, bf16.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import time
 
 import torch
 
 log = logging.getLogger(__name__)
 _applied = False
+STALE_BUILD_LOCK_S = 600.0  # a build of DeepSpeed's CPU op takes about a minute
+
+
+def clear_stale_build_locks(now: float | None = None) -> list[str]:
+    """Removes torch-extension build locks (``{TORCH_EXTENSIONS_DIR}/*/*/lock``) older than
+    STALE_BUILD_LOCK_S, warning about each, and warns naming younger ones (a build in progress,
+    or one killed a moment ago: the start waits for it). Returns the removed paths."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    now = time.time() if now is None else now
+    removed = []
+    for lock in sorted(glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock"))):
+        try:
+            age = now - os.path.getmtime(lock)
+        except OSError:
+            continue  # released meanwhile
+        if age > STALE_BUILD_LOCK_S:
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                continue  # another rank removed it
+            removed.append(lock)
+            log.warning("removed %s, a torch-extension build lock %.0f min old: a build of %s was interrupted "
+                        "(it is rebuilt now)", lock, age / 60, os.path.basename(os.path.dirname(lock)))
+        else:
+            log.warning("%s exists (%.0f s old): startup waits until the build of %s that holds it ends. If no "
+                        "process on this machine is building it (a run killed during its first start), delete "
+                        "the file", lock, age, os.path.basename(os.path.dirname(lock)))
+    return removed
 
 
 def cuda_available() -> bool:

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from card_megatron.config import ParallelConfig
-from card_megatron.parallel.cpu_adapter import apply_cpu_adapter, cuda_available, reset_rng_tracker
+from card_megatron.parallel.cpu_adapter import (apply_cpu_adapter, clear_stale_build_locks, cuda_available,
+                                                reset_rng_tracker)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
     Works without a launcher too (a single process, world size 1).
     """
     apply_cpu_adapter()
+    clear_stale_build_locks()  # before DeepSpeed builds its ops: a killed build's lock would hang it
     import deepspeed  # after the adapter: DS_ACCELERATOR must be set first
     from megatron.core import parallel_state
 

@@ -11,18 +11,32 @@ Layout of ``{run_dir}/checkpoints``::
                                 (with an EMA, also ``ema_state_dict``: the EMA weights, gathered alike)
         ema_tp*_pp*_dp*.pt      with an EMA: the fp32 EMA of one rank's local parameters, one file
                                 per (tensor, pipeline) rank; per data-parallel rank only under ZeRO-3
+        meta.json               step, consumed samples and the manifest: every file's size, written last
     latest                    names the newest *complete* checkpoint
 
 ``latest`` is replaced atomically only after every rank has finished writing, so a job
-killed mid-save resumes from the previous checkpoint. Only the last N are kept.
+killed mid-save resumes from the previous checkpoint; a save never writes into the
+directory ``latest`` names (a step already saved is not saved again). On resume, a
+checkpoint whose files disagree with its manifest (truncated, missing; an empty or
+dangling ``latest``) is named in a warning and the newest complete one is used instead.
+Only the last N are kept.
+
+Loading runs no code from the files: every file is read with ``torch.load(weights_only=True)``
+(DeepSpeed's own loader, ``TorchCheckpointEngine.load``, uses ``weights_only=False``; it is
+replaced by :class:`SafeCheckpointEngine`), the RNG states are stored as tensors and numbers,
+and only DeepSpeed's plain state classes are allowlisted. ``train.trust_checkpoint=true``
+loads with ``weights_only=False`` (checkpoints from elsewhere that hold other objects).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -52,27 +66,92 @@ def tag_for(step: int) -> str:
 def atomic_write(path: str, data: str | bytes) -> None:
     """Writes text or bytes to ``path`` so that readers see the old file or the whole new one."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """None if checkpoint ``path`` is complete, else what is wrong, naming the file.
+
+    Complete: ``meta.json`` (written last) exists and every file of its manifest has the
+    recorded size. Checkpoints older than the manifest are checked for ``meta.json`` only.
+    """
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isdir(path):
+        return f"{path} does not exist"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        return f"{meta_path} is missing (the save did not finish)"
+    except (OSError, ValueError) as e:
+        return f"{meta_path} is unreadable ({e})"
+    for name, size in meta.get("files", {}).items():
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            return f"{file} is missing"
+        if os.path.getsize(file) != size:
+            return f"{file} holds {os.path.getsize(file)} bytes, the manifest {meta_path} says {size}"
+    return None
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
-    """The path of the newest complete checkpoint of a run directory, or None."""
-    pointer = os.path.join(checkpoints_dir(run_dir), "latest")
-    if not os.path.exists(pointer):
+    """The path of the newest complete checkpoint of a run directory, or None if it has none.
+
+    Normally the one ``latest`` names. If that one is broken (or ``latest`` is empty or
+    dangling), warns naming the broken file and returns the newest complete older one.
+    Raises ValueError, naming every problem, when checkpoints exist but none is complete.
+    """
+    root = checkpoints_dir(run_dir)
+    pointer = os.path.join(root, "latest")
+    tags = sorted((t for t in os.listdir(root) if _TAG.match(t)), reverse=True) if os.path.isdir(root) else []
+    problems = []
+    named = None
+    if os.path.exists(pointer):
+        named = open(pointer).read().strip()
+        if not _TAG.match(named):
+            problems.append(f"{pointer} is empty or names no checkpoint ({named!r})")
+            named = None
+        else:
+            problem = checkpoint_problem(os.path.join(root, named))
+            if problem is None:
+                return os.path.join(root, named)
+            problems.append(problem)
+    elif not tags:
         return None
-    tag = open(pointer).read().strip()
-    path = os.path.join(checkpoints_dir(run_dir), tag)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{pointer} names {tag!r}, but {path} does not exist")
-    return path
+    for tag in tags:
+        if named is not None and tag >= named:
+            continue  # newer than latest: a save that never finished
+        path = os.path.join(root, tag)
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if problems:
+                log.warning("%s; resuming from the newest complete checkpoint, %s", "; ".join(problems), path)
+            return path
+        problems.append(problem)
+    if not os.path.exists(pointer):
+        return None  # no latest and no complete checkpoint: a first save was interrupted
+    raise ValueError(
+        f"no complete checkpoint in {root}: {'; '.join(problems) or 'none has a meta.json'}. Move the broken "
+        f"checkpoint directories out of {root} (and remove {pointer}) to start over, or restore a copy"
+    )
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as tensors, numbers and tuples (``weights_only=True`` loads them)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -80,7 +159,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    else:  # checkpoints saved before the RNG states were tensors (loaded with train.trust_checkpoint)
+        np.random.set_state(n)
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -106,9 +189,44 @@ def save_checkpoint(engine, run_dir: str, step: int, client_state: dict, *, conf
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
     path = os.path.join(root, tag)
+    pointer = os.path.join(root, "latest")
+    previous = open(pointer).read().strip() if os.path.exists(pointer) else ""
+    if previous == tag and checkpoint_problem(path) is None:
+        if rank == 0:
+            log.info("step %d is already saved in %s: not saving it again", step, path)
+        return path  # every rank decides alike: latest was written before the last barrier
+    try:
+        if rank == 0:
+            os.makedirs(root, exist_ok=True)
+            if os.path.isdir(path):  # an unfinished save of this step (or a broken checkpoint `latest` names)
+                shutil.rmtree(path)
+        dist.barrier()
+        _write_checkpoint(engine, root, tag, path, step, client_state, config_yaml, tokenizer_model,
+                          export_state, export_writer, stage_index, num_stages, rank, export_ema_state,
+                          ema_state, ema_file)
+    except (OSError, RuntimeError) as e:
+        raise _save_error(e, path, root, previous) from e
     if rank == 0:
-        os.makedirs(root, exist_ok=True)
+        atomic_write(pointer, tag)
+        _prune(root, keep_last)
     dist.barrier()
+    return path
+
+
+def _save_error(e: BaseException, path: str, root: str, previous: str) -> BaseException:
+    """The error of a failed save, saying whether the disk is full and what is intact."""
+    free = shutil.disk_usage(root).free if os.path.isdir(root) else -1
+    full = getattr(e, "errno", None) == errno.ENOSPC or "write failed" in str(e) and 0 <= free < 2**20
+    intact = f"{os.path.join(root, previous)} is intact and a restart resumes from it" if previous else \
+        "there is no earlier checkpoint"
+    if full:
+        return OSError(errno.ENOSPC, f"the disk is full: saving checkpoint {path} failed ({e}); {intact}. Free space "
+                                     f"on {root} ({free / 2**20:.1f} MiB left) or lower train.keep_last_checkpoints")
+    return RuntimeError(f"saving checkpoint {path} failed ({e}); {intact}")
+
+
+def _write_checkpoint(engine, root, tag, path, step, client_state, config_yaml, tokenizer_model, export_state,
+                      export_writer, stage_index, num_stages, rank, export_ema_state, ema_state, ema_file) -> None:
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     if ema_state is not None:
         atomic_write(os.path.join(path, ema_file), _to_bytes(ema_state))
@@ -141,12 +259,12 @@ def save_checkpoint(engine, run_dir: str, step: int, client_state: dict, *, conf
                 sidecar = os.path.splitext(tokenizer_model)[0] + ".tokenizer.json"
                 if os.path.exists(sidecar):
                     shutil.copyfile(sidecar, os.path.join(dst, "tokenizer.tokenizer.json"))
-        meta = {k: client_state[k] for k in ("step", "consumed_samples", "data_parallel_size") if k in client_state}
-        atomic_write(os.path.join(path, "meta.json"), json.dumps(meta))
-        atomic_write(os.path.join(root, "latest"), tag)
-        _prune(root, keep_last)
+        files = {os.path.relpath(os.path.join(d, f), path): os.path.getsize(os.path.join(d, f))
+                 for d, _, names in os.walk(path) for f in names}
+        meta = {"step": step, "consumed_samples": client_state["consumed_samples"],
+                "data_parallel_size": client_state.get("data_parallel_size"), "files": files}
+        atomic_write(os.path.join(path, "meta.json"), json.dumps(meta, indent=1, sort_keys=True))
     dist.barrier()
-    return path
 
 
 def _prune(root: str, keep_last: int) -> None:
@@ -206,8 +324,58 @@ def saved_meta(path: str) -> dict:
         return json.load(f)
 
 
+def _deepspeed_state_classes() -> list:
+    """DeepSpeed's plain state classes that its checkpoints pickle (values, no behaviour on load)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def safe_load(path: str, map_location=None, trust: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with DeepSpeed's state classes allowlisted.
+
+    Raises ValueError naming the file when it holds anything else (a planted payload, or an
+    object this code never saves): the file is refused, nothing in it runs. ``trust`` loads with
+    ``weights_only=False`` instead (train.trust_checkpoint=true: run directories you trust).
+    """
+    if trust:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_deepspeed_state_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line), None)
+        if detail is None:  # not a forbidden object: a damaged file
+            what = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
+            raise ValueError(f"{path} is corrupt ({what}); move {os.path.dirname(path)} out "
+                             "of the way to resume from the previous checkpoint") from None
+        raise ValueError(
+            f"refusing to load {path}: it holds an object outside the allowlist ({detail}), and loading it could "
+            "run code. Checkpoints saved by this code hold none (those saved before the RNG states were stored as "
+            "tensors hold NumPy arrays). If you trust the run directory, resume with train.trust_checkpoint=true"
+        ) from None
+    except (EOFError, RuntimeError) as e:
+        raise ValueError(f"{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         f"move {os.path.dirname(path)} out of the way to resume from the previous checkpoint") from None
+
+
+def install_safe_loading(engine, trust: bool) -> None:
+    """Makes ``engine`` (a DeepSpeed engine) read checkpoint files with :func:`safe_load`."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise ValueError(f"checkpoint loading is only made safe for DeepSpeed's TorchCheckpointEngine, this engine "
+                         f"uses {type(engine.checkpoint_engine).__name__}")
+    engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location, trust)
+
+
 def load_checkpoint(engine, path: str) -> dict:
-    """Loads a DeepSpeed checkpoint directory saved by :func:`save_checkpoint`; returns the client state."""
+    """Loads a DeepSpeed checkpoint directory saved by :func:`save_checkpoint`; returns the client state.
+
+    The engine must read files through :func:`install_safe_loading`."""
     root, tag = os.path.split(path.rstrip("/"))
     load_path, client_state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                                      load_lr_scheduler_states=True)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from card_megatron.config import Config, ConfigError, config_to_dict, resume_changes, save_config, validate
+from card_megatron.lock import ExclusiveLock, LockHeldError
 from card_megatron.parallel.state import ParallelInfo, init_distributed
 from card_megatron.training import checkpoint as ckpt
 from card_megatron.training import diagnostics
@@ -29,6 +30,7 @@ from card_megatron.training.schedule import learning_rate
 log = logging.getLogger("card_megatron")
 
 STOP_FILE = "SAVE_AND_EXIT"  # touched by slurm/pretrain.sh when SLURM signals the batch shell
+RUN_LOCK = "run.lock"  # held by rank 0 for the whole run: one trainer per run directory
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,7 +48,17 @@ class Trainer:
         self.run_dir = cfg.train.run_dir
         if self.is_rank0:
             os.makedirs(self.run_dir, exist_ok=True)
-        dist.barrier()
+        self._run_lock = self._lock_run_dir()
+        try:
+            self._build()
+        except BaseException:
+            if self._run_lock is not None:
+                self._run_lock.release()
+            raise
+
+    def _build(self) -> None:
+        """Everything after the run directory is locked: model, engine, EMA, data, resume, metrics."""
+        cfg = self.cfg
         self._stop_requested = False
         self._install_signal_handlers()
         latest = ckpt.latest_checkpoint(self.run_dir)
@@ -80,6 +92,21 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ construction
+
+    def _lock_run_dir(self) -> Optional[ExclusiveLock]:
+        """Rank 0 holds ``{run_dir}/run.lock`` for the whole run; a second trainer on the same run
+        directory is refused (every rank raises LockHeldError, rank 0's message names the holder)."""
+        lock, refused = None, ""
+        if self.is_rank0:
+            try:
+                lock = ExclusiveLock(os.path.join(self.run_dir, RUN_LOCK), 0.0,
+                                     "Another trainer is using this train.run_dir: wait for it to end, stop it, "
+                                     "or give this run another train.run_dir.").acquire()
+            except LockHeldError as e:
+                refused = str(e)
+        if self._all_max(1.0 if refused else 0.0) > 0:
+            raise LockHeldError(refused or f"{os.path.join(self.run_dir, RUN_LOCK)} is held by another trainer")
+        return lock
 
     def _build_objective_and_model(self) -> None:
         from card_megatron.model.gpt import CardGPT, padded_vocab_size
@@ -138,6 +165,7 @@ class Trainer:
             config=self.ds_config,
             mpu=MegatronMPU() if info.pp_size == 1 else None,
         )
+        ckpt.install_safe_loading(self.engine, cfg.train.trust_checkpoint)
 
     def _build_ema(self) -> Optional[EMA]:
         decay = self.cfg.optim.ema_decay
@@ -523,6 +551,12 @@ class Trainer:
         """Runs until train.train_iters, train.exit_interval, or a stop request; returns a summary."""
         cfg, t = self.cfg, self.cfg.train
         summary: dict = {"start_step": self.step}
+        if self.step >= t.train_iters:  # a finished run started again (a rerun, a requeue): save nothing
+            self._log_line(f"{self.resumed_from} is at step {self.step}, train.train_iters is {t.train_iters}: the run "
+                           "is finished, nothing to do (raise train.train_iters to train on)")
+            summary.update({"end_step": self.step, "stopped_by": "finished_before", "skipped_steps": self.skipped_steps})
+            self.close()
+            return summary
         for name in ("finished", "preempted"):
             if self.is_rank0 and os.path.exists(os.path.join(self.run_dir, name)):
                 os.remove(os.path.join(self.run_dir, name))
@@ -578,8 +612,16 @@ class Trainer:
                 ckpt.atomic_write(os.path.join(self.run_dir, "finished"), str(self.step))
         dist.barrier()
         summary.update({"end_step": self.step, "stopped_by": stopped_by, "skipped_steps": self.skipped_steps})
-        self.metrics.close()
+        self.close()
         return summary
+
+    def close(self) -> None:
+        """Closes the metrics files and releases the run directory (``train()`` ends with it; a Trainer
+        used without ``train()`` holds the run directory until this is called)."""
+        self.metrics.close()
+        dist.barrier()  # every rank is done with the run directory before the lock goes
+        if self._run_lock is not None:
+            self._run_lock.release()
 
     def _log_eval(self, ev: dict) -> None:
         bound = "<= " if ev["val_ppl_is_bound"] else ""
