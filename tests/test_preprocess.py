@@ -135,7 +135,7 @@ def test_builtin_corpus_deterministic_and_non_trivial(docs):
 
 
 def test_synthetic_copy_deterministic_and_structured():
-    spec = SyntheticCopySpec(num_documents=300)
+    spec = SyntheticCopySpec(num_documents=300, words_per_string=(6, 12))  # a range, to check both ends
     docs = list(synthetic_copy_documents(spec))
     assert docs == list(synthetic_copy_documents(spec)) == list(builtin_documents("builtin:synthetic-copy", spec))
     other = list(synthetic_copy_documents(dataclasses.replace(spec, seed=1)))

@@ -555,6 +555,9 @@ class Trainer:
             self._log_line(f"{self.resumed_from} is at step {self.step}, train.train_iters is {t.train_iters}: the run "
                            "is finished, nothing to do (raise train.train_iters to train on)")
             summary.update({"end_step": self.step, "stopped_by": "finished_before", "skipped_steps": self.skipped_steps})
+            marker = os.path.join(self.run_dir, "finished")
+            if self.is_rank0 and not os.path.exists(marker):  # e.g. killed between its last save and the marker
+                ckpt.atomic_write(marker, str(self.step))
             self.close()
             return summary
         for name in ("finished", "preempted"):
