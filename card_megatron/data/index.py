@@ -322,12 +322,9 @@ def load_or_build(
     final = os.path.join(cache_dir, f"{name}_{key}")
     done = os.path.join(final, "description.json")
     if os.path.exists(done):  # hit: no lock needed, the entry is complete once it exists
-        try:
-            arrays = _load_dir(final)
-            logger.info("loaded sample index %s", final)
+        arrays = _load_or_warn(final, "")
+        if arrays is not None:
             return arrays, final
-        except BrokenCacheEntry as e:
-            logger.warning("%s: rebuilding the entry", e)
     try:
         return _build_entry(cache_dir, name, key, final, build, description, lock_timeout_s)
     except TimeoutError:
@@ -341,18 +338,26 @@ def load_or_build(
         ) from None
 
 
+def _load_or_warn(final: str, note: str) -> Optional[dict[str, np.ndarray]]:
+    """The arrays of a complete cache entry, or None (with a warning naming it) when it is broken."""
+    try:
+        arrays = _load_dir(final)
+    except BrokenCacheEntry as e:
+        logger.warning("%s: rebuilding the entry", e)
+        return None
+    logger.info("loaded sample index %s%s", final, note)
+    return arrays
+
+
 def _build_entry(cache_dir: str, name: str, key: str, final: str, build: Callable[[], dict[str, np.ndarray]],
                  description: dict, lock_timeout_s: float) -> tuple[dict[str, np.ndarray], str]:
     done = os.path.join(final, "description.json")
     os.makedirs(cache_dir, exist_ok=True)
     with exclusive_lock(f"{final}.lock", lock_timeout_s):
         if os.path.exists(done):  # another process built (or rebuilt) it while we waited
-            try:
-                arrays = _load_dir(final)
-                logger.info("loaded sample index %s (built by another process)", final)
+            arrays = _load_or_warn(final, " (built by another process)")
+            if arrays is not None:
                 return arrays, final
-            except BrokenCacheEntry as e:
-                logger.warning("%s: rebuilding the entry", e)
         # We hold the lock: any temporary or partial entry for this key is dead.
         for entry in os.listdir(cache_dir):
             if entry.startswith(f"{name}_{key}.tmp"):

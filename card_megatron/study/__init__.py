@@ -44,7 +44,7 @@ def _load(path: str):
 
 def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]) -> dict:
     """Runs the decoding stage, reusing ``decoding.json`` for parts whose checkpoints are unchanged."""
-    from card_megatron.training.checkpoint import latest_checkpoint
+    from card_megatron.training.checkpoint import atomic_write, latest_checkpoint
 
     path = os.path.join(out, "decoding.json")
     cached = json.load(open(path)) if os.path.exists(path) else {}
@@ -57,10 +57,7 @@ def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]
         else:
             log.info("decoding: %s", key)
             result[key] = {"inputs": inputs, **compute()}
-        report_path = os.path.join(out, "decoding.json")
-        from card_megatron.training.checkpoint import atomic_write
-
-        atomic_write(report_path, json.dumps({**cached, **result}, indent=1))
+        atomic_write(path, json.dumps({**cached, **result}, indent=1))  # a killed study keeps finished parts
 
     card = os.path.join(out, "runs", "card-s0")
     arm = os.path.join(out, "runs", "arm-s0") if "arm-s0" in names else None
