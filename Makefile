@@ -1,11 +1,11 @@
-# card_megatron: `make setup`, `make test`, `make demo`, `make bench`.
+# card_megatron: `make setup`, `make test`, `make test-fast`, `make lint`, `make demo`, `make bench`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast lint demo bench clean
 
 setup: $(STAMP) card_megatron/_indexer.stamp
 
@@ -20,8 +20,18 @@ card_megatron/_indexer.stamp: $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# Every test (multi-process, end-to-end and SLURM ones included); prints the 15 slowest.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
+
+# The unit tests: everything not marked slow (multi-process, end-to-end) or slurm (see pytest.ini).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not slurm" --durations=15 tests
+
+# Lint and format check (ruff.toml); `bash tools/lint_fix.sh` applies the fixes.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: setup
 	bash tools/demo.sh

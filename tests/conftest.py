@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny tokenized corpus (built once per session with the real tool)."""
+"""Shared fixtures: a tiny tokenized corpus (built once per session with the real tool).
+
+Tiers (pytest.ini): ``make test-fast`` runs ``-m "not slow and not slurm"``. A test that uses
+``tiny_corpus`` is marked ``slow`` here, since that fixture runs the real tokenizer tool and
+its users train or launch; other multi-process or end-to-end tests carry ``@pytest.mark.slow``.
+"""
 
 import os
 import subprocess
@@ -7,6 +12,12 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "tiny_corpus" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

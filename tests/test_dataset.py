@@ -288,6 +288,7 @@ def test_dataset_pickles_for_workers(shard, tmp_path):
         np.testing.assert_array_equal(clone[k]["tokens"], ds[k]["tokens"])
 
 
+@pytest.mark.slow  # runs tools/build_index.py
 def test_offline_build_tool_fills_the_same_cache(shard, tmp_path, monkeypatch):
     import subprocess
     import sys

@@ -63,6 +63,7 @@ def test_rope_positions_matter(single_process):
     assert (a - b).abs().max() > 1e-4
 
 
+@pytest.mark.slow  # torchrun, 1 and 2 ranks
 def test_tensor_parallel_2_matches_1(tmp_path):
     """Same seed, same batch: TP=2 gives TP=1's loss and gradients, and its weights load under TP=1."""
     one, two, reload = (str(tmp_path / f) for f in ("tp1.pt", "tp2.pt", "tp1_from_tp2.pt"))

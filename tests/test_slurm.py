@@ -131,6 +131,7 @@ def test_launch_check_validates_layout_against_world_size(small_config, capsys):
     )
 
 
+@pytest.mark.slow  # slurm/pretrain.sh runs the launch check (imports torch): ~5 s
 def test_dry_run_prints_commands_for_a_fitting_gpu_layout(small_config, tmp_path):
     r = subprocess.run(
         ["bash", PRETRAIN, "--dry-run", small_config, "parallel.pipeline_model_parallel_size=2"],
@@ -147,6 +148,7 @@ def test_dry_run_prints_commands_for_a_fitting_gpu_layout(small_config, tmp_path
     assert not os.path.exists(os.path.join(ROOT, "runs", "card-pretrain-dryrun"))
 
 
+@pytest.mark.slow  # slurm/pretrain.sh runs the launch check (imports torch): ~5 s
 def test_dry_run_cpu_uses_procs_per_node_and_given_run_dir(small_config, tmp_path):
     run_dir = str(tmp_path / "myrun")
     r = subprocess.run(
@@ -160,6 +162,7 @@ def test_dry_run_cpu_uses_procs_per_node_and_given_run_dir(small_config, tmp_pat
     assert not os.path.exists(run_dir)
 
 
+@pytest.mark.slow  # slurm/pretrain.sh runs the launch check (imports torch): ~5 s
 @pytest.mark.parametrize(
     "env, overrides, message",
     [
@@ -195,6 +198,7 @@ def test_dry_run_checks_the_interpreter(small_config, tmp_path):
     assert "No module named 'card_megatron'" in r.stderr and "set PYTHON=" in r.stderr
 
 
+@pytest.mark.slow  # slurm/pretrain.sh runs the launch check (imports torch): ~5 s
 def test_pretrain_refuses_to_run_outside_slurm_and_without_config(small_config):
     r = subprocess.run(["bash", PRETRAIN, small_config, "parallel.tensor_model_parallel_size=1"],
                        env=_local_env(), capture_output=True, text=True, timeout=60)
