@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 
+from card_megatron import quiet_warnings
 from card_megatron.config import ConfigError, load_config
 
 
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     )
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "megatron"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_warnings.install()  # before anything imports Megatron-core
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import time
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -101,7 +100,9 @@ def _plot(rows, path):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore")
+    from card_megatron import quiet_warnings
+
+    quiet_warnings.install()
     import torch
 
     from card_megatron.inference.generate import GenerationConfig

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
 import numpy as np
 
@@ -125,7 +124,9 @@ def measure(what: str, args: argparse.Namespace) -> dict:
 
 def read_benchmark(shard_tokens: int, seq_length: int, num_reads: int) -> dict:
     """Builds a real shard in a temp dir, indexes it, and times random dataset[k] reads."""
-    warnings.filterwarnings("ignore", category=UserWarning)  # megatron's "no Transformer Engine" notes
+    from card_megatron import quiet_warnings
+
+    quiet_warnings.install()
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from card_megatron.config import DataConfig

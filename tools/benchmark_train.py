@@ -54,6 +54,9 @@ def _cuda() -> bool:
 def child(args) -> dict:
     import resource
 
+    from card_megatron import quiet_warnings
+
+    quiet_warnings.install()
     import torch
 
     from card_megatron.config import ParallelConfig, load_config

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,7 +27,9 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=8, help="CARD's window K (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     args = p.parse_args(argv)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    from card_megatron import quiet_warnings
+
+    quiet_warnings.install()
     from card_megatron.inference.loading import load_model
     from card_megatron.study.decoding import copy_prompts, sweep
     from card_megatron.study.plans import DecodeSpec

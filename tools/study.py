@@ -17,10 +17,10 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from card_megatron import quiet_warnings  # noqa: E402
 from card_megatron.study import PLANS, StudyError, get_plan, run_study  # noqa: E402
 
 
@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")  # TE/Apex absent, etc.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    quiet_warnings.install()
     plan = get_plan(args.plan)
     if args.list:
         for r in plan.runs:
