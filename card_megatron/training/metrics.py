@@ -14,11 +14,13 @@ from card_megatron.config import LoggingConfig
 
 log = logging.getLogger("card_megatron")
 
-# Dense bf16 peak of common accelerators, for MFU (model FLOPs utilisation).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense bf16 peak of common accelerators (NVIDIA's data sheets), for MFU (model FLOPs utilisation).
+# The first key found in the device name wins: "H100 PCIe" before "H100", "A100" before "A10".
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 def peak_flops(device_name: str) -> Optional[float]:
+    """The dense bf16 peak of the named device (``torch.cuda.get_device_name()``), None if unknown."""
     for key, value in PEAK_FLOPS.items():
         if key in device_name:
             return value
