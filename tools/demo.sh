@@ -16,7 +16,7 @@ if [ ! -f "${DATA}_text_document.idx" ]; then
   echo "== tokenizing the built-in corpus (builtin:synthetic-copy) into ${DATA}_text_document.{bin,idx}"
   mkdir -p "$(dirname "$DATA")"
   "$PY" tools/preprocess_data.py --input builtin:synthetic-copy --train-tokenizer --vocab-size 1024 \
-    --output-prefix "$DATA" --workers "$NPROC" --overwrite
+    --output-prefix "$DATA" --workers "$NPROC"
 fi
 
 if [ -f "$RUN/finished" ]; then
