@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUFF=${RUFF:-.venv/bin/ruff}
-"$RUFF" check --fix --quiet . || true   # safe fixes only: import order, unused imports, stale noqa
+"$RUFF" check --fix --exit-zero --silent .   # safe fixes only: import order, unused imports, stale noqa
 "$RUFF" format .
 echo "== left (fix by hand, then run make lint)"
 "$RUFF" check --output-format concise . || exit 1
