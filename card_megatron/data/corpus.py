@@ -316,13 +316,13 @@ def _parquet_chunks(source: InputSource) -> Iterator[Chunk]:
     pos = 0
     for g in range(meta.num_row_groups):
         rg = meta.row_group(g)
-        end = pos
+        end, stored = pos, 0
         for c in range(rg.num_columns):
             col = rg.column(c)
             start = col.dictionary_page_offset if col.has_dictionary_page and col.dictionary_page_offset else col.data_page_offset
             end = max(end, start + col.total_compressed_size)
         pos = size if g == meta.num_row_groups - 1 else min(end, size)
-        yield Chunk(source.name, "parquet", None, g, rg.total_compressed_size or 0, pos)
+        yield Chunk(source.name, "parquet", None, g, stored, pos)
 
 
 def _byte_range_chunks(source: InputSource, chunk_bytes: int) -> Iterator[Chunk]:
