@@ -150,3 +150,56 @@ def test_refusals_and_nothing_left_behind(single_process, tmp_path, sp_tokenizer
                            text=True, env=env, timeout=120)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert sorted(os.listdir(tmp_path)) == ["bd3lm", "card", "mdlm", "taken"]
+
+
+def test_tokenizer_json_end_to_end(single_process, tmp_path):
+    """A BPE tokenizer.json trained by the tokenizers library: preprocess with it, train CARD on
+    2 ranks with tensor parallelism, generate with tools/generate.py, export to transformers
+    and replay a generated record's prompt_token_ids there."""
+    from transformers import AutoModelForCausalLM
+
+    from card_megatron.inference.loading import load_model
+    from tests import training_runs
+    from tests.test_hf_tokenizer import train_bpe
+
+    import itertools
+
+    from card_megatron.data.corpus import builtin_documents
+
+    bpe = train_bpe(list(itertools.islice(builtin_documents(), 300)), tmp_path / "tokenizer.json", vocab_size=800)
+    env = {**os.environ, "PYTHONPATH": REPO}
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input",
+                        "builtin:python-docs", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", bpe,
+                        "--output-prefix", str(tmp_path / "docs"), "--workers", "2"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    run_dir = str(tmp_path / "run")
+    args = training_runs.overrides((str(tmp_path / "docs_text_document"), bpe), run_dir, 4, "train.save_interval=4",
+                                   "train.eval_interval=100", "parallel.tensor_model_parallel_size=2")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            mp.delenv(key, raising=False)
+        training_runs.train(2, args, timeout=300)
+        gen = subprocess.run([sys.executable, os.path.join(REPO, "tools", "generate.py"), "--checkpoint", run_dir,
+                              "--prompt", "The default value of", "--decoding", "ar", "--greedy", "--max-new-tokens", "8"],
+                             capture_output=True, text=True, env=training_runs.env(), timeout=180)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    record = json.loads(gen.stdout.splitlines()[0])
+    loaded = load_model(run_dir, device="cpu")
+    tok = loaded.tokenizer
+    assert type(tok).__name__ == "HuggingFaceTokenizer" and tok.sha256 == __import__("hashlib").sha256(
+        open(bpe, "rb").read()).hexdigest()
+    assert record["prompt_token_ids"] == [tok.eos_id] + tok.encode("The default value of")
+    assert record["text"] == tok.decode(record["token_ids"])
+    export(run_dir, tmp_path / "hf")
+    check_tokenizer(tmp_path / "hf", tok)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    seq = record["prompt_token_ids"] + record["token_ids"]
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor([seq])).logits.double()
+    assert torch.allclose(theirs, batch_logits(loaded, [seq]), atol=1e-4, rtol=0)
+    banned = [tok.mask_id, tok.pad_id, tok.bos_id, *range(tok.vocab_size, loaded.vocab_size)]
+    out = hf.generate(torch.tensor([record["prompt_token_ids"]]), max_new_tokens=8, do_sample=False,
+                      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, suppress_tokens=banned,
+                      attention_mask=torch.ones(1, len(record["prompt_token_ids"]), dtype=torch.long))
+    assert out[0, len(record["prompt_token_ids"]):].tolist() == record["token_ids"]
