@@ -178,6 +178,9 @@ def _init_worker(state: Optional[dict[str, Any]]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STARTUP_BLOCKED)  # blocked by the parent around the fork
     _die_with_parent()
+    # One thread per worker: the Rust tokenizers library would otherwise start a thread per core
+    # in every worker (read at each call, so setting it here is enough).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if state is not None:
         tok = state["tokenizer_class"].from_serialized(state["tokenizer_bytes"])
         _W.update(worker_state(tok, state["keys"], state["skip_bad_lines"], np.dtype(state["dtype"])))
