@@ -172,3 +172,21 @@ def test_cli_parquet_help_and_error(tmp_path, tok):
                         "--output-prefix", str(tmp_path / "o"), "--workers", "1"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=60)
     assert r.returncode == 1 and "x.parquet: not a readable Parquet file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_progress_bar_on_a_terminal_and_lines_elsewhere(capsys, caplog):
+    import logging
+
+    from card_megatron.data.progress import Progress
+
+    bar = Progress(4000, interval=0.0, bar=True)
+    for i in range(1, 5):
+        bar.update(docs=10, tokens=500, text_bytes=1000, disk_pos=1000 * i)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "preprocess: 100%" in err and "40 docs" in err and "tokens/s" in err and "<" in err  # tqdm's ETA
+    caplog.set_level(logging.INFO, logger="card_megatron.data.progress")
+    lines = Progress(4000, interval=0.0, bar=False)
+    lines.update(docs=10, tokens=500, text_bytes=1000, disk_pos=1000)
+    assert "25.0% done, ETA" in caplog.text and "10 docs" in caplog.text
+    assert Progress(4000, interval=2.0).bar is None  # pytest's stderr is not a terminal

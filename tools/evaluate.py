@@ -20,12 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a run directory (latest checkpoint), a checkpoint directory or an export")
     p.add_argument("--data", required=True, nargs="+", metavar="PREFIX",
-                   help="token shards (PREFIX.bin/.idx, e.g. data/web_text_document) made with the checkpoint's tokenizer")
+                   help="token shards (PREFIX.bin/.idx, e.g. data/web_text_document) made with the "
+                   "checkpoint's tokenizer")
     p.add_argument("--names", nargs="+", metavar="NAME", help="row names, one per --data prefix (default: file names)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward pass (default 8)")
     p.add_argument("--max-windows", type=int, metavar="N",

@@ -20,10 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run directory (latest checkpoint), a checkpoint directory or an export, of any training layout")
+                   help="a run directory (latest checkpoint), a checkpoint directory or an export, "
+                   "of any training layout")
     p.add_argument("--output", required=True, metavar="DIR", help="the model directory to create (must not exist)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (runs trained with optim.ema_decay > 0)")
     return p

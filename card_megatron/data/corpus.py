@@ -319,7 +319,8 @@ def _parquet_chunks(source: InputSource) -> Iterator[Chunk]:
         end, stored = pos, 0
         for c in range(rg.num_columns):
             col = rg.column(c)
-            start = col.dictionary_page_offset if col.has_dictionary_page and col.dictionary_page_offset else col.data_page_offset
+            dictionary = col.has_dictionary_page and col.dictionary_page_offset
+            start = col.dictionary_page_offset if dictionary else col.data_page_offset
             end = max(end, start + col.total_compressed_size)
         pos = size if g == meta.num_row_groups - 1 else min(end, size)
         yield Chunk(source.name, "parquet", None, g, stored, pos)

@@ -8,18 +8,19 @@ the ``json_keys``), tokenizes with SentencePiece or a Hugging Face ``tokenizer.j
 the end-of-document id and returns the tokens as one packed array per key, with the chunk it
 came from. The main process streams them into one C++ shard writer per key
 (``{output_prefix}_{key}_document.bin/.idx``), reports progress
-(:mod:`~card_megatron.data.progress`) and renames the shards into
-place only when everything succeeded; a tokenizer trained by the run (``--train-tokenizer``)
+(:mod:`~card_megatron.data.progress`) and renames the shards into place only when everything
+succeeded; a tokenizer trained by the run (``--train-tokenizer``)
 is renamed to ``{output_prefix}.model`` with them. The run holds ``{output_prefix}.lock``
 throughout (a second run on the prefix is refused, naming the holder) and first removes the
 ``*.<pid>.tmp`` files that killed runs left beside its outputs. Every bad line (invalid UTF-8
 or JSON, nesting too deep, a lone surrogate, a missing or non-string key; a null Parquet value)
-is named by file and line (Parquet: row group and row), or skipped with ``--skip-bad-lines``; an I/O error names the file (and a full disk).
+is named by file and line (Parquet: row group and row), or skipped with ``--skip-bad-lines``;
+an I/O error names the file (and a full disk).
 
 The sidecar ``{output_prefix}.tokenizer.json`` holds the tokenizer's reserved ids and sizes,
-its ``sha256`` (of the serialized SentencePiece model or the tokenizer.json's bytes: training refuses a shard whose tokenizer
-differs from ``data.tokenizer_model``) and, under ``"inputs"``, one record per input saying what
-the shards were made of::
+its ``sha256`` (of the serialized SentencePiece model or the tokenizer.json's bytes: training
+refuses a shard whose tokenizer differs from ``data.tokenizer_model``) and, under ``"inputs"``,
+one record per input saying what the shards were made of::
 
     {"name": "builtin:synthetic-copy" or the file's absolute path,
      "kind": "builtin" | "jsonl" | "txt" | "parquet",
@@ -31,10 +32,11 @@ the shards were made of::
      "zstd": true                             .zst files only
 
 ``sha256`` of a file is over its bytes (after gzip or zstd decompression; a Parquet file as
-stored; ``sha256sum`` prints the same); of a built-in corpus, over its documents (``corpus.fingerprint_documents``). Both are
-computed in the reading process as the chunks go by. The record lives in the tokenizer
-sidecar because that is the file the run already writes atomically next to the shards, and
-the one a checkpoint copies when the tokenizer was trained here (``{output_prefix}.model``).
+stored; ``sha256sum`` prints the same); of a built-in corpus, over its documents
+(``corpus.fingerprint_documents``). Both are computed in the reading process as the chunks go by.
+The record lives in the tokenizer sidecar because that is the file the run already writes
+atomically next to the shards, and the one a checkpoint copies when the tokenizer was trained
+here (``{output_prefix}.model``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import re
 import time
 from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 

@@ -259,7 +259,8 @@ def _cached_parquet(path: str):
 def _is_string_type(t) -> bool:
     import pyarrow as pa
 
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", bool)(t)
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or is_view(t)
 
 
 def _parse_parquet(chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool) -> ParsedChunk:

@@ -123,7 +123,8 @@ def _save_tokenizer(tokenizer, out_dir: str) -> list[str]:
     slow = SentencePieceBackend(vocab_file=tokenizer.source, **special, model_max_length=None)
     got = {k: slow.convert_tokens_to_ids(special[k]) for k in names}
     if got != names:
-        raise ValueError(f"{tokenizer.source}: transformers gives the reserved tokens ids {got}, card_megatron {names}; "
+        raise ValueError(f"{tokenizer.source}: transformers gives the reserved tokens ids {got}, "
+                         f"card_megatron {names}; "
                          "the tokenizer cannot be exported faithfully")
     files = slow.save_pretrained(out_dir)
     return sorted(os.path.basename(f) for f in files)
