@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="measure each side this many times, keep the best")
     p.add_argument("--format", choices=("jsonl", "parquet", "jsonl.zst"), default="jsonl",
                    help="input format of the end-to-end side (default jsonl); parquet: FineWeb's columns, "
-                   "1000-row row groups (datatrove's default), snappy")
+                   "1000-row row groups, snappy")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
