@@ -190,3 +190,13 @@ def test_progress_bar_on_a_terminal_and_lines_elsewhere(capsys, caplog):
     lines.update(docs=10, tokens=500, text_bytes=1000, disk_pos=1000)
     assert "25.0% done, ETA" in caplog.text and "10 docs" in caplog.text
     assert Progress(4000, interval=2.0).bar is None  # pytest's stderr is not a terminal
+
+
+def test_large_row_group_warns(tmp_path, tok, docs, monkeypatch, caplog):
+    from card_megatron.data import corpus
+
+    path = tmp_path / "one.parquet"
+    pq.write_table(fineweb_table(docs[:40]), path)  # one row group
+    monkeypatch.setattr(corpus, "LARGE_ROW_GROUP_BYTES", 1000)
+    run(tmp_path, [str(path)], tok)
+    assert "one.parquet: a row group holds" in caplog.text and "row_group_size" in caplog.text

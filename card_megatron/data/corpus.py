@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ from card_megatron.data.builtin import (  # noqa: F401 (re-exported)
     builtin_parameters,
     check_spec,
 )
+
+logger = logging.getLogger(__name__)
+
+# A Parquet row group is read whole by one worker: above this many uncompressed bytes, say so.
+LARGE_ROW_GROUP_BYTES = 1 << 29
 
 
 @dataclass(frozen=True)
@@ -314,6 +320,11 @@ def _parquet_chunks(source: InputSource) -> Iterator[Chunk]:
     meta = pf.metadata
     size = os.path.getsize(source.name)
     pos = 0
+    largest = max((meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)), default=0)
+    if largest > LARGE_ROW_GROUP_BYTES:
+        logger.warning("%s: a row group holds %.0f MB (uncompressed); each is read whole by one worker, so "
+                       "memory and parallelism follow the row groups: rewrite the file with smaller ones "
+                       "(row_group_size) if this is a problem", source.name, largest / 1e6)
     for g in range(meta.num_row_groups):
         rg = meta.row_group(g)
         end, stored = pos, 0
