@@ -114,15 +114,37 @@ def test_local_tasks_through_simple_evaluate(single_process, tmp_path, sp_tokeni
     assert "exact_match,none" in out["results"]["card_local_gen"]
 
 
-def test_bidirectional_checkpoints_refuse_loglikelihood(single_process, tmp_path, sp_tokenizer):  # noqa: F811
+def test_mdlm_conditional_bound_and_bd3lm_refusal(single_process, tmp_path, sp_tokenizer):  # noqa: F811
+    """MDLM: for a one-token continuation the conditional ELBO's expectation is exactly
+    log p(x | context, [MASK]); the Monte-Carlo estimate over 4000 noise levels comes close.
+    Longer continuations: a lower bound, deterministic for a seed. BD3LM: refused."""
     from lm_eval.api.instance import Instance
 
     from card_megatron.eval.harness import CardMegatronLM
 
-    lm = CardMegatronLM(checkpoint=write_export(tmp_path / "mdlm", sp_tokenizer, "mdlm"))
+    lm = CardMegatronLM(checkpoint=write_export(tmp_path / "mdlm", sp_tokenizer, "mdlm", seed=2),
+                        mc_samples=4000, batch_size=500)
+    tok = lm.tok
+    context = [tok.eos_id] + tok.encode("The default value of")
+    x = torch.tensor([context + [tok.mask_id]])
+    with torch.no_grad():
+        logits = lm.loaded.model(x, torch.arange(x.shape[1])[None])[-1, 0].double()
+    logits[tok.mask_id] = float("-inf")
+    for target in (int(logits.argmax()), 100):  # the most likely token, and another
+        exact = float(torch.log_softmax(logits, -1)[target])
+        bound, greedy = lm._loglikelihood_tokens([(None, context, [target])])[0]
+        assert bound == pytest.approx(exact, rel=0.1), (bound, exact)
+        assert greedy == (int(logits.argmax()) == target)
+    lm.mc_samples = 64
+    two = lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=("The default", " value of"),
+                                     idx=0)])
+    assert two == lm.loglikelihood([Instance(request_type="loglikelihood", doc={},
+                                             arguments=("The default", " value of"), idx=0)])
+    assert two[0][0] < 0
+    bd3 = CardMegatronLM(checkpoint=write_export(tmp_path / "bd3lm", sp_tokenizer, "bd3lm"))
     req = Instance(request_type="loglikelihood", doc={}, arguments=("a", " b"), idx=0)
-    with pytest.raises(NotImplementedError, match="mdlm checkpoint has bidirectional attention"):
-        lm.loglikelihood([req])
+    with pytest.raises(NotImplementedError, match="bd3lm checkpoint has block-wise attention"):
+        bd3.loglikelihood([req])
 
 
 def test_cli_runs_a_local_task(single_process, tmp_path, sp_tokenizer):  # noqa: F811

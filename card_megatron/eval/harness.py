@@ -8,15 +8,19 @@ and runs lm-eval's own command line (lm-eval has no plugin discovery for models)
   exact log-probabilities of causal checkpoints (ARM, CARD), from clean left context, the
   document-boundary token (eos) first as in training; a context longer than
   ``model.seq_length`` keeps its last tokens (rolling windows use lm-eval's own
-  ``get_rolling_token_windows``). MDLM and BD3LM have no exact likelihood and are refused
-  here (``tools/evaluate.py`` reports their bound).
+  ``get_rolling_token_windows``). MDLM has no exact likelihood: it gets the conditional ELBO
+  (a lower bound on log p(continuation | context)), a Monte-Carlo estimate over ``mc_samples``
+  stratified noise levels t, each continuation token masked with probability t (the context
+  stays clean), ``sum over masked tokens of log p / t``, averaged; ``is_greedy`` is whether the
+  argmax with the whole continuation masked is the continuation. BD3LM is refused (its block
+  structure has no conditional estimate here; ``tools/evaluate.py`` reports its bound).
 * ``generate_until``: our decoders (:func:`card_megatron.inference.generate.generate`), CARD's
   parallel decoder by default for CARD checkpoints (``decoding``, ``threshold``, ``window``
   model args), greedy unless the task asks for sampling; the text is cut at the first
   ``until`` string.
 
 Model args: ``checkpoint`` (required), ``decoding`` (card | ar | mdlm | bd3lm), ``threshold``,
-``window``, ``max_gen_toks`` (default 256), ``device``, ``ema``; the batch size is lm-eval's ``--batch_size``.
+``window``, ``max_gen_toks`` (default 256), ``mc_samples`` (MDLM, default 128), ``seed``, ``device``, ``ema``; the batch size is lm-eval's ``--batch_size``.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class CardMegatronLM(TemplateLM):
 
     def __init__(self, checkpoint: str, decoding: Optional[str] = None, threshold: float = 0.9, window: int = 8,
                  batch_size: int | str = 8, max_gen_toks: int = 256, device: Optional[str] = None,
-                 ema: bool | str = False, **kwargs: Any) -> None:
+                 ema: bool | str = False, mc_samples: int = 128, seed: int = 0, **kwargs: Any) -> None:
         super().__init__()
         from card_megatron.inference.loading import load_model
 
@@ -58,6 +62,10 @@ class CardMegatronLM(TemplateLM):
         self.window = int(window)
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self.max_gen_toks = int(max_gen_toks)
+        self.mc_samples = int(mc_samples)
+        self.seed = int(seed)
+        if self.mc_samples < 1:
+            raise ValueError(f"mc_samples ({mc_samples}) must be >= 1")
         self.max_length = self.loaded.config.model.seq_length
         self.tok = self.loaded.tokenizer
 
@@ -84,15 +92,17 @@ class CardMegatronLM(TemplateLM):
 
     # -- scoring ---------------------------------------------------------------------
     def _require_causal(self, what: str) -> None:
-        if self.objective not in CAUSAL:
+        if self.objective not in CAUSAL + ("mdlm",):
             raise NotImplementedError(
-                f"{what}: this {self.objective} checkpoint has bidirectional attention and no exact likelihood; "
-                "score it with tools/evaluate.py (an upper bound), or evaluate generate_until tasks")
+                f"{what}: this {self.objective} checkpoint has block-wise attention and no exact or conditional "
+                "likelihood here; score it with tools/evaluate.py (an upper bound), or evaluate generate_until tasks")
 
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding gives the continuation)."""
         self._require_causal("loglikelihood")
+        if self.objective == "mdlm":
+            return [self._masked_diffusion_loglikelihood(list(ctx), list(cont)) for _, ctx, cont in requests]
         model, dev, L = self.loaded.model, self.loaded.device, self.max_length
         results: list[tuple[float, bool]] = []
         for start in range(0, len(requests), self.batch_size):
@@ -118,6 +128,38 @@ class CardMegatronLM(TemplateLM):
                 greedy = bool((rows.argmax(dim=-1) == target).all())
                 results.append((total, greedy))
         return results
+
+    @torch.no_grad()
+    def _masked_diffusion_loglikelihood(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        """MDLM's conditional ELBO of ``continuation`` given ``context`` (module docstring); the
+        model reads the last ``seq_length`` tokens (no shift), continuation last."""
+        if not continuation:
+            raise ValueError("lm-eval request with an empty continuation")
+        whole = (context + continuation)[-self.max_length:]
+        n_cont = min(len(continuation), len(whole))
+        n, dev, mask_id = self.mc_samples, self.loaded.device, self.tok.mask_id
+        gen = torch.Generator().manual_seed(self.seed)
+        t = (torch.arange(n, dtype=torch.float64) + 0.5) / n  # stratified noise levels
+        is_masked = torch.rand(n, n_cont, dtype=torch.float64, generator=gen) < t[:, None]
+        x0 = torch.tensor(whole, dtype=torch.long)
+        xt = x0.repeat(n + 1, 1)
+        tail = xt[:, len(whole) - n_cont:]
+        tail[:n][is_masked] = mask_id
+        tail[n] = mask_id  # the greedy check: the whole continuation masked
+        targets = x0[len(whole) - n_cont:].to(dev)
+        logp_rows = []
+        for start in range(0, n + 1, self.batch_size):
+            ids = xt[start: start + self.batch_size].to(dev)
+            logits = self.loaded.model(ids, torch.arange(len(whole), device=dev).expand_as(ids)).transpose(0, 1)
+            logits = logits[:, len(whole) - n_cont:].double()
+            logits[..., mask_id] = float("-inf")  # SUBS, as in training
+            logp = torch.log_softmax(logits, dim=-1)
+            logp_rows.append(logp)
+        logp = torch.cat(logp_rows)  # [n + 1, n_cont, V]
+        token_logp = logp[:n].gather(-1, targets.expand(n, n_cont)[..., None])[..., 0]
+        bound = float(((token_logp * is_masked.to(dev)).sum(1) / t.to(dev)).mean())
+        greedy = bool((logp[n].argmax(-1) == targets).all())
+        return bound, greedy
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """log p(text) from rolling windows of ``seq_length`` tokens (lm-eval's windowing)."""
