@@ -5,8 +5,9 @@
   python tools/run_lm_eval.py --model card_megatron --model_args checkpoint=runs/demo,decoding=card \\
       --tasks hellaswag,piqa,winogrande --batch_size 8 --output_path results/
 
-Every flag is lm-eval's (``python tools/run_lm_eval.py --help``); model args: checkpoint, decoding,
-threshold, window, max_gen_toks, device, ema (card_megatron/eval/harness.py); the batch size is --batch_size.
+Every flag is lm-eval's (``python tools/run_lm_eval.py --help``); model args: checkpoint,
+decoding, threshold, window, max_gen_toks, mc_samples (MDLM), seed, device, ema
+(card_megatron/eval/harness.py); the batch size is --batch_size.
 """
 
 from __future__ import annotations
