@@ -53,7 +53,8 @@ class HuggingFaceTokenizer:
 
     def __init__(self, data: bytes, source: str) -> None:
         try:
-            from tokenizers import AddedToken, Tokenizer as _HF
+            from tokenizers import AddedToken
+            from tokenizers import Tokenizer as _HF
         except ImportError:
             raise ValueError(f"{source}: a tokenizer.json needs the tokenizers library "
                              "(pip install tokenizers, or make setup)") from None

@@ -74,6 +74,7 @@ def test_exact_for_causal_and_bound_for_mdlm(single_process, setup):  # noqa: F8
     assert "| docs_a_text_document |" in markdown_table(result) and "| <= " in markdown_table(result)
 
 
+@pytest.mark.slow
 def test_cli(single_process, setup, tmp_path):  # noqa: F811
     root, tok, prefixes = setup
     ckpt = write_export(tmp_path / "ckpt", tok, "card", seed=4)

@@ -24,8 +24,9 @@ def single_process():
 
 @pytest.fixture(scope="module")
 def sp_tokenizer(tmp_path_factory):
-    from card_megatron.data.corpus import builtin_documents
     import itertools
+
+    from card_megatron.data.corpus import builtin_documents
 
     docs = list(itertools.islice(builtin_documents(), 150))
     return train_tokenizer(docs, str(tmp_path_factory.mktemp("tok") / "tok.model"), vocab_size=500)
@@ -44,7 +45,7 @@ def write_export(root, tokenizer, objective="card", seed=0, **model_kw):
     model = CardGPT(mcfg, kind, padded_vocab_size(tokenizer.vocab_size, 64, 1), seed=seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(8.0)
             else:  # norm weights: not all ones, so a swapped norm would show
@@ -100,7 +101,8 @@ def test_exported_logits_and_greedy_decoding_match(single_process, tmp_path, sp_
     ckpt = write_export(tmp_path / "ckpt", sp_tokenizer, objective, **model_kw)
     record = export(ckpt, tmp_path / "hf")
     assert record["objective"] == objective and record["step"] == 7
-    assert {"config.json", "model.safetensors", "card_megatron.json", "tokenizer.model"} <= set(os.listdir(tmp_path / "hf"))
+    written = set(os.listdir(tmp_path / "hf"))
+    assert {"config.json", "model.safetensors", "card_megatron.json", "tokenizer.model"} <= written
     ours = load_model(ckpt, device="cpu")
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
@@ -128,6 +130,7 @@ def test_exported_logits_and_greedy_decoding_match(single_process, tmp_path, sp_
         assert new == g.token_ids, (g.prompt, new, g.token_ids)
 
 
+@pytest.mark.slow
 def test_refusals_and_nothing_left_behind(single_process, tmp_path, sp_tokenizer):
     from card_megatron.model.hf_export import export_llama
 
@@ -152,19 +155,19 @@ def test_refusals_and_nothing_left_behind(single_process, tmp_path, sp_tokenizer
     assert sorted(os.listdir(tmp_path)) == ["bd3lm", "card", "mdlm", "taken"]
 
 
+@pytest.mark.slow
 def test_tokenizer_json_end_to_end(single_process, tmp_path):
     """A BPE tokenizer.json trained by the tokenizers library: preprocess with it, train CARD on
     2 ranks with tensor parallelism, generate with tools/generate.py, export to transformers
     and replay a generated record's prompt_token_ids there."""
+    import itertools
+
     from transformers import AutoModelForCausalLM
 
+    from card_megatron.data.corpus import builtin_documents
     from card_megatron.inference.loading import load_model
     from tests import training_runs
     from tests.test_hf_tokenizer import train_bpe
-
-    import itertools
-
-    from card_megatron.data.corpus import builtin_documents
 
     bpe = train_bpe(list(itertools.islice(builtin_documents(), 300)), tmp_path / "tokenizer.json", vocab_size=800)
     env = {**os.environ, "PYTHONPATH": REPO}
@@ -181,7 +184,8 @@ def test_tokenizer_json_end_to_end(single_process, tmp_path):
             mp.delenv(key, raising=False)
         training_runs.train(2, args, timeout=300)
         gen = subprocess.run([sys.executable, os.path.join(REPO, "tools", "generate.py"), "--checkpoint", run_dir,
-                              "--prompt", "The default value of", "--decoding", "ar", "--greedy", "--max-new-tokens", "8"],
+                              "--prompt", "The default value of", "--decoding", "ar", "--greedy",
+                              "--max-new-tokens", "8"],
                              capture_output=True, text=True, env=training_runs.env(), timeout=180)
     assert gen.returncode == 0, gen.stderr[-3000:]
     record = json.loads(gen.stdout.splitlines()[0])

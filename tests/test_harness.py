@@ -61,6 +61,7 @@ def sp_tokenizer(tmp_path_factory):
     return train_tokenizer(docs, str(tmp_path_factory.mktemp("tok") / "tok.model"), vocab_size=500)
 
 
+@pytest.mark.slow
 def test_local_tasks_through_simple_evaluate(single_process, tmp_path, sp_tokenizer, monkeypatch):  # noqa: F811
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -95,11 +96,13 @@ def test_local_tasks_through_simple_evaluate(single_process, tmp_path, sp_tokeni
     long_doc = DOCS[0]["text"]
     ids = tok.encode(long_doc)
     assert len(ids) > 2 * 24
-    reference = logprob(loaded, [eos], ids[:24])  # first window: eos then 24 tokens ... then disjoint windows
+    # lm-eval's windows: eos then the first 24 tokens; then each next (up to) 24 tokens, read by a
+    # 24-token window that ends just before the last of them
+    reference = logprob(loaded, [eos], ids[:24])
     pos = 24
     while pos < len(ids):
         n = min(24, len(ids) - pos)
-        reference += logprob(loaded, ids[pos + n - 24 - 1: pos] if pos + n - 25 >= 0 else [eos] + ids[:pos], ids[pos:pos + n])
+        reference += logprob(loaded, ids[pos + n - 25: pos], ids[pos: pos + n])
         pos += n
     got = [float(s["filtered_resps"][0]) for s in ppl if s["doc"]["text"] == long_doc][0]
     assert got == pytest.approx(reference, abs=1e-3)
@@ -147,6 +150,7 @@ def test_mdlm_conditional_bound_and_bd3lm_refusal(single_process, tmp_path, sp_t
         bd3.loglikelihood([req])
 
 
+@pytest.mark.slow
 def test_cli_runs_a_local_task(single_process, tmp_path, sp_tokenizer):  # noqa: F811
     """`tools/run_lm_eval.py --model card_megatron` is lm-eval's own command line with our model registered."""
     write_tasks(tmp_path)

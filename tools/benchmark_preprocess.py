@@ -124,8 +124,8 @@ def main() -> None:
         else:
             model = os.path.join(tmp, "tok.model")
             tok = train_tokenizer(docs, model, args.vocab_size)
-        print(f"corpus: {len(texts)} documents, {size / 1e6:.1f} MB as {args.format} ({os.path.getsize(path) / 1e6:.1f} MB "
-              f"on disk); tokenizer vocab {tok.vocab_size}; "
+        print(f"corpus: {len(texts)} documents, {size / 1e6:.1f} MB as {args.format} "
+              f"({os.path.getsize(path) / 1e6:.1f} MB on disk); tokenizer vocab {tok.vocab_size}; "
               f"workers {args.workers} (cpus {os.cpu_count()})")
 
         raw_best = e2e_best = raw_cpu_best = e2e_cpu_best = None

@@ -19,8 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> None:
-    import card_megatron.eval.harness  # noqa: F401 (registers the card_megatron model)
     from lm_eval.__main__ import cli_evaluate
+
+    import card_megatron.eval.harness  # noqa: F401 (registers the card_megatron model)
 
     cli_evaluate()
 

@@ -50,8 +50,8 @@ import os
 import re
 import time
 from collections import Counter
-from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 

@@ -54,7 +54,8 @@ class Progress:
             return
         self.last = now
         msg = (
-            f"{self.docs:,} docs ({self.docs / dt:,.0f} docs/s), {self.tokens:,} tokens ({self.tokens / dt:,.0f} tokens/s), "
+            f"{self.docs:,} docs ({self.docs / dt:,.0f} docs/s), "
+            f"{self.tokens:,} tokens ({self.tokens / dt:,.0f} tokens/s), "
             f"{self.text_bytes / 1e6 / dt:.2f} MB/s"
         )
         if self.total and disk_pos:

@@ -137,7 +137,7 @@ def _parse_clean_chunk(
         return None
     objs = list(map(operator.itemgetter(0), parsed))
     texts: list[list[str]] = []
-    for k, key in enumerate(keys):
+    for key in keys:
         try:
             values = list(map(operator.itemgetter(key), objs))
         except (KeyError, TypeError, IndexError):

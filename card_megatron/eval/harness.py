@@ -20,7 +20,8 @@ and runs lm-eval's own command line (lm-eval has no plugin discovery for models)
   ``until`` string.
 
 Model args: ``checkpoint`` (required), ``decoding`` (card | ar | mdlm | bd3lm), ``threshold``,
-``window``, ``max_gen_toks`` (default 256), ``mc_samples`` (MDLM, default 128), ``seed``, ``device``, ``ema``; the batch size is lm-eval's ``--batch_size``.
+``window``, ``max_gen_toks`` (default 256), ``mc_samples`` (MDLM, default 128), ``seed``, ``device``,
+``ema``; the batch size is lm-eval's ``--batch_size``.
 """
 
 from __future__ import annotations
