@@ -18,13 +18,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main() -> None:
-    from lm_eval.__main__ import cli_evaluate
+def main() -> int:
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError:
+        print("error: lm-eval-harness is not installed: pip install -e .[eval] (or make setup)", file=sys.stderr)
+        return 1
 
     import card_megatron.eval.harness  # noqa: F401 (registers the card_megatron model)
 
     cli_evaluate()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

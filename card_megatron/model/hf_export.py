@@ -134,7 +134,10 @@ def export_llama(checkpoint: str, output: str, ema: bool = False) -> dict[str, A
     """Writes ``checkpoint`` (run, checkpoint or export directory) as a Llama model directory at
     ``output``; returns the ``card_megatron.json`` record. ValueError for a bidirectional
     objective, FileExistsError for an existing ``output``."""
-    from transformers import LlamaForCausalLM
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError:
+        raise ValueError("exporting needs transformers and safetensors: pip install -e .[eval] (or make setup)") from None
 
     from card_megatron.inference.loading import load_model, resolve_export_dir
 
