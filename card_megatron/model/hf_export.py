@@ -137,7 +137,8 @@ def export_llama(checkpoint: str, output: str, ema: bool = False) -> dict[str, A
     try:
         from transformers import LlamaForCausalLM
     except ImportError:
-        raise ValueError("exporting needs transformers and safetensors: pip install -e .[eval] (or make setup)") from None
+        raise ValueError("exporting needs transformers and safetensors: pip install -e .[eval] "
+                         "(or make setup)") from None
 
     from card_megatron.inference.loading import load_model, resolve_export_dir
 
