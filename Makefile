@@ -39,6 +39,7 @@ demo: setup
 # Each benchmark prints ratios measured side by side in one run; results: docs/benchmarks.md.
 bench: setup
 	$(PY) tools/benchmark_preprocess.py --size-mb 200
+	$(PY) tools/benchmark_preprocess.py --size-mb 200 --format parquet
 	$(PY) tools/benchmark_index.py
 	$(PY) tools/benchmark_objectives.py
 	$(PY) tools/benchmark_train.py

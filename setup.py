@@ -42,6 +42,13 @@ setup(
         "wandb",
         "pybind11",
         "PyYAML",
+        "tqdm",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "test": ["pytest"],
+        # Parquet and .zst inputs, Hugging Face tokenizer.json (pip install -e .[data])
+        "data": ["pyarrow", "zstandard", "tokenizers"],
+        # tools/export_hf.py, tools/evaluate.py and the lm-eval-harness adapter (pip install -e .[eval])
+        "eval": ["tokenizers", "transformers", "safetensors", "lm_eval"],
+    },
 )

@@ -6,6 +6,11 @@ encoding text (not even the literal string ``"<mask>"``), so the mask id only ev
 sequence when the diffusion objective puts it there. For an existing model without a
 ``<mask>`` control symbol the mask id is appended after the vocabulary (``mask_id ==
 piece count``) and ``vocab_size`` counts it; a missing pad/bos/eos is appended the same way.
+
+:meth:`Tokenizer.load` and :meth:`Tokenizer.from_serialized` also take a Hugging Face
+``tokenizer.json`` (recognised by its content, a JSON object) and then return a
+:class:`card_megatron.hf_tokenizer.HuggingFaceTokenizer`, which has the same interface; so
+``data.tokenizer_model`` and a checkpoint's ``tokenizer.model`` may hold either format.
 """
 
 from __future__ import annotations
@@ -77,7 +82,8 @@ class Tokenizer:
     # -- construction ---------------------------------------------------------------
     @classmethod
     def load(cls, model_path: str | os.PathLike) -> "Tokenizer":
-        """Loads a SentencePiece ``.model`` file; ValueError naming the file if missing or corrupt."""
+        """Loads a SentencePiece ``.model`` file or a Hugging Face ``tokenizer.json``; ValueError naming
+        the file if missing or corrupt."""
         path = os.fspath(model_path)
         if not os.path.isfile(path):
             raise ValueError(f"tokenizer model not found: {path}")
@@ -87,7 +93,12 @@ class Tokenizer:
 
     @classmethod
     def from_serialized(cls, data: bytes, source: str = "<bytes>") -> "Tokenizer":
-        """Builds a tokenizer from the bytes of a ``.model`` file."""
+        """Builds a tokenizer from the bytes of a ``.model`` file (or of a ``tokenizer.json``:
+        a :class:`~card_megatron.hf_tokenizer.HuggingFaceTokenizer`)."""
+        from card_megatron.hf_tokenizer import HuggingFaceTokenizer, looks_like_json
+
+        if looks_like_json(data):
+            return HuggingFaceTokenizer.from_serialized(data, source)
         processor = spm.SentencePieceProcessor()
         try:
             processor.load_from_serialized_proto(data)
@@ -242,6 +253,23 @@ def train_tokenizer(
     os.replace(tmp, model_path)
     tok = Tokenizer.from_serialized(model.getvalue(), source=model_path)
     assert tok.mask_id == 4 and tok.pad_id == 0 and tok.eos_id == 3, tok
+    return tok
+
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
+
+
+def load_any_tokenizer(model_path: str, tokenizer_type: Optional[str] = None):
+    """A SentencePiece model or a Hugging Face ``tokenizer.json`` (told apart by content); with
+    ``tokenizer_type`` (Megatron's names, :data:`TOKENIZER_TYPES`) the file must be of that kind."""
+    tok = Tokenizer.load(model_path)
+    if tokenizer_type is not None:
+        if tokenizer_type not in TOKENIZER_TYPES:
+            raise ValueError(f"--tokenizer-type {tokenizer_type!r}: expected one of {', '.join(TOKENIZER_TYPES)}")
+        is_hf = not isinstance(tok, Tokenizer)
+        if is_hf != (tokenizer_type == "HuggingFaceTokenizer"):
+            what = "a Hugging Face tokenizer.json" if is_hf else "a SentencePiece model"
+            raise ValueError(f"--tokenizer-type {tokenizer_type}, but {model_path} is {what}")
     return tok
 
 

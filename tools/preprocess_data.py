@@ -7,6 +7,8 @@
       --output-prefix data/copy --workers 2
   python tools/preprocess_data.py --input 'corpus/*.jsonl.gz' --tokenizer-model tok.model \\
       --output-prefix data/web --workers 16
+  python tools/preprocess_data.py --input 'fineweb/*.parquet' --json-keys text \\
+      --tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizer.json --output-prefix data/fw --workers 16
   python tools/preprocess_data.py --merge data/a_text_document data/b_text_document --output-prefix data/ab_text_document
 """
 
@@ -24,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from card_megatron.data.builtin import BUILTIN_CORPORA, BUILTIN_PREFIX  # noqa: E402
 from card_megatron.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from card_megatron.data.shards import merge_shards  # noqa: E402
+from card_megatron.tokenizer import TOKENIZER_TYPES  # noqa: E402
 
 
 def _builtin_help() -> str:
@@ -51,20 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input", nargs="+", metavar="PATH",
                    help="input files or globs (an existing path is a file, even with glob characters in its name): "
                    ".jsonl/.json/.ndjson (one JSON object per line), .txt (one document "
-                   "per line), each optionally .gz; or a built-in corpus: "
+                   "per line), each optionally .gz or .zst; .parquet (read one row group at a time, the "
+                   "--json-keys columns only; e.g. FineWeb's 'text'); or a built-in corpus: "
                    + ", ".join(BUILTIN_PREFIX + name for name in BUILTIN_CORPORA) + " (listed below)")
     g.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
-                   help="JSON keys to tokenize, one output shard per key (default: text)")
+                   help="JSON keys (Parquet: string columns) to tokenize, one output shard per key (default: text)")
     g.add_argument("--skip-bad-lines", action="store_true",
                    help="skip and count lines with invalid JSON, invalid UTF-8 or a missing/non-string key "
-                   "instead of stopping with an error naming the file and line")
-    g = p.add_argument_group("tokenizer (SentencePiece)")
-    g.add_argument("--tokenizer-model", metavar="PATH", help="an existing SentencePiece .model file")
+                   "(Parquet: rows with a null or invalid UTF-8 value) instead of stopping with an error "
+                   "naming the file and line (or row group and row)")
+    g = p.add_argument_group("tokenizer (SentencePiece or Hugging Face tokenizer.json)")
+    g.add_argument("--tokenizer-model", metavar="PATH",
+                   help="an existing SentencePiece .model file or a local Hugging Face tokenizer.json "
+                   "(told apart by content; <mask> and any missing eos/bos/pad are appended after the "
+                   "vocabulary, see card_megatron/hf_tokenizer.py)")
     g.add_argument("--train-tokenizer", action="store_true",
                    help="train a SentencePiece model on the input first and save it as {output_prefix}.model")
     g.add_argument("--vocab-size", type=int, metavar="N", help="vocabulary size for --train-tokenizer (incl. reserved ids)")
-    g.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer"], default="SentencePieceTokenizer",
-                   help="accepted for Megatron compatibility; SentencePiece is the only tokenizer")
+    g.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES), default=None,
+                   help="Megatron's name of the tokenizer kind; when given, --tokenizer-model must be of that kind "
+                   "(default: told from the file)")
     g.add_argument("--tokenizer-model-type", choices=["unigram", "bpe"], default="unigram",
                    help="SentencePiece model type for --train-tokenizer (default: unigram)")
     g.add_argument("--tokenizer-sample-sentences", type=int, default=1_000_000, metavar="N",
@@ -84,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="tokenizer worker processes (default: all CPUs, %(default)s here)")
     g.add_argument("--log-interval", type=float, default=2.0, metavar="SECONDS",
-                   help="seconds between progress lines on stderr (default: 2)")
+                   help="seconds between progress lines on stderr when it is not a terminal; on a terminal "
+                   "a tqdm progress bar with ETA is drawn instead (default: 2)")
     return p
 
 
@@ -114,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             train_tokenizer=args.train_tokenizer,
             vocab_size=args.vocab_size,
             tokenizer_type=args.tokenizer_model_type,
+            tokenizer_kind=args.tokenizer_type,
             tokenizer_sample_sentences=args.tokenizer_sample_sentences,
             tokenizer_scan_sentences=10 * args.tokenizer_sample_sentences,
             workers=args.workers,

@@ -1,8 +1,10 @@
-"""Text inputs of the preprocessing tool: files (JSONL, .jsonl.gz, .txt) and built-in corpora.
+"""Text inputs of the preprocessing tool: files (JSONL or text, plain, .gz or .zst; Parquet) and
+built-in corpora.
 
-Files are read in raw blocks cut at line ends (:func:`iter_chunks`) so that parsing,
-decoding and tokenization all happen in worker processes; the reading process only
-counts lines and hashes the bytes (:class:`InputFingerprint`). The built-in corpora
+Line files are read in raw blocks cut at line ends (:func:`iter_chunks`), Parquet files one
+row group per chunk, so that parsing, decoding and tokenization all happen in worker processes
+(:mod:`card_megatron.data.readers`); the reading process only counts lines and hashes the
+bytes (:class:`InputFingerprint`). The built-in corpora
 (``builtin:python-docs``, ``builtin:python-code``, ``builtin:synthetic-copy``) are
 generated in :mod:`card_megatron.data.builtin` and come as lists of documents.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,15 +29,27 @@ from card_megatron.data.builtin import (  # noqa: F401 (re-exported)
     check_spec,
 )
 
+logger = logging.getLogger(__name__)
+
+# A Parquet row group is read whole by one worker: above this many uncompressed bytes, say so.
+LARGE_ROW_GROUP_BYTES = 1 << 29
+
 
 @dataclass(frozen=True)
 class InputSource:
-    """One input: a file (``kind`` jsonl or txt, maybe gzip) or a built-in corpus (``kind`` builtin)."""
+    """One input: a file (``kind`` jsonl or txt, maybe gzip or zstd compressed; or parquet) or a
+    built-in corpus (``kind`` builtin)."""
 
     name: str  # the path, or "builtin:python-docs"
-    kind: str  # "jsonl" | "txt" | "builtin"
+    kind: str  # "jsonl" | "txt" | "parquet" | "builtin"
     gzip: bool = False
     spec: Optional[Any] = None  # a built-in corpus's parameters (SyntheticCopySpec); None = defaults
+    zstd: bool = False
+
+    @property
+    def compression(self) -> Optional[str]:
+        """"gzip", "zstd" or None (Parquet compresses inside the file: None)."""
+        return "gzip" if self.gzip else "zstd" if self.zstd else None
 
     def size_bytes(self) -> Optional[int]:
         """Bytes on disk (compressed for gzip), or None when unknown."""
@@ -51,9 +66,12 @@ class Chunk:
     """A run of consecutive input lines (or built-in documents) handed to one worker.
 
     For an uncompressed regular file the chunk is a byte range (``offset``, ``length``) cut at
-    line ends that the worker reads itself (``payload`` None); otherwise ``payload`` holds the
-    raw bytes (ending with a line end) or, for a built-in corpus, a list of texts.
+    line ends that the worker reads itself (``payload`` None); for Parquet, row group number
+    ``offset`` (``length``: its compressed bytes), also read by the worker; otherwise ``payload``
+    holds the raw bytes (ending with a line end) or, for a built-in corpus, a list of texts.
     ``input_pos`` is the reader's position in the source after this chunk (bytes on disk).
+    ``source_index`` and ``progress_pos`` (bytes on disk of all inputs up to the end of this
+    chunk) are set by the run, so that a chunk's result says where it came from.
     """
 
     source: str
@@ -62,11 +80,15 @@ class Chunk:
     offset: int
     length: int
     input_pos: int
+    source_index: int = 0
+    progress_pos: int = 0
 
     def data(self) -> Union[bytes, list]:
         """The chunk's bytes (read from the file for a byte range) or its texts."""
         if self.payload is not None:
             return self.payload
+        if self.kind == "parquet":
+            raise AssertionError("a Parquet chunk is read by readers.parse_chunk")
         try:
             with open(self.source, "rb") as f:
                 data = os.pread(f.fileno(), self.length, self.offset)
@@ -79,13 +101,17 @@ class Chunk:
 
 def _source_for(path: str) -> InputSource:
     lower = path.lower()
+    if lower.endswith((".parquet", ".pq")):
+        return InputSource(path, "parquet")
     gz = lower.endswith(".gz")
-    base = lower[:-3] if gz else lower
+    zst = lower.endswith((".zst", ".zstd"))
+    base = lower[:-3] if gz else lower.rsplit(".", 1)[0] if zst else lower
     if base.endswith((".jsonl", ".json", ".ndjson")):
-        return InputSource(path, "jsonl", gz)
+        return InputSource(path, "jsonl", gz, zstd=zst)
     if base.endswith(".txt"):
-        return InputSource(path, "txt", gz)
-    raise ValueError(f"input {path}: unknown file type (expected .jsonl, .json, .ndjson or .txt, optionally .gz)")
+        return InputSource(path, "txt", gz, zstd=zst)
+    raise ValueError(f"input {path}: unknown file type (expected .jsonl, .json, .ndjson or .txt, optionally "
+                     ".gz or .zst; or .parquet)")
 
 
 def builtin_source(name: str, spec: Optional[Any] = None) -> InputSource:
@@ -156,15 +182,32 @@ class InputFingerprint:
     def __init__(self, source: InputSource) -> None:
         self.of = "documents" if source.kind == "builtin" else "file bytes"
         self._sha = hashlib.sha256()
+        self._hashed = 0  # Parquet: bytes of the file hashed so far
 
     def update(self, chunk: Chunk) -> None:
-        """Adds the next chunk of the input (for a byte range this reads it from the file)."""
+        """Adds the next chunk of the input (for a byte range or a Parquet row group this reads
+        the file's bytes up to the chunk's end)."""
+        if chunk.kind == "parquet":
+            self._hash_file_until(chunk.source, chunk.input_pos)
+            return
         data = chunk.data()
         if chunk.kind == "builtin":
             for text in data:
                 _add_document(self._sha, text)
         else:  # chunk.length excludes the line end added after an unterminated last line
             self._sha.update(memoryview(data)[: chunk.length])
+
+    def _hash_file_until(self, path: str, end: int) -> None:
+        try:
+            with open(path, "rb") as f:
+                while self._hashed < end:
+                    block = os.pread(f.fileno(), min(1 << 22, end - self._hashed), self._hashed)
+                    if not block:
+                        raise ValueError(f"input {path} changed while being read")
+                    self._sha.update(block)
+                    self._hashed += len(block)
+        except OSError as e:
+            raise ValueError(f"input {path}: cannot read ({e.strerror})") from None
 
     @property
     def sha256(self) -> str:
@@ -199,8 +242,9 @@ class _CountingReader:
 def iter_chunks(source: InputSource, chunk_bytes: int = 1 << 20, chunk_docs: int = 256) -> Iterator[Chunk]:
     """Splits ``source`` into chunks of about ``chunk_bytes`` bytes cut at line ends.
 
-    Built-in corpora come as lists of ``chunk_docs`` texts. Raises ValueError naming the file
-    if it cannot be opened or is not valid gzip.
+    Built-in corpora come as lists of ``chunk_docs`` texts, Parquet files as one chunk per row
+    group. Raises ValueError naming the file if it cannot be opened or is not valid gzip, zstd
+    or Parquet.
     """
     if source.kind == "builtin":
         batch: list[str] = []
@@ -214,7 +258,10 @@ def iter_chunks(source: InputSource, chunk_bytes: int = 1 << 20, chunk_docs: int
         if batch:
             yield Chunk(source.name, "builtin", batch, 0, size, 0)
         return
-    if not source.gzip and os.path.isfile(source.name):
+    if source.kind == "parquet":
+        yield from _parquet_chunks(source)
+        return
+    if source.compression is None and os.path.isfile(source.name):
         yield from _byte_range_chunks(source, chunk_bytes)
         return
 
@@ -225,14 +272,15 @@ def iter_chunks(source: InputSource, chunk_bytes: int = 1 << 20, chunk_docs: int
     except OSError as e:
         raise ValueError(f"input {source.name}: cannot open ({e.strerror})") from None
     counter = _CountingReader(raw)
-    stream = gzip.GzipFile(fileobj=counter, mode="rb") if source.gzip else counter
     carry = b""
     try:
+        stream = _decompressed(source, counter)
         while True:
             try:
                 block = stream.read(chunk_bytes)
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
-                raise ValueError(f"input {source.name}: cannot read ({e})") from None
+            except Exception as e:  # OSError, EOFError, gzip.BadGzipFile, zstandard.ZstdError
+                what = {"gzip": "not valid gzip: ", "zstd": "not valid zstd: "}.get(source.compression, "")
+                raise ValueError(f"input {source.name}: cannot read ({what}{e})") from None
             if not block:
                 break
             data = carry + block
@@ -247,6 +295,46 @@ def iter_chunks(source: InputSource, chunk_bytes: int = 1 << 20, chunk_docs: int
             yield Chunk(source.name, source.kind, carry + b"\n", 0, len(carry), counter.pos)
     finally:
         raw.close()
+
+
+def _decompressed(source: InputSource, counter: _CountingReader):
+    if source.gzip:
+        return gzip.GzipFile(fileobj=counter, mode="rb")
+    if source.zstd:
+        try:
+            import zstandard
+        except ImportError:
+            raise ValueError(f"input {source.name}: reading .zst needs zstandard (pip install zstandard, "
+                             "or make setup)") from None
+        # read_across_frames: files made by concatenating .zst files (as some datasets ship) read whole
+        return zstandard.ZstdDecompressor().stream_reader(counter, read_across_frames=True, closefd=False)
+    return counter
+
+
+def _parquet_chunks(source: InputSource) -> Iterator[Chunk]:
+    """One chunk per row group; ``input_pos``: where the row group's data ends in the file (the
+    file's size after the last), for progress and the fingerprint."""
+    from card_megatron.data.readers import open_parquet
+
+    pf = open_parquet(source.name)
+    meta = pf.metadata
+    size = os.path.getsize(source.name)
+    pos = 0
+    largest = max((meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)), default=0)
+    if largest > LARGE_ROW_GROUP_BYTES:
+        logger.warning("%s: a row group holds %.0f MB (uncompressed); each is read whole by one worker, so "
+                       "memory and parallelism follow the row groups: rewrite the file with smaller ones "
+                       "(row_group_size) if this is a problem", source.name, largest / 1e6)
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        end, stored = pos, 0
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            dictionary = col.has_dictionary_page and col.dictionary_page_offset
+            start = col.dictionary_page_offset if dictionary else col.data_page_offset
+            end = max(end, start + col.total_compressed_size)
+        pos = size if g == meta.num_row_groups - 1 else min(end, size)
+        yield Chunk(source.name, "parquet", None, g, stored, pos)
 
 
 def _byte_range_chunks(source: InputSource, chunk_bytes: int) -> Iterator[Chunk]:

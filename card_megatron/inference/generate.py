@@ -58,7 +58,9 @@ class GenerationConfig:
 
 @dataclass
 class Generation:
-    """One generated sequence (``token_ids``: new tokens, eos included when it stopped there)."""
+    """One generated sequence (``token_ids``: new tokens, eos included when it stopped there;
+    ``prompt_ids``: the prompt's tokens; ``prompt_token_ids``: what the model was given, the
+    document-boundary token first, so that another tool can replay the prompt exactly)."""
 
     index: int
     prompt: str
@@ -68,13 +70,15 @@ class Generation:
     stopped: str
     num_forward_passes: int
     seconds: float
+    prompt_token_ids: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_forward(self) -> float:
         return len(self.token_ids) / max(self.num_forward_passes, 1)
 
     def to_json(self) -> dict:
-        return {"index": self.index, "prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
+        return {"index": self.index, "prompt": self.prompt, "prompt_token_ids": self.prompt_token_ids,
+                "text": self.text, "token_ids": self.token_ids,
                 "num_new_tokens": len(self.token_ids), "stopped": self.stopped,
                 "num_forward_passes": self.num_forward_passes,
                 "tokens_per_forward": round(self.tokens_per_forward, 4), "seconds": round(self.seconds, 4)}
@@ -162,7 +166,8 @@ def generate(loaded, prompts: Sequence[str], cfg: GenerationConfig,
             i = start + k
             results.append(Generation(index=ids[i], prompt=prompts[i], prompt_ids=prompt_ids[i][1:],
                                       token_ids=out.token_ids, text=tokenizer.decode(out.token_ids),
-                                      stopped=out.stopped, num_forward_passes=out.num_forward_passes, seconds=seconds))
+                                      stopped=out.stopped, num_forward_passes=out.num_forward_passes, seconds=seconds,
+                                      prompt_token_ids=list(prompt_ids[i])))
             totals["new_tokens"] += len(out.token_ids)
             totals["forward_passes"] += out.num_forward_passes
         totals["model_calls"] += calls

@@ -1,0 +1,213 @@
+"""lm-eval-harness model adapter: ``lm_eval --model card_megatron --model_args checkpoint=RUN``.
+
+Registered as ``card_megatron`` when this module is imported; ``tools/run_lm_eval.py`` imports it
+and runs lm-eval's own command line (lm-eval has no plugin discovery for models), and
+``lm_eval.simple_evaluate(model=CardMegatronLM(checkpoint=...), ...)`` works from Python.
+
+* ``loglikelihood`` (multiple-choice tasks) and ``loglikelihood_rolling`` (perplexity tasks):
+  exact log-probabilities of causal checkpoints (ARM, CARD), from clean left context, the
+  document-boundary token (eos) first as in training; a context longer than
+  ``model.seq_length`` keeps its last tokens (rolling windows use lm-eval's own
+  ``get_rolling_token_windows``). MDLM has no exact likelihood: it gets the conditional ELBO
+  (a lower bound on log p(continuation | context)), a Monte-Carlo estimate over ``mc_samples``
+  stratified noise levels t, each continuation token masked with probability t (the context
+  stays clean), ``sum over masked tokens of log p / t``, averaged; ``is_greedy`` is whether the
+  argmax with the whole continuation masked is the continuation. BD3LM is refused (its block
+  structure has no conditional estimate here; ``tools/evaluate.py`` reports its bound).
+* ``generate_until``: our decoders (:func:`card_megatron.inference.generate.generate`), CARD's
+  parallel decoder by default for CARD checkpoints (``decoding``, ``threshold``, ``window``
+  model args), greedy unless the task asks for sampling; the text is cut at the first
+  ``until`` string.
+
+Model args: ``checkpoint`` (required), ``decoding`` (card | ar | mdlm | bd3lm), ``threshold``,
+``window``, ``max_gen_toks`` (default 256), ``mc_samples`` (MDLM, default 128), ``seed``, ``device``,
+``ema``; the batch size is lm-eval's ``--batch_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any, Optional
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+CAUSAL = ("arm", "card")
+logger = logging.getLogger(__name__)
+
+
+def _as_bool(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+
+
+@register_model("card_megatron")
+class CardMegatronLM(TemplateLM):
+    """A card_megatron checkpoint as an lm-eval-harness ``LM`` (see the module docstring)."""
+
+    def __init__(self, checkpoint: str, decoding: Optional[str] = None, threshold: float = 0.9, window: int = 8,
+                 batch_size: int | str = 8, max_gen_toks: int = 256, device: Optional[str] = None,
+                 ema: bool | str = False, mc_samples: int = 128, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__()
+        from card_megatron.inference.loading import load_model
+
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            logger.warning("device %s requested (lm-eval's default) but CUDA is not available: using the CPU", device)
+            device = "cpu"
+        self.loaded = load_model(checkpoint, device=device, ema=_as_bool(ema))
+        self.objective = self.loaded.config.objective.name
+        self.decoding = decoding
+        self.threshold = float(threshold)
+        self.window = int(window)
+        self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
+        self.max_gen_toks = int(max_gen_toks)
+        self.mc_samples = int(mc_samples)
+        self.seed = int(seed)
+        if self.mc_samples < 1:
+            raise ValueError(f"mc_samples ({mc_samples}) must be >= 1")
+        self.max_length = self.loaded.config.model.seq_length
+        self.tok = self.loaded.tokenizer
+
+    # -- tokenization (TemplateLM) ---------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tok.eos_id  # the document boundary every training document follows
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs: Any) -> list[int]:
+        return self.tok.encode(string)
+
+    def tok_decode(self, tokens, **kwargs: Any) -> str:
+        return self.tok.decode(tokens)
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's split of context and continuation, the context preceded by the document boundary
+        (lm-eval itself adds it only to an empty context)."""
+        context_enc, continuation_enc = super()._encode_pair(context, continuation)
+        return [self.prefix_token_id] + context_enc, continuation_enc
+
+    # -- scoring ---------------------------------------------------------------------
+    def _require_causal(self, what: str) -> None:
+        if self.objective not in CAUSAL + ("mdlm",):
+            raise NotImplementedError(
+                f"{what}: this {self.objective} checkpoint has block-wise attention and no exact or conditional "
+                "likelihood here; score it with tools/evaluate.py (an upper bound), or evaluate generate_until tasks")
+
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), whether greedy decoding gives the continuation)."""
+        self._require_causal("loglikelihood")
+        if self.objective == "mdlm":
+            return [self._masked_diffusion_loglikelihood(list(ctx), list(cont)) for _, ctx, cont in requests]
+        model, dev, L = self.loaded.model, self.loaded.device, self.max_length
+        results: list[tuple[float, bool]] = []
+        for start in range(0, len(requests), self.batch_size):
+            batch = requests[start: start + self.batch_size]
+            seqs, conts = [], []
+            for _, context, continuation in batch:
+                if not continuation:
+                    raise ValueError("lm-eval request with an empty continuation")
+                whole = (list(context) + list(continuation))[-(L + 1):]
+                seqs.append(whole[:-1])
+                conts.append(list(continuation)[-min(len(continuation), len(whole) - 1):])  # cut with the context
+            width = max(map(len, seqs))
+            ids = torch.full((len(seqs), width), self.tok.eos_id, dtype=torch.long)
+            for i, s in enumerate(seqs):  # right padding: causal attention never sees it
+                ids[i, : len(s)] = torch.tensor(s)
+            pos = torch.arange(width).expand_as(ids)
+            logits = model(ids.to(dev), pos.to(dev)).transpose(0, 1).double()  # [B, S, V]
+            logp = torch.log_softmax(logits, dim=-1)
+            for i, (s, cont) in enumerate(zip(seqs, conts)):
+                rows = logp[i, len(s) - len(cont): len(s)]
+                target = torch.tensor(cont, device=rows.device)
+                total = float(rows.gather(1, target[:, None]).sum())
+                greedy = bool((rows.argmax(dim=-1) == target).all())
+                results.append((total, greedy))
+        return results
+
+    @torch.no_grad()
+    def _masked_diffusion_loglikelihood(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        """MDLM's conditional ELBO of ``continuation`` given ``context`` (module docstring); the
+        model reads the last ``seq_length`` tokens (no shift), continuation last."""
+        if not continuation:
+            raise ValueError("lm-eval request with an empty continuation")
+        whole = (context + continuation)[-self.max_length:]
+        n_cont = min(len(continuation), len(whole))
+        n, dev, mask_id = self.mc_samples, self.loaded.device, self.tok.mask_id
+        gen = torch.Generator().manual_seed(self.seed)
+        t = (torch.arange(n, dtype=torch.float64) + 0.5) / n  # stratified noise levels
+        is_masked = torch.rand(n, n_cont, dtype=torch.float64, generator=gen) < t[:, None]
+        x0 = torch.tensor(whole, dtype=torch.long)
+        xt = x0.repeat(n + 1, 1)
+        tail = xt[:, len(whole) - n_cont:]
+        tail[:n][is_masked] = mask_id
+        tail[n] = mask_id  # the greedy check: the whole continuation masked
+        targets = x0[len(whole) - n_cont:].to(dev)
+        logp_rows = []
+        for start in range(0, n + 1, self.batch_size):
+            ids = xt[start: start + self.batch_size].to(dev)
+            logits = self.loaded.model(ids, torch.arange(len(whole), device=dev).expand_as(ids)).transpose(0, 1)
+            logits = logits[:, len(whole) - n_cont:].double()
+            logits[..., mask_id] = float("-inf")  # SUBS, as in training
+            logp = torch.log_softmax(logits, dim=-1)
+            logp_rows.append(logp)
+        logp = torch.cat(logp_rows)  # [n + 1, n_cont, V]
+        token_logp = logp[:n].gather(-1, targets.expand(n, n_cont)[..., None])[..., 0]
+        bound = float(((token_logp * is_masked.to(dev)).sum(1) / t.to(dev)).mean())
+        greedy = bool((logp[n].argmax(-1) == targets).all())
+        return bound, greedy
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """log p(text) from rolling windows of ``seq_length`` tokens (lm-eval's windowing)."""
+        self._require_causal("loglikelihood_rolling")
+        out = []
+        for (string,) in [r.args for r in requests]:
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            scores = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows])
+            out.append(sum(s for s, _ in scores))
+        return out
+
+    # -- generation ------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Continuations from our decoders, cut at the first ``until`` string."""
+        from card_megatron.inference.generate import GenerationConfig, generate
+        from card_megatron.inference.sampling import SamplingConfig
+
+        groups: dict[str, list[int]] = defaultdict(list)
+        args = [r.args for r in requests]
+        for i, (_, gen_kwargs) in enumerate(args):
+            groups[repr(sorted(gen_kwargs.items()))].append(i)
+        out: list[Optional[str]] = [None] * len(args)
+        for indices in groups.values():
+            kw = dict(args[indices[0]][1])
+            until = kw.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kw.pop("max_gen_toks", self.max_gen_toks))
+            sample = _as_bool(kw.pop("do_sample", False)) and float(kw.get("temperature", 1.0)) > 0
+            samp = SamplingConfig(temperature=float(kw.get("temperature", 1.0)), top_p=float(kw.get("top_p", 1.0)),
+                                  top_k=int(kw.get("top_k", 0) or 0)) if sample else SamplingConfig(greedy=True)
+            max_new = max(1, min(max_new, self.max_length - 1))
+            prompts = [self._fit(args[i][0], max_new) for i in indices]
+            cfg = GenerationConfig(decoding=self.decoding, max_new_tokens=max_new, batch_size=self.batch_size,
+                                   sampling=samp, window=self.window, threshold=self.threshold)
+            gens, _ = generate(self.loaded, prompts, cfg)
+            for i, g in zip(indices, gens):
+                text = g.text
+                for stop in until:
+                    if stop and stop in text:
+                        text = text[: text.index(stop)]
+                out[i] = text
+        return out  # type: ignore[return-value]
+
+    def _fit(self, prompt: str, max_new: int) -> str:
+        """The prompt, its start dropped (by tokens) when prompt + eos + max_new would not fit the context."""
+        ids = self.tok.encode(prompt)
+        room = self.max_length - max_new - 1
+        return prompt if len(ids) <= room else self.tok.decode(ids[len(ids) - room:] if room > 0 else [])

@@ -1,0 +1,97 @@
+"""tools/evaluate.py: perplexity per dataset, exact for causal checkpoints, a labelled bound otherwise."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from card_megatron.data import preprocess as pp
+from card_megatron.data.corpus import builtin_documents
+from card_megatron.tokenizer import train_tokenizer
+from tests.distributed import REPO
+from tests.test_export_hf import single_process, write_export  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    docs = list(itertools.islice(builtin_documents(), 400))
+    tok = train_tokenizer(docs[:150], str(root / "tok.model"), vocab_size=500)
+    prefixes = []
+    for name, part in (("docs_a", docs[150:250]), ("docs_b", docs[250:400])):
+        path = root / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": d[:600]}) + "\n" for d in part))
+        pp.preprocess(pp.PreprocessOptions(inputs=[str(path)], output_prefix=str(root / name),
+                                           tokenizer_model=tok.source))
+        prefixes.append(str(root / f"{name}_text_document"))
+    return root, tok, prefixes
+
+
+def reference_nll(loaded, prefix, max_windows):
+    """Mean next-token NLL over windows of seq_length + 1 tokens, written as a plain loop."""
+    from card_megatron.data.shards import TokenShard
+
+    tokens = np.asarray(TokenShard(prefix).tokens, dtype=np.int64)
+    L = loaded.config.model.seq_length
+    total, count = 0.0, 0
+    for w in range(min((len(tokens) - 1) // L, max_windows)):
+        seq = torch.from_numpy(tokens[w * L: w * L + L + 1])
+        with torch.no_grad():
+            logits = loaded.model(seq[None, :-1], torch.arange(L)[None])[:, 0].double()
+        logp = torch.log_softmax(logits, dim=-1)
+        for i in range(L):
+            total -= float(logp[i, seq[i + 1]])
+            count += 1
+    return total / count, count
+
+
+def test_exact_for_causal_and_bound_for_mdlm(single_process, setup):  # noqa: F811
+    from card_megatron.eval.perplexity import evaluate_checkpoint, markdown_table
+    from card_megatron.inference.loading import load_model
+
+    root, tok, prefixes = setup
+    for objective in ("arm", "card"):
+        ckpt = write_export(root / f"ckpt_{objective}", tok, objective, seed=3)
+        result = evaluate_checkpoint(ckpt, prefixes, ["a", "b"], batch_size=3, max_windows=7)
+        loaded = load_model(ckpt, device="cpu")
+        for row, prefix in zip(result["rows"], prefixes):
+            nll, count = reference_nll(loaded, prefix, 7)
+            assert row["kind"] == "exact" and row["num_windows"] == 7 and row["num_tokens"] == count
+            assert row["nll"] == pytest.approx(nll, abs=1e-5) and row["ppl"] == pytest.approx(np.exp(nll), rel=1e-4)
+        assert [r["dataset"] for r in result["rows"]] == ["a", "b"]
+        assert "| <= " not in markdown_table(result)
+    ckpt = write_export(root / "ckpt_mdlm", tok, "mdlm", seed=3)
+    result = evaluate_checkpoint(ckpt, prefixes[:1], max_windows=4)
+    again = evaluate_checkpoint(ckpt, prefixes[:1], max_windows=4, batch_size=1)
+    row = result["rows"][0]
+    assert row["kind"] == "bound" and np.isfinite(row["nll"]) and row["dataset"] == "docs_a_text_document"
+    assert again["rows"][0]["nll"] == pytest.approx(row["nll"], rel=1e-6)  # seeded by window, not by batch
+    assert "| docs_a_text_document |" in markdown_table(result) and "| <= " in markdown_table(result)
+
+
+@pytest.mark.slow
+def test_cli(single_process, setup, tmp_path):  # noqa: F811
+    root, tok, prefixes = setup
+    ckpt = write_export(tmp_path / "ckpt", tok, "card", seed=4)
+    tool = [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--checkpoint", ckpt]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    r = subprocess.run([*tool, "--data", *prefixes, "--max-windows", "3", "--output-json", str(tmp_path / "p.json"),
+                        "--output-markdown", str(tmp_path / "p.md")], capture_output=True, text=True, env=env,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert [row["dataset"] for row in result["rows"]] == ["docs_a_text_document", "docs_b_text_document"]
+    assert (tmp_path / "p.md").read_text() == r.stdout and "| perplexity |" in r.stdout
+    other = train_tokenizer(["another corpus of other words"] * 40, str(tmp_path / "other.model"), 300)
+    with open(other.source, "rb") as f:
+        (tmp_path / "ckpt" / "tokenizer.model").write_bytes(f.read())
+    for args, message in ((["--data", str(tmp_path / "missing")], "not found"),
+                          (["--data", prefixes[0]], "was tokenized with"),
+                          (["--data", *prefixes, "--names", "one"], "--names gives 1 names for 2")):
+        r = subprocess.run([*tool, *args], capture_output=True, text=True, env=env, timeout=180)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

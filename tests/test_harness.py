@@ -1,0 +1,166 @@
+"""The lm-eval-harness adapter on small local tasks (YAML over JSONL files the test writes)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.distributed import REPO
+from tests.test_export_hf import single_process, write_export  # noqa: F401 (fixture)
+
+lm_eval = pytest.importorskip("lm_eval")
+
+MC = [{"question": "The default value of", "choices": ["None", "zero", "the argument"], "label": 0},
+      {"question": "Return the", "choices": ["value", "list of items"], "label": 1},
+      {"question": "", "choices": ["import", "class"], "label": 1}]
+DOCS = [{"text": "The module defines functions that return values. " * 6}, {"text": "Short text."}]
+GEN = [{"question": "def main", "answer": "()"}, {"question": "The value", "answer": " is"}]
+
+
+def write_tasks(root):
+    (root / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in MC))
+    (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    (root / "gen.jsonl").write_text("".join(json.dumps(d) + "\n" for d in GEN))
+    common = "dataset_path: json\ntest_split: test\n"
+    (root / "mc.yaml").write_text(
+        f"task: card_local_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'mc.jsonl'}\n"
+        "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: \"{{label}}\"\nmetric_list:\n  - metric: acc\n")
+    (root / "ppl.yaml").write_text(
+        f"task: card_local_ppl\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'docs.jsonl'}\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")
+    (root / "gen.yaml").write_text(
+        f"task: card_local_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'gen.jsonl'}\n"
+        "output_type: generate_until\ndoc_to_text: \"{{question}}\"\ndoc_to_target: \"{{answer}}\"\n"
+        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\nmetric_list:\n  - metric: exact_match\n")
+
+
+def logprob(loaded, context_ids, cont_ids):
+    """log p(cont | context) token by token, each from its own forward pass of the whole prefix."""
+    total = 0.0
+    for i, t in enumerate(cont_ids):
+        seq = torch.tensor([context_ids + cont_ids[:i]])
+        with torch.no_grad():
+            logits = loaded.model(seq, torch.arange(seq.shape[1])[None])[-1, 0].double()
+        total += float(torch.log_softmax(logits, -1)[t])
+    return total
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer(tmp_path_factory):
+    import itertools
+
+    from card_megatron.data.corpus import builtin_documents
+    from card_megatron.tokenizer import train_tokenizer
+
+    docs = list(itertools.islice(builtin_documents(), 150))
+    return train_tokenizer(docs, str(tmp_path_factory.mktemp("tok") / "tok.model"), vocab_size=500)
+
+
+@pytest.mark.slow
+def test_local_tasks_through_simple_evaluate(single_process, tmp_path, sp_tokenizer, monkeypatch):  # noqa: F811
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from card_megatron.eval.harness import CardMegatronLM
+    from card_megatron.inference.generate import GenerationConfig, generate
+    from card_megatron.inference.sampling import SamplingConfig
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_tasks(tmp_path)
+    ckpt = write_export(tmp_path / "ckpt", sp_tokenizer, "card", seed=5, seq_length=24)
+    lm = CardMegatronLM(checkpoint=ckpt, batch_size=2, threshold=0.5, window=3)
+    out = simple_evaluate(model=lm, tasks=["card_local_mc", "card_local_ppl", "card_local_gen"],
+                          task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True, limit=None)
+    tok, loaded = lm.tok, lm.loaded
+    eos = tok.eos_id
+    # multiple choice: each choice's log-likelihood equals a token-by-token reference
+    samples = out["samples"]["card_local_mc"]
+    assert len(samples) == len(MC)
+    for s in samples:
+        doc = s["doc"]
+        for choice, (ll, _greedy) in zip(doc["choices"], s["filtered_resps"]):
+            choice = " " + choice  # lm-eval's target delimiter
+            ctx = [eos] + tok.encode(doc["question"]) if doc["question"] else [eos]
+            whole = tok.encode(doc["question"] + choice)
+            cont = whole[len(ctx) - 1:] if doc["question"] else tok.encode(choice)
+            assert float(ll) == pytest.approx(logprob(loaded, ctx, cont), abs=1e-4)
+    assert 0.0 <= out["results"]["card_local_mc"]["acc,none"] <= 1.0
+    # rolling: the long document spans several windows of seq_length = 24
+    ppl = out["samples"]["card_local_ppl"]
+    long_doc = DOCS[0]["text"]
+    ids = tok.encode(long_doc)
+    assert len(ids) > 2 * 24
+    # lm-eval's windows: eos then the first 24 tokens; then each next (up to) 24 tokens, read by a
+    # 24-token window that ends just before the last of them
+    reference = logprob(loaded, [eos], ids[:24])
+    pos = 24
+    while pos < len(ids):
+        n = min(24, len(ids) - pos)
+        reference += logprob(loaded, ids[pos + n - 25: pos], ids[pos: pos + n])
+        pos += n
+    got = [float(s["filtered_resps"][0]) for s in ppl if s["doc"]["text"] == long_doc][0]
+    assert got == pytest.approx(reference, abs=1e-3)
+    assert out["results"]["card_local_ppl"]["word_perplexity,none"] > 1
+    # generation: CARD's parallel decoder, greedy, cut at the first newline
+    gen = out["samples"]["card_local_gen"]
+    gens, _ = generate(loaded, [g["question"] for g in GEN], GenerationConfig(
+        max_new_tokens=6, sampling=SamplingConfig(greedy=True), threshold=0.5, window=3))
+    by_question = {s["doc"]["question"]: s["filtered_resps"][0] for s in gen}
+    for g in gens:
+        assert by_question[g.prompt] == g.text.split("\n")[0]
+    assert "exact_match,none" in out["results"]["card_local_gen"]
+
+
+def test_mdlm_conditional_bound_and_bd3lm_refusal(single_process, tmp_path, sp_tokenizer):  # noqa: F811
+    """MDLM: for a one-token continuation the conditional ELBO's expectation is exactly
+    log p(x | context, [MASK]); the Monte-Carlo estimate over 4000 noise levels comes close.
+    Longer continuations: a lower bound, deterministic for a seed. BD3LM: refused."""
+    from lm_eval.api.instance import Instance
+
+    from card_megatron.eval.harness import CardMegatronLM
+
+    lm = CardMegatronLM(checkpoint=write_export(tmp_path / "mdlm", sp_tokenizer, "mdlm", seed=2),
+                        mc_samples=4000, batch_size=500)
+    tok = lm.tok
+    context = [tok.eos_id] + tok.encode("The default value of")
+    x = torch.tensor([context + [tok.mask_id]])
+    with torch.no_grad():
+        logits = lm.loaded.model(x, torch.arange(x.shape[1])[None])[-1, 0].double()
+    logits[tok.mask_id] = float("-inf")
+    for target in (int(logits.argmax()), 100):  # the most likely token, and another
+        exact = float(torch.log_softmax(logits, -1)[target])
+        bound, greedy = lm._loglikelihood_tokens([(None, context, [target])])[0]
+        assert bound == pytest.approx(exact, rel=0.1), (bound, exact)
+        assert greedy == (int(logits.argmax()) == target)
+    lm.mc_samples = 64
+    two = lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=("The default", " value of"),
+                                     idx=0)])
+    assert two == lm.loglikelihood([Instance(request_type="loglikelihood", doc={},
+                                             arguments=("The default", " value of"), idx=0)])
+    assert two[0][0] < 0
+    bd3 = CardMegatronLM(checkpoint=write_export(tmp_path / "bd3lm", sp_tokenizer, "bd3lm"))
+    req = Instance(request_type="loglikelihood", doc={}, arguments=("a", " b"), idx=0)
+    with pytest.raises(NotImplementedError, match="bd3lm checkpoint has block-wise attention"):
+        bd3.loglikelihood([req])
+
+
+@pytest.mark.slow
+def test_cli_runs_a_local_task(single_process, tmp_path, sp_tokenizer):  # noqa: F811
+    """`tools/run_lm_eval.py --model card_megatron` is lm-eval's own command line with our model registered."""
+    write_tasks(tmp_path)
+    ckpt = write_export(tmp_path / "ckpt", sp_tokenizer, "arm", seed=6, seq_length=24)
+    env = {**os.environ, "PYTHONPATH": REPO, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "run_lm_eval.py"), "--model", "card_megatron",
+                        "--model_args", f"checkpoint={ckpt}", "--batch_size", "2", "--tasks", "card_local_mc",
+                        "--include_path", str(tmp_path), "--output_path", str(tmp_path / "results")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "card_local_mc" in r.stdout and "acc" in r.stdout
+    found = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "results") for f in fs if f.endswith(".json")]
+    assert found and json.load(open(found[0]))["results"]["card_local_mc"]["acc,none"] >= 0
