@@ -89,7 +89,10 @@ class SlurmCluster:
         self.ctld_addr = "127.0.0.1"
         self.nodes: list[tuple[str, str]] = [(self.hostname, "127.0.0.1")]  # (NodeName, NodeAddr)
         self.conf_path = os.path.join(self.base, "etc", "slurm.conf")
-        self.munge_socket = os.path.join(self.base, "munge", "munge.socket")
+        # Unix socket paths (munge's, slurmd's and slurmstepd's in the spool) must stay under 108
+        # bytes, so they live in a short directory of their own, not under a long pytest tmp path.
+        self.sockets = tempfile.mkdtemp(prefix="slurm-", dir="/tmp")
+        self.munge_socket = os.path.join(self.sockets, "munge.socket")
         self._procs: dict[str, subprocess.Popen] = {}
 
     # ------------------------------------------------------------------ config
@@ -107,8 +110,9 @@ class SlurmCluster:
         return env
 
     def _write_config(self) -> None:
-        d = {name: os.path.join(self.base, name) for name in ("etc", "munge", "state", "spool", "log", "run")}
-        for path in d.values():
+        d = {name: os.path.join(self.base, name) for name in ("etc", "munge", "state", "log", "run")}
+        d["spool"] = os.path.join(self.sockets, "spool")
+        for path in [*d.values(), *(os.path.join(d["spool"], name) for name, _ in self.nodes)]:
             os.makedirs(path, mode=0o700, exist_ok=True)
         ctld_port, slurmd_port = _free_ports(2)
         self.ctld_port, self.slurmd_port = ctld_port, slurmd_port
@@ -256,6 +260,7 @@ SlurmdParameters=config_overrides
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=5)
+        shutil.rmtree(self.sockets, ignore_errors=True)
 
     # ------------------------------------------------------------------ jobs
     def run(self, argv: list[str], env: Optional[dict] = None, cwd: Optional[str] = None,
@@ -430,6 +435,10 @@ class TwoNodeCluster(SlurmCluster):
         """Runs a command in ``node``'s network namespace."""
         return subprocess.run([*self._node_prefix(node), *argv], **kw)
 
+    def node_pids(self, node: str) -> list[int]:
+        """PIDs of the processes running in ``node``'s network namespace (its slurmd and jobs)."""
+        return [int(p) for p in _ip("netns", "pids", self.netns[node], check=False).stdout.split()]
+
     def _setup_network(self) -> None:
         _ip("link", "add", self.bridge, "type", "bridge")
         self._veths.append(self.bridge)
@@ -489,6 +498,7 @@ class TwoNodeCluster(SlurmCluster):
     def leftovers(self) -> list[str]:
         """What of this cluster still exists (empty after :meth:`stop`)."""
         left = [f"process {n}" for n, p in self._procs.items() if p.poll() is None]
+        left += [f"directory {self.sockets}"] if os.path.exists(self.sockets) else []
         netns = _ip("netns", "list", check=False).stdout
         left += [f"netns {ns}" for ns in self.netns.values() if re.search(rf"^{re.escape(ns)}\b", netns, re.M)]
         links = _ip("-o", "link", "show", check=False).stdout
