@@ -506,6 +506,7 @@ def _submit_two_nodes(cluster, run_dir: str, corpus, *extra: str, procs_per_node
                       env: dict | None = None) -> tuple[int, str]:
     """``sbatch -N2 slurm/pretrain.sh`` on the tiny model; returns (job id, batch log path)."""
     log = os.path.join(os.path.dirname(run_dir), "job-%j.out")
+    os.makedirs(os.path.dirname(log), exist_ok=True)
     job = cluster.sbatch(
         ["--gres=none", "-N2", "-c2", "--time=10", "-o", log, PRETRAIN, TINY_CONFIG,
          *overrides(corpus, run_dir, TWO_NODE_ITERS, *extra)],
@@ -516,7 +517,7 @@ def _submit_two_nodes(cluster, run_dir: str, corpus, *extra: str, procs_per_node
 
 def _finished_ok(cluster, job: int, log: str, timeout: float = 300, restarts: str = "0") -> str:
     info = cluster.wait_job(job, timeout=timeout)
-    text = _read(log) if os.path.exists(log) else ""
+    text = _read(log) if os.path.exists(log) else f"(no {log})\n{cluster.logs()}"
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-6000:])
     assert info["Restarts"] == restarts, (info, text[-6000:])
     return text
@@ -537,9 +538,10 @@ def two_node_reference(slurm2, tiny_corpus, tmp_path_factory):
     base = tmp_path_factory.mktemp("two_node_reference")
     single = str(base / "single")
     train(1, overrides(tiny_corpus, single, TWO_NODE_ITERS))  # global batch 8 = micro 4 x 2 accumulation
-    job, log = _submit_two_nodes(slurm2, str(base / "dp" / "run"), tiny_corpus, "train.save_interval=4")
-    return {"single": losses(single), "dp": losses(str(base / "dp" / "run")), "log": _finished_ok(slurm2, job, log),
-            "run_dir": str(base / "dp" / "run")}
+    run_dir = str(base / "dp" / "run")
+    job, log = _submit_two_nodes(slurm2, run_dir, tiny_corpus, "train.save_interval=4")
+    text = _finished_ok(slurm2, job, log)
+    return {"single": losses(single), "dp": losses(run_dir), "log": text, "run_dir": run_dir}
 
 
 @pytest.mark.slurm
