@@ -151,6 +151,11 @@ def test_dry_run_prints_commands_for_a_fitting_gpu_layout(small_config, tmp_path
     assert f"-m card_megatron.train --config {small_config} parallel.pipeline_model_parallel_size=2 " \
            "train.run_dir=runs/card-pretrain-dryrun" in out
     assert "cuda (4 GPUs per node, nccl)" in out and "dry run: nothing launched" in out
+    # Two nodes: the rendezvous is an address, not a name, and both NCCL and gloo get this node's route to it.
+    addr = re.search(r"rendezvous  (\S+):20000", out).group(1)
+    assert re.fullmatch(r"[0-9.]+", addr), out
+    assert re.search(rf"interface   \S+ on this node \(GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; each node takes its "
+                     rf"route to {re.escape(addr)}\)", out), out
     assert not os.path.exists(os.path.join(ROOT, "runs", "card-pretrain-dryrun"))
 
 
@@ -163,6 +168,8 @@ def test_dry_run_cpu_uses_procs_per_node_and_given_run_dir(small_config, tmp_pat
     )
     assert r.returncode == 0, r.stderr
     assert "cpu (gloo)" in r.stdout and "--nnodes=1 --nproc-per-node=2" in r.stdout
+    assert "rendezvous  127.0.0.1:" in r.stdout  # one node: loopback
+    assert "interface   lo on this node (GLOO_SOCKET_IFNAME; each node takes its route to 127.0.0.1)" in r.stdout
     assert f"-m my.trainer --config {small_config} train.run_dir={run_dir}\n" in r.stdout
     assert not os.path.exists(run_dir)
 
@@ -187,6 +194,17 @@ def test_dry_run_rejects_layouts_that_do_not_fit(small_config, env, overrides, m
     assert message in r.stderr
     assert "the config does not fit this job" in r.stderr
     assert "dry run: nothing launched" not in r.stdout
+
+
+def test_dry_run_shows_an_interface_the_user_chose(small_config):
+    r = subprocess.run(
+        ["bash", PRETRAIN, "--dry-run", small_config, "parallel.tensor_model_parallel_size=1"],
+        env=_local_env(NNODES="2", GPUS_PER_NODE="0", GLOO_SOCKET_IFNAME="ib0", MASTER_ADDR="10.1.2.3"),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "rendezvous  10.1.2.3:20000" in r.stdout and "--master-addr=10.1.2.3" in r.stdout
+    assert "interface   GLOO_SOCKET_IFNAME=ib0 (set by you, used on every node)" in r.stdout
 
 
 def test_dry_run_checks_the_interpreter(small_config, tmp_path):
