@@ -345,7 +345,7 @@ def _edit_hosts(drop_tag: Optional[str] = None, add: str = "", drop_dead: bool =
         lines = f.readlines()
     kept = []
     for line in lines:
-        m = re.search(r"# (cmt(\d+)) card_megatron two-node test$", line.rstrip("\n"))
+        m = re.search(r"# (cmt(\d+)[a-z]) card_megatron two-node test$", line.rstrip("\n"))
         if m and (m.group(1) == drop_tag or (drop_dead and not _pid_alive(int(m.group(2))))):
             continue
         kept.append(line)
@@ -399,13 +399,17 @@ class TwoNodeCluster(SlurmCluster):
     its node's namespace (entered with ``nsenter --net=``, which keeps /sys and its cgroup
     file system as they are; ``ip netns exec`` would remount /sys without it). The file
     system is shared, so run directories work as on a cluster with a shared file system.
-    Every name carries this process's id (``cmt<pid>``): :meth:`stop` removes exactly
-    what :meth:`start` made, and :func:`sweep_stale` what a killed session left.
+    Every name carries this process's id and a letter per cluster (``cmt<pid>a``): :meth:`stop`
+    removes exactly what :meth:`start` made, and :func:`sweep_stale` what a killed session left.
     """
+
+    _made = 0
+    _subnets: set = set()  # chosen by clusters of this process (perhaps not up yet)
 
     def __init__(self, base_dir: Optional[str] = None, cpus: Optional[int] = None) -> None:
         super().__init__(base_dir, cpus)
-        self.tag = f"cmt{os.getpid()}"
+        TwoNodeCluster._made += 1  # a letter per cluster of this process: two may be up at once
+        self.tag = f"cmt{os.getpid()}{'abcdefghijklmnopqrstuvwxyz'[(TwoNodeCluster._made - 1) % 26]}"
         self.bridge = f"{self.tag}br"
         subnet = self._free_subnet()
         self.ctld_addr = f"{subnet}.1"
@@ -421,7 +425,8 @@ class TwoNodeCluster(SlurmCluster):
         used = _ip("-o", "-4", "addr", "show", check=False).stdout + _ip("-4", "route", "show", check=False).stdout
         for third in range(os.getpid() % 200 + 20, 256):
             prefix = f"10.213.{third}"
-            if not re.search(rf"(^|\s){re.escape(prefix)}\.", used, re.M):
+            if prefix not in TwoNodeCluster._subnets and not re.search(rf"(^|\s){re.escape(prefix)}\.", used, re.M):
+                TwoNodeCluster._subnets.add(prefix)
                 return prefix
         raise RuntimeError("no free 10.213.x.0/24 subnet for the test bridge")
 

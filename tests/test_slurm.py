@@ -243,6 +243,26 @@ def test_preprocess_submitter_checks_inputs_before_submitting(tmp_path):
     assert not os.path.exists(tmp_path / "out_shards")
 
 
+def test_connect_failure_is_bounded_and_names_node_and_address(tmp_path):
+    """A rank whose peer never comes fails after the process-group timeout, naming its node and the rendezvous."""
+    from tests.distributed import clean_env, free_port
+
+    port = free_port()
+    script = ("import datetime, torch.distributed as dist\n"
+              "from card_megatron.parallel.connect import explain_connect_failure\n"
+              "with explain_connect_failure('gloo', 0.05):\n"
+              f"    dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=0, world_size=2,\n"
+              "                            timeout=datetime.timedelta(seconds=3))\n")
+    env = clean_env(RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SLURMD_NODENAME="node-a",
+                    GLOO_SOCKET_IFNAME="lo")
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode != 0 and time.monotonic() - t0 < 60, r.stderr
+    assert (f"ConnectError: rank 0 on node node-a could not connect its gloo process group; rendezvous 127.0.0.1:{port}; "
+            "GLOO_SOCKET_IFNAME=lo") in r.stderr, r.stderr
+    assert "timeout 0.05 min (parallel.distributed_timeout_minutes)" in r.stderr
+
+
 # --------------------------------------------------------------------------- real SLURM
 
 
