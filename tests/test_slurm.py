@@ -605,6 +605,31 @@ def test_two_node_cluster_is_two_hosts_and_leaves_nothing_behind(tmp_path):
 
 
 @pytest.mark.slurm
+def test_two_node_leftovers_of_a_killed_session_are_swept():
+    """Names of a session whose process is gone (namespace, link, host entry) are removed by the next one."""
+    if missing_programs() or netns_unavailable():
+        pytest.skip(f"no two-node cluster here: {missing_programs() or netns_unavailable()}")
+    from slurm_cluster import _edit_hosts, sweep_stale
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid is now free: a "session" that was killed
+    tag = f"cmt{gone.pid}a"
+    subprocess.run(["ip", "netns", "add", f"{tag}-n1"], check=True)
+    subprocess.run(["ip", "link", "add", f"{tag}br", "type", "bridge"], check=True)
+    with open("/etc/hosts", "a") as f:
+        f.write(f"10.213.254.11 {tag}n1 # {tag} card_megatron two-node test\n")
+    try:
+        sweep_stale()
+        assert f"{tag}-n1" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert subprocess.run(["ip", "link", "show", f"{tag}br"], capture_output=True).returncode != 0
+        assert tag not in _read("/etc/hosts")
+    finally:
+        subprocess.run(["ip", "netns", "del", f"{tag}-n1"], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"{tag}br"], capture_output=True)
+        _edit_hosts(drop_tag=tag)
+
+
+@pytest.mark.slurm
 @pytest.mark.slow
 @needs_trainer
 def test_two_node_data_parallel_matches_single_process(slurm2, two_node_reference):
