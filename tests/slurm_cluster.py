@@ -159,7 +159,8 @@ SlurmdParameters=config_overrides
         memory = _real_memory_mb()
         for name, addr in self.nodes:
             conf += f"NodeName={name} NodeAddr={addr} CPUs={self.cpus} RealMemory={memory} State=UNKNOWN\n"
-        conf += f"PartitionName=debug Nodes={','.join(n for n, _ in self.nodes)} Default=YES MaxTime=INFINITE State=UP\n"
+        names = ",".join(n for n, _ in self.nodes)
+        conf += f"PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP\n"
         with open(self.conf_path, "w") as f:
             f.write(conf)
         self._dirs = d

@@ -258,7 +258,8 @@ def test_connect_failure_is_bounded_and_names_node_and_address(tmp_path):
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode != 0 and time.monotonic() - t0 < 60, r.stderr
-    assert (f"ConnectError: rank 0 on node node-a could not connect its gloo process group; rendezvous 127.0.0.1:{port}; "
+    assert (f"ConnectError: rank 0 on node node-a could not connect its gloo process group; "
+            f"rendezvous 127.0.0.1:{port}; "
             "GLOO_SOCKET_IFNAME=lo") in r.stderr, r.stderr
     assert "timeout 0.05 min (parallel.distributed_timeout_minutes)" in r.stderr
 
@@ -584,7 +585,8 @@ def two_node_reference(slurm2, tiny_corpus, tmp_path_factory):
 
 @pytest.mark.slurm
 def test_two_node_cluster_is_two_hosts_and_leaves_nothing_behind(tmp_path):
-    """Each node has its own address and name; stopping the cluster removes every namespace, link, daemon and host entry."""
+    """Each node has its own address and name; stopping the cluster removes every namespace, link, daemon and
+    host entry."""
     if missing_programs() or netns_unavailable():
         pytest.skip(f"no two-node cluster here: {missing_programs() or netns_unavailable()}")
     cluster = TwoNodeCluster(str(tmp_path / "cluster"), cpus=2).start()
@@ -684,7 +686,8 @@ def _node_trainers(cluster, node: str) -> list[int]:
 @needs_trainer
 def test_two_node_lost_node_requeues_from_last_checkpoint(slurm2, two_node_reference, tiny_corpus, tmp_path):
     """The second node's trainers are killed mid-run: the job says which node failed, requeues itself and resumes
-    from the last complete checkpoint, losing at most train.save_interval steps; the losses equal the uninterrupted run."""
+    from the last complete checkpoint, losing at most train.save_interval steps; the losses equal the uninterrupted
+    run."""
     save_interval = 4
     run_dir = str(tmp_path / "run")
     job, log = _submit_two_nodes(slurm2, run_dir, tiny_corpus, f"train.save_interval={save_interval}")
@@ -703,7 +706,8 @@ def test_two_node_lost_node_requeues_from_last_checkpoint(slurm2, two_node_refer
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
-    _wait_for(lambda: "requeueing job" in _read(log) or slurm2.job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
+    _wait_for(lambda: "requeueing job" in _read(log)
+              or slurm2.job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
               120, "the job to notice the lost node")
     noticed = time.monotonic() - t0
     text = _finished_ok(slurm2, job, log, restarts="1")
@@ -725,7 +729,8 @@ def test_two_node_lost_node_requeues_from_last_checkpoint(slurm2, two_node_refer
 @needs_trainer
 def test_two_node_unreachable_peer_fails_in_bounded_time_naming_node_and_address(slurm2, tiny_corpus, tmp_path):
     """GLOO_SOCKET_IFNAME=lo (what a host name resolving to loopback does): the ranks advertise 127.0.0.1 and cannot
-    connect; the job fails within the process-group timeout, naming the node and the address tried, and is not requeued."""
+    connect; the job fails within the process-group timeout, naming the node and the address tried, and is not
+    requeued."""
     run_dir = str(tmp_path / "run")
     t0 = time.monotonic()
     job, log = _submit_two_nodes(slurm2, run_dir, tiny_corpus, "parallel.distributed_timeout_minutes=1",
