@@ -240,7 +240,7 @@ if [[ -z "${GLOO_SOCKET_IFNAME:-}${NCCL_SOCKET_IFNAME:-}" ]]; then
 fi
 rm -f "$LOG_ROOT/node$SLURM_NODEID.status"
 "$@"; rc=$?
-echo "$rc $NODE" > "$LOG_ROOT/node$SLURM_NODEID.status"
+echo "$rc $NODE $(date +%s.%N)" > "$LOG_ROOT/node$SLURM_NODEID.status"
 exit $rc'
 IFACE_VAR_NAMES="${IFACE_VARS[*]}"
 export LOG_ROOT MASTER_ADDR IFACE_VAR_NAMES
@@ -315,15 +315,19 @@ if (( rc == 0 )); then
   echo "pretrain.sh: the trainer exited early without asking to be requeued (e.g. train.exit_interval); resubmit the same command to continue"
   exit 0
 fi
-# Which node failed first: the one whose torchrun recorded a non-zero status (srun's
-# --kill-on-bad-exit stops the others before they can record theirs).
+# Which nodes failed, in the order their torchrun ended (recorded in node<N>.status; srun's
+# --kill-on-bad-exit stops the others, which then usually record nothing). When a node's
+# processes die, its peers lose their connections at the same moment, so the first
+# failure is the likely culprit but not a certain one: the rank logs tell.
 FAILED_NODES=""
-for f in "$LOG_ROOT"/node*.status; do
-  [[ -f "$f" ]] || continue
-  read -r node_rc node_name < "$f" || continue
-  node_id=${f##*/node}; node_id=${node_id%.status}
-  if [[ "$node_rc" != 0 ]]; then FAILED_NODES+="${FAILED_NODES:+, }node $node_id ($node_name, status $node_rc)"; fi
-done
+while read -r _ node_id node_rc node_name; do
+  FAILED_NODES+="${FAILED_NODES:+, then }node $node_id ($node_name, status $node_rc)"
+done < <(for f in "$LOG_ROOT"/node*.status; do
+           [[ -f "$f" ]] || continue
+           read -r node_rc node_name node_time < "$f" || continue
+           node_id=${f##*/node}; node_id=${node_id%.status}
+           if [[ "$node_rc" != 0 ]]; then echo "${node_time:-0} $node_id $node_rc $node_name"; fi
+         done | sort -n)
 echo "pretrain.sh: training failed (status $rc)${FAILED_NODES:+ on $FAILED_NODES}: its processes died or lost a peer;" \
   "rank logs in $RUN_DIR_ABS/${LOG_ROOT#"$RUN_DIR"/}" >&2
 # A failure after progress (a node lost, a process killed) is worth another attempt: requeue

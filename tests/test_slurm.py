@@ -712,7 +712,8 @@ def test_two_node_lost_node_requeues_from_last_checkpoint(slurm2, two_node_refer
     noticed = time.monotonic() - t0
     text = _finished_ok(slurm2, job, log, restarts="1")
     assert noticed < 60, noticed  # ended promptly, not at the time limit
-    assert re.search(rf"training failed \(status \d+\) on node 1 \({victim}, status \d+\)", text), text[-6000:]
+    # The victim is named (its peers, which lost their connections at the same moment, may be listed too).
+    assert re.search(rf"training failed \(status \d+\) on [^\n]*node 1 \({victim}, status \d+\)", text), text[-6000:]
     resumed = int(re.search(r"this attempt reached checkpoint step_0*(\d+) .*requeueing job", text).group(1))
     assert killed_after - save_interval <= resumed <= killed_after, (resumed, killed_after)
     assert re.search(rf"resuming    from .*step_0*{resumed}\b", text)
