@@ -154,6 +154,7 @@ def test_dry_run_prints_commands_for_a_fitting_gpu_layout(small_config, tmp_path
     # Two nodes: the rendezvous is an address, not a name, and both NCCL and gloo get this node's route to it.
     addr = re.search(r"rendezvous  (\S+):20000", out).group(1)
     assert re.fullmatch(r"[0-9.]+", addr), out
+    assert not addr.startswith("127."), out  # never loopback, even where the host name resolves to it
     assert re.search(rf"interface   \S+ on this node \(GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; each node takes its "
                      rf"route to {re.escape(addr)}\)", out), out
     assert not os.path.exists(os.path.join(ROOT, "runs", "card-pretrain-dryrun"))
