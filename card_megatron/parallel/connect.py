@@ -39,7 +39,7 @@ def describe_connect_failure(error: BaseException, backend: str, timeout_minutes
     first = text.splitlines()[0] if text else type(error).__name__
     rank = os.environ.get("RANK", "?")
     rendezvous = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-    tried = re.search(r"remote=\[?([^\]\s]+?)\]?:(\d+)", text)
+    tried = re.search(r"remote=\[([^\]]+)\]:(\d+)", text) or re.search(r"remote=([^\s:\]]+):(\d+)", text)
     iface_vars = ("GLOO_SOCKET_IFNAME",) if backend == "gloo" else ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")
     ifaces = ", ".join(f"{v}={os.environ[v]}" if os.environ.get(v) else f"{v} not set" for v in iface_vars)
     parts = [
