@@ -49,12 +49,16 @@ def main(argv=None) -> int:
     from card_megatron.training.trainer import Trainer
 
     from card_megatron.lock import LockHeldError
+    from card_megatron.parallel.connect import ConnectError
 
     try:
         trainer = Trainer(cfg)
     except (ConfigError, FileNotFoundError, ValueError, LockHeldError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ConnectError as e:  # the ranks cannot reach each other: the message names the node and address
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     try:
         summary = trainer.train()
     except OSError as e:  # a failed save (disk full): the message says what is intact

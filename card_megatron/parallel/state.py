@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from card_megatron.config import ParallelConfig
+from card_megatron.parallel.connect import explain_connect_failure
 from card_megatron.parallel.cpu_adapter import (apply_cpu_adapter, clear_stale_build_locks, cuda_available,
                                                 reset_rng_tracker)
 
@@ -71,9 +72,10 @@ def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend, timeout=datetime.timedelta(minutes=cfg.distributed_timeout_minutes)
-        )
+        with explain_connect_failure(backend, cfg.distributed_timeout_minutes):  # names the node and address
+            deepspeed.init_distributed(
+                dist_backend=backend, timeout=datetime.timedelta(minutes=cfg.distributed_timeout_minutes)
+            )
     for k in added:
         if k in ("MASTER_ADDR", "MASTER_PORT"):
             del os.environ[k]
