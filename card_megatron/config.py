@@ -11,7 +11,6 @@ never the whole tree. Names follow Megatron-LM where it has one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import typing
@@ -149,7 +148,8 @@ class ConfigError(ValueError):
     """A configuration problem a user can fix; the message lists every problem."""
 
 
-OBJECTIVES = ("card", "arm", "mdlm", "bd3lm")
+OBJECTIVES = ("card", "arm", "mdlm", "bd3lm")  # objective.name: the objectives package registers one class each
+MASK_KINDS = ("causal", "full", "block")  # the attention rules an objective may ask the model for
 
 
 # --------------------------------------------------------------------------- loading
@@ -258,10 +258,9 @@ def config_from_dict(d: dict) -> Config:
 
 def save_config(cfg: Config, path: str) -> None:
     """Writes the resolved config as YAML, atomically."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    from card_megatron.fileio import atomic_write
+
+    atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 # --------------------------------------------------------------------------- validation
@@ -468,6 +467,3 @@ def resume_changes(saved: Config, cfg: Config, saved_dp: Optional[int] = None, d
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
 
-
-def dumps(cfg: Config) -> str:
-    return json.dumps(config_to_dict(cfg), indent=2)

@@ -14,6 +14,7 @@ import os
 import sys
 
 from card_megatron.config import ConfigError, load_config
+from card_megatron.fileio import atomic_write
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,9 +60,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.summary_json and rank == 0:
-        with open(args.summary_json + ".tmp", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(args.summary_json + ".tmp", args.summary_json)
+        atomic_write(args.summary_json, json.dumps(summary, indent=2))
     from card_megatron.parallel.state import destroy_distributed
 
     destroy_distributed()

@@ -93,9 +93,10 @@ def _plot(rows, path):
     right.legend(fontsize=7)
     fig.suptitle("CARD dynamic parallel decoding: speed vs quality", fontsize=10)
     fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    from card_megatron.fileio import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     print(f"plot: {path}", file=sys.stderr)
 
 
@@ -141,10 +142,9 @@ def main(argv=None) -> int:
     meta = {"checkpoint": model.path, "judge": judge.path, "device": str(model.device), "dtype": args.dtype,
             "torch_threads": torch.get_num_threads(), "prompts": PROMPTS, "args": vars(args), "time": time.ctime()}
     if args.json:
-        tmp = f"{args.json}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        os.replace(tmp, args.json)
+        from card_megatron.fileio import atomic_write
+
+        atomic_write(args.json, json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.plot:
         _plot(rows, args.plot)
     return 0

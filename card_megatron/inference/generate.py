@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from card_megatron.config import OBJECTIVES
 from card_megatron.inference import sampling
 from card_megatron.inference.causal import CausalDecodeConfig, Special, decode_causal
 from card_megatron.inference.diffusion import decode_bd3lm, decode_mdlm
@@ -26,7 +27,7 @@ from card_megatron.inference.diffusion import decode_bd3lm, decode_mdlm
 log = logging.getLogger(__name__)
 
 DECODINGS = ("card", "ar", "mdlm", "bd3lm")
-DEFAULT_DECODING = {"card": "card", "arm": "ar", "mdlm": "mdlm", "bd3lm": "bd3lm"}
+DEFAULT_DECODING = {"card": "card", "arm": "ar", "mdlm": "mdlm", "bd3lm": "bd3lm"}  # by config.OBJECTIVES
 ALLOWED_DECODING = {"card": ("card", "ar"), "arm": ("ar",), "mdlm": ("mdlm",), "bd3lm": ("bd3lm",)}
 _WHY_NOT = {
     "arm": "an ARM checkpoint never saw [MASK] inputs, so it can only decode autoregressively (--decoding ar)",
@@ -82,9 +83,8 @@ class Generation:
 
 def resolve_decoding(objective: str, decoding: Optional[str]) -> str:
     """The decoder for a checkpoint trained with ``objective``; ValueError for a nonsensical choice."""
-    if objective not in DEFAULT_DECODING:
-        raise ValueError(
-            f"checkpoint objective {objective!r} is unknown (expected one of {', '.join(DEFAULT_DECODING)})")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"checkpoint objective {objective!r} is unknown (expected one of {', '.join(OBJECTIVES)})")
     if decoding is None:
         return DEFAULT_DECODING[objective]
     if decoding not in DECODINGS:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-MASK_KINDS = ("causal", "full", "block")
+from card_megatron.config import MASK_KINDS
 
 
 @dataclass

@@ -23,8 +23,6 @@ import torch
 from card_megatron.config import ObjectiveConfig
 from card_megatron.objectives import noise
 
-MASK_KINDS = ("causal", "full", "block")
-
 
 @dataclass
 class ModelInputs:

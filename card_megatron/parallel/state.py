@@ -18,6 +18,7 @@ import torch.distributed as dist
 from card_megatron.config import ParallelConfig
 from card_megatron.parallel.cpu_adapter import (apply_cpu_adapter, clear_stale_build_locks, cuda_available,
                                                 reset_rng_tracker)
+from card_megatron.parallel.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,6 @@ class ParallelInfo:
     device: torch.device
     backend: str
 
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp_size - 1
-
 
 def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
     """Starts torch.distributed (env:// from torchrun/deepspeed) and Megatron's parallel state.
@@ -58,7 +51,7 @@ def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
     # Without a launcher: one process on a free local port. The address and port are removed
     # again afterwards so that programs this process starts do not inherit a port it holds
     # (DeepSpeed reads RANK, WORLD_SIZE and LOCAL_RANK later, so those stay).
-    launcher_free = {"MASTER_PORT": str(_free_port()), "MASTER_ADDR": "127.0.0.1", "RANK": "0",
+    launcher_free = {"MASTER_PORT": str(free_port()), "MASTER_ADDR": "127.0.0.1", "RANK": "0",
                      "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     added = [k for k in launcher_free if k not in os.environ]
     for k in added:
@@ -119,14 +112,6 @@ def init_single_process() -> None:
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     reset_rng_tracker()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def destroy_distributed() -> None:

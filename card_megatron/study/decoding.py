@@ -14,13 +14,11 @@ decoding of the same model (the lowest threshold that keeps quality).
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Optional
 
 from card_megatron.study.plans import DecodeSpec
 
-log = logging.getLogger("card_megatron.study")
 
 
 def held_out_documents(data_path: str, split: str, count: int) -> list[list[int]]:

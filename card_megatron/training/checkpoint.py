@@ -30,9 +30,7 @@ loads with ``weights_only=False`` (checkpoints from elsewhere that hold other ob
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import json
 import logging
 import os
@@ -48,6 +46,7 @@ import torch.distributed as dist
 import yaml
 
 from card_megatron.config import Config, config_from_dict
+from card_megatron.fileio import atomic_open, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +60,6 @@ def checkpoints_dir(run_dir: str) -> str:
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def atomic_write(path: str, data: str | bytes) -> None:
-    """Writes text or bytes to ``path`` so that readers see the old file or the whole new one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def checkpoint_problem(path: str) -> Optional[str]:
@@ -229,13 +213,14 @@ def _write_checkpoint(engine, root, tag, path, step, client_state, config_yaml, 
                       export_writer, stage_index, num_stages, rank, export_ema_state, ema_state, ema_file) -> None:
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     if ema_state is not None:
-        atomic_write(os.path.join(path, ema_file), _to_bytes(ema_state))
+        with atomic_open(os.path.join(path, ema_file), "wb") as f:
+            torch.save(ema_state, f)
     export_dir = os.path.join(path, "export")
     if export_writer and export_state is not None:
         os.makedirs(export_dir, exist_ok=True)
         part = os.path.join(export_dir, f"stage_{stage_index:03d}.pt")
-        torch.save({"state_dict": export_state, "ema_state_dict": export_ema_state}, part + ".tmp")
-        os.replace(part + ".tmp", part)
+        with atomic_open(part, "wb") as f:
+            torch.save({"state_dict": export_state, "ema_state_dict": export_ema_state}, f)
     dist.barrier()
     if rank == 0:
         merged: dict[str, torch.Tensor] = {}
@@ -247,8 +232,8 @@ def _write_checkpoint(engine, root, tag, path, step, client_state, config_yaml, 
         blob = {"state_dict": merged, "step": step}
         if merged_ema:
             blob["ema_state_dict"] = merged_ema
-        torch.save(blob, os.path.join(export_dir, "model.pt.tmp"))
-        os.replace(os.path.join(export_dir, "model.pt.tmp"), os.path.join(export_dir, "model.pt"))
+        with atomic_open(os.path.join(export_dir, "model.pt"), "wb") as f:
+            torch.save(blob, f)
         for i in range(num_stages):
             os.remove(os.path.join(export_dir, f"stage_{i:03d}.pt"))
         atomic_write(os.path.join(path, "config.yaml"), config_yaml)
@@ -273,12 +258,6 @@ def _prune(root: str, keep_last: int) -> None:
     done = [t for t in tags if t <= latest]
     for t in done[:-keep_last]:
         shutil.rmtree(os.path.join(root, t), ignore_errors=True)
-
-
-def _to_bytes(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
 
 
 def has_ema(path: str) -> bool:

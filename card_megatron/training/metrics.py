@@ -6,13 +6,11 @@ Only rank 0 writes. wandb runs offline unless ``logging.wandb_mode`` says otherw
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any, Optional
 
 from card_megatron.config import LoggingConfig
 
-log = logging.getLogger("card_megatron")
 
 # Dense bf16 peak of common accelerators, for MFU (model FLOPs utilisation).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
