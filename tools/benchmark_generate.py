@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     import torch
 
+    from card_megatron.inference.causal import CausalDecodeConfig
     from card_megatron.inference.generate import GenerationConfig
     from card_megatron.inference.loading import load_model
     from card_megatron.inference.sampling import SamplingConfig
@@ -119,15 +120,16 @@ def main(argv=None) -> int:
         others = [load_model(path, device=args.device, dtype=dtype) for path in args.also]
     prompts = [p for p in PROMPTS for _ in range(args.num_samples)]
     samp = SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    base = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, sampling=samp, window=args.window)
+    base = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, sampling=samp)
     settings = [("ar", model, GenerationConfig(decoding="ar", **base), {})]
     for policy in args.commit_policy:
         for tau in args.thresholds:
-            cfg = GenerationConfig(decoding="card", threshold=tau, commit_policy=policy, **base)
+            cfg = GenerationConfig(decoding="card", causal=CausalDecodeConfig(window=args.window, threshold=tau,
+                                                                              commit_policy=policy), **base)
             settings.append((f"card tau={tau:g} {policy}", model, cfg, {"threshold": tau, "commit_policy": policy}))
     for other in others:
         name = f"{other.config.objective.name} ({os.path.basename(os.path.normpath(args.also[others.index(other)]))})"
-        settings.append((name, other, GenerationConfig(**base), {}))
+        settings.append((name, other, GenerationConfig(causal=CausalDecodeConfig(window=args.window), **base), {}))
     print(f"device {model.device}, {len(prompts)} sequences x {args.max_new_tokens} new tokens, batch {args.batch_size}, "
           f"{'greedy' if samp.is_greedy else f'sampling T={args.temperature} top-p={args.top_p}'}, K={args.window}; "
           f"judge {judge.path}", file=sys.stderr)

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from card_megatron import noise
 from card_megatron.inference import sampling
 from card_megatron.inference.cache import ModelCache
 from card_megatron.inference.causal import SequenceOutput, Special
@@ -43,11 +44,11 @@ def _ancestral(probs: torch.Tensor, masked: torch.Tensor, t: float, s: float, se
     """
     p_unmask = 1.0 if s <= 0.0 else (t - s) / t
     counter = step * sampling.STEP_STRIDE + positions
-    u = sampling.uniforms(seeds, sampling.UNMASK_STREAM + counter)
+    u = noise.uniform(seeds, sampling.UNMASK_STREAM + counter)
     unmask = masked & (u < p_unmask)
     tokens = torch.zeros_like(positions)
     if bool(unmask.any()):
-        v = sampling.uniforms(seeds, sampling.DIFFUSION_TOKEN_STREAM + counter)
+        v = noise.uniform(seeds, sampling.DIFFUSION_TOKEN_STREAM + counter)
         tokens[unmask] = sampling.draw(probs[unmask], v[unmask], cfg)
     return unmask, tokens
 

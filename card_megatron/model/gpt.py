@@ -204,7 +204,8 @@ class CardGPT(torch.nn.Module):
     """The whole decoder in one process (any tensor-parallel size, pipeline size 1).
 
     ``forward(input_ids [B,S], position_ids [B,S], attention_mask=None) -> logits [S, B, V/TP]``
-    (vocab-sharded under tensor parallelism; never gathered for the loss).
+    (vocab-sharded under tensor parallelism; never gathered for the loss). Decoding attaches
+    KV caches to :meth:`core_attentions` (``inference/cache.py``) and calls the same forward.
     """
 
     def __init__(self, cfg: ModelConfig, mask_kind: str, vocab_size: int, tensor_parallel_size: int = 1,
@@ -223,11 +224,18 @@ class CardGPT(torch.nn.Module):
         return [layer.layer.self_attention.core_attention for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None,
+                output_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [S, B, V/TP]; with ``output_positions`` int64 [B, G] only those positions' logits,
+        [G, B, V/TP] (the output head runs on those rows only: decoders that need a few positions)."""
         mask = attention_mask if attention_mask is not None else no_attention_mask(input_ids.device)
         x = self.embedding((input_ids, position_ids, mask))
         for layer in self.layers:
             x = layer(x)
+        if output_positions is not None:
+            hidden = x[0]  # [S, B, H]
+            index = output_positions.t()[:, :, None].expand(-1, -1, hidden.shape[-1])  # [G, B, H]
+            x = (torch.gather(hidden, 0, index),)
         weight = self.embedding.embedding.word_embeddings.weight if self.tied else None
         return self.output(x, weight=weight)
 

@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
+from card_megatron import noise
 from card_megatron.config import ObjectiveConfig
-from card_megatron.objectives import noise
 
 
 @dataclass

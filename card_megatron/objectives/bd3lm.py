@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
+from card_megatron import noise
 from card_megatron.config import ObjectiveConfig
-from card_megatron.objectives import noise
 from card_megatron.objectives.base import Batch, LossInputs, ModelInputs, Objective, check_t, scalar
 from card_megatron.objectives.mdlm import masked_diffusion_corruption
 
