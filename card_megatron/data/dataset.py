@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from card_megatron.config import DataConfig
+from card_megatron.config import DataConfig, parse_split
 from card_megatron.data import cache as data_cache
 from card_megatron.data import index as idx
 
@@ -279,7 +279,7 @@ def build_datasets(
     if seq_length < 1:
         raise ValueError(f"seq_length ({seq_length}) must be >= 1")
     blend = parse_data_path(data_cfg.data_path)
-    split_weights = idx.parse_split(data_cfg.split)
+    split_weights = parse_split(data_cfg.split)
     prefixes = [p for _, p in blend]
     shards = _Shards(prefixes)
     shards.open()  # now: a missing file is reported before anything else

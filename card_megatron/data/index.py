@@ -52,6 +52,7 @@ from typing import Sequence
 import numpy as np
 
 from card_megatron import _indexer
+from card_megatron.config import parse_split
 
 logger = logging.getLogger(__name__)
 
@@ -128,17 +129,6 @@ def build_shuffle_index(epoch_starts: np.ndarray, key: int) -> np.ndarray:
 def build_blend_index(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
     """(uint8|int16 [size] shard of each stream position, int64 [size] sample within that shard)."""
     return _indexer.build_blend_index(np.asarray(weights, dtype=np.float64), size)
-
-
-def parse_split(split: str) -> tuple[float, float, float]:
-    """The three train/valid/test weights of ``data.split`` ("969,30,1"); ValueError if malformed."""
-    try:
-        weights = tuple(float(x) for x in split.split(","))
-    except ValueError:
-        weights = ()
-    if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"data.split ({split!r}) must be three non-negative weights, e.g. 969,30,1")
-    return weights  # type: ignore[return-value]
 
 
 def split_document_ranges(split: str, num_documents: int) -> list[tuple[int, int]]:
@@ -252,6 +242,6 @@ __all__ = [
     "FORMAT_VERSION", "SPLITS", "SPLIT_IDS", "ShardSplit", "build_blend_index", "build_document_index",
     "build_sample_index", "build_shuffle_index", "build_split_arrays",
     "describe_split", "epoch_sample_starts", "noise_seeds",
-    "noise_seeds_np", "num_epochs_for", "parse_split", "shuffle_key", "split_document_ranges",
+    "noise_seeds_np", "num_epochs_for", "shuffle_key", "split_document_ranges",
     "splitmix64", "splitmix64_np",
 ]  # fmt: skip

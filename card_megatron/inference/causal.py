@@ -70,7 +70,7 @@ class SequenceOutput:
 
 
 @dataclass
-class Special:
+class SpecialTokenIds:
     """The token ids a decoder needs."""
 
     eos: int
@@ -78,7 +78,7 @@ class Special:
     pad: int
 
 
-def decode_causal(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, special: Special,
+def decode_causal(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, special: SpecialTokenIds,
                   banned: torch.Tensor, sampling_cfg: sampling.SamplingConfig, seeds: torch.Tensor,
                   cfg: CausalDecodeConfig) -> tuple[list[SequenceOutput], int]:
     """Decodes a batch of prompts (lists of >= 1 ids) with a causal model and an exact KV cache.

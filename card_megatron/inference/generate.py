@@ -22,7 +22,7 @@ import torch
 
 from card_megatron.config import OBJECTIVES
 from card_megatron.inference import sampling
-from card_megatron.inference.causal import CausalDecodeConfig, Special, decode_causal
+from card_megatron.inference.causal import CausalDecodeConfig, SpecialTokenIds, decode_causal
 from card_megatron.inference.diffusion import decode_bd3lm, decode_mdlm
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def generate(loaded, prompts: Sequence[str], cfg: GenerationConfig,
     prompt_ids = encode_prompts(tokenizer, prompts)
     check_lengths(prompt_ids, cfg.max_new_tokens, max_context)
     ids = list(range(len(prompts))) if sequence_ids is None else list(sequence_ids)
-    special = Special(eos=tokenizer.eos_id, mask=tokenizer.mask_id, pad=tokenizer.pad_id)
+    special = SpecialTokenIds(eos=tokenizer.eos_id, mask=tokenizer.mask_id, pad=tokenizer.pad_id)
     banned = sampling.banned_token_mask(loaded.vocab_size, tokenizer, loaded.device)
     causal_cfg = dataclasses.replace(cfg.causal, window=1) if decoding == "ar" else cfg.causal
     results: list[Generation] = []

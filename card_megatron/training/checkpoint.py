@@ -1,4 +1,10 @@
-"""Checkpoints: DeepSpeed engine state plus everything needed to continue exactly.
+"""The run directory's checkpoints and markers: DeepSpeed engine state plus everything needed to
+continue exactly, and the files that say how a run ended or that it should stop.
+
+Markers in ``{run_dir}`` (:func:`mark_finished`, :func:`mark_preempted`, :func:`clear_end_markers`,
+:func:`stop_file_exists`): ``finished`` or ``preempted`` (the step, written by rank 0 when a run
+ends) and ``SAVE_AND_EXIT`` (:data:`STOP_FILE`, touched by ``slurm/pretrain.sh`` when SLURM
+signals the batch shell: save at the next step and exit).
 
 Layout of ``{run_dir}/checkpoints``::
 
@@ -30,6 +36,7 @@ loads with ``weights_only=False`` (checkpoints from elsewhere that hold other ob
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -44,6 +51,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from card_megatron.config import Config, config_from_dict
 from card_megatron.fileio import atomic_open, atomic_write
@@ -52,6 +63,39 @@ log = logging.getLogger(__name__)
 
 _TAG = re.compile(r"^step_(\d{8})$")
 _EMA_FILE = re.compile(r"^ema_tp\d+_pp\d+_dp\d+\.pt$")
+
+
+STOP_FILE = "SAVE_AND_EXIT"  # touched by slurm/pretrain.sh when SLURM signals the batch shell
+FINISHED, PREEMPTED = "finished", "preempted"  # how a run ended; each holds the step
+
+
+def mark_finished(run_dir: str, step: int) -> None:
+    """Writes ``{run_dir}/finished`` (the run reached train.train_iters at ``step``); rank 0 only."""
+    atomic_write(os.path.join(run_dir, FINISHED), str(step))
+
+
+def mark_preempted(run_dir: str, step: int) -> None:
+    """Writes ``{run_dir}/preempted`` (stopped by a signal or the stop file after saving ``step``) and
+    removes the stop file, which has been obeyed; rank 0 only."""
+    atomic_write(os.path.join(run_dir, PREEMPTED), str(step))
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(run_dir, STOP_FILE))
+
+
+def is_marked_finished(run_dir: str) -> bool:
+    return os.path.exists(os.path.join(run_dir, FINISHED))
+
+
+def clear_end_markers(run_dir: str) -> None:
+    """Removes ``finished`` and ``preempted`` when a run (re)starts training; rank 0 only."""
+    for name in (FINISHED, PREEMPTED):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run_dir, name))
+
+
+def stop_file_exists(run_dir: str) -> bool:
+    """Whether ``{run_dir}/SAVE_AND_EXIT`` asks the run to save and exit."""
+    return os.path.exists(os.path.join(run_dir, STOP_FILE))
 
 
 def checkpoints_dir(run_dir: str) -> str:
@@ -303,13 +347,8 @@ def saved_meta(path: str) -> dict:
         return json.load(f)
 
 
-def _deepspeed_state_classes() -> list:
-    """DeepSpeed's plain state classes that its checkpoints pickle (values, no behaviour on load)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+# DeepSpeed's plain state classes that its checkpoints pickle (values, no behaviour on load).
+_DEEPSPEED_STATE_CLASSES = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
 
 
 def safe_load(path: str, map_location=None, trust: bool = False) -> Any:
@@ -322,7 +361,7 @@ def safe_load(path: str, map_location=None, trust: bool = False) -> Any:
     if trust:
         return torch.load(path, map_location=map_location, weights_only=False)
     try:
-        with torch.serialization.safe_globals(_deepspeed_state_classes()):
+        with torch.serialization.safe_globals(_DEEPSPEED_STATE_CLASSES):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -343,8 +382,6 @@ def safe_load(path: str, map_location=None, trust: bool = False) -> Any:
 
 def install_safe_loading(engine, trust: bool) -> None:
     """Makes ``engine`` (a DeepSpeed engine) read checkpoint files with :func:`safe_load`."""
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise ValueError(f"checkpoint loading is only made safe for DeepSpeed's TorchCheckpointEngine, this engine "
                          f"uses {type(engine.checkpoint_engine).__name__}")
