@@ -15,6 +15,11 @@ from card_megatron.config import OptimConfig, TrainConfig
 from card_megatron.parallel.state import ParallelInfo
 
 
+def _from_info(attribute: str):
+    """An ``mpu`` getter that returns ``self.info.<attribute>``."""
+    return lambda self: getattr(self.info, attribute)
+
+
 class MegatronMPU:
     """DeepSpeed's ``mpu`` interface over a :class:`ParallelInfo`. DeepSpeed's "model parallel"
     is our tensor parallelism (pipeline stages are DeepSpeed's own business)."""
@@ -22,33 +27,15 @@ class MegatronMPU:
     def __init__(self, info: ParallelInfo):
         self.info = info
 
-    def get_data_parallel_group(self):
-        return self.info.dp_group
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.info.dp_size
-
-    def get_data_parallel_rank(self) -> int:
-        return self.info.dp_rank
-
-    def get_tensor_model_parallel_group(self):
-        return self.info.tp_group
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self.info.tp_size
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self.info.tp_rank
-
-    def get_pipeline_model_parallel_group(self):
-        return self.info.pp_group
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.info.pp_size
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self.info.pp_rank
-
+    get_data_parallel_group = _from_info("dp_group")
+    get_data_parallel_world_size = _from_info("dp_size")
+    get_data_parallel_rank = _from_info("dp_rank")
+    get_tensor_model_parallel_group = _from_info("tp_group")
+    get_tensor_model_parallel_world_size = _from_info("tp_size")
+    get_tensor_model_parallel_rank = _from_info("tp_rank")
+    get_pipeline_model_parallel_group = _from_info("pp_group")
+    get_pipeline_model_parallel_world_size = _from_info("pp_size")
+    get_pipeline_model_parallel_rank = _from_info("pp_rank")
     # DeepSpeed's older names for the tensor-parallel ("model-parallel") group.
     get_model_parallel_group = get_tensor_model_parallel_group
     get_model_parallel_world_size = get_tensor_model_parallel_world_size
