@@ -10,15 +10,27 @@ never the whole tree. Names follow Megatron-LM where it has one.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import json
+import functools
+import inspect
 import math
 import os
+import textwrap
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
+
+
+ObjectiveName = Literal["card", "arm", "mdlm", "bd3lm"]
+MaskKind = Literal["causal", "full", "block"]
+OBJECTIVES: tuple[str, ...] = typing.get_args(ObjectiveName)  # the objectives package registers one class each
+MASK_KINDS: tuple[str, ...] = typing.get_args(MaskKind)  # the attention rules an objective may ask the model for
+
+# Every field below has a one-line docstring under it: `python -m card_megatron.train --help-config`
+# and docs/config.md show them (field_docs). Enumerated values are Literal types: validate() checks them.
 
 
 @dataclass
@@ -26,112 +38,179 @@ class ModelConfig:
     """The transformer (a Megatron-core GPT-style decoder)."""
 
     num_layers: int = 4
+    """Transformer layers."""
     hidden_size: int = 256
+    """Width of the residual stream."""
     num_attention_heads: int = 4
-    num_query_groups: Optional[int] = None  # grouped-query attention; None = MHA
-    ffn_hidden_size: Optional[int] = None  # None = 4 * hidden_size (gated SiLU)
-    seq_length: int = 128  # L: tokens the model reads per sample (samples hold L+1)
-    vocab_size: Optional[int] = None  # None = taken from the tokenizer (incl. <mask>)
+    """Attention heads (must divide hidden_size and be divisible by the tensor-parallel size)."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; none = one per head (multi-head attention)."""
+    ffn_hidden_size: Optional[int] = None
+    """Width of the gated SiLU MLP; none = 4 x hidden_size."""
+    seq_length: int = 128
+    """L: tokens the model reads per sample (samples hold L+1 tokens)."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size; none = the tokenizer's (with <mask>), padded for tensor parallelism."""
     make_vocab_size_divisible_by: int = 128
+    """Each tensor-parallel shard of the vocabulary is padded to a multiple of this."""
     rotary_base: int = 10000
+    """RoPE base."""
     norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
     init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
     hidden_dropout: float = 0.0
+    """Dropout after attention and MLP."""
     attention_dropout: float = 0.0
+    """Dropout on the attention probabilities."""
     untie_embeddings_and_output_weights: bool = True
-    recompute_activations: bool = False  # activation checkpointing of each layer
-    # Megatron-core's fused SwiGLU and bias-dropout-add (torch.compile'd); None = on with CUDA.
+    """Separate input embedding and output layer (must be true with pipeline parallelism)."""
+    recompute_activations: bool = False
+    """Activation checkpointing of each layer (recompute in backward)."""
     fused_kernels: Optional[bool] = None
+    """Megatron-core's fused SwiGLU and bias-dropout-add (torch.compile'd); none = on with CUDA."""
 
 
 @dataclass
 class ObjectiveConfig:
     """The training objective; see ``card_megatron/objectives`` and CARD.md."""
 
-    name: str = "card"  # card | arm | mdlm | bd3lm
-    # CARD (CARD.md sections 2 and 3)
-    masking: str = "tail"  # tail | uniform
-    tail_factor: float = 1.5  # lambda; 1.0 = strict (solid) tail
-    reweighting: str = "context"  # context | none
-    reweight_decay: float = 0.5  # p
-    reweight_beta: float = 1.0  # beta
-    normaliser: str = "weights"  # weights (sum of w) | tokens (token count)
-    # MDLM / BD3LM
-    t_eps: float = 1e-3  # t is drawn from [t_eps, 1] so that 1/t stays bounded
-    low_discrepancy: bool = True  # t from a Weyl sequence over the global sample id
-    block_size: int = 4  # BD3LM block size (4, 8, 16, or seq_length)
-    eval_t_samples: int = 4  # Monte-Carlo t samples for the MDLM/BD3LM ELBO
+    name: ObjectiveName = "card"
+    """Objective: CARD or one of its baselines (ARM, MDLM, BD3LM)."""
+    masking: Literal["tail", "uniform"] = "tail"
+    """CARD: where masks go: soft tail (a window at the end of the sequence) or uniform."""
+    tail_factor: float = 1.5
+    """CARD: lambda, the tail window's size relative to the masked count; 1 = strict (solid) tail."""
+    reweighting: Literal["context", "none"] = "context"
+    """CARD: context-aware loss weights (down-weight targets behind many masks) or none."""
+    reweight_decay: float = 0.5
+    """CARD: p, the decay of the context-aware weights."""
+    reweight_beta: float = 1.0
+    """CARD: beta, the strength of the context-aware weights."""
+    normaliser: Literal["weights", "tokens"] = "weights"
+    """CARD: the loss is divided by the sum of the weights or by the token count."""
+    t_eps: float = 1e-3
+    """MDLM/BD3LM: t is drawn from [t_eps, 1] so that 1/t stays bounded."""
+    low_discrepancy: bool = True
+    """Noise levels t from a Weyl sequence over the global sample id (else independent draws)."""
+    block_size: int = 4
+    """BD3LM: block size (must divide model.seq_length; e.g. 4, 8, 16 or seq_length)."""
+    eval_t_samples: int = 4
+    """MDLM/BD3LM: Monte-Carlo t samples of the validation ELBO."""
 
 
 @dataclass
 class DataConfig:
     """Token shards and the sample index built over them."""
 
-    # Megatron style: one prefix, or "w1 prefix1 w2 prefix2 ..." for a blend.
     data_path: str = ""
+    """Token shard prefix, or "w1 prefix1 w2 prefix2 ..." for a weighted blend (Megatron style)."""
     tokenizer_model: str = ""
-    split: str = "969,30,1"  # train,valid,test weights, by document
-    cache_dir: Optional[str] = None  # None = "{first data prefix}_index_cache"
-    num_workers: int = 0  # DataLoader workers per rank
+    """SentencePiece model the shards were written with (tools/preprocess_data.py)."""
+    split: str = "969,30,1"
+    """Train, valid and test weights, by document (three non-negative numbers)."""
+    cache_dir: Optional[str] = None
+    """Sample-index cache directory; none = "{first data prefix}_index_cache"."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 = read in the training process)."""
 
 
 @dataclass
 class ParallelConfig:
+    """How the processes are laid out (world = tensor x pipeline x data parallel)."""
+
     tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (Megatron-core layers; divides the heads and query groups)."""
     pipeline_model_parallel_size: int = 1
-    zero_stage: int = 0  # DeepSpeed ZeRO stage (0-3); 0-1 with pipeline parallelism
-    distributed_backend: Optional[str] = None  # None = nccl with CUDA, gloo without
+    """Pipeline stages (DeepSpeed's pipeline engine; divides num_layers)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (0 or 1 with pipeline parallelism)."""
+    distributed_backend: Optional[Literal["nccl", "gloo"]] = None
+    """torch.distributed backend; none = nccl with CUDA, gloo without."""
     distributed_timeout_minutes: int = 10
+    """Timeout of collective operations."""
 
 
 @dataclass
 class OptimConfig:
+    """AdamW, the learning-rate schedule, gradient clipping and the weight EMA."""
+
     lr: float = 3e-4
+    """Peak learning rate."""
     min_lr: float = 3e-5
+    """Learning rate at the end of the decay (<= lr)."""
     weight_decay: float = 0.1
+    """AdamW weight decay (matrices only; norms and biases get none)."""
     adam_beta1: float = 0.9
+    """AdamW beta1."""
     adam_beta2: float = 0.95
+    """AdamW beta2."""
     adam_eps: float = 1e-8
+    """AdamW epsilon."""
     clip_grad: float = 1.0
+    """Gradient clipping by global norm; 0 = no clipping."""
     lr_warmup_iters: int = 100
-    lr_decay_style: str = "cosine"  # cosine | linear | constant
-    lr_decay_iters: Optional[int] = None  # None = train.train_iters
-    # Exponential moving average of the weights, updated after every applied optimizer step:
-    # ema = decay * ema + (1 - decay) * weights. 0 = off; MDLM and BD3LM use 0.9999.
+    """Linear warmup steps."""
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay from lr to min_lr after warmup."""
+    lr_decay_iters: Optional[int] = None
+    """Steps of warmup + decay; none = train.train_iters."""
     ema_decay: float = 0.0
+    """Weight EMA after every applied step: ema = decay * ema + (1 - decay) * weights; 0 = off (MDLM, BD3LM: 0.9999)."""
 
 
 @dataclass
 class TrainConfig:
+    """Steps, batches, precision, intervals and the run directory."""
+
     train_iters: int = 1000
+    """Optimizer steps of the whole run."""
     micro_batch_size: int = 8
-    global_batch_size: int = 32  # = micro_batch_size * data_parallel * grad accumulation
+    """Samples per rank per forward pass."""
+    global_batch_size: int = 32
+    """Samples per optimizer step = micro_batch_size x data parallel x gradient accumulation."""
     seed: int = 1234
+    """Seed of the initial weights, the data order and every noise seed."""
     run_dir: str = "runs/default"
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    save_interval: int = 0  # 0 = only at the end / on a signal
+    """Run directory: config, metrics, checkpoints; a restart with the same one resumes."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Training precision; auto = bf16 on GPU, fp32 on CPU."""
+    save_interval: int = 0
+    """Save a checkpoint every this many steps; 0 = only at the end or on a signal."""
     keep_last_checkpoints: int = 3
-    exit_interval: int = 0  # save and exit after this many steps of this run; 0 = off
+    """Checkpoints kept in the run directory (older ones are deleted)."""
+    exit_interval: int = 0
+    """Save and exit after this many steps of this run; 0 = off."""
     log_interval: int = 10
-    eval_interval: int = 0  # 0 = only at the start and at the end
-    eval_iters: int = 10  # validation micro-batches per evaluation
-    # Also validate the EMA weights (needs optim.ema_decay > 0): eval records gain ema_val_nll, ema_val_ppl.
+    """Write a metrics line every this many steps."""
+    eval_interval: int = 0
+    """Validate every this many steps; 0 = only at the start and at the end."""
+    eval_iters: int = 10
+    """Validation batches (of global_batch_size samples) per evaluation."""
     eval_ema: bool = False
-    max_nonfinite_steps: int = 10  # consecutive non-finite losses before stopping
-    # Resume with torch.load(weights_only=False): only for run directories you trust (checkpoints saved
-    # elsewhere holding objects this code never saves). By default nothing in a checkpoint can run code.
+    """Also validate the EMA weights (needs optim.ema_decay > 0): ema_val_nll, ema_val_ppl."""
+    max_nonfinite_steps: int = 10
+    """Consecutive steps with a non-finite loss (each skipped) before the run stops."""
     trust_checkpoint: bool = False
+    """Resume with torch.load(weights_only=False): only for run directories you trust."""
 
 
 @dataclass
 class LoggingConfig:
+    """wandb and CARD's diagnostics."""
+
     wandb: bool = False
+    """Log to Weights & Biases (into the run directory)."""
     wandb_project: str = "card_megatron"
-    wandb_mode: str = "offline"  # offline unless the user asks for online
+    """wandb project."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode: offline unless you ask for online."""
     wandb_name: Optional[str] = None
-    # CARD diagnostics (card_megatron/training/diagnostics.py), pipeline size 1 only:
-    corruption_metrics: bool = True  # NLL and top-1 accuracy by the number of masks before the target
-    probe_window: int = 8  # K of the validation mask probe (clean prefix + k masks, k < K); 0 = off
+    """wandb run name; none = wandb's."""
+    corruption_metrics: bool = True
+    """CARD, pipeline size 1: NLL and top-1 accuracy by the number of masks before the target."""
+    probe_window: int = 8
+    """CARD, pipeline size 1: K of the validation mask probe (clean prefix + k masks, k < K); 0 = off."""
 
 
 @dataclass
@@ -149,7 +228,6 @@ class ConfigError(ValueError):
     """A configuration problem a user can fix; the message lists every problem."""
 
 
-OBJECTIVES = ("card", "arm", "mdlm", "bd3lm")
 
 
 # --------------------------------------------------------------------------- loading
@@ -190,11 +268,88 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if tp is str:
+    if tp is str or origin is Literal:  # a choice is read as text; validate() checks it is one of the choices
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def _choices(tp: Any) -> Optional[tuple[str, ...]]:
+    """The choices of a Literal (or Optional[Literal]) type, else None."""
+    if typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring under each field of a config dataclass: {field name: text}."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _type_text(tp: Any) -> str:
+    choices = _choices(tp)
+    optional = typing.get_origin(tp) is typing.Union
+    if choices:
+        text = " | ".join(choices)
+    else:
+        base = next(a for a in typing.get_args(tp) if a is not type(None)) if optional else tp
+        text = getattr(base, "__name__", str(base))
+    return f"{text} | none" if optional else text
+
+
+def describe_config() -> list[tuple[str, str, str, str]]:
+    """(section.key, type, default, description) of every config key, in declaration order."""
+    rows = []
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        sub = getattr(defaults, section.name)
+        docs, types = field_docs(type(sub)), _field_types(type(sub))
+        for f in dataclasses.fields(sub):
+            default = getattr(sub, f.name)
+            rows.append((f"{section.name}.{f.name}", _type_text(types[f.name]),
+                         "none" if default is None else str(default).lower() if isinstance(default, bool)
+                         else repr(default) if isinstance(default, str) else str(default), docs.get(f.name, "")))
+    return rows
+
+
+def config_help() -> str:
+    """Every key with its type, default and description (``python -m card_megatron.train --help-config``)."""
+    rows = describe_config()
+    lines, section = [], None
+    for key, tp, default, doc in rows:
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            cls = type(getattr(Config(), section))
+            lines.append(f"{section}: {' '.join((cls.__doc__ or '').split())}")
+        lines.append(f"  {key} = {default}  ({tp})\n      {doc}")
+    return "\n".join(lines)
+
+
+def config_markdown() -> str:
+    """docs/config.md: the same listing as a Markdown table per section (a test keeps the file current)."""
+    out = ["# Configuration keys", "",
+           "Generated from the field docstrings of `card_megatron/config.py` (`python -m card_megatron.train "
+           "--help-config` prints the same). Override any key as `section.key=value`; numeric ranges are in "
+           "`config.RANGES`.", ""]
+    section = None
+    for key, tp, default, doc in describe_config():
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            cls = type(getattr(Config(), section))
+            out += ["", f"## {section}", "", " ".join((cls.__doc__ or "").split()), "",
+                    "| key | type | default | description |", "| --- | --- | --- | --- |"]
+        cells = [c.replace("|", "\\|").replace("<", "\\<") for c in (tp, doc)]
+        out.append(f"| `{key}` | {cells[0]} | `{default}` | {cells[1]} |")
+    return "\n".join(out[:4] + out[5:]) + "\n"
 
 
 def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
@@ -258,10 +413,9 @@ def config_from_dict(d: dict) -> Config:
 
 def save_config(cfg: Config, path: str) -> None:
     """Writes the resolved config as YAML, atomically."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    from card_megatron.fileio import atomic_write
+
+    atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 # --------------------------------------------------------------------------- validation
@@ -325,12 +479,14 @@ def _range_text(low: float, high: float, low_in: bool, high_in: bool) -> str:
     return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
 
 
-def _range_problems(cfg: Config) -> list[str]:
-    """A problem for every numeric key outside its RANGES entry (NaN and infinity included)."""
+def _range_problems_of(section_name: str, sub: Any) -> list[str]:
+    """A problem for every numeric key of one section outside its RANGES entry (NaN and infinity included)."""
     p = []
     for name, (low, high, low_in, high_in, note) in RANGES.items():
         section, key = name.split(".")
-        value = getattr(getattr(cfg, section), key)
+        if section != section_name:
+            continue
+        value = getattr(sub, key)
         if value is None:
             continue
         if isinstance(value, float) and not math.isfinite(value):
@@ -340,13 +496,55 @@ def _range_problems(cfg: Config) -> list[str]:
     return p
 
 
+def _choice_problems(section: str, sub: Any) -> list[str]:
+    """A problem for every Literal-typed key of one section whose value is not one of its choices."""
+    p = []
+    for name, tp in _field_types(type(sub)).items():
+        choices, value = _choices(tp), getattr(sub, name)
+        if choices and value is not None and value not in choices:
+            optional = " (or none)" if typing.get_origin(tp) is typing.Union else ""
+            p.append(f"{section}.{name} ({value!r}) must be one of {', '.join(choices)}{optional}")
+    return p
+
+
+def _objective_rules(o: ObjectiveConfig, seq_length: int) -> list[str]:
+    """The rules of the objective section: its choices, its ranges, and BD3LM's block size."""
+    p = _choice_problems("objective", o) + _range_problems_of("objective", o)
+    if o.name == "bd3lm" and o.block_size >= 1 and seq_length % o.block_size:
+        p.append(f"objective.block_size ({o.block_size}) must divide model.seq_length ({seq_length})")
+    return p
+
+
+def check_objective(o: ObjectiveConfig, seq_length: int) -> None:
+    """Raises ConfigError listing every problem of the objective section (``objectives.build_objective``
+    calls it, so an objective built without :func:`load_config` is checked by the same rules)."""
+    p = _objective_rules(o, seq_length)
+    if p:
+        raise ConfigError("invalid objective configuration:\n  - " + "\n  - ".join(p))
+
+
+def parse_split(split: str) -> tuple[float, float, float]:
+    """The train/valid/test weights of ``data.split`` ("969,30,1"); ValueError naming the setting if malformed."""
+    try:
+        weights = tuple(float(x) for x in split.split(","))
+    except ValueError:
+        weights = ()
+    if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"data.split ({split!r}) must be three non-negative weights, e.g. 969,30,1")
+    return weights  # type: ignore[return-value]
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Checks every value; raises one ConfigError listing all problems.
 
     With ``world_size`` it also checks that the parallel sizes divide it and that the
     global batch matches micro batch x data parallel x accumulation.
     """
-    p: list[str] = _range_problems(cfg)
+    p: list[str] = []
+    for section in dataclasses.fields(Config):
+        if section.name != "objective":  # _objective_rules, below, checks that section
+            p += _choice_problems(section.name, getattr(cfg, section.name))
+            p += _range_problems_of(section.name, getattr(cfg, section.name))
     m, o, par, t, opt = cfg.model, cfg.objective, cfg.parallel, cfg.train, cfg.optim
     if m.num_attention_heads > 0 and m.hidden_size % m.num_attention_heads:
         p.append(
@@ -367,7 +565,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                 f"model.num_query_groups ({m.num_query_groups})"
             )
         if groups % tp:
-            p.append(f"model.num_query_groups ({groups}) must be divisible by tensor_model_parallel_size ({tp})")
+            p.append(f"model.num_query_groups ({groups}) must be divisible by "
+                     f"parallel.tensor_model_parallel_size ({tp})")
         if m.num_layers % pp:
             p.append(
                 f"model.num_layers ({m.num_layers}) must be divisible by "
@@ -383,47 +582,25 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             f"parallel.zero_stage ({par.zero_stage}) with pipeline_model_parallel_size ({pp}) is not "
             "supported: DeepSpeed's pipeline engine allows ZeRO 0 or 1 only"
         )
-    if par.distributed_backend not in (None, "nccl", "gloo"):
-        p.append(f"parallel.distributed_backend ({par.distributed_backend!r}) must be nccl, gloo or none")
-    if o.name not in OBJECTIVES:
-        p.append(f"objective.name ({o.name!r}) must be one of {', '.join(OBJECTIVES)}")
-    if o.masking not in ("tail", "uniform"):
-        p.append(f"objective.masking ({o.masking!r}) must be tail or uniform")
-    if o.reweighting not in ("context", "none"):
-        p.append(f"objective.reweighting ({o.reweighting!r}) must be context or none")
-    if o.normaliser not in ("weights", "tokens"):
-        p.append(f"objective.normaliser ({o.normaliser!r}) must be weights or tokens")
-    if o.name == "bd3lm" and o.block_size >= 1 and m.seq_length % o.block_size:
-        p.append(f"objective.block_size ({o.block_size}) must divide model.seq_length ({m.seq_length})")
+    p += _objective_rules(o, m.seq_length)
     if t.micro_batch_size >= 1 and t.global_batch_size % t.micro_batch_size:
         p.append(
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size ({t.micro_batch_size})"
         )
-    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
-        p.append(f"train.precision ({t.precision!r}) must be auto, bf16, fp16 or fp32")
     if cfg.logging.probe_window > m.seq_length:
         p.append(f"logging.probe_window ({cfg.logging.probe_window}) must lie in [0, model.seq_length={m.seq_length}]")
-    if opt.lr_decay_style not in ("cosine", "linear", "constant"):
-        p.append(f"optim.lr_decay_style ({opt.lr_decay_style!r}) must be cosine, linear or constant")
     if opt.min_lr > opt.lr:
         p.append(f"optim.min_lr ({opt.min_lr}) must be <= optim.lr ({opt.lr})")
     if t.eval_ema and opt.ema_decay == 0.0:
         p.append("train.eval_ema needs an EMA: set optim.ema_decay (e.g. 0.9999) or train.eval_ema=false")
-    if cfg.logging.wandb_mode not in ("offline", "online", "disabled"):
-        p.append(f"logging.wandb_mode ({cfg.logging.wandb_mode!r}) must be offline, online or disabled")
     try:
-        split = [float(x) for x in cfg.data.split.split(",")]
-        if len(split) != 3 or not all(math.isfinite(x) and x >= 0 for x in split) or sum(split) <= 0:
-            raise ValueError
-    except ValueError:
-        p.append(f"data.split ({cfg.data.split!r}) must be three non-negative weights, e.g. 969,30,1")
+        parse_split(cfg.data.split)
+    except ValueError as e:
+        p.append(str(e))
     if world_size is not None and tp >= 1 and pp >= 1:
         if world_size % (tp * pp):
-            p.append(
-                f"world size ({world_size}) must be divisible by tensor_model_parallel_size ({tp}) x "
-                f"pipeline_model_parallel_size ({pp})"
-            )
+            p.extend(world_size_problems(par, world_size))
         else:
             dp = world_size // (tp * pp)
             if t.global_batch_size % (t.micro_batch_size * dp):
@@ -433,6 +610,16 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                 )
     if p:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
+
+
+def world_size_problems(par: ParallelConfig, world_size: int) -> list[str]:
+    """The problem (as a list) when ``world_size`` is not divisible by the tensor x pipeline size;
+    :func:`validate` and ``parallel.state.init_distributed`` (before it builds any group) check it."""
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        return [f"world size ({world_size}) must be divisible by tensor_model_parallel_size ({tp}) x "
+                f"pipeline_model_parallel_size ({pp})"]
+    return []
 
 
 # --------------------------------------------------------------------------- resuming
@@ -468,6 +655,3 @@ def resume_changes(saved: Config, cfg: Config, saved_dp: Optional[int] = None, d
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
 
-
-def dumps(cfg: Config) -> str:
-    return json.dumps(config_to_dict(cfg), indent=2)

@@ -26,6 +26,8 @@ from typing import Any, Optional
 
 import sentencepiece as spm
 
+from card_megatron.fileio import atomic_write
+
 logger = logging.getLogger(__name__)
 
 MASK_PIECE = "<mask>"
@@ -164,11 +166,7 @@ def write_tokenizer_sidecar(tokenizer: Tokenizer, path: str, inputs: Optional[li
     meta = tokenizer.metadata()
     if inputs is not None:
         meta["inputs"] = inputs
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def _training_sentences(texts: Iterable[str]) -> Iterator[str]:
@@ -247,10 +245,7 @@ def train_tokenizer(
         num_threads=1,  # one thread: the trained model is the same on every machine and run
         minloglevel=2,
     )
-    tmp = f"{model_path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, model_path)
+    atomic_write(model_path, model.getvalue())
     tok = Tokenizer.from_serialized(model.getvalue(), source=model_path)
     assert tok.mask_id == 4 and tok.pad_id == 0 and tok.eos_id == 3, tok
     return tok
@@ -271,10 +266,3 @@ def load_any_tokenizer(model_path: str, tokenizer_type: Optional[str] = None):
             what = "a Hugging Face tokenizer.json" if is_hf else "a SentencePiece model"
             raise ValueError(f"--tokenizer-type {tokenizer_type}, but {model_path} is {what}")
     return tok
-
-
-def load_tokenizer(model_path: Optional[str]) -> Tokenizer:
-    """:meth:`Tokenizer.load`, with a clear message when no path is configured."""
-    if not model_path:
-        raise ValueError("no tokenizer model given (data.tokenizer_model / --tokenizer-model)")
-    return Tokenizer.load(model_path)

@@ -14,7 +14,8 @@ import os
 import sys
 
 from card_megatron import quiet_warnings
-from card_megatron.config import ConfigError, load_config
+from card_megatron.config import ConfigError, config_help, load_config
+from card_megatron.fileio import atomic_write
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -22,8 +23,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m card_megatron.train",
         description="Train CARD (or the ARM, MDLM, BD3LM baselines) with Megatron-core layers and DeepSpeed.",
         epilog="Overrides use dotted names, e.g. train.train_iters=100 objective.name=arm "
-        "parallel.tensor_model_parallel_size=2. See card_megatron/config.py for every key.",
+        "parallel.tensor_model_parallel_size=2. --help-config lists every key (also docs/config.md).",
     )
+    p.add_argument("--help-config", action="store_true",
+                   help="list every config key with its type, default and description, and exit")
     p.add_argument("--config", help="YAML file overriding the defaults in card_megatron/config.py")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides applied after the YAML file")
     p.add_argument("--summary-json", help="write a JSON summary (start/end step, evaluations) here (rank 0)")
@@ -32,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.help_config:
+        print(config_help())
+        return 0
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -65,9 +71,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.summary_json and rank == 0:
-        with open(args.summary_json + ".tmp", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(args.summary_json + ".tmp", args.summary_json)
+        atomic_write(args.summary_json, json.dumps(summary, indent=2))
     from card_megatron.parallel.state import destroy_distributed
 
     destroy_distributed()

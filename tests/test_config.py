@@ -52,6 +52,12 @@ def test_overrides_and_types():
         (["noequals"], "expected section.key=value"),
         (["optim.ema_decay=1.0"], "optim.ema_decay (1.0) must be in [0, 1)"),
         (["train.eval_ema=true"], "train.eval_ema needs an EMA: set optim.ema_decay"),
+        # the choices of an enumerated key are its Literal type
+        (["train.precision=fp8"], "train.precision ('fp8') must be one of auto, bf16, fp16, fp32"),
+        (["parallel.distributed_backend=mpi"],
+         "parallel.distributed_backend ('mpi') must be one of nccl, gloo (or none)"),
+        (["optim.lr_decay_style=step"], "optim.lr_decay_style ('step') must be one of cosine, linear, constant"),
+        (["data.split=1,nan,1"], "data.split ('1,nan,1') must be three non-negative weights"),
     ],
 )
 def test_bad_values_are_named(overrides, message):
@@ -157,3 +163,42 @@ def test_resume_changes_lists_what_may_not_change():
                         "parallel.tensor_model_parallel_size: 1 -> 2", "parallel.zero_stage: 0 -> 1",
                         "optim.adam_beta2: 0.95 -> 0.99"]
     assert got[-1].startswith("data-parallel size: 2 -> 1 under parallel.zero_stage 1")
+
+
+def test_every_key_has_a_description_and_the_docs_list_them():
+    """Each config field has a one-line docstring; --help-config and docs/config.md show every key."""
+    import dataclasses
+
+    from card_megatron.config import Config, config_help, config_markdown, field_docs
+
+    for section in dataclasses.fields(Config):
+        cls = type(getattr(Config(), section.name))
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{section.name}.{f.name} has no docstring in config.py"
+            assert f"{section.name}.{f.name} = " in config_help()
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "config.md")
+    with open(path) as f:
+        assert f.read() == config_markdown(), "docs/config.md is stale: regenerate it from config.config_markdown()"
+
+
+def test_help_config_prints_the_keys(capsys):
+    from card_megatron.train import main
+
+    assert main(["--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "objective.name = 'card'  (card | arm | mdlm | bd3lm)" in out and "Objective: CARD" in out
+
+
+def test_an_objective_built_without_the_loader_is_checked_by_the_same_rules():
+    import dataclasses
+
+    from card_megatron.config import ObjectiveConfig
+    from card_megatron.objectives import build_objective
+
+    for changes, message in (({"masking": "random"}, "objective.masking ('random') must be one of tail, uniform"),
+                             ({"tail_factor": 0.5}, "objective.tail_factor (0.5) must be >= 1"),
+                             ({"name": "bd3lm", "block_size": 3}, "objective.block_size (3) must divide")):
+        with pytest.raises(ConfigError) as e:
+            build_objective(dataclasses.replace(ObjectiveConfig(), **changes), 8, 9, 10)
+        assert message in str(e.value)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from card_megatron.config import DataConfig
+from card_megatron.data import cache as data_cache
 from card_megatron.data import index as idx
 from card_megatron.data.dataset import build_datasets, collate
 from card_megatron.data.sampler import MicroBatchSampler
@@ -184,11 +185,11 @@ def test_concurrent_build_one_builds_other_waits(shard, tmp_path):
 
 def test_lock_timeout_is_clear(tmp_path):
     lock = str(tmp_path / "x.lock")
-    with idx.exclusive_lock(lock, 1.0):
+    with data_cache.exclusive_lock(lock, 1.0):
         with pytest.raises(TimeoutError, match="x.lock"):
-            with idx.exclusive_lock(lock, 0.2):
+            with data_cache.exclusive_lock(lock, 0.2):
                 pass
-    with idx.exclusive_lock(lock, 0.2):  # released: a leftover lock file does not block
+    with data_cache.exclusive_lock(lock, 0.2):  # released: a leftover lock file does not block
         pass
 
 
@@ -386,7 +387,7 @@ def test_read_only_cache_suggests_cache_dir(shard, tmp_path, monkeypatch):
         def read_only(path, *args, **kwargs):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
 
-        monkeypatch.setattr(idx.os, "open", read_only)
+        monkeypatch.setattr(data_cache.os, "open", read_only)
     else:
         os.chmod(cache, 0o555)
     try:

@@ -12,12 +12,12 @@ import torch
 
 from card_megatron.config import ModelConfig
 from card_megatron.inference import sampling
-from card_megatron.inference.causal import CausalDecodeConfig, Special, decode_causal
+from card_megatron.inference.causal import CausalDecodeConfig, SpecialTokenIds, decode_causal
 from card_megatron.inference.diffusion import decode_bd3lm, decode_mdlm
 from tests import training_runs
 
 V = 96
-SPECIAL = Special(eos=3, mask=4, pad=0)
+SPECIAL = SpecialTokenIds(eos=3, mask=4, pad=0)
 GREEDY = sampling.SamplingConfig(greedy=True)
 PROMPTS = [[3, 17, 40, 8, 9, 55], [3], [3, 60, 61]]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +121,7 @@ def test_eos_and_length_stopping(single_process):
         free = _causal(model, PROMPTS, max_new=10, cfg=cfg)
         assert all(o.stopped == "length" and len(o.token_ids) == 10 for o in free)
         eos = free[0].token_ids[3]  # the 4th token of sequence 0 becomes the end-of-sequence id
-        outs = _causal(model, PROMPTS, max_new=10, cfg=cfg, special=Special(eos=eos, mask=SPECIAL.mask, pad=0))
+        outs = _causal(model, PROMPTS, max_new=10, cfg=cfg, special=SpecialTokenIds(eos=eos, mask=SPECIAL.mask, pad=0))
         for o, f in zip(outs, free):
             if eos in f.token_ids:
                 cut = f.token_ids.index(eos) + 1
@@ -199,7 +199,7 @@ def test_card_parallel_decoding_equals_no_cache_reference(single_process, window
         cases = [(tau, SPECIAL, None) for tau in (0.05, 0.3, 0.5, 0.9)]
         free = _causal(model, prompts, max_new=max_new, cfg=CausalDecodeConfig(window=window, threshold=0.5,
                                                                                 commit_policy=policy))
-        eos = Special(eos=free[0].token_ids[4], mask=SPECIAL.mask, pad=SPECIAL.pad)  # sequence 0 stops early
+        eos = SpecialTokenIds(eos=free[0].token_ids[4], mask=SPECIAL.mask, pad=SPECIAL.pad)  # sequence 0 stops early
         cases += [(0.5, eos, None), (0.5, SPECIAL, 3)]
         for tau, special, max_steps in cases:
             cfg = CausalDecodeConfig(window=window, threshold=tau, commit_policy=policy, max_steps=max_steps)

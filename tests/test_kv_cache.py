@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from card_megatron.config import ModelConfig
-from card_megatron.model.attention import KVCache
+from card_megatron.inference.cache import KVCache
 
 V = 96
 

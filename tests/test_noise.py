@@ -1,10 +1,10 @@
-"""objectives/noise.py against an independent NumPy uint64 reference, bit for bit."""
+"""card_megatron/noise.py against an independent NumPy uint64 reference, bit for bit."""
 
 import numpy as np
 import pytest
 import torch
 
-from card_megatron.objectives import noise
+from card_megatron import noise
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -53,6 +53,19 @@ def test_uniform_matches_numpy_bit_exact():
     assert got.dtype == torch.float64 and got.shape == (seeds.shape[0], counters.shape[0])
     np.testing.assert_array_equal(got.numpy(), want)
     assert float(got.min()) >= 0.0 and float(got.max()) < 1.0
+
+
+def test_uniform_with_per_row_counters_matches_numpy_bit_exact():
+    """Counters [B, n] (one row per seed: the sampling draws) against the reference row by row."""
+    rng = np.random.default_rng(4)
+    seeds = random_int64(rng, 14)  # 6 edge values + 14 random: 20 seeds
+    counters = random_int64(rng, 20 * 7)[: 20 * 7].reshape(20, 7)
+    got = noise.uniform(seeds, counters)
+    want = np.stack([np_uniform(as_u64(seeds[b: b + 1]), as_u64(counters[b]))[0] for b in range(20)])
+    assert got.dtype == torch.float64 and got.shape == (20, 7)
+    np.testing.assert_array_equal(got.numpy(), want)
+    with pytest.raises(ValueError, match="counters"):
+        noise.uniform(seeds, counters[:3])
 
 
 def test_uniform_is_roughly_uniform():

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from card_megatron import noise
 from card_megatron.config import ObjectiveConfig
 from card_megatron.objectives import (
     block_diffusion_attention_mask,
     build_objective,
     context_aware_weights,
-    noise,
     soft_tail_mask,
 )
 

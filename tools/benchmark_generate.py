@@ -92,9 +92,10 @@ def _plot(rows, path):
     right.legend(fontsize=7)
     fig.suptitle("CARD dynamic parallel decoding: speed vs quality", fontsize=10)
     fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    from card_megatron.fileio import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     print(f"plot: {path}", file=sys.stderr)
 
 
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
     quiet_warnings.install()
     import torch
 
+    from card_megatron.inference.causal import CausalDecodeConfig
     from card_megatron.inference.generate import GenerationConfig
     from card_megatron.inference.loading import load_model
     from card_megatron.inference.sampling import SamplingConfig
@@ -119,15 +121,16 @@ def main(argv=None) -> int:
         others = [load_model(path, device=args.device, dtype=dtype) for path in args.also]
     prompts = [p for p in PROMPTS for _ in range(args.num_samples)]
     samp = SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    base = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, sampling=samp, window=args.window)
+    base = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, sampling=samp)
     settings = [("ar", model, GenerationConfig(decoding="ar", **base), {})]
     for policy in args.commit_policy:
         for tau in args.thresholds:
-            cfg = GenerationConfig(decoding="card", threshold=tau, commit_policy=policy, **base)
+            cfg = GenerationConfig(decoding="card", causal=CausalDecodeConfig(window=args.window, threshold=tau,
+                                                                              commit_policy=policy), **base)
             settings.append((f"card tau={tau:g} {policy}", model, cfg, {"threshold": tau, "commit_policy": policy}))
     for other in others:
         name = f"{other.config.objective.name} ({os.path.basename(os.path.normpath(args.also[others.index(other)]))})"
-        settings.append((name, other, GenerationConfig(**base), {}))
+        settings.append((name, other, GenerationConfig(causal=CausalDecodeConfig(window=args.window), **base), {}))
     print(f"device {model.device}, {len(prompts)} sequences x {args.max_new_tokens} new tokens, batch {args.batch_size}, "
           f"{'greedy' if samp.is_greedy else f'sampling T={args.temperature} top-p={args.top_p}'}, K={args.window}; "
           f"judge {judge.path}", file=sys.stderr)
@@ -142,10 +145,9 @@ def main(argv=None) -> int:
     meta = {"checkpoint": model.path, "judge": judge.path, "device": str(model.device), "dtype": args.dtype,
             "torch_threads": torch.get_num_threads(), "prompts": PROMPTS, "args": vars(args), "time": time.ctime()}
     if args.json:
-        tmp = f"{args.json}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        os.replace(tmp, args.json)
+        from card_megatron.fileio import atomic_write
+
+        atomic_write(args.json, json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.plot:
         _plot(rows, args.plot)
     return 0

@@ -18,8 +18,9 @@ import time
 
 import torch
 
+from card_megatron import noise
 from card_megatron.config import ObjectiveConfig
-from card_megatron.objectives import build_objective, context_aware_weights, noise, soft_tail_mask
+from card_megatron.objectives import build_objective, context_aware_weights, soft_tail_mask
 
 VOCAB = 32000
 MASK_ID = VOCAB - 1

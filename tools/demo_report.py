@@ -58,11 +58,13 @@ def main(argv=None) -> int:
     print(f"   AR:   {ar['tokens_per_forward']:.2f} tokens per forward pass")
     print(f"   CARD: {card['tokens_per_forward']:.2f} tokens per forward pass (tau {args.threshold:g}, K {args.window}), "
           f"{card['speedup']:.2f}x AR's tokens/s; same text as AR for {card['same_as_first']:.0%} of the prompts")
+    from card_megatron.inference.causal import CausalDecodeConfig
     from card_megatron.inference.generate import GenerationConfig, generate
     from card_megatron.inference.sampling import SamplingConfig
 
     gens, _ = generate(model, prompts[:1], GenerationConfig(
-        decoding="card", threshold=args.threshold, window=args.window, max_new_tokens=args.max_new_tokens,
+        decoding="card", causal=CausalDecodeConfig(window=args.window, threshold=args.threshold),
+        max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(greedy=True)))
     g = gens[0]
     print(f"== a sample: {g.prompt!r} -> {g.text!r}\n   ({len(g.token_ids)} tokens in {g.num_forward_passes} "

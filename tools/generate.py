@@ -50,6 +50,11 @@ exit status: 0 on success, 2 for bad input (missing or corrupt checkpoint, token
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from card_megatron.inference.causal import COMMIT_POLICIES, CausalDecodeConfig
+    from card_megatron.inference.generate import DECODINGS, GenerationConfig
+
+    # the library's defaults are the flags' defaults
+    causal, gen, samp = CausalDecodeConfig(), GenerationConfig(), GenerationConfig().sampling
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and prompts")
@@ -66,26 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "with one prompt per line")
     g.add_argument("--num-samples", type=int, default=1, metavar="N",
                    help="sequences per prompt (unconditional: N sequences; default 1)")
-    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
-                   help="stop a sequence after N new tokens (or at eos; default 64)")
+    g.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens, metavar="N",
+                   help="stop a sequence after N new tokens (or at eos; default %(default)s)")
     g.add_argument("--max-context", type=int, metavar="N",
                    help="refuse prompts whose tokens + max-new-tokens exceed N (default: model.seq_length)")
-    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences decoded together (default 8)")
+    g.add_argument("--batch-size", type=int, default=gen.batch_size, metavar="B",
+                   help="sequences decoded together (default %(default)s)")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="weights and KV cache dtype (default float32; sampling is always float64)")
 
     g = p.add_argument_group("decoding")
-    g.add_argument("--decoding", choices=("card", "ar", "mdlm", "bd3lm"),
+    g.add_argument("--decoding", choices=DECODINGS,
                    help="decoder (default: card for CARD, ar for ARM, mdlm for MDLM, bd3lm for BD3LM checkpoints)")
-    g.add_argument("--threshold", type=float, default=0.9, metavar="TAU",
+    g.add_argument("--threshold", type=float, default=causal.threshold, metavar="TAU",
                    help="card: commit window positions whose top-1 probability exceeds TAU (> 0; TAU > 1 means "
-                   "one token per forward, identical to ar; default 0.9)")
-    g.add_argument("--window", type=int, default=8, metavar="K",
-                   help="card: positions predicted per forward pass (default 8)")
-    g.add_argument("--commit-policy", choices=("prefix", "any"), default="prefix",
-                   help="card: which confident positions may be committed (default prefix; see below)")
-    g.add_argument("--max-steps", type=int, metavar="N",
+                   "one token per forward, identical to ar; default %(default)s)")
+    g.add_argument("--window", type=int, default=causal.window, metavar="K",
+                   help="card: positions predicted per forward pass (default %(default)s; ar uses 1)")
+    g.add_argument("--commit-policy", choices=COMMIT_POLICIES, default=causal.commit_policy,
+                   help="card: which confident positions may be committed (default %(default)s; see below)")
+    g.add_argument("--max-steps", type=int, default=causal.max_steps, metavar="N",
                    help="card: forward passes per sequence; the N-th commits everything still undecided (default: "
                    "no limit)")
     g.add_argument("--steps", type=int, metavar="N",
@@ -95,12 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("sampling (probabilities in float64; [MASK], pad, bos and padded-vocabulary ids are "
                              "never sampled)")
     g.add_argument("--greedy", action="store_true", help="take the most likely token (same as --temperature 0)")
-    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0; 0 = greedy)")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (default 0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0 = off)")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--temperature", type=float, default=samp.temperature,
+                   help="softmax temperature (default %(default)s; 0 = greedy)")
+    g.add_argument("--top-k", type=int, default=samp.top_k,
+                   help="sample among the K most likely tokens (default %(default)s; 0 = off)")
+    g.add_argument("--top-p", type=float, default=samp.top_p,
+                   help="nucleus sampling mass in (0, 1] (default %(default)s; 1.0 = off)")
+    g.add_argument("--seed", type=int, default=samp.seed,
                    help="sampling seed; each sequence draws from (seed, its index, position), so a sequence samples "
-                   "the same tokens alone or in a batch (default 0)")
+                   "the same tokens alone or in a batch (default %(default)s)")
 
     g = p.add_argument_group("output and quality")
     g.add_argument("--output", metavar="FILE", help="write the JSON lines here (atomically) instead of stdout")
@@ -113,78 +122,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_CARD_ONLY = {"threshold": 0.9, "window": 8, "commit_policy": "prefix", "max_steps": None}
-
-
 def run(args: argparse.Namespace) -> int:
-    from card_megatron.inference import quality
-    from card_megatron.inference.generate import GenerationConfig, generate, resolve_decoding
-    from card_megatron.inference.loading import load_model
-    from card_megatron.inference.records import check_writable, read_prompts, write_jsonl
-    from card_megatron.inference.sampling import SamplingConfig
-
+    """Argument values in, library calls out (``card_megatron.inference.generate``)."""
     import torch
 
-    for name in ("num_samples", "batch_size", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} ({getattr(args, name)}) must be >= 1")
+    from card_megatron.inference.causal import CausalDecodeConfig
+    from card_megatron.inference.generate import GenerationConfig, collect_prompts, generate_from_checkpoint
+    from card_megatron.inference.records import check_writable, write_jsonl
+    from card_megatron.inference.sampling import SamplingConfig
+
+    cfg = GenerationConfig(
+        decoding=args.decoding, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        sampling=SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed),
+        causal=CausalDecodeConfig(window=args.window, threshold=args.threshold, commit_policy=args.commit_policy,
+                                  max_steps=args.max_steps),
+        steps=args.steps, max_context=args.max_context)
     if args.output:
         check_writable(args.output)  # before loading and generating, not after
-    sampling_cfg = SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, seed=args.seed)
-    prompts = list(args.prompt) + (read_prompts(args.input_file) if args.input_file else [])
-    if not prompts:
-        prompts = [""]
-    prompts = [p for p in prompts for _ in range(args.num_samples)]
-    dtype = getattr(torch, args.dtype)
+    prompts = collect_prompts(args.prompt, args.input_file, args.num_samples)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints build notes on stdout; keep it JSON only
-        loaded = load_model(args.checkpoint, device=args.device, dtype=dtype, ema=args.ema)
-    decoding = resolve_decoding(loaded.config.objective.name, args.decoding)
-    if decoding != "card":
-        for name, default in _CARD_ONLY.items():
-            if getattr(args, name) != default:
-                print(f"warning: --{name.replace('_', '-')} has no effect with --decoding {decoding}", file=sys.stderr)
-    if decoding in ("card", "ar") and args.steps is not None:
-        print(f"warning: --steps has no effect with --decoding {decoding}", file=sys.stderr)
-    judge = load_model(args.judge, device=args.device, dtype=dtype) if args.judge else None
-    if judge is not None and not args.judge_retokenize and not quality.same_tokenizer(loaded.tokenizer, judge.tokenizer):
-        quality.judge_generations(judge, [], loaded.tokenizer)  # raises the mismatch error before generating
-    cfg = GenerationConfig(decoding=decoding, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                           sampling=sampling_cfg, window=args.window, threshold=args.threshold,
-                           commit_policy=args.commit_policy, max_steps=args.max_steps, steps=args.steps,
-                           max_context=args.max_context)
-    generations, totals = generate(loaded, prompts, cfg)
-    records = [g.to_json() for g in generations]
-    summary = quality.summarise([g.token_ids for g in generations])
-    if judge is not None:
-        nll = quality.judge_generations(judge, generations, loaded.tokenizer, retokenize=args.judge_retokenize)
-        for record, (total, count) in zip(records, nll):
-            record["judge_nll"] = round(total / count, 5) if count else None
-        summary = quality.summarise([g.token_ids for g in generations], nll)
-    for record, g in zip(records, generations):
-        record["entropy"] = round(quality.unigram_entropy(g.token_ids), 5)
-        record["repetition_4gram"] = round(quality.repetition_rate(g.token_ids), 5)
+        result = generate_from_checkpoint(args.checkpoint, prompts, cfg, device=args.device,
+                                          dtype=getattr(torch, args.dtype), ema=args.ema, judge=args.judge,
+                                          judge_retokenize=args.judge_retokenize)
     if args.output:
-        write_jsonl(args.output, records)
+        write_jsonl(args.output, result.records)
     else:
-        for record in records:
+        for record in result.records:
             print(json.dumps(record, ensure_ascii=False))
         sys.stdout.flush()
-    seconds = max(totals["seconds"], 1e-9)
-    detail = {"card": f"tau {args.threshold}, K {args.window}, {args.commit_policy}", "ar": "KV cache",
-              "mdlm": f"steps {args.steps or args.max_new_tokens}",
-              "bd3lm": f"block {loaded.config.objective.block_size}, steps/block "
-                       f"{args.steps or loaded.config.objective.block_size}"}[decoding]
-    print(f"{len(generations)} sequences, {totals['new_tokens']} new tokens in {totals['seconds']:.2f} s: "
-          f"{totals['new_tokens'] / seconds:.1f} tokens/s, "
-          f"{totals['new_tokens'] / max(totals['forward_passes'], 1):.2f} tokens per forward "
-          f"({totals['forward_passes']} forward passes over the sequences, {totals['model_calls']} batched model calls; "
-          f"decoding {decoding}: {detail}; device {loaded.device}{'; EMA weights' if loaded.ema else ''})",
-          file=sys.stderr)
-    line = f"quality: unigram entropy {summary['entropy']:.3f} nats, repeated 4-grams {summary['repetition_4gram']:.3f}"
-    if judge is not None:
-        line += f", judge perplexity {summary['judge_ppl']:.2f} over {summary['judge_tokens']} tokens ({judge.path})"
-    print(line, file=sys.stderr)
+    for line in result.summary_lines():
+        print(line, file=sys.stderr)
     return 0
 
 

@@ -23,28 +23,27 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from card_megatron.config import DataConfig
+from card_megatron.config import DataConfig, parse_split
+from card_megatron.data import cache as data_cache
 from card_megatron.data import index as idx
 
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- shard access
 
-from card_megatron.data.shards import TokenShard as _ShardReader
-from card_megatron.data.shards import shard_fingerprint
+from card_megatron.data.shards import TokenShard, shard_fingerprint
 
 
-def open_shard(prefix: str) -> Any:
+def open_shard(prefix: str) -> TokenShard:
     """The token shard at ``prefix`` (``prefix.bin`` / ``prefix.idx``); ValueError if missing."""
     for ext in (".bin", ".idx"):
         if not os.path.exists(prefix + ext):
             raise ValueError(f"data.data_path: token shard file {prefix + ext} not found")
-    return _ShardReader(prefix)
+    return TokenShard(prefix)
 
 
-def _token_reader(shard: Any) -> Callable[[int, int, int], np.ndarray]:
-    if hasattr(shard, "get"):
-        return lambda doc, offset, length: shard.get(doc, offset, length)
+def _token_reader(shard: TokenShard) -> Callable[[int, int, int], np.ndarray]:
+    """``read(document, offset, length)``: ``length`` tokens of a shard's document from ``offset``."""
     return lambda doc, offset, length: shard[doc][offset : offset + length]
 
 
@@ -129,7 +128,7 @@ class PackedDataset(torch.utils.data.Dataset):
     def arrays(self) -> dict[str, np.ndarray]:
         """The memory-mapped index arrays (see :func:`card_megatron.data.index.build_split_arrays`)."""
         if self._arrays is None:
-            self._arrays = idx._load_dir(self.entry_dir) if self.entry_dir else {}
+            self._arrays = data_cache.load_entry(self.entry_dir) if self.entry_dir else {}
         return self._arrays
 
     def __getstate__(self) -> dict:
@@ -244,7 +243,7 @@ def _check_token_ids(prefix: str, fingerprint: str, tokenizer: Any, cache_dir: s
         return {"max_token_id": np.array([int(tokens.max()) if len(tokens) else -1], dtype=np.int64)}
 
     description = {"format_version": idx.FORMAT_VERSION, "max_token_id_of": fingerprint}
-    arrays, _ = idx.load_or_build(cache_dir, "tokens", description, build, lock_timeout_s)
+    arrays, _ = data_cache.load_or_build(cache_dir, "tokens", description, build, lock_timeout_s)
     max_id = int(arrays["max_token_id"][0])
     if max_id >= tokenizer.vocab_size:
         raise ValueError(
@@ -280,7 +279,7 @@ def build_datasets(
     if seq_length < 1:
         raise ValueError(f"seq_length ({seq_length}) must be >= 1")
     blend = parse_data_path(data_cfg.data_path)
-    split_weights = idx.parse_split(data_cfg.split)
+    split_weights = parse_split(data_cfg.split)
     prefixes = [p for _, p in blend]
     shards = _Shards(prefixes)
     shards.open()  # now: a missing file is reported before anything else
@@ -289,7 +288,7 @@ def build_datasets(
     if tokenizer_eod is not None:
         for prefix, sizes, read in zip(prefixes, shards.sizes, shards.readers):
             _warn_without_eod(prefix, sizes, read, tokenizer_eod)
-    cache_dir = idx.default_cache_dir(prefixes[0], data_cfg.cache_dir)
+    cache_dir = data_cache.default_cache_dir(prefixes[0], data_cfg.cache_dir)
     if tokenizer is not None:
         for prefix, fingerprint in zip(prefixes, fingerprints):
             _check_same_tokenizer(prefix, tokenizer)
@@ -313,7 +312,7 @@ def build_datasets(
             idx.build_split_arrays, parts, [w for w, _ in blend], seq_length, seed, split, n
         )
         start = time.monotonic()
-        arrays, entry = idx.load_or_build(cache_dir, split, description, build, lock_timeout_s)
+        arrays, entry = data_cache.load_or_build(cache_dir, split, description, build, lock_timeout_s)
         seconds = time.monotonic() - start
         logger.info("%s split: %d samples of %d+1 tokens ready in %.2f s", split, n, seq_length, seconds)
         datasets[split] = PackedDataset(shards, entry, seq_length, n, split, arrays)

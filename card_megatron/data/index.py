@@ -1,7 +1,7 @@
-"""The sample index over token shards, its noise seeds, and the on-disk cache.
+"""The sample index over token shards and its noise seeds.
 
-Typed wrappers over the C++ indexer (``csrc/sample_index.cpp``), a NumPy reference of
-the noise-seed generator, and a build-once cache shared by all processes.
+Typed wrappers over the C++ indexer (``csrc/sample_index.cpp``) and a NumPy reference of
+the noise-seed generator.
 
 How one split's sample stream is made, for sequence length L (samples of L+1 tokens):
 
@@ -38,33 +38,21 @@ How one split's sample stream is made, for sequence length L (samples of L+1 tok
   The shuffles use the same generator as a stream (draw t = mix(key + t*0x9E37...)),
   bounded by Lemire's multiply-shift rejection, in a Fisher-Yates shuffle from the end.
 
-The cache: arrays of one split live in ``{cache_dir}/{split}_{key}/`` as ``.npy`` files,
-where key hashes everything they depend on (:data:`FORMAT_VERSION`, shard fingerprints,
-blend weights, split weights, L, seed, sample count). A build writes to a temporary
-directory and renames it into place (``description.json`` records every array's shape and
-dtype; an entry whose files disagree is rebuilt with a warning naming the file); an exclusive ``fcntl.flock`` on
-``{split}_{key}.lock`` makes one process build while the others wait, then every
-process memory-maps the same files.
+The arrays of one split are cached by :mod:`card_megatron.data.cache` under a key that
+hashes everything they depend on (:func:`describe_split`: :data:`FORMAT_VERSION`, shard
+fingerprints, blend weights, split weights, L, seed, sample count).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
-import json
 import logging
-import os
-import shutil
-import socket
-import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from card_megatron import _indexer
-from card_megatron.lock import ExclusiveLock, LockHeldError
+from card_megatron.config import parse_split
 
 logger = logging.getLogger(__name__)
 
@@ -141,17 +129,6 @@ def build_shuffle_index(epoch_starts: np.ndarray, key: int) -> np.ndarray:
 def build_blend_index(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
     """(uint8|int16 [size] shard of each stream position, int64 [size] sample within that shard)."""
     return _indexer.build_blend_index(np.asarray(weights, dtype=np.float64), size)
-
-
-def parse_split(split: str) -> tuple[float, float, float]:
-    """The three train/valid/test weights of ``data.split`` ("969,30,1"); ValueError if malformed."""
-    try:
-        weights = tuple(float(x) for x in split.split(","))
-    except ValueError:
-        weights = ()
-    if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"data.split ({split!r}) must be three non-negative weights, e.g. 969,30,1")
-    return weights  # type: ignore[return-value]
 
 
 def split_document_ranges(split: str, num_documents: int) -> list[tuple[int, int]]:
@@ -238,154 +215,6 @@ def build_split_arrays(
     return arrays
 
 
-# --------------------------------------------------------------------------- cache
-
-
-def cache_key(description: dict) -> str:
-    """A stable hash (32 hex digits) of a JSON-serialisable description."""
-    text = json.dumps(description, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: str, timeout_s: float) -> Iterator[None]:
-    """Holds an exclusive lock on ``path`` (:class:`card_megatron.lock.ExclusiveLock`).
-
-    Raises TimeoutError, naming the lock file and its holder, after ``timeout_s`` seconds.
-    """
-    lock = ExclusiveLock(path, timeout_s, "It is building the sample index. Wait for it, build the index "
-                         "ahead with tools/build_index.py, or raise the lock timeout.")
-    try:
-        lock.acquire()
-    except LockHeldError as e:
-        raise TimeoutError(str(e)) from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-class BrokenCacheEntry(ValueError):
-    """A cache entry whose files do not match its description (truncated, missing, rewritten)."""
-
-
-def _check_npy(path: str, expected: Optional[list]) -> None:
-    """Raises BrokenCacheEntry naming ``path`` unless it is a whole .npy file of the expected
-    [shape, dtype] (from the entry's description.json; None for entries that predate it)."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(f)
-            offset = f.tell()
-    except (OSError, ValueError) as e:
-        raise BrokenCacheEntry(f"sample-index cache file {path} is unreadable ({e})") from None
-    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if size != need:
-        raise BrokenCacheEntry(f"sample-index cache file {path} holds {size} bytes, its header promises {need} "
-                               "(truncated or overwritten)")
-    if expected is not None and [list(shape), dtype.str] != [list(expected[0]), expected[1]]:
-        raise BrokenCacheEntry(f"sample-index cache file {path} holds {dtype.str} {list(shape)}, its entry "
-                               f"describes {expected[1]} {list(expected[0])}")
-
-
-def _load_dir(directory: str) -> dict[str, np.ndarray]:
-    """Memory-maps a complete cache entry; raises BrokenCacheEntry naming the broken file."""
-    try:
-        with open(os.path.join(directory, "description.json")) as f:
-            record = json.load(f)
-        names = record["arrays"]
-    except (OSError, ValueError, KeyError) as e:
-        raise BrokenCacheEntry(f"sample-index cache entry {directory}: unreadable description.json ({e})") from None
-    shapes = record.get("shapes", {})
-    for name in names:
-        _check_npy(os.path.join(directory, f"{name}.npy"), shapes.get(name))
-    return {name: np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r") for name in names}
-
-
-def load_or_build(
-    cache_dir: str,
-    name: str,
-    description: dict,
-    build: Callable[[], dict[str, np.ndarray]],
-    lock_timeout_s: float = 3600.0,
-) -> tuple[dict[str, np.ndarray], str]:
-    """Memory-maps the cached arrays of ``description``, building them first if absent.
-
-    ``name`` prefixes the cache entry (``{name}_{key}``). One process builds (under the
-    lock); the others wait, then load the same files. An entry whose files do not match its
-    description is rebuilt, with a warning naming the broken file. Returns (arrays, entry
-    directory). Raises ValueError suggesting data.cache_dir when the cache cannot be written.
-    """
-    key = cache_key(description)
-    final = os.path.join(cache_dir, f"{name}_{key}")
-    done = os.path.join(final, "description.json")
-    if os.path.exists(done):  # hit: no lock needed, the entry is complete once it exists
-        arrays = _load_or_warn(final, "")
-        if arrays is not None:
-            return arrays, final
-    try:
-        return _build_entry(cache_dir, name, key, final, build, description, lock_timeout_s)
-    except TimeoutError:
-        raise
-    except OSError as e:
-        why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
-        raise ValueError(
-            f"cannot write the sample-index cache {cache_dir} ({why}: {e.filename or final}). Set data.cache_dir to "
-            "a writable directory with free space (by default the cache lives beside the data, which may be "
-            "read-only), or build the index ahead with tools/build_index.py where it is writable"
-        ) from None
-
-
-def _load_or_warn(final: str, note: str) -> Optional[dict[str, np.ndarray]]:
-    """The arrays of a complete cache entry, or None (with a warning naming it) when it is broken."""
-    try:
-        arrays = _load_dir(final)
-    except BrokenCacheEntry as e:
-        logger.warning("%s: rebuilding the entry", e)
-        return None
-    logger.info("loaded sample index %s%s", final, note)
-    return arrays
-
-
-def _build_entry(cache_dir: str, name: str, key: str, final: str, build: Callable[[], dict[str, np.ndarray]],
-                 description: dict, lock_timeout_s: float) -> tuple[dict[str, np.ndarray], str]:
-    done = os.path.join(final, "description.json")
-    os.makedirs(cache_dir, exist_ok=True)
-    with exclusive_lock(f"{final}.lock", lock_timeout_s):
-        if os.path.exists(done):  # another process built (or rebuilt) it while we waited
-            arrays = _load_or_warn(final, " (built by another process)")
-            if arrays is not None:
-                return arrays, final
-        # We hold the lock: any temporary or partial entry for this key is dead.
-        for entry in os.listdir(cache_dir):
-            if entry.startswith(f"{name}_{key}.tmp"):
-                shutil.rmtree(os.path.join(cache_dir, entry), ignore_errors=True)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        start = time.monotonic()
-        arrays = build()
-        seconds = time.monotonic() - start
-        tmp = f"{final}.tmp-{socket.gethostname()}-{os.getpid()}"
-        os.makedirs(tmp)
-        for array_name, array in arrays.items():
-            np.save(os.path.join(tmp, f"{array_name}.npy"), array)
-        shapes = {n: [list(a.shape), a.dtype.str] for n, a in arrays.items()}
-        record = dict(description, arrays=sorted(arrays), shapes=shapes, build_seconds=round(seconds, 3))
-        with open(os.path.join(tmp, "description.json"), "w") as f:
-            json.dump(record, f, indent=1, sort_keys=True)
-        os.rename(tmp, final)
-        num_bytes = sum(a.nbytes for a in arrays.values())
-        logger.info("built sample index %s in %.2f s (%.1f MB)", final, seconds, num_bytes / 1e6)
-    return _load_dir(final), final
-
-
-def default_cache_dir(first_prefix: str, cache_dir: Optional[str]) -> str:
-    """``data.cache_dir``, or ``{first data prefix}_index_cache`` when it is None."""
-    return cache_dir if cache_dir else f"{first_prefix}_index_cache"
-
-
 def describe_split(
     split: str,
     seq_length: int,
@@ -411,8 +240,8 @@ def describe_split(
 
 __all__ = [
     "FORMAT_VERSION", "SPLITS", "SPLIT_IDS", "ShardSplit", "build_blend_index", "build_document_index",
-    "build_sample_index", "build_shuffle_index", "build_split_arrays", "cache_key", "default_cache_dir",
-    "describe_split", "epoch_sample_starts", "exclusive_lock", "load_or_build", "noise_seeds",
-    "noise_seeds_np", "num_epochs_for", "parse_split", "shuffle_key", "split_document_ranges",
+    "build_sample_index", "build_shuffle_index", "build_split_arrays",
+    "describe_split", "epoch_sample_starts", "noise_seeds",
+    "noise_seeds_np", "num_epochs_for", "shuffle_key", "split_document_ranges",
     "splitmix64", "splitmix64_np",
 ]  # fmt: skip

@@ -31,7 +31,7 @@ from card_megatron.data.corpus import Chunk
 from card_megatron.data.readers import BadRecord, parse_chunk
 
 # This process's worker state: the tokenizer, keys, skip flag and shard dtype.
-_W: dict = {}
+_WORKER_STATE: dict = {}
 
 _STARTUP_BLOCKED = {signal.SIGINT, signal.SIGTERM}
 
@@ -66,10 +66,10 @@ def worker_state(tokenizer, keys: tuple[str, ...], skip_bad_lines: bool, dtype: 
 def encode_chunk(chunk: Chunk) -> EncodedChunk:
     """Parses and tokenizes one chunk with the state set by :func:`worker_state` (eos appended to
     every document)."""
-    tok = _W["tok"]
+    tok = _WORKER_STATE["tok"]
     where = dataclasses.replace(chunk, payload=None)
     try:
-        parsed = parse_chunk(chunk, _W["keys"], _W["skip"])
+        parsed = parse_chunk(chunk, _WORKER_STATE["keys"], _WORKER_STATE["skip"])
     except ValueError as e:  # the file could not be read
         return EncodedChunk(where, [], [], Counter(), 0, 0, BadRecord(-1, str(e)))
     out_tokens, out_lengths = [], []
@@ -78,7 +78,7 @@ def encode_chunk(chunk: Chunk) -> EncodedChunk:
             ids = tok.encode_batch(key_texts, add_eos=True) if key_texts else []
             lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
             # ids < vocab size, which fits the dtype (checked when the shard dtype was chosen)
-            packed = np.concatenate(ids, dtype=_W["dtype"], casting="unsafe") if ids else np.empty(0, _W["dtype"])
+            packed = np.concatenate(ids, dtype=_WORKER_STATE["dtype"], casting="unsafe") if ids else np.empty(0, _WORKER_STATE["dtype"])
             out_tokens.append(packed)
             out_lengths.append(lengths)
     return EncodedChunk(where, out_tokens, out_lengths, parsed.skipped, parsed.num_records, parsed.text_bytes,
@@ -98,8 +98,8 @@ class EncodePool:
         self.pool: Optional[ProcessPoolExecutor] = None
 
     def __enter__(self) -> "EncodePool":
-        _W.clear()
-        _W.update(self.state)
+        _WORKER_STATE.clear()
+        _WORKER_STATE.update(self.state)
         if self.workers > 1:
             fork = "fork" in mp.get_all_start_methods()
             ctx = mp.get_context("fork") if fork else mp.get_context()
@@ -115,7 +115,7 @@ class EncodePool:
             if self.pool is not None:
                 self.pool.shutdown(wait=True, cancel_futures=True)
         finally:
-            _W.clear()  # the tokenizer, shared with forked workers
+            _WORKER_STATE.clear()  # the tokenizer, shared with forked workers
 
     def imap(self, chunks: Iterable[Chunk]) -> Iterator[EncodedChunk]:
         if self.pool is None:
@@ -170,7 +170,7 @@ def _die_with_parent() -> None:
 
 
 def _init_worker(state: Optional[dict[str, Any]]) -> None:
-    """Worker start: ``state`` is None under fork, where the parent's ``_W`` (tokenizer already
+    """Worker start: ``state`` is None under fork, where the parent's ``_WORKER_STATE`` (tokenizer already
     loaded) is inherited; otherwise the bytes-based state to rebuild it from."""
     # Forked workers inherit the parent's Python signal handlers; a worker must die on SIGTERM
     # (pool shutdown) and leave Ctrl-C to the parent, which cleans up.
@@ -183,4 +183,4 @@ def _init_worker(state: Optional[dict[str, Any]]) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if state is not None:
         tok = state["tokenizer_class"].from_serialized(state["tokenizer_bytes"])
-        _W.update(worker_state(tok, state["keys"], state["skip_bad_lines"], np.dtype(state["dtype"])))
+        _WORKER_STATE.update(worker_state(tok, state["keys"], state["skip_bad_lines"], np.dtype(state["dtype"])))

@@ -72,6 +72,7 @@ from card_megatron.data.readers import (  # noqa: F401 (_parse_*: the parsers' t
     parse_chunk,
 )
 from card_megatron.data.shards import ShardStats, ShardWriter, shard_exists, token_dtype
+from card_megatron.fileio import temp_path
 from card_megatron.lock import ExclusiveLock, LockHeldError
 from card_megatron.tokenizer import load_any_tokenizer, train_tokenizer, write_tokenizer_sidecar
 
@@ -188,7 +189,7 @@ def _prepare_tokenizer(opts: PreprocessOptions, sources: Sequence[InputSource], 
 
 
 def _staged_model(opts: PreprocessOptions) -> str:
-    return f"{opts.output_prefix}.model.{os.getpid()}.tmp"
+    return temp_path(f"{opts.output_prefix}.model")
 
 
 def _all_chunks(sources: Sequence[InputSource], chunk_bytes: int,

@@ -26,6 +26,8 @@ from typing import Optional
 
 import numpy as np
 
+from card_megatron.fileio import fsync_path, temp_path
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_BYTES = 9 + 8 + 1 + 8 + 8
@@ -229,9 +231,8 @@ class ShardWriter:
         parent = os.path.dirname(os.path.abspath(prefix))
         if not os.path.isdir(parent):
             raise ValueError(f"output directory {parent} does not exist")
-        tag = f"{os.getpid()}.tmp"
-        self._tmp_bin = f"{bin_path(prefix)}.{tag}"
-        self._tmp_idx = f"{idx_path(prefix)}.{tag}"
+        self._tmp_bin = temp_path(bin_path(prefix))
+        self._tmp_idx = temp_path(idx_path(prefix))
         self._w = _indexer.ShardWriter(self._tmp_bin, self._tmp_idx, CODE_OF_DTYPE[self.dtype])
         self._done = False
 
@@ -285,6 +286,8 @@ class ShardWriter:
         num_seq, num_doc, num_tok = self._w.finalize()
         if os.path.exists(idx_path(self.prefix)):
             os.remove(idx_path(self.prefix))  # never pair an old .idx with the new .bin
+        fsync_path(self._tmp_bin)
+        fsync_path(self._tmp_idx)
         os.replace(self._tmp_bin, bin_path(self.prefix))
         os.replace(self._tmp_idx, idx_path(self.prefix))
         self._done = True

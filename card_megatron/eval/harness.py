@@ -35,6 +35,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from card_megatron.inference.causal import CausalDecodeConfig
+
 CAUSAL = ("arm", "card")
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ def _as_bool(value: Any) -> bool:
 class CardMegatronLM(TemplateLM):
     """A card_megatron checkpoint as an lm-eval-harness ``LM`` (see the module docstring)."""
 
-    def __init__(self, checkpoint: str, decoding: Optional[str] = None, threshold: float = 0.9, window: int = 8,
+    def __init__(self, checkpoint: str, decoding: Optional[str] = None, threshold: Optional[float] = None,
+                 window: Optional[int] = None,
                  batch_size: int | str = 8, max_gen_toks: int = 256, device: Optional[str] = None,
                  ema: bool | str = False, mc_samples: int = 128, seed: int = 0, **kwargs: Any) -> None:
         super().__init__()
@@ -59,8 +62,10 @@ class CardMegatronLM(TemplateLM):
         self.loaded = load_model(checkpoint, device=device, ema=_as_bool(ema))
         self.objective = self.loaded.config.objective.name
         self.decoding = decoding
-        self.threshold = float(threshold)
-        self.window = int(window)
+        # The decoder's defaults live in CausalDecodeConfig only; model_args override them.
+        self.causal = CausalDecodeConfig(**{k: t(v) for k, t, v in (("window", int, window),
+                                                                     ("threshold", float, threshold))
+                                            if v is not None})
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self.max_gen_toks = int(max_gen_toks)
         self.mc_samples = int(mc_samples)
@@ -196,7 +201,7 @@ class CardMegatronLM(TemplateLM):
             max_new = max(1, min(max_new, self.max_length - 1))
             prompts = [self._fit(args[i][0], max_new) for i in indices]
             cfg = GenerationConfig(decoding=self.decoding, max_new_tokens=max_new, batch_size=self.batch_size,
-                                   sampling=samp, window=self.window, threshold=self.threshold)
+                                   sampling=samp, causal=self.causal)
             gens, _ = generate(self.loaded, prompts, cfg)
             for i, g in zip(indices, gens):
                 text = g.text

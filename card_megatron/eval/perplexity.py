@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from card_megatron.fileio import atomic_write
+
 
 @dataclass
 class PerplexityRow:
@@ -119,15 +121,8 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_results(result: dict, json_path: Optional[str], markdown_path: Optional[str]) -> None:
     if json_path:
-        write_atomic(json_path, json.dumps(result, indent=2) + "\n")
+        atomic_write(json_path, json.dumps(result, indent=2) + "\n")
     if markdown_path:
-        write_atomic(markdown_path, markdown_table(result))
+        atomic_write(markdown_path, markdown_table(result))

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from card_megatron import noise
 from card_megatron.inference import sampling
 from card_megatron.inference.cache import ModelCache
 
@@ -38,11 +39,12 @@ COMMIT_POLICIES = ("prefix", "any")
 
 @dataclass(frozen=True)
 class CausalDecodeConfig:
-    """window: K positions decided per forward (1 = AR); threshold: tau (> 0; > 1 = one token per step);
-    commit_policy: ``prefix`` or ``any``; max_steps: forward passes per sequence before the
-    last one commits everything left (None = no limit)."""
+    """window: K positions decided per forward (1 = AR; the default 8 is CARD's, and ``--decoding ar``
+    sets 1); threshold: tau (> 0; > 1 = one token per step); commit_policy: ``prefix`` or ``any``;
+    max_steps: forward passes per sequence before the last one commits everything left (None = no
+    limit). These defaults are the only ones: ``GenerationConfig`` and ``tools/generate.py`` use them."""
 
-    window: int = 1
+    window: int = 8
     threshold: float = 0.9
     commit_policy: str = "prefix"
     max_steps: Optional[int] = None
@@ -68,7 +70,7 @@ class SequenceOutput:
 
 
 @dataclass
-class Special:
+class SpecialTokenIds:
     """The token ids a decoder needs."""
 
     eos: int
@@ -76,7 +78,7 @@ class Special:
     pad: int
 
 
-def decode_causal(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, special: Special,
+def decode_causal(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, special: SpecialTokenIds,
                   banned: torch.Tensor, sampling_cfg: sampling.SamplingConfig, seeds: torch.Tensor,
                   cfg: CausalDecodeConfig) -> tuple[list[SequenceOutput], int]:
     """Decodes a batch of prompts (lists of >= 1 ids) with a causal model and an exact KV cache.
@@ -134,7 +136,7 @@ def decode_causal(model: torch.nn.Module, prompts: list[list[int]], max_new_toke
                 confident = torch.cumprod(confident.long(), dim=1).bool()
             commit = undecided & (confident | forced[:, None])
             # draw only where a token is committed (the decision reads the confidence, never the draw)
-            u = sampling.uniforms(seeds, sampling.TOKEN_STREAM + position)
+            u = noise.uniform(seeds, sampling.TOKEN_STREAM + position)
             drawn = torch.zeros_like(position)
             drawn[commit] = sampling.draw_from_logits(scaled[commit], u[commit], sampling_cfg)
             tokens.scatter_(1, pos_c, torch.where(commit, drawn, tokens.gather(1, pos_c)))

@@ -30,9 +30,10 @@ from typing import Optional
 
 import torch
 
+from card_megatron import noise
 from card_megatron.inference import sampling
 from card_megatron.inference.cache import ModelCache
-from card_megatron.inference.causal import SequenceOutput, Special
+from card_megatron.inference.causal import SequenceOutput, SpecialTokenIds
 
 
 def _ancestral(probs: torch.Tensor, masked: torch.Tensor, t: float, s: float, seeds: torch.Tensor,
@@ -43,11 +44,11 @@ def _ancestral(probs: torch.Tensor, masked: torch.Tensor, t: float, s: float, se
     """
     p_unmask = 1.0 if s <= 0.0 else (t - s) / t
     counter = step * sampling.STEP_STRIDE + positions
-    u = sampling.uniforms(seeds, sampling.UNMASK_STREAM + counter)
+    u = noise.uniform(seeds, sampling.UNMASK_STREAM + counter)
     unmask = masked & (u < p_unmask)
     tokens = torch.zeros_like(positions)
     if bool(unmask.any()):
-        v = sampling.uniforms(seeds, sampling.DIFFUSION_TOKEN_STREAM + counter)
+        v = noise.uniform(seeds, sampling.DIFFUSION_TOKEN_STREAM + counter)
         tokens[unmask] = sampling.draw(probs[unmask], v[unmask], cfg)
     return unmask, tokens
 
@@ -59,7 +60,7 @@ def _finish(gen: list[int], eos: int, max_new_tokens: int, forwards: int) -> Seq
     return SequenceOutput(gen, forwards, "length")
 
 
-def decode_mdlm(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, special: Special,
+def decode_mdlm(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, special: SpecialTokenIds,
                 banned: torch.Tensor, sampling_cfg: sampling.SamplingConfig, seeds: torch.Tensor,
                 steps: int) -> tuple[list[SequenceOutput], int]:
     """MDLM ancestral sampling with ``steps`` steps over canvases [prompt, max_new_tokens masks].
@@ -107,7 +108,7 @@ def decode_mdlm(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens
     return outputs, num_calls
 
 
-def decode_bd3lm(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, special: Special,
+def decode_bd3lm(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, special: SpecialTokenIds,
                  banned: torch.Tensor, sampling_cfg: sampling.SamplingConfig, seeds: torch.Tensor,
                  block_size: int, steps: int) -> tuple[list[SequenceOutput], int]:
     """BD3LM block-by-block sampling, ``steps`` ancestral steps per block, with an exact KV cache.

@@ -12,6 +12,7 @@ of a document. An empty prompt is therefore unconditional generation.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,14 +20,15 @@ from typing import Optional, Sequence
 
 import torch
 
+from card_megatron.config import OBJECTIVES
 from card_megatron.inference import sampling
-from card_megatron.inference.causal import CausalDecodeConfig, Special, decode_causal
+from card_megatron.inference.causal import CausalDecodeConfig, SpecialTokenIds, decode_causal
 from card_megatron.inference.diffusion import decode_bd3lm, decode_mdlm
 
 log = logging.getLogger(__name__)
 
 DECODINGS = ("card", "ar", "mdlm", "bd3lm")
-DEFAULT_DECODING = {"card": "card", "arm": "ar", "mdlm": "mdlm", "bd3lm": "bd3lm"}
+DEFAULT_DECODING = {"card": "card", "arm": "ar", "mdlm": "mdlm", "bd3lm": "bd3lm"}  # by config.OBJECTIVES
 ALLOWED_DECODING = {"card": ("card", "ar"), "arm": ("ar",), "mdlm": ("mdlm",), "bd3lm": ("bd3lm",)}
 _WHY_NOT = {
     "arm": "an ARM checkpoint never saw [MASK] inputs, so it can only decode autoregressively (--decoding ar)",
@@ -38,22 +40,25 @@ _WHY_NOT = {
 
 @dataclass
 class GenerationConfig:
-    """What to generate and how. ``None`` fields take the per-decoding defaults (see :func:`resolve`).
+    """What to generate and how. ``None`` fields take the per-decoding defaults (see :func:`generate`).
 
-    window K and threshold tau: CARD decoding; steps: MDLM (total) / BD3LM (per block);
-    max_context: the longest prompt + max_new_tokens accepted (default model.seq_length).
+    causal: CARD decoding's window K, threshold tau, commit policy and step limit (``ar`` uses
+    the same with window 1); steps: MDLM (total) / BD3LM (per block); max_context: the longest
+    prompt + max_new_tokens accepted (default model.seq_length).
     """
 
     decoding: Optional[str] = None
     max_new_tokens: int = 64
     batch_size: int = 8
     sampling: sampling.SamplingConfig = field(default_factory=sampling.SamplingConfig)
-    window: int = 8
-    threshold: float = 0.9
-    commit_policy: str = "prefix"
-    max_steps: Optional[int] = None
+    causal: CausalDecodeConfig = field(default_factory=CausalDecodeConfig)
     steps: Optional[int] = None
     max_context: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} ({getattr(self, name)}) must be >= 1")
 
 
 @dataclass
@@ -86,9 +91,8 @@ class Generation:
 
 def resolve_decoding(objective: str, decoding: Optional[str]) -> str:
     """The decoder for a checkpoint trained with ``objective``; ValueError for a nonsensical choice."""
-    if objective not in DEFAULT_DECODING:
-        raise ValueError(
-            f"checkpoint objective {objective!r} is unknown (expected one of {', '.join(DEFAULT_DECODING)})")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"checkpoint objective {objective!r} is unknown (expected one of {', '.join(OBJECTIVES)})")
     if decoding is None:
         return DEFAULT_DECODING[objective]
     if decoding not in DECODINGS:
@@ -105,8 +109,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 
 def check_lengths(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, max_context: int) -> None:
     """ValueError naming the first prompt whose length + max_new_tokens exceeds max_context."""
-    if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens ({max_new_tokens}) must be >= 1")
     for i, ids in enumerate(prompt_ids):
         if len(ids) + max_new_tokens > max_context:
             raise ValueError(
@@ -133,15 +135,12 @@ def generate(loaded, prompts: Sequence[str], cfg: GenerationConfig,
     if max_context > mcfg.model.seq_length:
         log.warning("--max-context %d exceeds the training context %d: RoPE extrapolates, quality may drop",
                     max_context, mcfg.model.seq_length)
-    if cfg.batch_size < 1:
-        raise ValueError(f"--batch-size ({cfg.batch_size}) must be >= 1")
     prompt_ids = encode_prompts(tokenizer, prompts)
     check_lengths(prompt_ids, cfg.max_new_tokens, max_context)
     ids = list(range(len(prompts))) if sequence_ids is None else list(sequence_ids)
-    special = Special(eos=tokenizer.eos_id, mask=tokenizer.mask_id, pad=tokenizer.pad_id)
+    special = SpecialTokenIds(eos=tokenizer.eos_id, mask=tokenizer.mask_id, pad=tokenizer.pad_id)
     banned = sampling.banned_token_mask(loaded.vocab_size, tokenizer, loaded.device)
-    causal_cfg = CausalDecodeConfig(window=1 if decoding == "ar" else cfg.window, threshold=cfg.threshold,
-                                    commit_policy=cfg.commit_policy, max_steps=cfg.max_steps)
+    causal_cfg = dataclasses.replace(cfg.causal, window=1) if decoding == "ar" else cfg.causal
     results: list[Generation] = []
     totals = {"decoding": decoding, "new_tokens": 0, "forward_passes": 0, "model_calls": 0, "seconds": 0.0}
     for start in range(0, len(prompts), cfg.batch_size):
@@ -173,3 +172,106 @@ def generate(loaded, prompts: Sequence[str], cfg: GenerationConfig,
         totals["model_calls"] += calls
         totals["seconds"] += seconds
     return results, totals
+
+
+# --------------------------------------------------------------------------- from a checkpoint (tools/generate.py)
+
+
+def collect_prompts(prompts: Sequence[str], input_file: Optional[str], num_samples: int) -> list[str]:
+    """The prompts given, then those of ``input_file`` (``records.read_prompts``), each repeated
+    ``num_samples`` times; no prompt at all means one unconditional prompt ("")."""
+    from card_megatron.inference.records import read_prompts
+
+    if num_samples < 1:
+        raise ValueError(f"--num-samples ({num_samples}) must be >= 1")
+    collected = list(prompts) + (read_prompts(input_file) if input_file else [])
+    return [p for p in (collected or [""]) for _ in range(num_samples)]
+
+
+def generation_records(generations: Sequence[Generation], judge_nll: Optional[Sequence[tuple[float, int]]] = None
+                       ) -> list[dict]:
+    """The JSON object of each generation (the one place it is built): :meth:`Generation.to_json`,
+    ``judge_nll`` (mean judge NLL per new token, with a judge), ``entropy`` and ``repetition_4gram``."""
+    from card_megatron.inference import quality
+
+    records = [g.to_json() for g in generations]
+    if judge_nll is not None:
+        for record, (total, count) in zip(records, judge_nll):
+            record["judge_nll"] = round(total / count, 5) if count else None
+    for record, g in zip(records, generations):
+        record["entropy"] = round(quality.unigram_entropy(g.token_ids), 5)
+        record["repetition_4gram"] = round(quality.repetition_rate(g.token_ids), 5)
+    return records
+
+
+@dataclass
+class CheckpointGeneration:
+    """What :func:`generate_from_checkpoint` returns: the JSON records (input order), the quality
+    summary (``quality.summarise``), the run totals of :func:`generate`, the config it ran with
+    (``decoding`` resolved), the loaded model and the judge's path (None without a judge)."""
+
+    records: list[dict]
+    summary: dict
+    totals: dict
+    cfg: GenerationConfig
+    loaded: object
+    judge_path: Optional[str]
+
+    def summary_lines(self) -> list[str]:
+        """Two human-readable lines: speed (tokens/s, tokens per forward) and quality."""
+        t, cfg, loaded = self.totals, self.cfg, self.loaded
+        seconds = max(t["seconds"], 1e-9)
+        block = loaded.config.objective.block_size
+        detail = {"card": f"tau {cfg.causal.threshold}, K {cfg.causal.window}, {cfg.causal.commit_policy}",
+                  "ar": "KV cache", "mdlm": f"steps {cfg.steps or cfg.max_new_tokens}",
+                  "bd3lm": f"block {block}, steps/block {cfg.steps or block}"}[cfg.decoding]
+        speed = (f"{len(self.records)} sequences, {t['new_tokens']} new tokens in {t['seconds']:.2f} s: "
+                 f"{t['new_tokens'] / seconds:.1f} tokens/s, "
+                 f"{t['new_tokens'] / max(t['forward_passes'], 1):.2f} tokens per forward "
+                 f"({t['forward_passes']} forward passes over the sequences, {t['model_calls']} batched model calls; "
+                 f"decoding {cfg.decoding}: {detail}; device {loaded.device}{'; EMA weights' if loaded.ema else ''})")
+        s = self.summary
+        quality_line = (f"quality: unigram entropy {s['entropy']:.3f} nats, "
+                        f"repeated 4-grams {s['repetition_4gram']:.3f}")
+        if self.judge_path is not None:
+            quality_line += (f", judge perplexity {s['judge_ppl']:.2f} over {s['judge_tokens']} tokens "
+                             f"({self.judge_path})")
+        return [speed, quality_line]
+
+
+def _warn_unused_settings(cfg: GenerationConfig, decoding: str) -> None:
+    """Warns naming each decoding setting that differs from its default and has no effect here."""
+    if decoding != "card":
+        default = CausalDecodeConfig()
+        for f in dataclasses.fields(CausalDecodeConfig):
+            if getattr(cfg.causal, f.name) != getattr(default, f.name):
+                log.warning("--%s has no effect with --decoding %s", f.name.replace("_", "-"), decoding)
+    if decoding in ("card", "ar") and cfg.steps is not None:
+        log.warning("--steps has no effect with --decoding %s", decoding)
+
+
+def generate_from_checkpoint(checkpoint: str, prompts: Sequence[str], cfg: GenerationConfig, *,
+                             device: Optional[str] = None, dtype: torch.dtype = torch.float32, ema: bool = False,
+                             judge: Optional[str] = None, judge_retokenize: bool = False) -> CheckpointGeneration:
+    """Loads ``checkpoint`` (a run directory, checkpoint or export; its EMA weights with ``ema``),
+    generates a continuation of every prompt and scores it (with ``judge``, a causal checkpoint:
+    the judge's NLL of the new tokens; a judge with another tokenizer is refused before generating
+    unless ``judge_retokenize``). Raises ValueError/FileNotFoundError naming what is wrong."""
+    from card_megatron.inference import quality
+    from card_megatron.inference.loading import load_model
+
+    loaded = load_model(checkpoint, device=device, dtype=dtype, ema=ema)
+    decoding = resolve_decoding(loaded.config.objective.name, cfg.decoding)
+    cfg = dataclasses.replace(cfg, decoding=decoding)
+    _warn_unused_settings(cfg, decoding)
+    judge_model = load_model(judge, device=device, dtype=dtype) if judge else None
+    if judge_model is not None and not judge_retokenize and not quality.same_tokenizer(loaded.tokenizer,
+                                                                                       judge_model.tokenizer):
+        quality.judge_generations(judge_model, [], loaded.tokenizer)  # raises the mismatch error before generating
+    generations, totals = generate(loaded, prompts, cfg)
+    nll = None
+    if judge_model is not None:
+        nll = quality.judge_generations(judge_model, generations, loaded.tokenizer, retokenize=judge_retokenize)
+    summary = quality.summarise([g.token_ids for g in generations], nll)
+    return CheckpointGeneration(records=generation_records(generations, nll), summary=summary, totals=totals,
+                                cfg=cfg, loaded=loaded, judge_path=judge_model.path if judge_model else None)

@@ -97,7 +97,7 @@ def load_model(path: str, device: Optional[str] = None, dtype: torch.dtype = tor
             f"tokenizer mismatch: {tok_path} has {tokenizer.vocab_size} tokens but the model only {vocab_size}"
         )
     mask_kind = build_objective(cfg.objective, cfg.model.seq_length, tokenizer.mask_id, tokenizer.vocab_size).mask_kind
-    model = CardGPT(cfg.model, mask_kind, vocab_size, tensor_parallel_size=1, seed=cfg.train.seed)
+    model = CardGPT(cfg.model, mask_kind, vocab_size, tp_size=1, seed=cfg.train.seed)
     load_canonical_state(model, state, cfg.model.num_layers)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device=dev, dtype=dtype).eval()

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Iterable
 
+from card_megatron.fileio import atomic_open, temp_path
+
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
@@ -51,7 +53,7 @@ def check_writable(path: str) -> None:
     work whose results go there. Creates missing parent directories, as write_jsonl would."""
     if os.path.isdir(path):
         raise ValueError(f"output {path} is a directory: give a file name")
-    probe = f"{path}.{os.getpid()}.tmp"
+    probe = temp_path(path)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         open(probe, "w").close()
@@ -64,12 +66,6 @@ def write_jsonl(path: str, records: Iterable[dict]) -> None:
     """Writes one JSON object per line to ``path`` under a temporary name, then renames it."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -1,7 +1,8 @@
 """Turning logits into tokens: banned ids, temperature, top-k, top-p, float64 sampling.
 
 Every draw is an inverse-CDF lookup with a uniform from the counter-based generator of
-``objectives/noise.py``: the uniform for (sequence, position) is a pure function of
+``card_megatron/noise.py`` (``noise.uniform(sequence_seeds, counters)``, counters from the
+streams below): the uniform for (sequence, position) is a pure function of
 (``seed``, the sequence's index, the absolute position), so a sequence samples the same
 tokens whether it is decoded alone or in a batch, and whatever the decoder (CARD with one
 token per step and AR draw the same tokens from the same distributions).
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from card_megatron.objectives import noise
+from card_megatron import noise
 
 # Counter streams of the sampling uniforms (one 64-bit counter space per sequence seed).
 TOKEN_STREAM = 0  # + position: the token drawn at a position
@@ -65,11 +66,6 @@ def sequence_seeds(seed: int, sequence_ids: torch.Tensor) -> torch.Tensor:
     """Per-sequence noise seeds: int64 [B] from the global ``seed`` and int64 sequence ids [B]."""
     base = noise.mix(torch.tensor([seed], dtype=torch.int64, device=sequence_ids.device))
     return noise.mix(base ^ noise.mix(sequence_ids.to(torch.int64)))
-
-
-def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """float64 [B, N] uniforms in [0, 1) for per-sequence counters int64 [B, N]."""
-    return noise._bits_to_unit(noise.mix(seeds.to(torch.int64)[:, None] ^ noise.mix(counters.to(torch.int64))))
 
 
 def distribution(logits: torch.Tensor, banned: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:

@@ -10,98 +10,31 @@ understands the three mask kinds the objectives ask for:
 * ``full`` (MDLM): every query sees every key;
 * ``block`` (BD3LM): an explicit boolean mask, True where the query may attend.
 
-It also hosts the inference KV cache (:class:`KVCache`): when one is attached, the new
-keys/values (already rotated by RoPE) are written at each sequence's own positions
-and attention runs over the cached prefix plus the new positions. Because attention is
-causal the cached prefix is exact.
+During decoding the inference code attaches a KV cache (``kv_cache``, any
+:class:`KVCacheSlot`; ``inference/cache.py``): the new keys/values (already rotated by RoPE)
+are handed to it, and attention runs over what it returns (the cached prefix plus the
+new positions) with its mask.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-MASK_KINDS = ("causal", "full", "block")
+from card_megatron.config import MASK_KINDS
 
 
-@dataclass
-class KVCache:
-    """Per-layer key/value cache for batched decoding with ragged lengths.
+class KVCacheSlot(Protocol):
+    """What core attention needs from an inference KV cache (``inference/cache.py`` implements it)."""
 
-    ``keys``/``values``: [B, max_len, heads_per_partition, head_dim]. ``lengths`` [B]:
-    kept positions per sequence. A forward pass over S new positions writes them at
-    ``lengths[b] + [0, S)`` (tentatively: :meth:`advance` decides how many stay).
-
-    Who sees whom is a rule over absolute positions p (query) and k (key) of one
-    sequence: ``k // block <= p // block``. ``block = 1`` is the causal rule (ARM, CARD);
-    ``block = n`` with ``lengths`` multiples of n is the block-causal rule of BD3LM (a
-    block sees itself and the blocks before it); a block at least the capacity is full
-    attention (MDLM). ``valid`` [B] (optional) hides new positions ``>= valid[b]`` of
-    sequence b (right padding) from every query; a query always sees its own key, so no
-    row of the softmax is empty and padded rows stay finite.
-    """
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    lengths: torch.Tensor
-    block: int = 1
-    valid: Optional[torch.Tensor] = None
-    # (positions [B, S], mask [B, 1, S, T]) shared by all layers of one forward pass; see ``plan``.
-    shared_plan: Optional[tuple] = None
-
-    @classmethod
-    def empty(cls, batch: int, max_len: int, heads: int, head_dim: int, dtype, device, block: int = 1) -> "KVCache":
-        z = torch.zeros(batch, max_len, heads, head_dim, dtype=dtype, device=device)
-        return cls(z, z.clone(), torch.zeros(batch, dtype=torch.long, device=device), block=block)
-
-    def plan(self, num_new: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions [B, S] of the next S = ``num_new`` positions and the mask [B, 1, S, T] they attend with.
-
-        T = max(lengths) + S; mask[b, 0, q, k] is True where new position q may attend key k.
-        """
-        device = self.lengths.device
-        pos = self.lengths[:, None] + torch.arange(num_new, device=device)[None, :]  # [B, S]
-        total = int(self.lengths.max()) + num_new
-        if total > self.keys.shape[1]:
-            raise ValueError(f"KV cache overflow: {total} > capacity {self.keys.shape[1]}")
-        key_pos = torch.arange(total, device=device)
-        mask = (key_pos[None, None, :] // self.block) <= (pos[:, :, None] // self.block)  # [B, S, T]
-        if self.valid is not None:
-            mask &= key_pos[None, None, :] < (self.lengths + self.valid)[:, None, None]
-            mask |= key_pos[None, None, :] == pos[:, :, None]
-        return pos, mask[:, None]
-
-    def write_and_read(self, key: torch.Tensor, value: torch.Tensor):
-        """Writes new [S, B, h, d] keys/values; returns (keys, values, mask) to attend.
-
-        keys/values: [B, T, h, d] with T = max(lengths) + S; mask: [B, 1, S, T] bool.
-        """
-        s, b = key.shape[0], key.shape[1]
-        if self.shared_plan is not None and self.shared_plan[0].shape[1] == s:
-            pos, mask = self.shared_plan
-        else:
-            pos, mask = self.plan(s)
-        rows = torch.arange(b, device=key.device)[:, None].expand(b, s)
-        self.keys[rows, pos] = key.transpose(0, 1).to(self.keys.dtype)
-        self.values[rows, pos] = value.transpose(0, 1).to(self.values.dtype)
-        total = mask.shape[-1]
-        return self.keys[:, :total], self.values[:, :total], mask
-
-    def advance(self, num_committed: torch.Tensor) -> None:
-        """Marks the first ``num_committed[b]`` newly written positions of each sequence as kept."""
-        self.lengths = self.lengths + num_committed.to(self.lengths)
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keeps only the sequences ``rows`` (int64 [B']), in that order (e.g. to drop finished ones)."""
-        self.keys, self.values, self.lengths = self.keys[rows], self.values[rows], self.lengths[rows]
-        if self.valid is not None:
-            self.valid = self.valid[rows]
-        self.shared_plan = None
+    def write_and_read(self, key: torch.Tensor, value: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stores new keys/values [S, B, g, d]; returns (keys, values) [B, T, g, d] and the bool mask [B, 1, S, T]."""
+        ...
 
 
 class CardCoreAttention(MegatronModule):
@@ -131,7 +64,7 @@ class CardCoreAttention(MegatronModule):
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
         # Set by the inference code for KV-cached decoding; None during training.
-        self.kv_cache: Optional[KVCache] = None
+        self.kv_cache: Optional[KVCacheSlot] = None
 
     def forward(
         self,

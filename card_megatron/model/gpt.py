@@ -29,21 +29,21 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from card_megatron.config import ModelConfig
-from card_megatron.model.attention import MASK_KINDS, CardCoreAttention
+from card_megatron.config import MASK_KINDS, ModelConfig
+from card_megatron.model.attention import CardCoreAttention
 from card_megatron.parallel.cpu_adapter import activation_checkpoint
 
 _MEGATRON_MASK_TYPE = {"causal": AttnMaskType.causal, "full": AttnMaskType.no_mask, "block": AttnMaskType.arbitrary}
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
     """Rounds the vocabulary up so each tensor-parallel shard is a multiple of ``divisible_by``."""
-    multiple = divisible_by * tensor_parallel_size
+    multiple = divisible_by * tp_size
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 def transformer_config(
-    cfg: ModelConfig, tensor_parallel_size: int, params_dtype: torch.dtype = torch.float32
+    cfg: ModelConfig, tp_size: int, params_dtype: torch.dtype = torch.float32
 ) -> TransformerConfig:
     """Megatron-core's TransformerConfig for our decoder (RMSNorm, gated SiLU, no biases, RoPE).
 
@@ -67,7 +67,7 @@ def transformer_config(
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
-        tensor_model_parallel_size=tensor_parallel_size,
+        tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=1,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -182,52 +182,61 @@ class OutputStage(torch.nn.Module):
         return logits
 
 
-def build_stages(cfg: ModelConfig, mask_kind: str, vocab_size: int, tensor_parallel_size: int, seed: int,
+def build_stages(cfg: ModelConfig, mask_kind: str, vocab_size: int, tp_size: int, seed: int,
                  params_dtype: torch.dtype = torch.float32):
     """The model as a list of (stage class, kwargs) in order: embedding, layers, output head.
 
-    Returns (config, specs) where each spec builds one stage; stage i seeds with seed + i.
+    Returns (config, stages) where each (class, kwargs) builds one stage; stage i seeds with seed + i.
     """
-    config = transformer_config(cfg, tensor_parallel_size, params_dtype)
-    spec = layer_spec(mask_kind)
+    config = transformer_config(cfg, tp_size, params_dtype)
+    decoder_layer_spec = layer_spec(mask_kind)  # Megatron's ModuleSpec of one transformer layer
     max_positions = cfg.seq_length
-    specs = [(EmbeddingStage, dict(config=config, vocab_size=vocab_size, max_positions=max_positions,
+    stages = [(EmbeddingStage, dict(config=config, vocab_size=vocab_size, max_positions=max_positions,
                                    rotary_base=cfg.rotary_base, seed=seed))]
     for i in range(cfg.num_layers):
-        specs.append((DecoderLayerStage, dict(config=config, spec=spec, layer_number=i + 1, rotary_base=cfg.rotary_base,
-                                              recompute=cfg.recompute_activations, seed=seed + 1 + i)))
-    specs.append((OutputStage, dict(config=config, vocab_size=vocab_size, seed=seed + 1 + cfg.num_layers)))
-    return config, specs
+        stages.append((DecoderLayerStage, dict(config=config, spec=decoder_layer_spec, layer_number=i + 1,
+                                               rotary_base=cfg.rotary_base, recompute=cfg.recompute_activations,
+                                               seed=seed + 1 + i)))
+    stages.append((OutputStage, dict(config=config, vocab_size=vocab_size, seed=seed + 1 + cfg.num_layers)))
+    return config, stages
 
 
 class CardGPT(torch.nn.Module):
     """The whole decoder in one process (any tensor-parallel size, pipeline size 1).
 
     ``forward(input_ids [B,S], position_ids [B,S], attention_mask=None) -> logits [S, B, V/TP]``
-    (vocab-sharded under tensor parallelism; never gathered for the loss).
+    (vocab-sharded under tensor parallelism; never gathered for the loss). Decoding attaches
+    KV caches to :meth:`core_attentions` (``inference/cache.py``) and calls the same forward.
     """
 
-    def __init__(self, cfg: ModelConfig, mask_kind: str, vocab_size: int, tensor_parallel_size: int = 1,
+    def __init__(self, cfg: ModelConfig, mask_kind: str, vocab_size: int, tp_size: int = 1,
                  seed: int = 1234, params_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.config, specs = build_stages(cfg, mask_kind, vocab_size, tensor_parallel_size, seed, params_dtype)
+        self.config, stages = build_stages(cfg, mask_kind, vocab_size, tp_size, seed, params_dtype)
         self.mask_kind = mask_kind
         self.vocab_size = vocab_size
         self.tied = not cfg.untie_embeddings_and_output_weights
-        (ecls, ekw), *layer_specs, (ocls, okw) = specs
+        (ecls, ekw), *layer_stages, (ocls, okw) = stages
         self.embedding = ecls(**ekw)
-        self.layers = torch.nn.ModuleList([cls(**kw) for cls, kw in layer_specs])
+        self.layers = torch.nn.ModuleList([cls(**kw) for cls, kw in layer_stages])
         self.output = ocls(**okw, tied=self.tied)
 
     def core_attentions(self) -> list[CardCoreAttention]:
         return [layer.layer.self_attention.core_attention for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None,
+                output_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [S, B, V/TP]; with ``output_positions`` int64 [B, G] only those positions' logits,
+        [G, B, V/TP] (the output head runs on those rows only: decoders that need a few positions)."""
         mask = attention_mask if attention_mask is not None else no_attention_mask(input_ids.device)
         x = self.embedding((input_ids, position_ids, mask))
         for layer in self.layers:
             x = layer(x)
+        if output_positions is not None:
+            hidden = x[0]  # [S, B, H]
+            index = output_positions.t()[:, :, None].expand(-1, -1, hidden.shape[-1])  # [G, B, H]
+            x = (torch.gather(hidden, 0, index),)
         weight = self.embedding.embedding.word_embeddings.weight if self.tied else None
         return self.output(x, weight=weight)
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from card_megatron.fileio import temp_path
+
 logger = logging.getLogger(__name__)
 
 CAUSAL_OBJECTIVES = ("arm", "card")
@@ -162,7 +164,7 @@ def export_llama(checkpoint: str, output: str, ema: bool = False) -> dict[str, A
     if config.tie_word_embeddings:
         hf.tie_weights()
     hf = hf.float().eval()
-    tmp = f"{os.path.abspath(output)}.{os.getpid()}.tmp"
+    tmp = temp_path(os.path.abspath(output))  # a directory, renamed to output when complete
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:

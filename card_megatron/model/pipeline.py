@@ -24,16 +24,13 @@ def build_pipeline_model(cfg: ModelConfig, mask_kind: str, vocab_size: int, tp_s
                          dp_size: int, seed: int, loss_fn: Callable, params_dtype=torch.float32) -> PipelineModule:
     """A PipelineModule whose stages hold balanced numbers of transformer layers.
 
-    ``loss_fn(logits [S, B, V/TP], labels tuple) -> scalar`` runs on the last stage.
+    ``loss_fn(logits [S, B, V/TP], labels tuple) -> scalar`` runs on the last stage. The embedding
+    and output weights must be untied (``config.validate`` checks it: stages cannot share a weight).
     """
-    if not cfg.untie_embeddings_and_output_weights:
-        raise ValueError(
-            "model.untie_embeddings_and_output_weights must be true with pipeline_model_parallel_size > 1"
-        )
-    _, specs = build_stages(cfg, mask_kind, vocab_size, tp_size, seed, params_dtype)
+    _, stages = build_stages(cfg, mask_kind, vocab_size, tp_size, seed, params_dtype)
     topology = PipeModelDataParallelTopology(num_pp=pp_size, num_mp=tp_size, num_dp=dp_size)
     return PipelineModule(
-        layers=[LayerSpec(cls, **kwargs) for cls, kwargs in specs],
+        layers=[LayerSpec(cls, **kwargs) for cls, kwargs in stages],
         loss_fn=loss_fn,
         topology=topology,
         partition_method=f"type:{DecoderLayerStage.__name__}",

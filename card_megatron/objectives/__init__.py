@@ -7,7 +7,7 @@ package chooses anything objective-specific by name. No module here imports
 
 from __future__ import annotations
 
-from card_megatron.config import ObjectiveConfig
+from card_megatron.config import OBJECTIVES, ObjectiveConfig, check_objective
 from card_megatron.objectives.arm import ArmObjective
 from card_megatron.objectives.base import LossInputs, ModelInputs, Objective
 from card_megatron.objectives.bd3lm import Bd3lmObjective, block_diffusion_attention_mask
@@ -24,20 +24,17 @@ __all__ = [
     "block_diffusion_attention_mask",
 ]
 
-_OBJECTIVES: dict[str, type[Objective]] = {
-    "card": CardObjective,
-    "arm": ArmObjective,
-    "mdlm": MdlmObjective,
-    "bd3lm": Bd3lmObjective,
-}
+_OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (CardObjective, ArmObjective, MdlmObjective,
+                                                                       Bd3lmObjective)}
+assert tuple(_OBJECTIVES) == OBJECTIVES, "config.OBJECTIVES and the registered objectives disagree"
 
 
 def build_objective(objective_cfg: ObjectiveConfig, seq_length: int, mask_token_id: int, vocab_size: int) -> Objective:
     """The objective named by ``objective_cfg.name`` for samples of seq_length + 1 tokens.
 
-    mask_token_id: the [MASK] id (inside vocab_size; unused by ARM).
+    mask_token_id: the [MASK] id (inside vocab_size; unused by ARM). Raises ConfigError (a ValueError)
+    naming each setting at fault: the section is checked by ``config.check_objective``, the rules
+    ``load_config`` applies.
     """
-    cls = _OBJECTIVES.get(objective_cfg.name)
-    if cls is None:
-        raise ValueError(f"objective.name ({objective_cfg.name!r}) must be one of {', '.join(_OBJECTIVES)}")
-    return cls(objective_cfg, seq_length, mask_token_id, vocab_size)
+    check_objective(objective_cfg, seq_length)
+    return _OBJECTIVES[objective_cfg.name](objective_cfg, seq_length, mask_token_id, vocab_size)

@@ -20,10 +20,8 @@ from typing import Optional
 
 import torch
 
+from card_megatron import noise
 from card_megatron.config import ObjectiveConfig
-from card_megatron.objectives import noise
-
-MASK_KINDS = ("causal", "full", "block")
 
 
 @dataclass

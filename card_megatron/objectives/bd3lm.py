@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
+from card_megatron import noise
 from card_megatron.config import ObjectiveConfig
-from card_megatron.objectives import noise
 from card_megatron.objectives.base import Batch, LossInputs, ModelInputs, Objective, check_t, scalar
 from card_megatron.objectives.mdlm import masked_diffusion_corruption
 
@@ -50,9 +50,7 @@ class Bd3lmObjective(Objective):
     sequence_length_multiplier = 2
 
     def __init__(self, cfg: ObjectiveConfig, seq_length: int, mask_token_id: int, vocab_size: int):
-        super().__init__(cfg, seq_length, mask_token_id, vocab_size)
-        if cfg.block_size <= 0 or seq_length % cfg.block_size:
-            raise ValueError(f"objective.block_size ({cfg.block_size}) must divide model.seq_length ({seq_length})")
+        super().__init__(cfg, seq_length, mask_token_id, vocab_size)  # config.check_objective: block_size | L
         self.block_size = cfg.block_size
         self.num_blocks = seq_length // cfg.block_size
         self._masks: dict[torch.device, torch.Tensor] = {}

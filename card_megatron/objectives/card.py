@@ -98,15 +98,7 @@ class CardObjective(Objective):
     sequence_length_multiplier = 1
 
     def __init__(self, cfg: ObjectiveConfig, seq_length: int, mask_token_id: int, vocab_size: int):
-        super().__init__(cfg, seq_length, mask_token_id, vocab_size)
-        if cfg.masking not in ("tail", "uniform"):
-            raise ValueError(f"objective.masking ({cfg.masking!r}) must be tail or uniform")
-        if cfg.reweighting not in ("context", "none"):
-            raise ValueError(f"objective.reweighting ({cfg.reweighting!r}) must be context or none")
-        if cfg.normaliser not in ("weights", "tokens"):
-            raise ValueError(f"objective.normaliser ({cfg.normaliser!r}) must be weights or tokens")
-        if cfg.masking == "tail" and cfg.tail_factor < 1.0:
-            raise ValueError(f"objective.tail_factor ({cfg.tail_factor}) must be >= 1")
+        super().__init__(cfg, seq_length, mask_token_id, vocab_size)  # cfg is checked by config.check_objective
         # Uniform masking is the window covering the whole sequence (tail_factor -> inf).
         self.tail_factor = math.inf if cfg.masking == "uniform" else cfg.tail_factor
 

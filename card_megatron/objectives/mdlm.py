@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from card_megatron.objectives import noise
+from card_megatron import noise
 from card_megatron.objectives.base import Batch, LossInputs, ModelInputs, Objective, check_t, scalar
 
 

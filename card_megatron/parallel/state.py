@@ -1,5 +1,11 @@
 """Process groups: created once here (Megatron-core's parallel_state) and passed down.
 
+:func:`init_distributed` returns a :class:`ParallelInfo` that carries the tensor-, pipeline-
+and data-parallel groups with the ranks and sizes; components take the groups from it (as
+Megatron's ``ProcessGroupCollection`` and torchtitan's ``ParallelDims`` do) instead of reading
+Megatron's globals. Megatron-core's own layers still read its parallel_state, which this module
+initialises.
+
 Rank layout (Megatron's default order, and DeepSpeed's PipeModelDataParallelTopology):
 tensor-parallel rank varies fastest, then data-parallel, then pipeline stage, so
 ``rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank``. Megatron's groups and the
@@ -12,18 +18,20 @@ import datetime
 import os
 from dataclasses import dataclass
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
-from card_megatron.config import ParallelConfig
+from card_megatron.config import ConfigError, ParallelConfig, world_size_problems
 from card_megatron.parallel.connect import explain_connect_failure
-from card_megatron.parallel.cpu_adapter import (apply_cpu_adapter, clear_stale_build_locks, cuda_available,
-                                                reset_rng_tracker)
+from card_megatron.parallel.cpu_adapter import clear_stale_build_locks, cuda_available, reset_rng_tracker
+from card_megatron.parallel.ports import free_port
 
 
 @dataclass(frozen=True)
 class ParallelInfo:
-    """Where this process sits in the layout; everything a component needs to know."""
+    """Where this process sits in the layout, and its process groups; everything a component needs."""
 
     rank: int
     world_size: int
@@ -36,14 +44,9 @@ class ParallelInfo:
     dp_rank: int
     device: torch.device
     backend: str
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp_size - 1
+    tp_group: dist.ProcessGroup  # tensor parallel: the vocabulary and the heads are sharded over it
+    pp_group: dist.ProcessGroup  # pipeline parallel: one rank per stage
+    dp_group: dist.ProcessGroup  # data parallel: gradients and metrics are reduced over it
 
 
 def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
@@ -51,15 +54,11 @@ def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
 
     Works without a launcher too (a single process, world size 1).
     """
-    apply_cpu_adapter()
     clear_stale_build_locks()  # before DeepSpeed builds its ops: a killed build's lock would hang it
-    import deepspeed  # after the adapter: DS_ACCELERATOR must be set first
-    from megatron.core import parallel_state
-
     # Without a launcher: one process on a free local port. The address and port are removed
     # again afterwards so that programs this process starts do not inherit a port it holds
     # (DeepSpeed reads RANK, WORLD_SIZE and LOCAL_RANK later, so those stay).
-    launcher_free = {"MASTER_PORT": str(_free_port()), "MASTER_ADDR": "127.0.0.1", "RANK": "0",
+    launcher_free = {"MASTER_PORT": str(free_port()), "MASTER_ADDR": "127.0.0.1", "RANK": "0",
                      "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     added = [k for k in launcher_free if k not in os.environ]
     for k in added:
@@ -81,11 +80,9 @@ def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
             del os.environ[k]
     world = dist.get_world_size()
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
-    if world % (tp * pp):
-        raise ValueError(
-            f"world size ({world}) must be divisible by tensor_model_parallel_size ({tp}) x "
-            f"pipeline_model_parallel_size ({pp})"
-        )
+    problems = world_size_problems(cfg, world)
+    if problems:
+        raise ConfigError(problems[0])
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
@@ -103,6 +100,9 @@ def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
         dp_rank=parallel_state.get_data_parallel_rank(),
         device=device,
         backend=backend,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        pp_group=parallel_state.get_pipeline_model_parallel_group(),
+        dp_group=parallel_state.get_data_parallel_group(),
     )
 
 
@@ -113,9 +113,6 @@ def init_single_process() -> None:
     stall start-up for tens of seconds behind another process's build lock). Inside a
     job that already initialised torch.distributed, the existing state is reused.
     """
-    from megatron.core import parallel_state
-
-    apply_cpu_adapter()
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
@@ -123,17 +120,7 @@ def init_single_process() -> None:
     reset_rng_tracker()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def destroy_distributed() -> None:
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

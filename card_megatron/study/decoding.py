@@ -14,13 +14,11 @@ decoding of the same model (the lowest threshold that keeps quality).
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Optional
 
 from card_megatron.study.plans import DecodeSpec
 
-log = logging.getLogger("card_megatron.study")
 
 
 def held_out_documents(data_path: str, split: str, count: int) -> list[list[int]]:
@@ -55,6 +53,7 @@ def copy_prompts(data_path: str, split: str, tokenizer, spec: DecodeSpec) -> lis
 def sweep(model, judge, prompts: list[str], spec: DecodeSpec, greedy: bool, windows=None, thresholds=None,
           max_new_tokens: Optional[int] = None, seed: int = 0) -> list[dict]:
     """AR, then CARD at every (K, tau): one row each (see ``inference/sweep.run_sweep``)."""
+    from card_megatron.inference.causal import CausalDecodeConfig
     from card_megatron.inference.generate import GenerationConfig
     from card_megatron.inference.sampling import SamplingConfig
     from card_megatron.inference.sweep import Setting, run_sweep
@@ -65,7 +64,8 @@ def sweep(model, judge, prompts: list[str], spec: DecodeSpec, greedy: bool, wind
     for K in windows or spec.windows:
         for tau in thresholds or spec.thresholds:
             settings.append(Setting(f"card K={K} tau={tau:g}", model,
-                                    GenerationConfig(decoding="card", window=K, threshold=tau, **base),
+                                    GenerationConfig(decoding="card", causal=CausalDecodeConfig(window=K, threshold=tau),
+                                                     **base),
                                     {"window": K, "threshold": tau}))
     rows, _ = run_sweep(settings, prompts, judge, repeats=1)
     for r in rows:

@@ -14,8 +14,8 @@ from typing import Optional
 
 import yaml
 
+from card_megatron.fileio import atomic_open, atomic_write
 from card_megatron.study.plans import FULL_CARD, Plan, RunSpec
-from card_megatron.training.checkpoint import atomic_write
 
 PROBE_KS = (0, 1, 2, 3, 5, 7)
 SEQ_MULTIPLIER = {"bd3lm": 2}  # BD3LM's model reads concat(xt, x0): 2L positions per sample
@@ -204,11 +204,10 @@ def plots(out_dir: str, runs: dict[str, dict], summary: dict) -> list[str]:
 
     def save(fig, name):
         path = os.path.join(out_dir, name)
-        tmp = f"{path}.{os.getpid()}.tmp.png"
         fig.tight_layout()
-        fig.savefig(tmp, dpi=100)
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, dpi=100, format="png")
         plt.close(fig)
-        os.replace(tmp, path)
         written.append(path)
 
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -1,4 +1,10 @@
-"""Checkpoints: DeepSpeed engine state plus everything needed to continue exactly.
+"""The run directory's checkpoints and markers: DeepSpeed engine state plus everything needed to
+continue exactly, and the files that say how a run ended or that it should stop.
+
+Markers in ``{run_dir}`` (:func:`mark_finished`, :func:`mark_preempted`, :func:`clear_end_markers`,
+:func:`stop_file_exists`): ``finished`` or ``preempted`` (the step, written by rank 0 when a run
+ends) and ``SAVE_AND_EXIT`` (:data:`STOP_FILE`, touched by ``slurm/pretrain.sh`` when SLURM
+signals the batch shell: save at the next step and exit).
 
 Layout of ``{run_dir}/checkpoints``::
 
@@ -32,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import logging
 import os
@@ -46,13 +51,51 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from card_megatron.config import Config, config_from_dict
+from card_megatron.fileio import atomic_open, atomic_write
 
 log = logging.getLogger(__name__)
 
 _TAG = re.compile(r"^step_(\d{8})$")
 _EMA_FILE = re.compile(r"^ema_tp\d+_pp\d+_dp\d+\.pt$")
+
+
+STOP_FILE = "SAVE_AND_EXIT"  # touched by slurm/pretrain.sh when SLURM signals the batch shell
+FINISHED, PREEMPTED = "finished", "preempted"  # how a run ended; each holds the step
+
+
+def mark_finished(run_dir: str, step: int) -> None:
+    """Writes ``{run_dir}/finished`` (the run reached train.train_iters at ``step``); rank 0 only."""
+    atomic_write(os.path.join(run_dir, FINISHED), str(step))
+
+
+def mark_preempted(run_dir: str, step: int) -> None:
+    """Writes ``{run_dir}/preempted`` (stopped by a signal or the stop file after saving ``step``) and
+    removes the stop file, which has been obeyed; rank 0 only."""
+    atomic_write(os.path.join(run_dir, PREEMPTED), str(step))
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(run_dir, STOP_FILE))
+
+
+def is_marked_finished(run_dir: str) -> bool:
+    return os.path.exists(os.path.join(run_dir, FINISHED))
+
+
+def clear_end_markers(run_dir: str) -> None:
+    """Removes ``finished`` and ``preempted`` when a run (re)starts training; rank 0 only."""
+    for name in (FINISHED, PREEMPTED):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run_dir, name))
+
+
+def stop_file_exists(run_dir: str) -> bool:
+    """Whether ``{run_dir}/SAVE_AND_EXIT`` asks the run to save and exit."""
+    return os.path.exists(os.path.join(run_dir, STOP_FILE))
 
 
 def checkpoints_dir(run_dir: str) -> str:
@@ -61,21 +104,6 @@ def checkpoints_dir(run_dir: str) -> str:
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def atomic_write(path: str, data: str | bytes) -> None:
-    """Writes text or bytes to ``path`` so that readers see the old file or the whole new one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def checkpoint_problem(path: str) -> Optional[str]:
@@ -229,13 +257,14 @@ def _write_checkpoint(engine, root, tag, path, step, client_state, config_yaml, 
                       export_writer, stage_index, num_stages, rank, export_ema_state, ema_state, ema_file) -> None:
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     if ema_state is not None:
-        atomic_write(os.path.join(path, ema_file), _to_bytes(ema_state))
+        with atomic_open(os.path.join(path, ema_file), "wb") as f:
+            torch.save(ema_state, f)
     export_dir = os.path.join(path, "export")
     if export_writer and export_state is not None:
         os.makedirs(export_dir, exist_ok=True)
         part = os.path.join(export_dir, f"stage_{stage_index:03d}.pt")
-        torch.save({"state_dict": export_state, "ema_state_dict": export_ema_state}, part + ".tmp")
-        os.replace(part + ".tmp", part)
+        with atomic_open(part, "wb") as f:
+            torch.save({"state_dict": export_state, "ema_state_dict": export_ema_state}, f)
     dist.barrier()
     if rank == 0:
         merged: dict[str, torch.Tensor] = {}
@@ -247,8 +276,8 @@ def _write_checkpoint(engine, root, tag, path, step, client_state, config_yaml, 
         blob = {"state_dict": merged, "step": step}
         if merged_ema:
             blob["ema_state_dict"] = merged_ema
-        torch.save(blob, os.path.join(export_dir, "model.pt.tmp"))
-        os.replace(os.path.join(export_dir, "model.pt.tmp"), os.path.join(export_dir, "model.pt"))
+        with atomic_open(os.path.join(export_dir, "model.pt"), "wb") as f:
+            torch.save(blob, f)
         for i in range(num_stages):
             os.remove(os.path.join(export_dir, f"stage_{i:03d}.pt"))
         atomic_write(os.path.join(path, "config.yaml"), config_yaml)
@@ -273,12 +302,6 @@ def _prune(root: str, keep_last: int) -> None:
     done = [t for t in tags if t <= latest]
     for t in done[:-keep_last]:
         shutil.rmtree(os.path.join(root, t), ignore_errors=True)
-
-
-def _to_bytes(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
 
 
 def has_ema(path: str) -> bool:
@@ -324,13 +347,8 @@ def saved_meta(path: str) -> dict:
         return json.load(f)
 
 
-def _deepspeed_state_classes() -> list:
-    """DeepSpeed's plain state classes that its checkpoints pickle (values, no behaviour on load)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+# DeepSpeed's plain state classes that its checkpoints pickle (values, no behaviour on load).
+_DEEPSPEED_STATE_CLASSES = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
 
 
 def safe_load(path: str, map_location=None, trust: bool = False) -> Any:
@@ -343,7 +361,7 @@ def safe_load(path: str, map_location=None, trust: bool = False) -> Any:
     if trust:
         return torch.load(path, map_location=map_location, weights_only=False)
     try:
-        with torch.serialization.safe_globals(_deepspeed_state_classes()):
+        with torch.serialization.safe_globals(_DEEPSPEED_STATE_CLASSES):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -364,8 +382,6 @@ def safe_load(path: str, map_location=None, trust: bool = False) -> Any:
 
 def install_safe_loading(engine, trust: bool) -> None:
     """Makes ``engine`` (a DeepSpeed engine) read checkpoint files with :func:`safe_load`."""
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise ValueError(f"checkpoint loading is only made safe for DeepSpeed's TorchCheckpointEngine, this engine "
                          f"uses {type(engine.checkpoint_engine).__name__}")

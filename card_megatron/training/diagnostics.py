@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from card_megatron.objectives import noise
+from card_megatron import noise
 
 CONTEXT_WINDOW = 4  # input positions j-3..j read by the prediction of position j+1
 CONTEXT_GROUPS = ("0", "1", "2", "3+")

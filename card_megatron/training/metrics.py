@@ -6,13 +6,11 @@ Only rank 0 writes. wandb runs offline unless ``logging.wandb_mode`` says otherw
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any, Optional
 
 from card_megatron.config import LoggingConfig
 
-log = logging.getLogger("card_megatron")
 
 # Dense bf16 peak of common accelerators (NVIDIA's data sheets), for MFU (model FLOPs utilisation).
 # The first key found in the device name wins: "H100 PCIe" before "H100", "A100" before "A10".

@@ -2,6 +2,15 @@
 
 Nothing here is objective-specific: the objective turns clean samples into model
 inputs and loss inputs, and turns per-token NLL into the loss.
+
+Each engine has its own step and validation methods, chosen once when the engine is built
+(torchtitan's ``forward_backward_step`` / ``pp_forward_backward_step``): the DeepSpeed
+engine (pipeline size 1: :meth:`Trainer._engine_step`, :meth:`Trainer._engine_validation_nll`)
+and DeepSpeed's pipeline engine (:meth:`Trainer._pipeline_step`,
+:meth:`Trainer._pipeline_validation_nll`). :meth:`Trainer.train_step` around them sets the
+learning rate, updates the EMA and applies the non-finite-loss policy (one place:
+:meth:`Trainer._nonfinite_micro_batch`, :meth:`Trainer._count_step`). Process groups come
+from ``self.info`` (``parallel/state.py``), never from Megatron's globals.
 """
 
 from __future__ import annotations
@@ -11,16 +20,28 @@ import itertools
 import logging
 import math
 import os
+import resource
 import signal
 import time
-from typing import ContextManager, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
+import deepspeed
 import torch
 import torch.distributed as dist
+import yaml
+from deepspeed.runtime.utils import clip_grad_norm_
 
 from card_megatron.config import Config, ConfigError, config_to_dict, resume_changes, save_config, validate
+from card_megatron.data import MicroBatchSampler, build_datasets, collate
 from card_megatron.lock import ExclusiveLock, LockHeldError
+from card_megatron.model.export import gather_canonical_state
+from card_megatron.model.gpt import (CardGPT, no_attention_mask, padded_vocab_size, per_token_nll,
+                                     per_token_top1_logprob)
+from card_megatron.model.pipeline import build_pipeline_model
+from card_megatron.objectives import LossInputs, build_objective
+from card_megatron.parallel.deepspeed_glue import MegatronMPU, deepspeed_config, resolve_dtype
 from card_megatron.parallel.state import ParallelInfo, init_distributed
+from card_megatron.tokenizer import Tokenizer
 from card_megatron.training import checkpoint as ckpt
 from card_megatron.training import diagnostics
 from card_megatron.training.ema import EMA
@@ -29,7 +50,6 @@ from card_megatron.training.schedule import learning_rate
 
 log = logging.getLogger("card_megatron")
 
-STOP_FILE = "SAVE_AND_EXIT"  # touched by slurm/pretrain.sh when SLURM signals the batch shell
 RUN_LOCK = "run.lock"  # held by rank 0 for the whole run: one trainer per run directory
 
 
@@ -64,9 +84,6 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest:
             self._check_resume(latest)  # before anything is built: a changed layout fails here, not in DeepSpeed
-
-        from card_megatron.tokenizer import Tokenizer
-
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer_model)
         self._build_objective_and_model()
         self._build_engine()
@@ -109,10 +126,6 @@ class Trainer:
         return lock
 
     def _build_objective_and_model(self) -> None:
-        from card_megatron.model.gpt import CardGPT, padded_vocab_size
-        from card_megatron.objectives import build_objective
-        from card_megatron.parallel.deepspeed_glue import resolve_dtype
-
         cfg, info = self.cfg, self.info
         vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
         if vocab < self.tokenizer.vocab_size:
@@ -126,8 +139,6 @@ class Trainer:
             self.model = CardGPT(cfg.model, self.objective.mask_kind, self.vocab_size, info.tp_size,
                                  seed=cfg.train.seed, params_dtype=torch.float32)
         else:
-            from card_megatron.model.pipeline import build_pipeline_model
-
             self.model = build_pipeline_model(cfg.model, self.objective.mask_kind, self.vocab_size, info.tp_size,
                                               info.pp_size, info.dp_size, cfg.train.seed, self._pipeline_loss,
                                               torch.float32)
@@ -135,20 +146,15 @@ class Trainer:
 
     def _count_parameters(self) -> int:
         """Parameters of the whole model (tensor-parallel shards counted once, all pipeline stages)."""
-        from megatron.core import parallel_state
-
         local = sum(p.numel() * (self.info.tp_size if getattr(p, "tensor_model_parallel", False) else 1)
                     for p in self.model.parameters())
         total = torch.tensor([local], dtype=torch.float64, device=self.info.device)
         if self.info.pp_size > 1:
-            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+            dist.all_reduce(total, group=self.info.pp_group)
         return int(total.item())
 
     def _build_engine(self) -> None:
-        import deepspeed
-
-        from card_megatron.parallel.deepspeed_glue import MegatronMPU, deepspeed_config
-
+        """The DeepSpeed engine (or pipeline engine), and the step and validation methods of that engine."""
         cfg, info = self.cfg, self.info
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
@@ -157,15 +163,22 @@ class Trainer:
                   {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
                                       eps=cfg.optim.adam_eps, fused=info.device.type == "cuda")
-        self.ds_config = deepspeed_config(cfg, info.dp_size, info.device.type == "cuda")
+        self.ds_config = deepspeed_config(cfg.train, cfg.optim, cfg.parallel.zero_stage, info.dp_size,
+                                          info.device.type == "cuda")
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model,
             optimizer=optimizer,
             config=self.ds_config,
-            mpu=MegatronMPU() if info.pp_size == 1 else None,
+            mpu=MegatronMPU(info) if info.pp_size == 1 else None,
         )
         ckpt.install_safe_loading(self.engine, cfg.train.trust_checkpoint)
+        pipelined = info.pp_size > 1
+        # (micro-batches, whether the step is logged) -> (loss, metrics, whether a loss was non-finite, grad norm)
+        self._forward_backward_step: Callable[[Iterator[dict], bool], tuple[float, dict, bool, Optional[float]]] = (
+            self._pipeline_step if pipelined else self._engine_step)
+        self._validation_nll_of_engine: Callable[[], float] = (
+            self._pipeline_validation_nll if pipelined else self._engine_validation_nll)
 
     def _build_ema(self) -> Optional[EMA]:
         decay = self.cfg.optim.ema_decay
@@ -189,9 +202,7 @@ class Trainer:
         return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
 
     def _build_data(self) -> None:
-        from card_megatron.data import build_datasets
-
-        cfg, info = self.cfg, self.info
+        cfg = self.cfg
         t = cfg.train
         # eval_iters global batches, whatever the layout: the same validation set for every run.
         self.valid_samples = t.eval_iters * t.global_batch_size
@@ -206,8 +217,6 @@ class Trainer:
     def _micro_batches(self, split: str, start: int, count: Optional[int] = None) -> Iterator[dict]:
         """This rank's micro-batches of ``split`` from global sample ``start`` (``count`` of them,
         or until the split ends)."""
-        from card_megatron.data import MicroBatchSampler, collate
-
         t, info = self.cfg.train, self.info
         dataset = self.datasets[split]
         sampler = MicroBatchSampler(len(dataset), start, t.micro_batch_size, info.dp_rank, info.dp_size)
@@ -224,8 +233,6 @@ class Trainer:
         return self.objective.prepare(batch["tokens"], batch["noise_seeds"], batch["sample_ids"])
 
     def _pipeline_item(self, model_inputs, loss_inputs):
-        from card_megatron.model.gpt import no_attention_mask
-
         mask = model_inputs.attention_mask
         mask = mask.long() if mask is not None else no_attention_mask(self.info.device)
         suppress = torch.tensor(1 if loss_inputs.suppress_mask_logit else 0, device=self.info.device)
@@ -233,14 +240,10 @@ class Trainer:
                 (loss_inputs.targets, loss_inputs.weights, loss_inputs.normaliser.reshape(1).float(), suppress))
 
     def _nll(self, logits, loss_inputs):
-        from card_megatron.model.gpt import per_token_nll
-
         suppress = self.tokenizer.mask_id if loss_inputs.suppress_mask_logit else None
         return per_token_nll(logits, loss_inputs.targets, suppress, self.vocab_start)
 
     def _pipeline_loss(self, logits, labels):
-        from card_megatron.objectives.base import LossInputs
-
         targets, weights, normaliser, suppress = labels
         li = LossInputs(targets=targets, weights=weights, normaliser=normaliser.reshape(()),
                         suppress_mask_logit=bool(suppress.item()), is_masked=None)
@@ -270,76 +273,103 @@ class Trainer:
         if self._train_stream is None:  # one stream (and one DataLoader) for the whole run
             self._train_stream = self._micro_batches("train", self.consumed_samples)
         batches = itertools.islice(self._train_stream, self.accumulation)
-        metrics: dict[str, float] = {}
-        bad = False
-        grad_norm = None
         step_logged = (self.step + 1) % cfg.train.log_interval == 0 or self.step + 1 == cfg.train.train_iters
-        context = None  # per-corruption sums of this step (CARD, logged steps only)
-        if self.info.pp_size > 1:
-            items = (self._pipeline_item(*self._prepare(b)) for b in batches)
-            loss_value = float(self.engine.train_batch(data_iter=items))
-            # Under pipeline parallelism the pipeline engine owns the step: whether a non-finite
-            # loss skips the update is DeepSpeed's decision (ZeRO-1 in fp32/fp16 skips on an
-            # invalid gradient norm). It is counted here all the same.
-            bad = not math.isfinite(loss_value)
-        else:
-            total = 0.0
-            for m, batch in enumerate(batches):
-                model_inputs, loss_inputs = self._prepare(batch)
-                logits = self.engine(model_inputs.input_ids, model_inputs.position_ids, model_inputs.attention_mask)
-                # before the NLL: Megatron's cross entropy overwrites fp32 logits in place
-                top1 = self._top1_logprob(logits, loss_inputs) if step_logged and self._diagnose else None
-                nll = self._nll(logits, loss_inputs)
-                loss, micro_metrics = self.objective.loss(nll, loss_inputs)
-                micro_bad = self._all_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0
-                if micro_bad:
-                    if cfg.parallel.zero_stage == 3:
-                        raise NonFiniteLossError(
-                            f"non-finite loss at step {self.step + 1}; under ZeRO-3 a step cannot be skipped safely"
-                        )
-                    bad = True
-                    self.engine.backward(self._zero_loss())
-                else:
-                    total += loss.item()
-                    if top1 is not None:
-                        sums = diagnostics.context_sums(nll, top1, loss_inputs.is_masked)
-                        context = sums if context is None else context + sums
-                    self.engine.backward(loss)
-                    for k, v in micro_metrics.items():
-                        metrics[k] = metrics.get(k, 0.0) + float(v) / self.accumulation
-                if m == self.accumulation - 1:
-                    if bad:
-                        self._set_lr(0.0)  # parameters stay unchanged: the step is skipped
-                    if cfg.parallel.zero_stage == 0:
-                        grad_norm = self._grad_norm()
-                self.engine.step()
-            # Mean over micro-batches, then over data-parallel ranks.
-            t = torch.tensor([total / self.accumulation], dtype=torch.float64, device=self.info.device)
-            dist.all_reduce(t, group=self._dp_group())
-            loss_value = float(t.item()) / self.info.dp_size if not bad else float("nan")
-            if context is not None:
-                dist.all_reduce(context, group=self._dp_group())
-                metrics.update(diagnostics.context_metrics(context))
+        loss_value, metrics, bad, grad_norm = self._forward_backward_step(batches, step_logged)
         if self.ema is not None and not bad and self.engine.was_step_applied():
             self.ema.update()  # skipped steps (non-finite loss, fp16 overflow) leave the EMA alone
         self.step += 1
         self.consumed_samples += cfg.train.global_batch_size
-        if bad:
-            self.skipped_steps += 1
-            self.consecutive_nonfinite += 1
-            log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.step, self.consecutive_nonfinite)
-            if self.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss (train.max_nonfinite_steps="
-                    f"{cfg.train.max_nonfinite_steps}); stopping. Lower optim.lr or check the data."
-                )
-        else:
-            self.consecutive_nonfinite = 0
-        if self.info.pp_size > 1 or cfg.parallel.zero_stage > 0:
-            grad_norm = self.engine.get_global_grad_norm()
+        self._count_step(bad)
         metrics.update({"loss": loss_value, "lr": lr,
                         "grad_norm": float(grad_norm) if grad_norm is not None else None})
         return metrics
+
+    def _engine_step(self, batches: Iterator[dict], step_logged: bool
+                     ) -> tuple[float, dict, bool, Optional[float]]:
+        """Forward and backward of each micro-batch through the DeepSpeed engine, then its optimizer step.
+
+        Returns (loss: mean over micro-batches and data-parallel ranks, NaN when a micro-batch had a
+        non-finite loss; metrics; whether one had; the gradient norm before clipping).
+        """
+        cfg = self.cfg
+        metrics: dict[str, float] = {}
+        bad = False
+        grad_norm = None
+        context = None  # per-corruption sums of this step (CARD, logged steps only)
+        total = 0.0
+        for m, batch in enumerate(batches):
+            model_inputs, loss_inputs = self._prepare(batch)
+            logits = self.engine(model_inputs.input_ids, model_inputs.position_ids, model_inputs.attention_mask)
+            # before the NLL: Megatron's cross entropy overwrites fp32 logits in place
+            top1 = self._top1_logprob(logits, loss_inputs) if step_logged and self._diagnose else None
+            nll = self._nll(logits, loss_inputs)
+            loss, micro_metrics = self.objective.loss(nll, loss_inputs)
+            micro_bad = self._all_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0
+            if micro_bad:
+                bad = True
+                self.engine.backward(self._nonfinite_micro_batch())
+            else:
+                total += loss.item()
+                if top1 is not None:
+                    sums = diagnostics.context_sums(nll, top1, loss_inputs.is_masked)
+                    context = sums if context is None else context + sums
+                self.engine.backward(loss)
+                for k, v in micro_metrics.items():
+                    metrics[k] = metrics.get(k, 0.0) + float(v) / self.accumulation
+            if m == self.accumulation - 1:
+                if bad:
+                    self._set_lr(0.0)  # parameters stay unchanged: the step is skipped
+                if cfg.parallel.zero_stage == 0:
+                    grad_norm = self._grad_norm()
+            self.engine.step()
+        if cfg.parallel.zero_stage > 0:
+            grad_norm = self.engine.get_global_grad_norm()
+        # Mean over micro-batches, then over data-parallel ranks.
+        t = torch.tensor([total / self.accumulation], dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(t, group=self.info.dp_group)
+        loss_value = float(t.item()) / self.info.dp_size if not bad else float("nan")
+        if context is not None:
+            dist.all_reduce(context, group=self.info.dp_group)
+            metrics.update(diagnostics.context_metrics(context))
+        return loss_value, metrics, bad, grad_norm
+
+    def _pipeline_step(self, batches: Iterator[dict], step_logged: bool
+                       ) -> tuple[float, dict, bool, Optional[float]]:
+        """The whole step through DeepSpeed's pipeline engine (``train_batch``); same returns as
+        :meth:`_engine_step` (no per-micro-batch metrics; the gradient norm comes from the engine)."""
+        items = (self._pipeline_item(*self._prepare(b)) for b in batches)
+        loss_value = float(self.engine.train_batch(data_iter=items))
+        # Under pipeline parallelism the pipeline engine owns the step: whether a non-finite
+        # loss skips the update is DeepSpeed's decision (ZeRO-1 in fp32/fp16 skips on an
+        # invalid gradient norm). It is counted here all the same.
+        return loss_value, {}, not math.isfinite(loss_value), self.engine.get_global_grad_norm()
+
+    # ------------------------------------------------------------------ the non-finite-loss policy
+
+    def _nonfinite_micro_batch(self) -> torch.Tensor:
+        """What a micro-batch with a non-finite loss backpropagates: a zero loss (the step is then
+        skipped with learning rate 0). Under ZeRO-3 a step cannot be skipped safely: raises."""
+        if self.cfg.parallel.zero_stage == 3:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step + 1}; under ZeRO-3 a step cannot be skipped safely"
+            )
+        return self._zero_loss()
+
+    def _count_step(self, bad: bool) -> None:
+        """Counts a step whose loss was non-finite (``bad``) and stops the run after
+        train.max_nonfinite_steps of them in a row; a finite step resets the count."""
+        if not bad:
+            self.consecutive_nonfinite = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_nonfinite += 1
+        log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.step, self.consecutive_nonfinite)
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.consecutive_nonfinite >= limit:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss (train.max_nonfinite_steps="
+                f"{limit}); stopping. Lower optim.lr or check the data."
+            )
 
     @property
     def _diagnose(self) -> bool:
@@ -347,13 +377,8 @@ class Trainer:
         return self.cfg.logging.corruption_metrics and self.objective.name == "card" and self.info.pp_size == 1
 
     def _top1_logprob(self, logits, loss_inputs):
-        from megatron.core import parallel_state
-
-        from card_megatron.model.gpt import per_token_top1_logprob
-
         suppress = self.tokenizer.mask_id if loss_inputs.suppress_mask_logit else None
-        return per_token_top1_logprob(logits, suppress, self.vocab_start,
-                                      parallel_state.get_tensor_model_parallel_group())
+        return per_token_top1_logprob(logits, suppress, self.vocab_start, self.info.tp_group)
 
     @torch.no_grad()
     def _validation_diagnostics(self) -> dict:
@@ -371,8 +396,6 @@ class Trainer:
                 ids, pos, targets, gather = diagnostics.probe_batch(batch["tokens"], batch["sample_ids"], K,
                                                                     self.tokenizer.mask_id)
                 logits = self.engine(ids, pos, None)
-                from card_megatron.objectives.base import LossInputs
-
                 li = LossInputs(targets=targets, weights=None, normaliser=None, suppress_mask_logit=False)
                 top1 = self._top1_logprob(logits, li)
                 sums = diagnostics.probe_sums(self._nll(logits, li), top1, gather)
@@ -381,24 +404,16 @@ class Trainer:
         for sums, to_metrics in ((context, lambda s: diagnostics.context_metrics(s, "val_")),
                                  (probe, diagnostics.probe_metrics)):
             if sums is not None:
-                dist.all_reduce(sums, group=self._dp_group())
+                dist.all_reduce(sums, group=self.info.dp_group)
                 out.update(to_metrics(sums))
         self.engine.train()
         return out
 
     def _grad_norm(self) -> float:
         """Global gradient norm before clipping (DeepSpeed reports it only under ZeRO)."""
-        from deepspeed.runtime.utils import clip_grad_norm_
-
-        from card_megatron.parallel.deepspeed_glue import MegatronMPU
-
         # max_norm=inf: measure only (tensor-parallel shards counted once, replicas once).
-        return float(clip_grad_norm_(list(self.model.parameters()), max_norm=float("inf"), mpu=MegatronMPU()))
-
-    def _dp_group(self):
-        from megatron.core import parallel_state
-
-        return parallel_state.get_data_parallel_group()
+        return float(clip_grad_norm_(list(self.model.parameters()), max_norm=float("inf"),
+                                     mpu=MegatronMPU(self.info)))
 
     # ------------------------------------------------------------------ evaluation
 
@@ -421,30 +436,35 @@ class Trainer:
     @torch.no_grad()
     def _validation_nll(self) -> float:
         """Mean validation NLL per token over the whole validation set (every rank gets it)."""
-        cfg = self.cfg
         self.engine.eval()
-        iters = cfg.train.eval_iters * self.accumulation  # micro-batches of this rank
-        total, count = 0.0, 0.0
-        if self.info.pp_size > 1:
-            losses = []
-            for batch in self._micro_batches("valid", 0, iters):
-                passes = self.objective.eval_passes(batch["tokens"], batch["noise_seeds"], batch["sample_ids"])
-                items = iter([self._pipeline_item(mi, li) for mi, li in passes])
-                for _ in passes:
-                    losses.append(float(self.engine.eval_batch(items, num_micro_batches=1)))
-            nll = sum(losses) / len(losses)
-        else:
-            for batch in self._micro_batches("valid", 0, iters):
-                for mi, li in self.objective.eval_passes(batch["tokens"], batch["noise_seeds"], batch["sample_ids"]):
-                    logits = self.engine(mi.input_ids, mi.position_ids, mi.attention_mask)
-                    s, c = self.objective.nll_terms(self._nll(logits, li), li)
-                    total += float(s)
-                    count += float(c)
-            t = torch.tensor([total, count], dtype=torch.float64, device=self.info.device)
-            dist.all_reduce(t, group=self._dp_group())
-            nll = float(t[0] / t[1])
+        nll = self._validation_nll_of_engine()
         self.engine.train()
         return nll
+
+    def _engine_validation_nll(self) -> float:
+        """:meth:`_validation_nll` through the DeepSpeed engine: NLL sums reduced over data parallelism."""
+        iters = self.cfg.train.eval_iters * self.accumulation  # micro-batches of this rank
+        total, count = 0.0, 0.0
+        for batch in self._micro_batches("valid", 0, iters):
+            for mi, li in self.objective.eval_passes(batch["tokens"], batch["noise_seeds"], batch["sample_ids"]):
+                logits = self.engine(mi.input_ids, mi.position_ids, mi.attention_mask)
+                s, c = self.objective.nll_terms(self._nll(logits, li), li)
+                total += float(s)
+                count += float(c)
+        t = torch.tensor([total, count], dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(t, group=self.info.dp_group)
+        return float(t[0] / t[1])
+
+    def _pipeline_validation_nll(self) -> float:
+        """:meth:`_validation_nll` through the pipeline engine: the mean of its per-pass losses."""
+        iters = self.cfg.train.eval_iters * self.accumulation
+        losses = []
+        for batch in self._micro_batches("valid", 0, iters):
+            passes = self.objective.eval_passes(batch["tokens"], batch["noise_seeds"], batch["sample_ids"])
+            items = iter([self._pipeline_item(mi, li) for mi, li in passes])
+            for _ in passes:
+                losses.append(float(self.engine.eval_batch(items, num_micro_batches=1)))
+        return sum(losses) / len(losses)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -453,15 +473,10 @@ class Trainer:
                 "data_parallel_size": self.info.dp_size, "rng": ckpt.rng_state()}
 
     def save(self) -> str:
-        from megatron.core import parallel_state
-
-        from card_megatron.model.export import gather_canonical_state
-
         info = self.info
 
         def gather() -> dict[str, torch.Tensor]:
-            return gather_canonical_state(self.model, self.cfg.model.num_layers,
-                                          parallel_state.get_tensor_model_parallel_group(), info.tp_size,
+            return gather_canonical_state(self.model, self.cfg.model.num_layers, info.tp_group, info.tp_size,
                                           zero3=self.cfg.parallel.zero_stage == 3)
 
         state = gather()
@@ -473,8 +488,6 @@ class Trainer:
             ema_file, _ = self._ema_files()
             if self.cfg.parallel.zero_stage == 3 or info.dp_rank == 0:
                 ema_state = self.ema.state_dict()
-        import yaml
-
         path = ckpt.save_checkpoint(
             self.engine, self.run_dir, self.step, self._client_state(),
             config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
@@ -538,7 +551,7 @@ class Trainer:
             signal.signal(sig, handler)
 
     def _should_stop(self) -> bool:
-        local = self._stop_requested or os.path.exists(os.path.join(self.run_dir, STOP_FILE))
+        local = self._stop_requested or ckpt.stop_file_exists(self.run_dir)
         return self._all_max(1.0 if local else 0.0) > 0
 
     # ------------------------------------------------------------------ loop
@@ -555,14 +568,12 @@ class Trainer:
             self._log_line(f"{self.resumed_from} is at step {self.step}, train.train_iters is {t.train_iters}: the run "
                            "is finished, nothing to do (raise train.train_iters to train on)")
             summary.update({"end_step": self.step, "stopped_by": "finished_before", "skipped_steps": self.skipped_steps})
-            marker = os.path.join(self.run_dir, "finished")
-            if self.is_rank0 and not os.path.exists(marker):  # e.g. killed between its last save and the marker
-                ckpt.atomic_write(marker, str(self.step))
+            if self.is_rank0 and not ckpt.is_marked_finished(self.run_dir):  # killed between its last save and it
+                ckpt.mark_finished(self.run_dir, self.step)
             self.close()
             return summary
-        for name in ("finished", "preempted"):
-            if self.is_rank0 and os.path.exists(os.path.join(self.run_dir, name)):
-                os.remove(os.path.join(self.run_dir, name))
+        if self.is_rank0:
+            ckpt.clear_end_markers(self.run_dir)
         if self.step == 0 or t.eval_interval:
             ev = self.evaluate()
             summary["initial_eval"] = ev
@@ -607,12 +618,9 @@ class Trainer:
             self._log_eval(ev)
         if self.is_rank0:
             if stopped_by == "signal":
-                ckpt.atomic_write(os.path.join(self.run_dir, "preempted"), str(self.step))
-                stop_file = os.path.join(self.run_dir, STOP_FILE)
-                if os.path.exists(stop_file):
-                    os.remove(stop_file)
+                ckpt.mark_preempted(self.run_dir, self.step)
             elif stopped_by is None:
-                ckpt.atomic_write(os.path.join(self.run_dir, "finished"), str(self.step))
+                ckpt.mark_finished(self.run_dir, self.step)
         dist.barrier()
         summary.update({"end_step": self.step, "stopped_by": stopped_by, "skipped_steps": self.skipped_steps})
         self.close()
@@ -642,6 +650,4 @@ class Trainer:
 def _memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -19,14 +19,12 @@ def main():
     load = sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--load" else None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = init_distributed(ParallelConfig(tensor_model_parallel_size=world))
-    from megatron.core import parallel_state
-
     from card_megatron.model.export import gather_canonical_state, load_canonical_state
     from card_megatron.model.gpt import CardGPT, per_token_nll
 
-    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_group = info.tp_group
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96, seq_length=16)
-    model = CardGPT(cfg, "causal", vocab_size=256, tensor_parallel_size=world, seed=7)
+    model = CardGPT(cfg, "causal", vocab_size=256, tp_size=world, seed=7)
     loaded = None
     if load:
         load_canonical_state(model, torch.load(load)["state"], cfg.num_layers, info.tp_rank, info.tp_size)

@@ -1,10 +1,15 @@
 """The counter-based noise generator (SplitMix64) in vectorised torch int64 arithmetic.
 
-All randomness of a sample's corruption is a pure function of its precomputed noise
-seed (``docs/design.md``, "Noise"), so a sample is corrupted identically whatever the
-batch it sits in, the number of ranks or the parallel layout. The same generator is
-written in C++ (the data indexer) and in NumPy (the test reference); the three agree
-bit for bit.
+One generator serves the data (the noise seed of every sample), the objectives (all
+randomness of a sample's corruption is a pure function of its noise seed; ``docs/design.md``,
+"Noise") and sampling (``inference/sampling.py``: the uniform of each drawn token), so a
+sample is corrupted, and a sequence sampled, identically whatever the batch it sits in, the
+number of ranks or the parallel layout. The same generator is written in C++ (the data
+indexer) and in NumPy (``data/index.py``, the test reference); the three agree bit for bit.
+
+Public API: :func:`mix`, :func:`uniform` (counters shared by the batch, or one row per
+sequence), :func:`unit_float`, :func:`derive_seeds`, :func:`noise_seeds`, :func:`weyl_uniform`
+and the stream offsets below.
 
 torch has no uint64 arithmetic that we can rely on, so 64-bit words are held in int64
 with the same bits. Addition and multiplication wrap modulo 2^64 in two's complement,
@@ -36,6 +41,7 @@ __all__ = [
     "WEYL_OFFSET",
     "mix",
     "uniform",
+    "unit_float",
     "derive_seeds",
     "noise_seeds",
     "weyl_uniform",
@@ -79,24 +85,27 @@ def mix(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shift_right_logical(z, 31)
 
 
-def _bits_to_unit(z: torch.Tensor) -> torch.Tensor:
-    """Top 53 bits of int64 ``z`` as a float64 in [0, 1)."""
+def unit_float(z: torch.Tensor) -> torch.Tensor:
+    """The top 53 bits of int64 ``z`` (any shape) as float64 in [0, 1): ``(z >> 11) * 2^-53``."""
     return _shift_right_logical(z, 11).to(torch.float64) * (2.0**-53)
 
 
 def uniform(noise_seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """Uniform draws in [0, 1): ``(mix(seed ^ mix(c)) >> 11) * 2^-53``.
 
-    noise_seeds: int64 [B] (uint64 bits); counters: int64 [n].
-    Returns float64 [B, n] on the device of ``noise_seeds``.
+    noise_seeds: int64 [B] (uint64 bits); counters: int64 [n] (the same counters for every
+    seed) or [B, n] (row b for seed b). Returns float64 [B, n] on the device of ``noise_seeds``.
     """
-    if noise_seeds.dim() != 1 or counters.dim() != 1:
+    if noise_seeds.dim() != 1 or counters.dim() not in (1, 2) or (
+            counters.dim() == 2 and counters.shape[0] != noise_seeds.shape[0]):
         raise ValueError(
-            f"noise.uniform expects noise_seeds [B] and counters [n], got shapes "
+            f"noise.uniform expects noise_seeds [B] and counters [n] or [B, n], got shapes "
             f"{tuple(noise_seeds.shape)} and {tuple(counters.shape)}"
         )
-    counters = counters.to(device=noise_seeds.device, dtype=torch.int64)
-    return _bits_to_unit(mix(noise_seeds.to(torch.int64)[:, None] ^ mix(counters)[None, :]))
+    mixed = mix(counters.to(device=noise_seeds.device, dtype=torch.int64))
+    if mixed.dim() == 1:
+        mixed = mixed[None, :]
+    return unit_float(mix(noise_seeds.to(torch.int64)[:, None] ^ mixed))
 
 
 def derive_seeds(noise_seeds: torch.Tensor, index: int) -> torch.Tensor:
@@ -123,4 +132,4 @@ def weyl_uniform(indices: torch.Tensor) -> torch.Tensor:
     0x9E3779B97F4A7C15 / 2^64), so the value depends on k only and stays exact for
     any k. Returns float64 of the shape of ``indices``, in [0, 1).
     """
-    return _bits_to_unit(indices.to(torch.int64) * _GOLDEN + WEYL_OFFSET)
+    return unit_float(indices.to(torch.int64) * _GOLDEN + WEYL_OFFSET)

@@ -1,0 +1,52 @@
+"""Atomic file writes: one temporary-name scheme for the whole package.
+
+Every output is written to ``{path}.{pid}.tmp`` beside its final name, flushed to disk
+(``fsync``) and renamed over ``path`` (``os.replace``), so a reader sees the old file or
+the whole new one, never a part, and a killed writer leaves only a ``*.<pid>.tmp`` file
+(``data/preprocess.py`` removes those it finds beside its outputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import IO, Iterator
+
+
+def temp_path(path: str) -> str:
+    """The temporary name under which ``path`` is written before the rename: ``{path}.{pid}.tmp``."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
+def fsync_path(path: str) -> None:
+    """Flushes a file that another writer (e.g. the C++ shard writer) has closed to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", encoding: str | None = None) -> Iterator[IO]:
+    """Yields a file open on :func:`temp_path` (``mode`` "w" or "wb"); on a normal exit it is flushed,
+    fsync'ed and renamed to ``path``; on an exception it is removed and ``path`` is left untouched."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode, encoding=encoding if mode == "w" else None) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write(path: str, data: str | bytes) -> None:
+    """Writes text (UTF-8) or bytes to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path, "wb" if isinstance(data, bytes) else "w", encoding="utf-8") as f:
+        f.write(data)
