@@ -23,7 +23,6 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
 ObjectiveName = Literal["card", "arm", "mdlm", "bd3lm"]
 MaskKind = Literal["causal", "full", "block"]
 OBJECTIVES: tuple[str, ...] = typing.get_args(ObjectiveName)  # the objectives package registers one class each
@@ -228,8 +227,6 @@ class ConfigError(ValueError):
     """A configuration problem a user can fix; the message lists every problem."""
 
 
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -289,8 +286,13 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -315,9 +317,20 @@ def describe_config() -> list[tuple[str, str, str, str]]:
         docs, types = field_docs(type(sub)), _field_types(type(sub))
         for f in dataclasses.fields(sub):
             default = getattr(sub, f.name)
-            rows.append((f"{section.name}.{f.name}", _type_text(types[f.name]),
-                         "none" if default is None else str(default).lower() if isinstance(default, bool)
-                         else repr(default) if isinstance(default, str) else str(default), docs.get(f.name, "")))
+            rows.append(
+                (
+                    f"{section.name}.{f.name}",
+                    _type_text(types[f.name]),
+                    "none"
+                    if default is None
+                    else str(default).lower()
+                    if isinstance(default, bool)
+                    else repr(default)
+                    if isinstance(default, str)
+                    else str(default),
+                    docs.get(f.name, ""),
+                )
+            )
     return rows
 
 
@@ -336,17 +349,28 @@ def config_help() -> str:
 
 def config_markdown() -> str:
     """docs/config.md: the same listing as a Markdown table per section (a test keeps the file current)."""
-    out = ["# Configuration keys", "",
-           "Generated from the field docstrings of `card_megatron/config.py` (`python -m card_megatron.train "
-           "--help-config` prints the same). Override any key as `section.key=value`; numeric ranges are in "
-           "`config.RANGES`.", ""]
+    out = [
+        "# Configuration keys",
+        "",
+        "Generated from the field docstrings of `card_megatron/config.py` (`python -m card_megatron.train "
+        "--help-config` prints the same). Override any key as `section.key=value`; numeric ranges are in "
+        "`config.RANGES`.",
+        "",
+    ]
     section = None
     for key, tp, default, doc in describe_config():
         if key.split(".")[0] != section:
             section = key.split(".")[0]
             cls = type(getattr(Config(), section))
-            out += ["", f"## {section}", "", " ".join((cls.__doc__ or "").split()), "",
-                    "| key | type | default | description |", "| --- | --- | --- | --- |"]
+            out += [
+                "",
+                f"## {section}",
+                "",
+                " ".join((cls.__doc__ or "").split()),
+                "",
+                "| key | type | default | description |",
+                "| --- | --- | --- | --- |",
+            ]
         cells = [c.replace("|", "\\|").replace("<", "\\<") for c in (tp, doc)]
         out.append(f"| `{key}` | {cells[0]} | `{default}` | {cells[1]} |")
     return "\n".join(out[:4] + out[5:]) + "\n"
@@ -359,9 +383,7 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None
     sub = getattr(cfg, section)
     types = _field_types(type(sub))
     if key not in types:
-        raise ConfigError(
-            f"{source}: unknown key {section}.{key} (known in {section}: {', '.join(sorted(types))})"
-        )
+        raise ConfigError(f"{source}: unknown key {section}.{key} (known in {section}: {', '.join(sorted(types))})")
     setattr(sub, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
 
 
@@ -565,12 +587,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                 f"model.num_query_groups ({m.num_query_groups})"
             )
         if groups % tp:
-            p.append(f"model.num_query_groups ({groups}) must be divisible by "
-                     f"parallel.tensor_model_parallel_size ({tp})")
+            p.append(
+                f"model.num_query_groups ({groups}) must be divisible by parallel.tensor_model_parallel_size ({tp})"
+            )
         if m.num_layers % pp:
             p.append(
-                f"model.num_layers ({m.num_layers}) must be divisible by "
-                f"parallel.pipeline_model_parallel_size ({pp})"
+                f"model.num_layers ({m.num_layers}) must be divisible by parallel.pipeline_model_parallel_size ({pp})"
             )
         if pp > 1 and not m.untie_embeddings_and_output_weights:
             p.append(
@@ -617,8 +639,10 @@ def world_size_problems(par: ParallelConfig, world_size: int) -> list[str]:
     :func:`validate` and ``parallel.state.init_distributed`` (before it builds any group) check it."""
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     if world_size % (tp * pp):
-        return [f"world size ({world_size}) must be divisible by tensor_model_parallel_size ({tp}) x "
-                f"pipeline_model_parallel_size ({pp})"]
+        return [
+            f"world size ({world_size}) must be divisible by tensor_model_parallel_size ({tp}) x "
+            f"pipeline_model_parallel_size ({pp})"
+        ]
     return []
 
 
@@ -627,15 +651,33 @@ def world_size_problems(par: ParallelConfig, world_size: int) -> list[str]:
 # The keys a resumed run may change (docs/design.md "Resuming"); every other key must equal the
 # checkpoint's. The optimizer's betas, eps and weight decay are not here: loading the optimizer
 # state brings back the saved ones, so a new value would be ignored without a word.
-RESUMABLE = frozenset({
-    "train.train_iters", "train.micro_batch_size", "train.run_dir", "train.save_interval",
-    "train.keep_last_checkpoints", "train.exit_interval", "train.log_interval", "train.eval_interval",
-    "train.eval_iters", "train.eval_ema", "train.max_nonfinite_steps", "train.trust_checkpoint",
-    "optim.lr", "optim.min_lr", "optim.lr_warmup_iters", "optim.lr_decay_style", "optim.lr_decay_iters",
-    "optim.clip_grad", "optim.ema_decay",
-    "data.num_workers", "data.cache_dir",
-    "parallel.distributed_backend", "parallel.distributed_timeout_minutes",
-}) | {f"logging.{f.name}" for f in dataclasses.fields(LoggingConfig)}
+RESUMABLE = frozenset(
+    {
+        "train.train_iters",
+        "train.micro_batch_size",
+        "train.run_dir",
+        "train.save_interval",
+        "train.keep_last_checkpoints",
+        "train.exit_interval",
+        "train.log_interval",
+        "train.eval_interval",
+        "train.eval_iters",
+        "train.eval_ema",
+        "train.max_nonfinite_steps",
+        "train.trust_checkpoint",
+        "optim.lr",
+        "optim.min_lr",
+        "optim.lr_warmup_iters",
+        "optim.lr_decay_style",
+        "optim.lr_decay_iters",
+        "optim.clip_grad",
+        "optim.ema_decay",
+        "data.num_workers",
+        "data.cache_dir",
+        "parallel.distributed_backend",
+        "parallel.distributed_timeout_minutes",
+    }
+) | {f"logging.{f.name}" for f in dataclasses.fields(LoggingConfig)}
 
 
 def resume_changes(saved: Config, cfg: Config, saved_dp: Optional[int] = None, dp: Optional[int] = None) -> list[str]:
@@ -643,15 +685,19 @@ def resume_changes(saved: Config, cfg: Config, saved_dp: Optional[int] = None, d
     as "section.key: saved -> new"; also a data-parallel size change (``saved_dp`` -> ``dp``)
     under ZeRO, whose optimizer state is partitioned by data-parallel rank. [] when none."""
     old, new = config_to_dict(saved), config_to_dict(cfg)
-    changes = [f"{section}.{key}: {old[section][key]!r} -> {value!r}"
-               for section, values in new.items() for key, value in values.items()
-               if value != old[section][key] and f"{section}.{key}" not in RESUMABLE]
+    changes = [
+        f"{section}.{key}: {old[section][key]!r} -> {value!r}"
+        for section, values in new.items()
+        for key, value in values.items()
+        if value != old[section][key] and f"{section}.{key}" not in RESUMABLE
+    ]
     if saved_dp is not None and dp is not None and saved_dp != dp and cfg.parallel.zero_stage > 0:
-        changes.append(f"data-parallel size: {saved_dp} -> {dp} under parallel.zero_stage {cfg.parallel.zero_stage} "
-                       "(the ZeRO optimizer state is not re-partitioned; only ZeRO 0 resumes on another size)")
+        changes.append(
+            f"data-parallel size: {saved_dp} -> {dp} under parallel.zero_stage {cfg.parallel.zero_stage} "
+            "(the ZeRO optimizer state is not re-partitioned; only ZeRO 0 resumes on another size)"
+        )
     return changes
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
-

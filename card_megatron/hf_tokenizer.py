@@ -56,8 +56,9 @@ class HuggingFaceTokenizer:
             from tokenizers import AddedToken
             from tokenizers import Tokenizer as _HF
         except ImportError:
-            raise ValueError(f"{source}: a tokenizer.json needs the tokenizers library "
-                             "(pip install tokenizers, or make setup)") from None
+            raise ValueError(
+                f"{source}: a tokenizer.json needs the tokenizers library (pip install tokenizers, or make setup)"
+            ) from None
         try:
             text = data.decode("utf-8")
             json.loads(text)

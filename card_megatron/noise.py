@@ -96,8 +96,11 @@ def uniform(noise_seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     noise_seeds: int64 [B] (uint64 bits); counters: int64 [n] (the same counters for every
     seed) or [B, n] (row b for seed b). Returns float64 [B, n] on the device of ``noise_seeds``.
     """
-    if noise_seeds.dim() != 1 or counters.dim() not in (1, 2) or (
-            counters.dim() == 2 and counters.shape[0] != noise_seeds.shape[0]):
+    if (
+        noise_seeds.dim() != 1
+        or counters.dim() not in (1, 2)
+        or (counters.dim() == 2 and counters.shape[0] != noise_seeds.shape[0])
+    ):
         raise ValueError(
             f"noise.uniform expects noise_seeds [B] and counters [n] or [B, n], got shapes "
             f"{tuple(noise_seeds.shape)} and {tuple(counters.shape)}"

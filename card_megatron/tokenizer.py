@@ -123,7 +123,9 @@ class Tokenizer:
         """Token ids of each text as int32 NumPy arrays ``[len_i]``, with eos appended if ``add_eos``."""
         import numpy as np
 
-        ids = self.sp.encode(list(texts), return_type="numpy", num_threads=num_threads, add_eos=add_eos and self._model_eos)
+        ids = self.sp.encode(
+            list(texts), return_type="numpy", num_threads=num_threads, add_eos=add_eos and self._model_eos
+        )
         if add_eos and not self._model_eos:
             eos = np.array([self.eos_id], dtype=np.int32)
             ids = [np.concatenate([x, eos]) for x in ids]
@@ -217,7 +219,9 @@ def train_tokenizer(
         raise ValueError(f"tokenizer model type {model_type!r} must be unigram or bpe")
     min_vocab = 256 + 5 + 1  # byte pieces + reserved + at least one learned piece
     if vocab_size < min_vocab:
-        raise ValueError(f"vocab size ({vocab_size}) must be at least {min_vocab} (256 byte-fallback pieces + 5 reserved ids)")
+        raise ValueError(
+            f"vocab size ({vocab_size}) must be at least {min_vocab} (256 byte-fallback pieces + 5 reserved ids)"
+        )
     sentences = sample_sentences(texts, max_sentences, seed)
     if not sentences:
         raise ValueError("no text to train the tokenizer on")

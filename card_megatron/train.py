@@ -25,8 +25,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="Overrides use dotted names, e.g. train.train_iters=100 objective.name=arm "
         "parallel.tensor_model_parallel_size=2. --help-config lists every key (also docs/config.md).",
     )
-    p.add_argument("--help-config", action="store_true",
-                   help="list every config key with its type, default and description, and exit")
+    p.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list every config key with its type, default and description, and exit",
+    )
     p.add_argument("--config", help="YAML file overriding the defaults in card_megatron/config.py")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides applied after the YAML file")
     p.add_argument("--summary-json", help="write a JSON summary (start/end step, evaluations) here (rank 0)")
@@ -52,10 +55,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from card_megatron.training.trainer import Trainer
-
     from card_megatron.lock import LockHeldError
     from card_megatron.parallel.connect import ConnectError
+    from card_megatron.training.trainer import Trainer
 
     try:
         trainer = Trainer(cfg)

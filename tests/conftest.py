@@ -26,9 +26,24 @@ def tiny_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
     prefix = str(out / "docs")
     subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", "builtin:python-docs",
-         "--train-tokenizer", "--vocab-size", "1024", "--output-prefix", prefix, "--workers", "2"],
-        check=True, capture_output=True, text=True, cwd=REPO, timeout=300,
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "preprocess_data.py"),
+            "--input",
+            "builtin:python-docs",
+            "--train-tokenizer",
+            "--vocab-size",
+            "1024",
+            "--output-prefix",
+            prefix,
+            "--workers",
+            "2",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
         env={**os.environ, "PYTHONPATH": REPO},
     )
     return f"{prefix}_text_document", f"{prefix}.model"

@@ -11,8 +11,16 @@ from card_megatron.parallel.ports import free_port
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
-                 "TORCHELASTIC_RUN_ID")
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def clean_env(**extra: str) -> dict:
@@ -22,12 +30,23 @@ def clean_env(**extra: str) -> dict:
     return {**env, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
-def run_torchrun(args: list[str], nproc: int, timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_torchrun(
+    args: list[str], nproc: int, timeout: int = 240, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node nproc args...``; raises AssertionError with the output on failure."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        *args,
+    ]
     full_env = clean_env(**(env or {}))
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc

@@ -80,8 +80,14 @@ def main() -> None:
         step += 1
         if rank == 0:
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                record = {"step": step, "loss": 10.0 / step, "lr": 1e-3, "tokens_per_sec": 1.0,
-                          "world_size": world, "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
+                record = {
+                    "step": step,
+                    "loss": 10.0 / step,
+                    "lr": 1e-3,
+                    "tokens_per_sec": 1.0,
+                    "world_size": world,
+                    "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+                }
                 f.write(json.dumps(record) + "\n")
         want_stop = signalled["stop"] or os.path.exists(os.path.join(run_dir, "SAVE_AND_EXIT"))
         flag = torch.tensor([1 if want_stop else 0])

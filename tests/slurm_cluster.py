@@ -42,6 +42,7 @@ def _die_with_parent() -> None:
     except (OSError, AttributeError):
         pass
 
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "srun")
 
@@ -131,12 +132,12 @@ AuthType=auth/munge
 CredType=cred/munge
 # Private munge socket; cred_expire also sets how long a requeued job waits to restart.
 AuthInfo=socket={self.munge_socket},cred_expire=5
-StateSaveLocation={d['state']}
-SlurmdSpoolDir={d['spool']}/%n
-SlurmctldPidFile={d['run']}/slurmctld.pid
-SlurmdPidFile={d['run']}/slurmd-%n.pid
-SlurmctldLogFile={d['log']}/slurmctld.log
-SlurmdLogFile={d['log']}/slurmd-%n.log
+StateSaveLocation={d["state"]}
+SlurmdSpoolDir={d["spool"]}/%n
+SlurmctldPidFile={d["run"]}/slurmctld.pid
+SlurmdPidFile={d["run"]}/slurmd-%n.pid
+SlurmctldLogFile={d["log"]}/slurmctld.log
+SlurmdLogFile={d["log"]}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -172,7 +173,11 @@ SlurmdParameters=config_overrides
         # start_new_session: keep the daemons out of pytest's process group (Ctrl-C);
         # _die_with_parent: no daemon outlives a test process that was killed.
         self._procs[name] = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
             preexec_fn=_die_with_parent,
         )
         log.close()
@@ -185,9 +190,13 @@ SlurmdParameters=config_overrides
             self._spawn(
                 "munged",
                 [
-                    _which("munged"), "--foreground", "--force",
-                    f"--socket={self.munge_socket}", f"--key-file={self._munge_key}",
-                    f"--log-file={d['log']}/munged.log", f"--pid-file={d['run']}/munged.pid",
+                    _which("munged"),
+                    "--foreground",
+                    "--force",
+                    f"--socket={self.munge_socket}",
+                    f"--key-file={self._munge_key}",
+                    f"--log-file={d['log']}/munged.log",
+                    f"--pid-file={d['run']}/munged.pid",
                     f"--seed-file={d['munge']}/munged.seed",
                 ],
             )
@@ -195,8 +204,10 @@ SlurmdParameters=config_overrides
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", self.conf_path])
             self._wait_for(self._ctld_up, 30, "slurmctld to answer")
             for name, _ in self.nodes:
-                self._spawn(f"slurmd-{name}", [*self._node_prefix(name), _which("slurmd"), "-D", "-f",
-                                               self.conf_path, "-N", name])
+                self._spawn(
+                    f"slurmd-{name}",
+                    [*self._node_prefix(name), _which("slurmd"), "-D", "-f", self.conf_path, "-N", name],
+                )
             self._wait_for(self._nodes_idle, timeout, "the nodes to become idle")
         except Exception:
             self.stop()
@@ -212,9 +223,7 @@ SlurmdParameters=config_overrides
         return []
 
     def _nodes_idle(self) -> bool:
-        r = subprocess.run(
-            ["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True
-        )
+        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True)
         states = r.stdout.split()
         return len(states) == len(self.nodes) and all(s.startswith("idle") for s in states)
 
@@ -264,8 +273,14 @@ SlurmdParameters=config_overrides
         shutil.rmtree(self.sockets, ignore_errors=True)
 
     # ------------------------------------------------------------------ jobs
-    def run(self, argv: list[str], env: Optional[dict] = None, cwd: Optional[str] = None,
-            check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        argv: list[str],
+        env: Optional[dict] = None,
+        cwd: Optional[str] = None,
+        check: bool = True,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess:
         """Runs a client command against this cluster; returns the completed process."""
         full_env = self.env
         full_env.update(env or {})
@@ -291,8 +306,12 @@ SlurmdParameters=config_overrides
                 fields.setdefault(k, v)
         return fields
 
-    def wait_job(self, job_id: "int | str", timeout: float = 120, states=("COMPLETED", "FAILED", "CANCELLED",
-                 "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")) -> dict[str, str]:
+    def wait_job(
+        self,
+        job_id: "int | str",
+        timeout: float = 120,
+        states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"),
+    ) -> dict[str, str]:
         """Waits until the job reaches one of ``states``; returns its scontrol fields."""
         deadline = time.monotonic() + timeout
         info: dict[str, str] = {}
@@ -312,8 +331,13 @@ _OWNED = re.compile(r"^cmt(\d+)")  # names this fixture creates carry the creati
 
 def _ip(*args: str, netns: Optional[str] = None, check: bool = True) -> subprocess.CompletedProcess:
     argv = ["ip", *args] if netns is None else ["nsenter", f"--net=/run/netns/{netns}", "ip", *args]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=30,
-                       env={**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"})
+    r = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"},
+    )
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
     return r

@@ -28,7 +28,13 @@ def test_every_config_loads_and_validates(path):
 def test_paper_config_is_the_paper_model():
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "card-1b.yaml"))
     m = cfg.model
-    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size, m.seq_length) == (33, 1536, 24, 4096, 128)
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size, m.seq_length) == (
+        33,
+        1536,
+        24,
+        4096,
+        128,
+    )
 
 
 def test_overrides_and_types():
@@ -43,8 +49,10 @@ def test_overrides_and_types():
         (["nosection.key=1"], "unknown section 'nosection'"),
         (["train.train_iters=abc"], "train.train_iters: expected an integer"),
         (["objective.name=gpt"], "objective.name ('gpt') must be one of"),
-        (["model.num_attention_heads=6", "parallel.tensor_model_parallel_size=4"],
-         "num_attention_heads (6) must be divisible by parallel.tensor_model_parallel_size (4)"),
+        (
+            ["model.num_attention_heads=6", "parallel.tensor_model_parallel_size=4"],
+            "num_attention_heads (6) must be divisible by parallel.tensor_model_parallel_size (4)",
+        ),
         (["parallel.pipeline_model_parallel_size=2", "parallel.zero_stage=2"], "zero_stage (2) with pipeline"),
         (["objective.name=bd3lm", "objective.block_size=5"], "block_size (5) must divide model.seq_length (128)"),
         (["train.global_batch_size=10", "train.micro_batch_size=4"], "must be a multiple of train.micro_batch_size"),
@@ -54,8 +62,10 @@ def test_overrides_and_types():
         (["train.eval_ema=true"], "train.eval_ema needs an EMA: set optim.ema_decay"),
         # the choices of an enumerated key are its Literal type
         (["train.precision=fp8"], "train.precision ('fp8') must be one of auto, bf16, fp16, fp32"),
-        (["parallel.distributed_backend=mpi"],
-         "parallel.distributed_backend ('mpi') must be one of nccl, gloo (or none)"),
+        (
+            ["parallel.distributed_backend=mpi"],
+            "parallel.distributed_backend ('mpi') must be one of nccl, gloo (or none)",
+        ),
         (["optim.lr_decay_style=step"], "optim.lr_decay_style ('step') must be one of cosine, linear, constant"),
         (["data.split=1,nan,1"], "data.split ('1,nan,1') must be three non-negative weights"),
     ],
@@ -74,8 +84,9 @@ def test_all_problems_reported_at_once():
 
 
 def test_world_size_checks():
-    cfg = load_config(None, ["parallel.tensor_model_parallel_size=2", "train.global_batch_size=8",
-                             "train.micro_batch_size=4"])
+    cfg = load_config(
+        None, ["parallel.tensor_model_parallel_size=2", "train.global_batch_size=8", "train.micro_batch_size=4"]
+    )
     with pytest.raises(ConfigError, match=r"world size \(3\) must be divisible"):
         validate(cfg, world_size=3)
     with pytest.raises(ConfigError, match=r"multiple of micro_batch_size \(4\) x data-parallel size \(4\)"):
@@ -125,8 +136,18 @@ def test_every_numeric_key_has_a_range():
 
 
 def test_override_text_of_string_keys_is_kept_as_given():
-    cfg = load_config(None, ["train.run_dir=on", "data.data_path=0123", "data.tokenizer_model=0x1F",
-                             "data.cache_dir=none", "train.seed=0123", "optim.lr=1e-3", "logging.wandb=on"])
+    cfg = load_config(
+        None,
+        [
+            "train.run_dir=on",
+            "data.data_path=0123",
+            "data.tokenizer_model=0x1F",
+            "data.cache_dir=none",
+            "train.seed=0123",
+            "optim.lr=1e-3",
+            "logging.wandb=on",
+        ],
+    )
     assert (cfg.train.run_dir, cfg.data.data_path, cfg.data.tokenizer_model) == ("on", "0123", "0x1F")
     assert cfg.data.cache_dir is None and cfg.train.seed == 123 and cfg.optim.lr == 1e-3 and cfg.logging.wandb
 
@@ -149,19 +170,45 @@ def test_resume_changes_lists_what_may_not_change():
     from card_megatron.config import resume_changes
 
     saved = load_config(None, ["data.data_path=a", "model.seq_length=64"])
-    same_run = load_config(None, ["data.data_path=a", "model.seq_length=64", "train.train_iters=5000",
-                                  "optim.lr=1e-4", "optim.lr_decay_style=linear", "train.log_interval=1",
-                                  "train.eval_iters=3", "data.num_workers=2", "train.keep_last_checkpoints=9",
-                                  "logging.wandb=true", "train.micro_batch_size=4"])
+    same_run = load_config(
+        None,
+        [
+            "data.data_path=a",
+            "model.seq_length=64",
+            "train.train_iters=5000",
+            "optim.lr=1e-4",
+            "optim.lr_decay_style=linear",
+            "train.log_interval=1",
+            "train.eval_iters=3",
+            "data.num_workers=2",
+            "train.keep_last_checkpoints=9",
+            "logging.wandb=true",
+            "train.micro_batch_size=4",
+        ],
+    )
     assert resume_changes(saved, same_run) == []
     assert resume_changes(saved, same_run, saved_dp=1, dp=2) == []  # ZeRO 0: another data-parallel size is fine
-    changed = load_config(None, ["data.data_path=b", "model.seq_length=128", "objective.name=arm",
-                                 "parallel.tensor_model_parallel_size=2", "parallel.zero_stage=1",
-                                 "optim.adam_beta2=0.99", "train.train_iters=9"])
+    changed = load_config(
+        None,
+        [
+            "data.data_path=b",
+            "model.seq_length=128",
+            "objective.name=arm",
+            "parallel.tensor_model_parallel_size=2",
+            "parallel.zero_stage=1",
+            "optim.adam_beta2=0.99",
+            "train.train_iters=9",
+        ],
+    )
     got = resume_changes(saved, changed, saved_dp=2, dp=1)
-    assert got[:-1] == ["model.seq_length: 64 -> 128", "objective.name: 'card' -> 'arm'", "data.data_path: 'a' -> 'b'",
-                        "parallel.tensor_model_parallel_size: 1 -> 2", "parallel.zero_stage: 0 -> 1",
-                        "optim.adam_beta2: 0.95 -> 0.99"]
+    assert got[:-1] == [
+        "model.seq_length: 64 -> 128",
+        "objective.name: 'card' -> 'arm'",
+        "data.data_path: 'a' -> 'b'",
+        "parallel.tensor_model_parallel_size: 1 -> 2",
+        "parallel.zero_stage: 0 -> 1",
+        "optim.adam_beta2: 0.95 -> 0.99",
+    ]
     assert got[-1].startswith("data-parallel size: 2 -> 1 under parallel.zero_stage 1")
 
 
@@ -196,9 +243,11 @@ def test_an_objective_built_without_the_loader_is_checked_by_the_same_rules():
     from card_megatron.config import ObjectiveConfig
     from card_megatron.objectives import build_objective
 
-    for changes, message in (({"masking": "random"}, "objective.masking ('random') must be one of tail, uniform"),
-                             ({"tail_factor": 0.5}, "objective.tail_factor (0.5) must be >= 1"),
-                             ({"name": "bd3lm", "block_size": 3}, "objective.block_size (3) must divide")):
+    for changes, message in (
+        ({"masking": "random"}, "objective.masking ('random') must be one of tail, uniform"),
+        ({"tail_factor": 0.5}, "objective.tail_factor (0.5) must be >= 1"),
+        ({"name": "bd3lm", "block_size": 3}, "objective.block_size (3) must divide"),
+    ):
         with pytest.raises(ConfigError) as e:
             build_objective(dataclasses.replace(ObjectiveConfig(), **changes), 8, 9, 10)
         assert message in str(e.value)

@@ -384,6 +384,7 @@ def test_read_only_cache_suggests_cache_dir(shard, tmp_path, monkeypatch):
     cache = tmp_path / "ro_cache"
     cache.mkdir()
     if os.geteuid() == 0:  # root ignores permissions: the file system says read-only instead
+
         def read_only(path, *args, **kwargs):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
 

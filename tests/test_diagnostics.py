@@ -68,7 +68,7 @@ def test_probe_batch_and_sums_match_a_loop():
     for b in range(B):
         n = int(cuts[b])
         expect = tokens[b, :L].clone()
-        expect[n:n + K - 1] = mask  # clean prefix x_0..x_{n-1}, then K-1 masks
+        expect[n : n + K - 1] = mask  # clean prefix x_0..x_{n-1}, then K-1 masks
         assert torch.equal(ids[b], expect)
         for k in range(K):  # output n-1+k predicts x[n+k] after exactly k masks
             j = int(gather[b, k])

@@ -95,8 +95,9 @@ def test_ema_switched_on_and_off_between_runs(tiny_corpus, tmp_path, caplog):
     run = str(tmp_path / "switch")
 
     def trainer(*extra):
-        return Trainer(load_config(os.path.join(REPO, "configs", "tiny-cpu.yaml"),
-                                   overrides(tiny_corpus, run, 10, *extra)))
+        return Trainer(
+            load_config(os.path.join(REPO, "configs", "tiny-cpu.yaml"), overrides(tiny_corpus, run, 10, *extra))
+        )
 
     caplog.set_level(logging.INFO, logger="card_megatron")
     plain = trainer()
@@ -132,8 +133,9 @@ def test_ema_switched_on_and_off_between_runs(tiny_corpus, tmp_path, caplog):
     assert "holds an EMA, but optim.ema_decay is 0: the EMA is dropped" in caplog.text
 
     # An EMA saved with TP=2 (two files) cannot resume on one process: refused, with the reason.
-    shutil.copyfile(os.path.join(checkpoint, "ema_tp00_pp000_dp00000.pt"),
-                    os.path.join(checkpoint, "ema_tp01_pp000_dp00000.pt"))
+    shutil.copyfile(
+        os.path.join(checkpoint, "ema_tp00_pp000_dp00000.pt"), os.path.join(checkpoint, "ema_tp01_pp000_dp00000.pt")
+    )
     with pytest.raises(ValueError, match="holds the EMA of another parallel layout"):
         trainer("optim.ema_decay=0.5")
 
@@ -170,8 +172,7 @@ def test_ema_matches_single_process(layout, ema_run):
     assert a["ema_state_dict"].keys() == a["state_dict"].keys() == b["ema_state_dict"].keys()
     for name in a["ema_state_dict"]:
         # the same tolerance as the trained weights' parity (tests/test_training.py)
-        torch.testing.assert_close(b["ema_state_dict"][name], a["ema_state_dict"][name], rtol=1e-3, atol=1e-4,
-                                   msg=name)
+        torch.testing.assert_close(b["ema_state_dict"][name], a["ema_state_dict"][name], rtol=1e-3, atol=1e-4, msg=name)
     name = "output.output_layer.weight"
     assert not torch.allclose(a["ema_state_dict"][name], a["state_dict"][name])  # the EMA is not the weights
     e0, e1 = records(single, "eval.jsonl"), records(run, "eval.jsonl")

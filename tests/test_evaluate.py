@@ -26,8 +26,9 @@ def setup(tmp_path_factory):
     for name, part in (("docs_a", docs[150:250]), ("docs_b", docs[250:400])):
         path = root / f"{name}.jsonl"
         path.write_text("".join(json.dumps({"text": d[:600]}) + "\n" for d in part))
-        pp.preprocess(pp.PreprocessOptions(inputs=[str(path)], output_prefix=str(root / name),
-                                           tokenizer_model=tok.source))
+        pp.preprocess(
+            pp.PreprocessOptions(inputs=[str(path)], output_prefix=str(root / name), tokenizer_model=tok.source)
+        )
         prefixes.append(str(root / f"{name}_text_document"))
     return root, tok, prefixes
 
@@ -40,7 +41,7 @@ def reference_nll(loaded, prefix, max_windows):
     L = loaded.config.model.seq_length
     total, count = 0.0, 0
     for w in range(min((len(tokens) - 1) // L, max_windows)):
-        seq = torch.from_numpy(tokens[w * L: w * L + L + 1])
+        seq = torch.from_numpy(tokens[w * L : w * L + L + 1])
         with torch.no_grad():
             logits = loaded.model(seq[None, :-1], torch.arange(L)[None])[:, 0].double()
         logp = torch.log_softmax(logits, dim=-1)
@@ -80,9 +81,23 @@ def test_cli(single_process, setup, tmp_path):  # noqa: F811
     ckpt = write_export(tmp_path / "ckpt", tok, "card", seed=4)
     tool = [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--checkpoint", ckpt]
     env = {**os.environ, "PYTHONPATH": REPO}
-    r = subprocess.run([*tool, "--data", *prefixes, "--max-windows", "3", "--output-json", str(tmp_path / "p.json"),
-                        "--output-markdown", str(tmp_path / "p.md")], capture_output=True, text=True, env=env,
-                       timeout=180)
+    r = subprocess.run(
+        [
+            *tool,
+            "--data",
+            *prefixes,
+            "--max-windows",
+            "3",
+            "--output-json",
+            str(tmp_path / "p.json"),
+            "--output-markdown",
+            str(tmp_path / "p.md"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "p.json").read_text())
     assert [row["dataset"] for row in result["rows"]] == ["docs_a_text_document", "docs_b_text_document"]
@@ -90,8 +105,10 @@ def test_cli(single_process, setup, tmp_path):  # noqa: F811
     other = train_tokenizer(["another corpus of other words"] * 40, str(tmp_path / "other.model"), 300)
     with open(other.source, "rb") as f:
         (tmp_path / "ckpt" / "tokenizer.model").write_bytes(f.read())
-    for args, message in ((["--data", str(tmp_path / "missing")], "not found"),
-                          (["--data", prefixes[0]], "was tokenized with"),
-                          (["--data", *prefixes, "--names", "one"], "--names gives 1 names for 2")):
+    for args, message in (
+        (["--data", str(tmp_path / "missing")], "not found"),
+        (["--data", prefixes[0]], "was tokenized with"),
+        (["--data", *prefixes, "--names", "one"], "--names gives 1 names for 2"),
+    ):
         r = subprocess.run([*tool, *args], capture_output=True, text=True, env=env, timeout=180)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -38,8 +38,19 @@ def write_export(root, tokenizer, objective="card", seed=0, **model_kw):
     from card_megatron.model.gpt import CardGPT, padded_vocab_size
     from card_megatron.objectives import build_objective
 
-    mcfg = ModelConfig(**{**dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
-                                 seq_length=48, make_vocab_size_divisible_by=64), **model_kw})
+    mcfg = ModelConfig(
+        **{
+            **dict(
+                num_layers=2,
+                hidden_size=64,
+                num_attention_heads=4,
+                ffn_hidden_size=96,
+                seq_length=48,
+                make_vocab_size_divisible_by=64,
+            ),
+            **model_kw,
+        }
+    )
     cfg = Config(model=mcfg, objective=ObjectiveConfig(name=objective))
     kind = build_objective(cfg.objective, mcfg.seq_length, tokenizer.mask_id, tokenizer.vocab_size).mask_kind
     model = CardGPT(mcfg, kind, padded_vocab_size(tokenizer.vocab_size, 64, 1), seed=seed)
@@ -76,8 +87,11 @@ def check_tokenizer(hf_dir, tokenizer):
     auto = AutoTokenizer.from_pretrained(str(hf_dir))
     texts = [d[:400] for d in itertools.islice(builtin_documents(), 300, 320)]
     assert [auto.encode(t, add_special_tokens=False) for t in texts] == [tokenizer.encode(t) for t in texts]
-    assert (auto.eos_token_id, auto.pad_token_id, auto.mask_token_id) == (tokenizer.eos_id, tokenizer.pad_id,
-                                                                          tokenizer.mask_id)
+    assert (auto.eos_token_id, auto.pad_token_id, auto.mask_token_id) == (
+        tokenizer.eos_id,
+        tokenizer.pad_id,
+        tokenizer.mask_id,
+    )
 
 
 def export(ckpt, out):
@@ -86,11 +100,14 @@ def export(ckpt, out):
     return export_llama(ckpt, str(out))
 
 
-@pytest.mark.parametrize("objective,model_kw", [
-    ("card", {}),
-    ("arm", {"num_query_groups": 2}),  # grouped-query attention
-    ("card", {"untie_embeddings_and_output_weights": False, "num_layers": 3}),  # tied output layer
-])
+@pytest.mark.parametrize(
+    "objective,model_kw",
+    [
+        ("card", {}),
+        ("arm", {"num_query_groups": 2}),  # grouped-query attention
+        ("card", {"untie_embeddings_and_output_weights": False, "num_layers": 3}),  # tied output layer
+    ],
+)
 def test_exported_logits_and_greedy_decoding_match(single_process, tmp_path, sp_tokenizer, objective, model_kw):
     from transformers import AutoModelForCausalLM
 
@@ -117,16 +134,27 @@ def test_exported_logits_and_greedy_decoding_match(single_process, tmp_path, sp_
     check_tokenizer(tmp_path / "hf", ours.tokenizer)
     # greedy generation in transformers == our AR decoding, from our prompt_token_ids (eos first)
     prompts = ["def main", "The default value of", ""]
-    gens, _ = generate(ours, prompts, GenerationConfig(decoding="ar", max_new_tokens=12,
-                                                      sampling=SamplingConfig(temperature=0.0)))
-    banned = [ours.tokenizer.mask_id, ours.tokenizer.pad_id, ours.tokenizer.bos_id,
-              *range(ours.tokenizer.vocab_size, ours.vocab_size)]
+    gens, _ = generate(
+        ours, prompts, GenerationConfig(decoding="ar", max_new_tokens=12, sampling=SamplingConfig(temperature=0.0))
+    )
+    banned = [
+        ours.tokenizer.mask_id,
+        ours.tokenizer.pad_id,
+        ours.tokenizer.bos_id,
+        *range(ours.tokenizer.vocab_size, ours.vocab_size),
+    ]
     for g in gens:
         assert g.prompt_token_ids[0] == sp_tokenizer.eos_id and g.prompt_token_ids[1:] == g.prompt_ids
-        out = hf.generate(torch.tensor([g.prompt_token_ids]), attention_mask=torch.ones(1, len(g.prompt_token_ids),
-                          dtype=torch.long), max_new_tokens=12, do_sample=False, eos_token_id=sp_tokenizer.eos_id,
-                          pad_token_id=sp_tokenizer.pad_id, suppress_tokens=banned)
-        new = out[0, len(g.prompt_token_ids):].tolist()
+        out = hf.generate(
+            torch.tensor([g.prompt_token_ids]),
+            attention_mask=torch.ones(1, len(g.prompt_token_ids), dtype=torch.long),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=sp_tokenizer.eos_id,
+            pad_token_id=sp_tokenizer.pad_id,
+            suppress_tokens=banned,
+        )
+        new = out[0, len(g.prompt_token_ids) :].tolist()
         assert new == g.token_ids, (g.prompt, new, g.token_ids)
 
 
@@ -146,11 +174,18 @@ def test_refusals_and_nothing_left_behind(single_process, tmp_path, sp_tokenizer
     # the CLI: clear errors, no traceback, no partial directory
     tool = [sys.executable, os.path.join(REPO, "tools", "export_hf.py")]
     env = {**os.environ, "PYTHONPATH": REPO}
-    for args, message in (([tmp_path / "mdlm", tmp_path / "x"], "bidirectional"),
-                          ([card, tmp_path / "taken"], "already exists"),
-                          ([tmp_path / "missing", tmp_path / "y"], "checkpoint not found")):
-        r = subprocess.run([*tool, "--checkpoint", str(args[0]), "--output", str(args[1])], capture_output=True,
-                           text=True, env=env, timeout=120)
+    for args, message in (
+        ([tmp_path / "mdlm", tmp_path / "x"], "bidirectional"),
+        ([card, tmp_path / "taken"], "already exists"),
+        ([tmp_path / "missing", tmp_path / "y"], "checkpoint not found"),
+    ):
+        r = subprocess.run(
+            [*tool, "--checkpoint", str(args[0]), "--output", str(args[1])],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert sorted(os.listdir(tmp_path)) == ["bd3lm", "card", "mdlm", "taken"]
 
@@ -171,28 +206,67 @@ def test_tokenizer_json_end_to_end(single_process, tmp_path):
 
     bpe = train_bpe(list(itertools.islice(builtin_documents(), 300)), tmp_path / "tokenizer.json", vocab_size=800)
     env = {**os.environ, "PYTHONPATH": REPO}
-    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input",
-                        "builtin:python-docs", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", bpe,
-                        "--output-prefix", str(tmp_path / "docs"), "--workers", "2"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "preprocess_data.py"),
+            "--input",
+            "builtin:python-docs",
+            "--tokenizer-type",
+            "HuggingFaceTokenizer",
+            "--tokenizer-model",
+            bpe,
+            "--output-prefix",
+            str(tmp_path / "docs"),
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     run_dir = str(tmp_path / "run")
-    args = training_runs.overrides((str(tmp_path / "docs_text_document"), bpe), run_dir, 4, "train.save_interval=4",
-                                   "train.eval_interval=100", "parallel.tensor_model_parallel_size=2")
+    args = training_runs.overrides(
+        (str(tmp_path / "docs_text_document"), bpe),
+        run_dir,
+        4,
+        "train.save_interval=4",
+        "train.eval_interval=100",
+        "parallel.tensor_model_parallel_size=2",
+    )
     with pytest.MonkeyPatch.context() as mp:
         for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
             mp.delenv(key, raising=False)
         training_runs.train(2, args, timeout=300)
-        gen = subprocess.run([sys.executable, os.path.join(REPO, "tools", "generate.py"), "--checkpoint", run_dir,
-                              "--prompt", "The default value of", "--decoding", "ar", "--greedy",
-                              "--max-new-tokens", "8"],
-                             capture_output=True, text=True, env=training_runs.env(), timeout=180)
+        gen = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(REPO, "tools", "generate.py"),
+                "--checkpoint",
+                run_dir,
+                "--prompt",
+                "The default value of",
+                "--decoding",
+                "ar",
+                "--greedy",
+                "--max-new-tokens",
+                "8",
+            ],
+            capture_output=True,
+            text=True,
+            env=training_runs.env(),
+            timeout=180,
+        )
     assert gen.returncode == 0, gen.stderr[-3000:]
     record = json.loads(gen.stdout.splitlines()[0])
     loaded = load_model(run_dir, device="cpu")
     tok = loaded.tokenizer
-    assert type(tok).__name__ == "HuggingFaceTokenizer" and tok.sha256 == __import__("hashlib").sha256(
-        open(bpe, "rb").read()).hexdigest()
+    assert (
+        type(tok).__name__ == "HuggingFaceTokenizer"
+        and tok.sha256 == __import__("hashlib").sha256(open(bpe, "rb").read()).hexdigest()
+    )
     assert record["prompt_token_ids"] == [tok.eos_id] + tok.encode("The default value of")
     assert record["text"] == tok.decode(record["token_ids"])
     export(run_dir, tmp_path / "hf")
@@ -203,7 +277,13 @@ def test_tokenizer_json_end_to_end(single_process, tmp_path):
         theirs = hf(input_ids=torch.tensor([seq])).logits.double()
     assert torch.allclose(theirs, batch_logits(loaded, [seq]), atol=1e-4, rtol=0)
     banned = [tok.mask_id, tok.pad_id, tok.bos_id, *range(tok.vocab_size, loaded.vocab_size)]
-    out = hf.generate(torch.tensor([record["prompt_token_ids"]]), max_new_tokens=8, do_sample=False,
-                      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, suppress_tokens=banned,
-                      attention_mask=torch.ones(1, len(record["prompt_token_ids"]), dtype=torch.long))
-    assert out[0, len(record["prompt_token_ids"]):].tolist() == record["token_ids"]
+    out = hf.generate(
+        torch.tensor([record["prompt_token_ids"]]),
+        max_new_tokens=8,
+        do_sample=False,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+        suppress_tokens=banned,
+        attention_mask=torch.ones(1, len(record["prompt_token_ids"]), dtype=torch.long),
+    )
+    assert out[0, len(record["prompt_token_ids"]) :].tolist() == record["token_ids"]

@@ -62,7 +62,7 @@ def _naive_greedy(model, prompt, max_new):
         for _ in range(max_new):
             logits = model(torch.tensor([seq]), torch.arange(len(seq))[None])[-1, 0].double()
             seq.append(int(logits.masked_fill(_banned(), float("-inf")).argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_ar_with_cache_equals_naive_greedy(single_process):
@@ -116,8 +116,11 @@ def test_tiny_threshold_commits_whole_windows(single_process):
 def test_eos_and_length_stopping(single_process):
     """Changing which id is eos changes nothing but where each sequence stops (eos kept, rest dropped)."""
     model = _model()
-    for cfg in (CausalDecodeConfig(window=1), CausalDecodeConfig(window=4, threshold=1e-9),
-                CausalDecodeConfig(window=3, threshold=0.65, commit_policy="any")):
+    for cfg in (
+        CausalDecodeConfig(window=1),
+        CausalDecodeConfig(window=4, threshold=1e-9),
+        CausalDecodeConfig(window=3, threshold=0.65, commit_policy="any"),
+    ):
         free = _causal(model, PROMPTS, max_new=10, cfg=cfg)
         assert all(o.stopped == "length" and len(o.token_ids) == 10 for o in free)
         eos = free[0].token_ids[3]  # the 4th token of sequence 0 becomes the end-of-sequence id
@@ -166,7 +169,7 @@ def _reference_card(model, prompt, max_new, window, threshold, policy, special=S
         with torch.no_grad():
             logits = model(torch.tensor([inputs]), torch.arange(len(inputs))[None])[:, 0].double()
         passes += 1
-        probs = torch.softmax(logits[n - 1: n - 1 + width].masked_fill(banned, float("-inf")), dim=-1)
+        probs = torch.softmax(logits[n - 1 : n - 1 + width].masked_fill(banned, float("-inf")), dim=-1)
         for k in range(width):
             if n + k in ahead:
                 continue
@@ -176,7 +179,7 @@ def _reference_card(model, prompt, max_new, window, threshold, policy, special=S
                 break
         while len(text) in ahead:
             text.append(ahead.pop(len(text)))
-        new = text[len(prompt):]
+        new = text[len(prompt) :]
         if special.eos in text[n:]:
             return new[: new.index(special.eos) + 1], passes
         if len(text) >= limit:
@@ -197,8 +200,9 @@ def test_card_parallel_decoding_equals_no_cache_reference(single_process, window
     for sharpen in (20, 25, 60):
         model = _model(sharpen=sharpen)
         cases = [(tau, SPECIAL, None) for tau in (0.05, 0.3, 0.5, 0.9)]
-        free = _causal(model, prompts, max_new=max_new, cfg=CausalDecodeConfig(window=window, threshold=0.5,
-                                                                                commit_policy=policy))
+        free = _causal(
+            model, prompts, max_new=max_new, cfg=CausalDecodeConfig(window=window, threshold=0.5, commit_policy=policy)
+        )
         eos = SpecialTokenIds(eos=free[0].token_ids[4], mask=SPECIAL.mask, pad=SPECIAL.pad)  # sequence 0 stops early
         cases += [(0.5, eos, None), (0.5, SPECIAL, 3)]
         for tau, special, max_steps in cases:
@@ -213,8 +217,9 @@ def test_card_parallel_decoding_equals_no_cache_reference(single_process, window
             if special is eos:
                 assert outs[0].stopped == "eos" and len(outs[0].token_ids) <= 5
             if max_steps is not None:
-                assert all(o.num_forward_passes <= 3 and (o.stopped == "eos" or len(o.token_ids) == max_new)
-                           for o in outs)
+                assert all(
+                    o.num_forward_passes <= 3 and (o.stopped == "eos" or len(o.token_ids) == max_new) for o in outs
+                )
                 num_forced += sum(f.num_forward_passes > 3 for f in free)
             if tau == 0.05:  # almost every position is confident: whole windows
                 assert all(o.num_forward_passes == -(-max_new // window) for o in outs)
@@ -229,8 +234,10 @@ def test_mdlm_batch_equals_alone_and_caching_is_exact(single_process, monkeypatc
     samp = sampling.SamplingConfig(seed=0)
     with torch.no_grad():
         batch, _ = decode_mdlm(model, PROMPTS, 10, SPECIAL, _banned(), samp, seeds, steps=25)
-        alone = [decode_mdlm(model, [p], 10, SPECIAL, _banned(), samp, seeds[i: i + 1], steps=25)[0][0]
-                 for i, p in enumerate(PROMPTS)]
+        alone = [
+            decode_mdlm(model, [p], 10, SPECIAL, _banned(), samp, seeds[i : i + 1], steps=25)[0][0]
+            for i, p in enumerate(PROMPTS)
+        ]
     assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
     assert all(len(o.token_ids) == 10 and SPECIAL.mask not in o.token_ids for o in batch)
     assert all(o.num_forward_passes < 25 for o in batch)  # steps that unmask nothing reuse the last pass
@@ -249,8 +256,10 @@ def test_bd3lm_batch_equals_alone(single_process):
     samp = sampling.SamplingConfig(seed=1, temperature=0.8)
     with torch.no_grad():
         batch, _ = decode_bd3lm(model, PROMPTS, 13, SPECIAL, _banned(), samp, seeds, block_size=4, steps=4)
-        alone = [decode_bd3lm(model, [p], 13, SPECIAL, _banned(), samp, seeds[i: i + 1], block_size=4, steps=4)[0][0]
-                 for i, p in enumerate(PROMPTS)]
+        alone = [
+            decode_bd3lm(model, [p], 13, SPECIAL, _banned(), samp, seeds[i : i + 1], block_size=4, steps=4)[0][0]
+            for i, p in enumerate(PROMPTS)
+        ]
     assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
     assert [o.num_forward_passes for o in batch] == [o.num_forward_passes for o in alone]
     for prompt, o in zip(PROMPTS, batch):
@@ -294,10 +303,17 @@ def runs(tiny_corpus, tmp_path_factory):
         procs = {}
         for name, nproc, extra in (("tp1", 1, []), ("tp2", 2, ["parallel.tensor_model_parallel_size=2"])):
             out[name] = str(root / name)
-            args = training_runs.overrides(tiny_corpus, out[name], 4, "train.save_interval=4", "train.eval_interval=100",
-                                           *extra)
-            procs[name] = subprocess.Popen(training_runs.command(nproc, args), cwd=REPO, env=training_runs.env(),
-                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            args = training_runs.overrides(
+                tiny_corpus, out[name], 4, "train.save_interval=4", "train.eval_interval=100", *extra
+            )
+            procs[name] = subprocess.Popen(
+                training_runs.command(nproc, args),
+                cwd=REPO,
+                env=training_runs.env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         for name, proc in procs.items():  # both trainings run at once: their start-up costs overlap
             log, _ = proc.communicate(timeout=240)
             assert proc.returncode == 0, f"training {name} failed:\n{log[-5000:]}"
@@ -354,9 +370,28 @@ def test_cli_end_to_end(runs, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "The default value of"}\n{"text": "Return"}\n')
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, os.path.join(REPO, "tools", "generate.py"), "--checkpoint", runs["tp2"],
-           "--input-file", str(prompts), "--prompt", "A", "--max-new-tokens", "6", "--batch-size", "2",
-           "--threshold", "0.5", "--window", "3", "--judge", runs["tp1"], "--seed", "3"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "tools", "generate.py"),
+        "--checkpoint",
+        runs["tp2"],
+        "--input-file",
+        str(prompts),
+        "--prompt",
+        "A",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+        "--threshold",
+        "0.5",
+        "--window",
+        "3",
+        "--judge",
+        runs["tp1"],
+        "--seed",
+        "3",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]

@@ -13,9 +13,11 @@ from tests.test_export_hf import single_process, write_export  # noqa: F401 (fix
 
 lm_eval = pytest.importorskip("lm_eval")
 
-MC = [{"question": "The default value of", "choices": ["None", "zero", "the argument"], "label": 0},
-      {"question": "Return the", "choices": ["value", "list of items"], "label": 1},
-      {"question": "", "choices": ["import", "class"], "label": 1}]
+MC = [
+    {"question": "The default value of", "choices": ["None", "zero", "the argument"], "label": 0},
+    {"question": "Return the", "choices": ["value", "list of items"], "label": 1},
+    {"question": "", "choices": ["import", "class"], "label": 1},
+]
 DOCS = [{"text": "The module defines functions that return values. " * 6}, {"text": "Short text."}]
 GEN = [{"question": "def main", "answer": "()"}, {"question": "The value", "answer": " is"}]
 
@@ -27,16 +29,19 @@ def write_tasks(root):
     common = "dataset_path: json\ntest_split: test\n"
     (root / "mc.yaml").write_text(
         f"task: card_local_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'mc.jsonl'}\n"
-        "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: \"{{label}}\"\nmetric_list:\n  - metric: acc\n")
+        'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{label}}"\nmetric_list:\n  - metric: acc\n'
+    )
     (root / "ppl.yaml").write_text(
         f"task: card_local_ppl\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'docs.jsonl'}\n"
-        "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
-        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"
+    )
     (root / "gen.yaml").write_text(
         f"task: card_local_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'gen.jsonl'}\n"
-        "output_type: generate_until\ndoc_to_text: \"{{question}}\"\ndoc_to_target: \"{{answer}}\"\n"
-        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\nmetric_list:\n  - metric: exact_match\n")
+        'output_type: generate_until\ndoc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 6\nmetric_list:\n  - metric: exact_match\n'
+    )
 
 
 def logprob(loaded, context_ids, cont_ids):
@@ -75,8 +80,13 @@ def test_local_tasks_through_simple_evaluate(single_process, tmp_path, sp_tokeni
     write_tasks(tmp_path)
     ckpt = write_export(tmp_path / "ckpt", sp_tokenizer, "card", seed=5, seq_length=24)
     lm = CardMegatronLM(checkpoint=ckpt, batch_size=2, threshold=0.5, window=3)
-    out = simple_evaluate(model=lm, tasks=["card_local_mc", "card_local_ppl", "card_local_gen"],
-                          task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True, limit=None)
+    out = simple_evaluate(
+        model=lm,
+        tasks=["card_local_mc", "card_local_ppl", "card_local_gen"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+        limit=None,
+    )
     tok, loaded = lm.tok, lm.loaded
     eos = tok.eos_id
     # multiple choice: each choice's log-likelihood equals a token-by-token reference
@@ -88,7 +98,7 @@ def test_local_tasks_through_simple_evaluate(single_process, tmp_path, sp_tokeni
             choice = " " + choice  # lm-eval's target delimiter
             ctx = [eos] + tok.encode(doc["question"]) if doc["question"] else [eos]
             whole = tok.encode(doc["question"] + choice)
-            cont = whole[len(ctx) - 1:] if doc["question"] else tok.encode(choice)
+            cont = whole[len(ctx) - 1 :] if doc["question"] else tok.encode(choice)
             assert float(ll) == pytest.approx(logprob(loaded, ctx, cont), abs=1e-4)
     assert 0.0 <= out["results"]["card_local_mc"]["acc,none"] <= 1.0
     # rolling: the long document spans several windows of seq_length = 24
@@ -102,15 +112,18 @@ def test_local_tasks_through_simple_evaluate(single_process, tmp_path, sp_tokeni
     pos = 24
     while pos < len(ids):
         n = min(24, len(ids) - pos)
-        reference += logprob(loaded, ids[pos + n - 25: pos], ids[pos: pos + n])
+        reference += logprob(loaded, ids[pos + n - 25 : pos], ids[pos : pos + n])
         pos += n
     got = [float(s["filtered_resps"][0]) for s in ppl if s["doc"]["text"] == long_doc][0]
     assert got == pytest.approx(reference, abs=1e-3)
     assert out["results"]["card_local_ppl"]["word_perplexity,none"] > 1
     # generation: CARD's parallel decoder, greedy, cut at the first newline
     gen = out["samples"]["card_local_gen"]
-    gens, _ = generate(loaded, [g["question"] for g in GEN], GenerationConfig(
-        max_new_tokens=6, sampling=SamplingConfig(greedy=True), threshold=0.5, window=3))
+    gens, _ = generate(
+        loaded,
+        [g["question"] for g in GEN],
+        GenerationConfig(max_new_tokens=6, sampling=SamplingConfig(greedy=True), threshold=0.5, window=3),
+    )
     by_question = {s["doc"]["question"]: s["filtered_resps"][0] for s in gen}
     for g in gens:
         assert by_question[g.prompt] == g.text.split("\n")[0]
@@ -125,8 +138,9 @@ def test_mdlm_conditional_bound_and_bd3lm_refusal(single_process, tmp_path, sp_t
 
     from card_megatron.eval.harness import CardMegatronLM
 
-    lm = CardMegatronLM(checkpoint=write_export(tmp_path / "mdlm", sp_tokenizer, "mdlm", seed=2),
-                        mc_samples=4000, batch_size=500)
+    lm = CardMegatronLM(
+        checkpoint=write_export(tmp_path / "mdlm", sp_tokenizer, "mdlm", seed=2), mc_samples=4000, batch_size=500
+    )
     tok = lm.tok
     context = [tok.eos_id] + tok.encode("The default value of")
     x = torch.tensor([context + [tok.mask_id]])
@@ -139,10 +153,12 @@ def test_mdlm_conditional_bound_and_bd3lm_refusal(single_process, tmp_path, sp_t
         assert bound == pytest.approx(exact, rel=0.1), (bound, exact)
         assert greedy == (int(logits.argmax()) == target)
     lm.mc_samples = 64
-    two = lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=("The default", " value of"),
-                                     idx=0)])
-    assert two == lm.loglikelihood([Instance(request_type="loglikelihood", doc={},
-                                             arguments=("The default", " value of"), idx=0)])
+    two = lm.loglikelihood(
+        [Instance(request_type="loglikelihood", doc={}, arguments=("The default", " value of"), idx=0)]
+    )
+    assert two == lm.loglikelihood(
+        [Instance(request_type="loglikelihood", doc={}, arguments=("The default", " value of"), idx=0)]
+    )
     assert two[0][0] < 0
     bd3 = CardMegatronLM(checkpoint=write_export(tmp_path / "bd3lm", sp_tokenizer, "bd3lm"))
     req = Instance(request_type="loglikelihood", doc={}, arguments=("a", " b"), idx=0)
@@ -156,10 +172,28 @@ def test_cli_runs_a_local_task(single_process, tmp_path, sp_tokenizer):  # noqa:
     write_tasks(tmp_path)
     ckpt = write_export(tmp_path / "ckpt", sp_tokenizer, "arm", seed=6, seq_length=24)
     env = {**os.environ, "PYTHONPATH": REPO, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "run_lm_eval.py"), "--model", "card_megatron",
-                        "--model_args", f"checkpoint={ckpt}", "--batch_size", "2", "--tasks", "card_local_mc",
-                        "--include_path", str(tmp_path), "--output_path", str(tmp_path / "results")],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "run_lm_eval.py"),
+            "--model",
+            "card_megatron",
+            "--model_args",
+            f"checkpoint={ckpt}",
+            "--batch_size",
+            "2",
+            "--tasks",
+            "card_local_mc",
+            "--include_path",
+            str(tmp_path),
+            "--output_path",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "card_local_mc" in r.stdout and "acc" in r.stdout
     found = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "results") for f in fs if f.endswith(".json")]

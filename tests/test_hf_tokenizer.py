@@ -27,8 +27,12 @@ def train_bpe(docs, path, vocab_size=700, special=("<|endoftext|>",)):
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special),
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.train_from_iterator(
+        docs,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=list(special), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     hf.save(str(path))
     return str(path)
 
@@ -64,8 +68,14 @@ def test_reserved_ids_appended_reproducibly(bpe_path, docs):
     batch = tok.encode_batch([docs[0], docs[1]], add_eos=True)
     assert [b.tolist() for b in batch] == [tok.encode(docs[0]) + [tok.eos_id], tok.encode(docs[1]) + [tok.eos_id]]
     # a tokenizer that has <mask> keeps its id
-    with_mask = Tokenizer.load(train_bpe(docs[:50], os.path.join(os.path.dirname(bpe_path), "m.json"), 400,
-                                         special=("<pad>", "<s>", "</s>", "<mask>")))
+    with_mask = Tokenizer.load(
+        train_bpe(
+            docs[:50],
+            os.path.join(os.path.dirname(bpe_path), "m.json"),
+            400,
+            special=("<pad>", "<s>", "</s>", "<mask>"),
+        )
+    )
     assert (with_mask.pad_id, with_mask.bos_id, with_mask.eos_id, with_mask.mask_id) == (0, 1, 2, 3)
     assert with_mask.appended == () and with_mask.vocab_size == with_mask.num_pieces
 
@@ -78,10 +88,26 @@ def test_bad_tokenizer_json_is_a_clear_error(tmp_path, bpe_path, docs):
         with pytest.raises(ValueError, match=f"{name} is not a valid Hugging Face tokenizer.json"):
             Tokenizer.load(str(tmp_path / name))
         (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:20]))
-        r = subprocess.run([sys.executable, TOOL, "--input", str(tmp_path / "in.jsonl"), "--tokenizer-type",
-                            "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path / name), "--output-prefix",
-                            str(tmp_path / "out"), "--workers", "1"], capture_output=True, text=True, env=ENV,
-                           timeout=60)
+        r = subprocess.run(
+            [
+                sys.executable,
+                TOOL,
+                "--input",
+                str(tmp_path / "in.jsonl"),
+                "--tokenizer-type",
+                "HuggingFaceTokenizer",
+                "--tokenizer-model",
+                str(tmp_path / name),
+                "--output-prefix",
+                str(tmp_path / "out"),
+                "--workers",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=60,
+        )
         assert r.returncode == 1 and "not a valid Hugging Face tokenizer.json" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
         assert [p for p in os.listdir(tmp_path) if p.startswith("out")] in ([], ["out.lock"])
@@ -95,9 +121,26 @@ def test_bad_tokenizer_json_is_a_clear_error(tmp_path, bpe_path, docs):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_preprocess_with_tokenizer_json(tmp_path, bpe_path, docs, workers):
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    r = subprocess.run([sys.executable, TOOL, "--input", str(tmp_path / "in.jsonl"), "--tokenizer-type",
-                        "HuggingFaceTokenizer", "--tokenizer-model", bpe_path, "--output-prefix", str(tmp_path / "o"),
-                        "--workers", str(workers)], capture_output=True, text=True, env=ENV, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            TOOL,
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--tokenizer-type",
+            "HuggingFaceTokenizer",
+            "--tokenizer-model",
+            bpe_path,
+            "--output-prefix",
+            str(tmp_path / "o"),
+            "--workers",
+            str(workers),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     tok = Tokenizer.load(bpe_path)
     shard = TokenShard(str(tmp_path / "o_text_document"))
@@ -120,8 +163,14 @@ def test_vocabulary_over_65535_is_stored_as_int32(tmp_path):
     rng = np.random.default_rng(0)
     texts = [" ".join(words[j] for j in rng.integers(0, 70_000, size=int(rng.integers(1, 30)))) for _ in range(60)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    stats = pp.preprocess(pp.PreprocessOptions(inputs=[str(tmp_path / "in.jsonl")], output_prefix=str(tmp_path / "big"),
-                                               tokenizer_model=str(tmp_path / "big.json"), workers=2))
+    stats = pp.preprocess(
+        pp.PreprocessOptions(
+            inputs=[str(tmp_path / "in.jsonl")],
+            output_prefix=str(tmp_path / "big"),
+            tokenizer_model=str(tmp_path / "big.json"),
+            workers=2,
+        )
+    )
     tok = Tokenizer.load(str(tmp_path / "big.json"))
     assert tok.vocab_size == 70_005 and stats.outputs["text"].dtype == np.int32
     expect = [[int(w[1:]) for w in t.split()] + [tok.eos_id] for t in texts]

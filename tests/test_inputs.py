@@ -35,16 +35,18 @@ def tok(tmp_path_factory, docs):
 def fineweb_table(texts):
     """FineWeb's columns (text, id, dump, url, date, language, language_score, token_count)."""
     n = len(texts)
-    return pa.table({
-        "text": pa.array(texts, pa.string()),
-        "id": [f"<urn:uuid:{i:08d}>" for i in range(n)],
-        "dump": ["CC-MAIN-2024-10"] * n,
-        "url": [f"https://example.org/{i}" for i in range(n)],
-        "date": ["2024-02-21T00:00:00Z"] * n,
-        "language": ["en"] * n,
-        "language_score": np.linspace(0.6, 1.0, n),
-        "token_count": pa.array(np.arange(n), pa.int64()),
-    })
+    return pa.table(
+        {
+            "text": pa.array(texts, pa.string()),
+            "id": [f"<urn:uuid:{i:08d}>" for i in range(n)],
+            "dump": ["CC-MAIN-2024-10"] * n,
+            "url": [f"https://example.org/{i}" for i in range(n)],
+            "date": ["2024-02-21T00:00:00Z"] * n,
+            "language": ["en"] * n,
+            "language_score": np.linspace(0.6, 1.0, n),
+            "token_count": pa.array(np.arange(n), pa.int64()),
+        }
+    )
 
 
 def shard_docs(prefix):
@@ -57,8 +59,9 @@ def expected(tok, texts):
 
 
 def run(tmp_path, inputs, tok, name="o", **kw):
-    opts = pp.PreprocessOptions(inputs=inputs, output_prefix=str(tmp_path / name), tokenizer_model=tok.source,
-                                log_interval=0.0, **kw)
+    opts = pp.PreprocessOptions(
+        inputs=inputs, output_prefix=str(tmp_path / name), tokenizer_model=tok.source, log_interval=0.0, **kw
+    )
     return pp.preprocess(opts)
 
 
@@ -80,7 +83,7 @@ def test_parquet_fineweb_layout_row_groups(tmp_path, tok, docs, workers):
 
 def test_parquet_two_columns_and_globs(tmp_path, tok, docs):
     for i in range(2):
-        t = fineweb_table(docs[i * 30:(i + 1) * 30]).append_column("body", pa.array(docs[60 + i * 30: 90 + i * 30]))
+        t = fineweb_table(docs[i * 30 : (i + 1) * 30]).append_column("body", pa.array(docs[60 + i * 30 : 90 + i * 30]))
         pq.write_table(t, tmp_path / f"part{i}.parquet", row_group_size=11)
     run(tmp_path, [str(tmp_path / "part*.parquet")], tok, json_keys=("text", "url"))
     assert shard_docs(str(tmp_path / "o_text_document")) == expected(tok, docs[:60])
@@ -93,8 +96,11 @@ def test_parquet_null_row_named_or_skipped(tmp_path, tok, docs):
     texts[25] = None  # row group 2 (rows 20..29), row 5
     path = tmp_path / "n.parquet"
     pq.write_table(fineweb_table(texts), path, row_group_size=10)
-    with pytest.raises(pp.PreprocessError, match=r"n\.parquet: row group 2, row 5 \(row 26 of the file\): "
-                                                  r"column 'text' is null"):
+    with pytest.raises(
+        pp.PreprocessError,
+        match=r"n\.parquet: row group 2, row 5 \(row 26 of the file\): "
+        r"column 'text' is null",
+    ):
         run(tmp_path, [str(path)], tok, workers=2)
     assert only_lock_left(tmp_path)
     stats = run(tmp_path, [str(path)], tok, skip_bad_lines=True)
@@ -121,7 +127,7 @@ def test_parquet_bad_files(tmp_path, tok, docs):
     data = bytearray(good.read_bytes())
     col = pq.ParquetFile(good).metadata.row_group(2).column(0)
     start = col.dictionary_page_offset or col.data_page_offset
-    data[start:start + 64] = b"\xff" * 64
+    data[start : start + 64] = b"\xff" * 64
     bad = tmp_path / "page.parquet"
     bad.write_bytes(bytes(data))
     with pytest.raises(pp.PreprocessError, match=r"page\.parquet: row group 2 cannot be read"):
@@ -134,7 +140,7 @@ def write_zst(path, data: bytes, frames=1):
     step = -(-len(data) // frames)
     with open(path, "wb") as f:
         for i in range(frames):  # concatenated frames, as some datasets ship
-            f.write(c.compress(data[i * step:(i + 1) * step]))
+            f.write(c.compress(data[i * step : (i + 1) * step]))
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -164,13 +170,33 @@ def test_jsonl_zst_errors(tmp_path, tok, docs):
 
 
 def test_cli_parquet_help_and_error(tmp_path, tok):
-    help_text = subprocess.run([sys.executable, TOOL, "--help"], capture_output=True, text=True,
-                               env={**os.environ, "PYTHONPATH": ROOT}, timeout=60).stdout
+    help_text = subprocess.run(
+        [sys.executable, TOOL, "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        timeout=60,
+    ).stdout
     assert ".parquet" in help_text and ".zst" in help_text and "HuggingFaceTokenizer" in help_text
     (tmp_path / "x.parquet").write_bytes(b"not parquet")
-    r = subprocess.run([sys.executable, TOOL, "--input", str(tmp_path / "x.parquet"), "--tokenizer-model", tok.source,
-                        "--output-prefix", str(tmp_path / "o"), "--workers", "1"],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            TOOL,
+            "--input",
+            str(tmp_path / "x.parquet"),
+            "--tokenizer-model",
+            tok.source,
+            "--output-prefix",
+            str(tmp_path / "o"),
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        timeout=60,
+    )
     assert r.returncode == 1 and "x.parquet: not a readable Parquet file" in r.stderr and "Traceback" not in r.stderr
 
 

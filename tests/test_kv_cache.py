@@ -19,8 +19,14 @@ def single_process():
 def _model(kind="causal", layers=2, groups=None, seed=5):
     from card_megatron.model.gpt import CardGPT
 
-    cfg = ModelConfig(num_layers=layers, hidden_size=32, num_attention_heads=4, num_query_groups=groups,
-                      ffn_hidden_size=64, seq_length=32)
+    cfg = ModelConfig(
+        num_layers=layers,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=groups,
+        ffn_hidden_size=64,
+        seq_length=32,
+    )
     return CardGPT(cfg, kind, vocab_size=V, seed=seed).eval()
 
 
@@ -80,7 +86,7 @@ def test_cached_logits_equal_uncached_ragged(single_process, groups):
             ids = torch.full((len(seqs), S), 7)  # garbage right padding
             for b, n in enumerate(sizes):
                 start = int(cache.lengths[b])
-                ids[b, :n] = seqs[b][start: start + n]
+                ids[b, :n] = seqs[b][start : start + n]
             logits = cache.forward(ids)
             for b, n in enumerate(sizes):
                 got[b].append(logits[b, :n])
@@ -133,10 +139,10 @@ def test_block_cache_matches_bd3lm_training_mask(single_process):
     got = []
     with torch.no_grad(), ModelCache(model, 2, 2 * L, block=bs) as cache:
         for blk in range(L // bs):
-            noised = xt[:, blk * bs: (blk + 1) * bs]
-            clean = x0[:, (blk - 1) * bs: blk * bs] if blk else x0[:, :0]
+            noised = xt[:, blk * bs : (blk + 1) * bs]
+            clean = x0[:, (blk - 1) * bs : blk * bs] if blk else x0[:, :0]
             logits = cache.forward(torch.cat([clean, noised], 1))
-            got.append(logits[:, clean.shape[1]:])
+            got.append(logits[:, clean.shape[1] :])
             cache.advance(torch.full((2,), clean.shape[1]))
             if blk:
                 assert int(cache.lengths[0]) == blk * bs

@@ -1,7 +1,5 @@
 """The transformer: mask kinds really applied, TP=2 parity with TP=1, layout-independent weights."""
 
-import os
-
 import pytest
 import torch
 

@@ -61,7 +61,7 @@ def test_uniform_with_per_row_counters_matches_numpy_bit_exact():
     seeds = random_int64(rng, 14)  # 6 edge values + 14 random: 20 seeds
     counters = random_int64(rng, 20 * 7)[: 20 * 7].reshape(20, 7)
     got = noise.uniform(seeds, counters)
-    want = np.stack([np_uniform(as_u64(seeds[b: b + 1]), as_u64(counters[b]))[0] for b in range(20)])
+    want = np.stack([np_uniform(as_u64(seeds[b : b + 1]), as_u64(counters[b]))[0] for b in range(20)])
     assert got.dtype == torch.float64 and got.shape == (20, 7)
     np.testing.assert_array_equal(got.numpy(), want)
     with pytest.raises(ValueError, match="counters"):

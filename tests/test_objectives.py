@@ -278,7 +278,7 @@ def test_mdlm_eval_passes_are_stratified_elbo_passes():
     passes = mdlm.eval_passes(tokens, seeds, ids)
     assert len(passes) == K
     u0 = noise.uniform(seeds, torch.tensor([noise.EVAL_OFFSET_STREAM]))[:, 0]
-    for k, (mi, li) in enumerate(passes):
+    for k, (_mi, li) in enumerate(passes):
         t = 0.01 + 0.99 * torch.remainder(u0 + k / K, 1.0)
         keys = noise.uniform(noise.derive_seeds(seeds, k), noise.POSITION_STREAM + torch.arange(L))
         assert torch.equal(li.is_masked, keys < t[:, None])

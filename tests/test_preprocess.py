@@ -35,7 +35,9 @@ ENV = {**os.environ, "PYTHONPATH": ROOT}
 
 
 def run_tool(*args, timeout=120):
-    return subprocess.run([sys.executable, TOOL, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, TOOL, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,11 @@ def test_tokenizer_without_mask_appends_it(tmp_path, docs):
     prefix = str(tmp_path / "plain")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(d for doc in docs[:100] for d in doc.splitlines() if d.strip()),
-        model_prefix=prefix, vocab_size=300, pad_id=-1, minloglevel=2, hard_vocab_limit=False,
+        model_prefix=prefix,
+        vocab_size=300,
+        pad_id=-1,
+        minloglevel=2,
+        hard_vocab_limit=False,
     )
     t = Tokenizer.load(prefix + ".model")
     n = t.sp.get_piece_size()
@@ -131,7 +137,7 @@ def test_builtin_corpus_deterministic_and_non_trivial(docs):
     assert any(d.startswith("Module json\n") for d in full)  # stdlib docstrings
     from pydoc_data.topics import topics
 
-    assert topics["if"].strip() in full[-len(topics):]  # pydoc topics
+    assert topics["if"].strip() in full[-len(topics) :]  # pydoc topics
 
 
 def test_synthetic_copy_deterministic_and_structured():
@@ -139,8 +145,11 @@ def test_synthetic_copy_deterministic_and_structured():
     docs = list(synthetic_copy_documents(spec))
     assert docs == list(synthetic_copy_documents(spec)) == list(builtin_documents("builtin:synthetic-copy", spec))
     other = list(synthetic_copy_documents(dataclasses.replace(spec, seed=1)))
-    assert len(other) == 300 and other != docs and synthetic_copy_lexicon(dataclasses.replace(spec, seed=1)) != \
-        synthetic_copy_lexicon(spec)
+    assert (
+        len(other) == 300
+        and other != docs
+        and synthetic_copy_lexicon(dataclasses.replace(spec, seed=1)) != synthetic_copy_lexicon(spec)
+    )
     lexicon = synthetic_copy_lexicon(spec)
     assert len(lexicon) == len(set(lexicon)) == 256
     assert all(re.fullmatch("([bdfgklmnprstvz][aeiou]){2,3}", w) for w in lexicon)
@@ -158,8 +167,16 @@ def test_synthetic_copy_deterministic_and_structured():
     default = SyntheticCopySpec()
     assert (default.seed, default.num_documents, default.lexicon_size) == (0, 20000, 256)
     # the generator itself is pinned (only random.Random.random() is used, stable across Python versions)
-    pinned = SyntheticCopySpec(seed=0, num_documents=2, lexicon_size=256, syllables_per_word=(2, 3),
-                               words_per_string=(6, 12), repeats=(6, 10), consonants="bdfgklmnprstvz", vowels="aeiou")
+    pinned = SyntheticCopySpec(
+        seed=0,
+        num_documents=2,
+        lexicon_size=256,
+        syllables_per_word=(2, 3),
+        words_per_string=(6, 12),
+        repeats=(6, 10),
+        consonants="bdfgklmnprstvz",
+        vowels="aeiou",
+    )
     assert list(synthetic_copy_documents(pinned)) == [
         " ".join(["tuga manatu zoba zavibi lesuvo sigilo."] * 10),
         " ".join(["godete pafu kuvu vudiki faro viva rorabo faro fibela bubaka kitapa."] * 8),
@@ -187,10 +204,13 @@ def test_python_code_files_order_and_fingerprint():
     # stable across calls and processes (another hash seed too)
     here = fingerprint_documents(docs)
     assert fingerprint_documents(builtin_documents("python-code")) == here
-    code = ("from card_megatron.data.corpus import builtin_documents as b, fingerprint_documents as f;"
-            "print(f(b('python-code')))")
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                           env={**ENV, "PYTHONHASHSEED": "123"})
+    code = (
+        "from card_megatron.data.corpus import builtin_documents as b, fingerprint_documents as f;"
+        "print(f(b('python-code')))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**ENV, "PYTHONHASHSEED": "123"}
+    )
     assert other.stdout.strip() == here, other.stderr
     params = builtin_parameters("python-code")
     assert params["num_files"] == len(files) and params["python_version"] == platform.python_version()
@@ -222,7 +242,7 @@ def test_python_code_split_never_shares_a_file(tmp_path, tok):
         for k in range(len(ds)):
             d, s = ds.locate(k)
             bounds = ds.arrays[f"d{d}_sample_index"]
-            docs.update(int(x) for x in ds.arrays[f"d{d}_document_index"][bounds[s, 0]: bounds[s + 1, 0] + 1])
+            docs.update(int(x) for x in ds.arrays[f"d{d}_document_index"][bounds[s, 0] : bounds[s + 1, 0] + 1])
             headers.update(re.findall(r"# file: \S+\.py(?=\n)", tok.decode(ds[k]["tokens"].tolist())))
         files = {file_of[x] for x in docs}
         assert len(files) == len(docs) and headers <= files  # the text agrees with the index
@@ -238,8 +258,18 @@ def test_cli_end_to_end_workers(tmp_path, docs, tok_path, tok):
     outs = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        r = run_tool("--input", inp, "--tokenizer-model", tok_path, "--output-prefix", out, "--workers", workers,
-                     "--log-interval", "0")
+        r = run_tool(
+            "--input",
+            inp,
+            "--tokenizer-model",
+            tok_path,
+            "--output-prefix",
+            out,
+            "--workers",
+            workers,
+            "--log-interval",
+            "0",
+        )
         assert r.returncode == 0, r.stderr
         assert "tokens/s" in r.stderr and "docs/s" in r.stderr and "MB/s" in r.stderr and "ETA" in r.stderr
         assert "text: 200 documents" in r.stderr
@@ -249,10 +279,18 @@ def test_cli_end_to_end_workers(tmp_path, docs, tok_path, tok):
         meta = json.load(open(f"{out}.tokenizer.json"))
         assert (meta["pad_id"], meta["bos_id"], meta["eos_id"], meta["mask_id"]) == (0, 2, 3, 4)
         assert meta["vocab_size"] == tok.vocab_size
-        assert meta["inputs"] == [{"name": os.path.abspath(inp), "kind": "jsonl", "gzip": False,
-                                   "size_bytes": os.path.getsize(inp), "num_lines": 200, "num_documents": {"text": 200},
-                                   "sha256": hashlib.sha256(open(inp, "rb").read()).hexdigest(),
-                                   "sha256_of": "file bytes"}]
+        assert meta["inputs"] == [
+            {
+                "name": os.path.abspath(inp),
+                "kind": "jsonl",
+                "gzip": False,
+                "size_bytes": os.path.getsize(inp),
+                "num_lines": 200,
+                "num_documents": {"text": 200},
+                "sha256": hashlib.sha256(open(inp, "rb").read()).hexdigest(),
+                "sha256_of": "file bytes",
+            }
+        ]
     assert outs[1] == outs[2]
 
 
@@ -263,22 +301,45 @@ def test_sidecar_records_builtin_and_file_inputs(tmp_path, tok):
     with gzip.open(tmp_path / "f.txt.gz", "wb") as f:
         f.write(raw)
     inputs = [builtin_source("synthetic-copy", spec), str(tmp_path / "f.txt.gz")]
-    stats = pp.preprocess(pp.PreprocessOptions(inputs=inputs, output_prefix=str(tmp_path / "s"),
-                                               tokenizer_model=tok.source, workers=2, chunk_bytes=1000))
+    stats = pp.preprocess(
+        pp.PreprocessOptions(
+            inputs=inputs, output_prefix=str(tmp_path / "s"), tokenizer_model=tok.source, workers=2, chunk_bytes=1000
+        )
+    )
     docs = list(synthetic_copy_documents(spec))
     assert_shard(str(tmp_path / "s_text_document"), tok, docs + ["first line", "third line"])
     meta = json.load(open(tmp_path / "s.tokenizer.json"))
     assert meta["inputs"] == stats.inputs and meta["mask_id"] == tok.mask_id
     assert meta["sha256"] == hashlib.sha256(open(tok.source, "rb").read()).hexdigest() == tok.sha256
     synthetic, text = meta["inputs"]
-    assert synthetic == {"name": "builtin:synthetic-copy", "kind": "builtin", "num_lines": 40,
-                         "num_documents": {"text": 40}, "sha256": fingerprint_documents(docs), "sha256_of": "documents",
-                         "parameters": {"seed": 3, "num_documents": 40, "lexicon_size": 256,
-                                        "syllables_per_word": [2, 3], "words_per_string": [8, 8], "repeats": [6, 10],
-                                        "consonants": "bdfgklmnprstvz", "vowels": "aeiou"}}
-    assert text == {"name": str(tmp_path / "f.txt.gz"), "kind": "txt", "gzip": True,
-                    "size_bytes": os.path.getsize(tmp_path / "f.txt.gz"), "num_lines": 3, "num_documents": {"text": 2},
-                    "sha256": hashlib.sha256(raw).hexdigest(), "sha256_of": "file bytes"}
+    assert synthetic == {
+        "name": "builtin:synthetic-copy",
+        "kind": "builtin",
+        "num_lines": 40,
+        "num_documents": {"text": 40},
+        "sha256": fingerprint_documents(docs),
+        "sha256_of": "documents",
+        "parameters": {
+            "seed": 3,
+            "num_documents": 40,
+            "lexicon_size": 256,
+            "syllables_per_word": [2, 3],
+            "words_per_string": [8, 8],
+            "repeats": [6, 10],
+            "consonants": "bdfgklmnprstvz",
+            "vowels": "aeiou",
+        },
+    }
+    assert text == {
+        "name": str(tmp_path / "f.txt.gz"),
+        "kind": "txt",
+        "gzip": True,
+        "size_bytes": os.path.getsize(tmp_path / "f.txt.gz"),
+        "num_lines": 3,
+        "num_documents": {"text": 2},
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "sha256_of": "file bytes",
+    }
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
     with pytest.raises(ValueError, match="takes a SyntheticCopySpec"):
         builtin_source("synthetic-copy", {"seed": 1})
@@ -288,8 +349,9 @@ def test_sidecar_records_builtin_and_file_inputs(tmp_path, tok):
 
 def test_small_chunks_many_workers_keep_order(tmp_path, docs, tok):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in docs])
-    opts = pp.PreprocessOptions(inputs=[inp], output_prefix=str(tmp_path / "o"), tokenizer_model=tok.source,
-                                workers=2, chunk_bytes=2000)
+    opts = pp.PreprocessOptions(
+        inputs=[inp], output_prefix=str(tmp_path / "o"), tokenizer_model=tok.source, workers=2, chunk_bytes=2000
+    )
     stats = pp.preprocess(opts)
     assert stats.outputs["text"].num_documents == len(docs) and stats.num_lines == len(docs)
     assert_shard(str(tmp_path / "o_text_document"), tok, docs)
@@ -309,8 +371,19 @@ def test_txt_gzip_glob_and_keys(tmp_path, docs, tok_path, tok):
     inp = str(tmp_path / "k.jsonl.gz")
     with gzip.open(inp, "wt") as f:
         f.write("".join(json.dumps(x) + "\n" for x in recs))
-    r = run_tool("--input", inp, "--json-keys", "title", "body", "--tokenizer-model", tok_path,
-                 "--output-prefix", tmp_path / "k", "--workers", 2)
+    r = run_tool(
+        "--input",
+        inp,
+        "--json-keys",
+        "title",
+        "body",
+        "--tokenizer-model",
+        tok_path,
+        "--output-prefix",
+        tmp_path / "k",
+        "--workers",
+        2,
+    )
     assert r.returncode == 0, r.stderr
     assert_shard(f"{tmp_path}/k_title_document", tok, [x["title"] for x in recs])
     assert_shard(f"{tmp_path}/k_body_document", tok, [x["body"] for x in recs])
@@ -338,14 +411,17 @@ def assert_user_error(r, *fragments):
         assert f in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    (b'{"text": "unterminated', "invalid JSON"),
-    (b'{"text": "caf\xe9"}', "invalid UTF-8"),
-    (b'["a", "list"]', "expected a JSON object"),
-    (b'{"text": 12}', "not a string"),
-    (b'{"text": "\\ud800"}', "lone UTF-16 surrogate"),  # valid JSON, but no text
-    (b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        (b'{"text": "unterminated', "invalid JSON"),
+        (b'{"text": "caf\xe9"}', "invalid UTF-8"),
+        (b'["a", "list"]', "expected a JSON object"),
+        (b'{"text": 12}', "not a string"),
+        (b'{"text": "\\ud800"}', "lone UTF-16 surrogate"),  # valid JSON, but no text
+        (b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    ],
+)
 def test_bad_line_names_file_and_line(tmp_path, tok_path, bad_line, message):
     inp = write_jsonl(tmp_path / "bad.jsonl", [{"text": "good one"}, {"text": "good two"}], [bad_line])
     out = tmp_path / "o"
@@ -362,20 +438,30 @@ def test_bad_line_names_file_and_line(tmp_path, tok_path, bad_line, message):
 def test_bad_line_number_across_chunks(tmp_path, tok):
     good = [{"text": f"document number {i}"} for i in range(500)]
     inp = write_jsonl(tmp_path / "many.jsonl", good, [b"{oops"])
-    opts = pp.PreprocessOptions(inputs=[inp], output_prefix=str(tmp_path / "o"), tokenizer_model=tok.source,
-                                workers=2, chunk_bytes=1000)
+    opts = pp.PreprocessOptions(
+        inputs=[inp], output_prefix=str(tmp_path / "o"), tokenizer_model=tok.source, workers=2, chunk_bytes=1000
+    )
     with pytest.raises(pp.PreprocessError, match=r"many\.jsonl:501: invalid JSON"):
         pp.preprocess(opts)
 
 
 def test_skip_counts_and_empty_documents(tmp_path, tok, docs):
-    inp = write_jsonl(tmp_path / "mix.jsonl", [{"text": docs[0]}, {"text": "  "}, {"other": "x"}, {"text": docs[1]}],
-                      [b"", b"not json", b'{"text": "\xff"}'])
-    opts = pp.PreprocessOptions(inputs=[inp], output_prefix=str(tmp_path / "o"), tokenizer_model=tok.source,
-                                skip_bad_lines=True)
+    inp = write_jsonl(
+        tmp_path / "mix.jsonl",
+        [{"text": docs[0]}, {"text": "  "}, {"other": "x"}, {"text": docs[1]}],
+        [b"", b"not json", b'{"text": "\xff"}'],
+    )
+    opts = pp.PreprocessOptions(
+        inputs=[inp], output_prefix=str(tmp_path / "o"), tokenizer_model=tok.source, skip_bad_lines=True
+    )
     stats = pp.preprocess(opts)
-    assert stats.skipped == {"empty documents": 1, "lines with key 'text' missing": 1, "blank lines": 1,
-                             "lines with invalid JSON": 1, "lines with invalid UTF-8": 1}
+    assert stats.skipped == {
+        "empty documents": 1,
+        "lines with key 'text' missing": 1,
+        "blank lines": 1,
+        "lines with invalid JSON": 1,
+        "lines with invalid UTF-8": 1,
+    }
     assert stats.num_lines == 7 and stats.outputs["text"].num_documents == 2
     assert_shard(str(tmp_path / "o_text_document"), tok, docs[:2])
 
@@ -388,7 +474,9 @@ def test_user_errors(tmp_path, tok_path):
     assert_user_error(r, "tokenizer model not found", "missing.model")
     r = run_tool("--input", inp, "--output-prefix", tmp_path / "o")
     assert_user_error(r, "no tokenizer")
-    r = run_tool("--input", tmp_path / "nothing*.jsonl", "--tokenizer-model", tok_path, "--output-prefix", tmp_path / "o")
+    r = run_tool(
+        "--input", tmp_path / "nothing*.jsonl", "--tokenizer-model", tok_path, "--output-prefix", tmp_path / "o"
+    )
     assert_user_error(r, "no file matches")
     ok = write_jsonl(tmp_path / "ok.jsonl", [{"text": "hello"}])
     assert run_tool("--input", ok, "--tokenizer-model", tok_path, "--output-prefix", tmp_path / "o").returncode == 0
@@ -399,8 +487,18 @@ def test_user_errors(tmp_path, tok_path):
     r = run_tool("--input", ok, "--tokenizer-model", tok_path, "--output-prefix", tmp_path / "o", "--overwrite")
     assert r.returncode == 0, r.stderr
     r = run_tool("--help")
-    assert r.returncode == 0 and all(f in r.stdout for f in ("--input", "--json-keys", "--output-prefix", "--workers",
-                                                              "--overwrite", "--merge", "--skip-bad-lines"))
+    assert r.returncode == 0 and all(
+        f in r.stdout
+        for f in (
+            "--input",
+            "--json-keys",
+            "--output-prefix",
+            "--workers",
+            "--overwrite",
+            "--merge",
+            "--skip-bad-lines",
+        )
+    )
 
 
 def test_second_run_on_one_output_prefix_is_refused(tmp_path, tok):
@@ -410,7 +508,9 @@ def test_second_run_on_one_output_prefix_is_refused(tmp_path, tok):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
     opts = pp.PreprocessOptions(inputs=[inp], output_prefix=str(tmp_path / "o"), tokenizer_model=tok.source)
     with ExclusiveLock(str(tmp_path / "o.lock")):
-        with pytest.raises(pp.PreprocessError, match=rf"o\.lock is locked by host .* pid {os.getpid()} since .*--output-prefix"):
+        with pytest.raises(
+            pp.PreprocessError, match=rf"o\.lock is locked by host .* pid {os.getpid()} since .*--output-prefix"
+        ):
             pp.preprocess(opts)
     assert not os.path.exists(tmp_path / "o_text_document.bin")
     pp.preprocess(opts)  # released: the leftover lock file does not block
@@ -421,8 +521,7 @@ def test_failed_run_leaves_no_tokenizer_and_says_disk_full(tmp_path, docs, monke
     """A trained tokenizer is renamed into place only with its shards: a run that fails later (here: the
     disk fills at the end) leaves no {prefix}.model, says so, and the rerun works (issue 14)."""
     inp = write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in docs[:100]])
-    opts = pp.PreprocessOptions(inputs=[inp], output_prefix=str(tmp_path / "tr"), train_tokenizer=True,
-                                vocab_size=500)
+    opts = pp.PreprocessOptions(inputs=[inp], output_prefix=str(tmp_path / "tr"), train_tokenizer=True, vocab_size=500)
     real = pp.ShardWriter.finalize
 
     def full(self):
@@ -455,8 +554,13 @@ def test_exception_mid_run_leaves_nothing(tmp_path, tok, docs, monkeypatch):
 
     monkeypatch.setattr(pp, "iter_chunks", failing)
     for workers in (1, 2):
-        opts = pp.PreprocessOptions(inputs=[inp], output_prefix=str(tmp_path / "o"), tokenizer_model=tok.source,
-                                    workers=workers, chunk_bytes=4000)
+        opts = pp.PreprocessOptions(
+            inputs=[inp],
+            output_prefix=str(tmp_path / "o"),
+            tokenizer_model=tok.source,
+            workers=workers,
+            chunk_bytes=4000,
+        )
         with pytest.raises(KeyboardInterrupt):
             pp.preprocess(opts)
         left = [p for p in os.listdir(tmp_path) if p.startswith("o_")]
@@ -481,9 +585,23 @@ def test_killed_run_leaves_no_finished_shard(tmp_path, tok_path, sig):
     fifo = str(tmp_path / "stream.jsonl")
     os.mkfifo(fifo)  # the tool blocks reading it: the run is certainly unfinished when killed
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, TOOL, "--input", fifo, "--tokenizer-model", tok_path,
-                             "--output-prefix", str(out), "--workers", "2"], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            TOOL,
+            "--input",
+            fifo,
+            "--tokenizer-model",
+            tok_path,
+            "--output-prefix",
+            str(out),
+            "--workers",
+            "2",
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         with open(fifo, "w") as w:
             w.write(json.dumps({"text": "some text"}) + "\n")
@@ -521,7 +639,10 @@ def test_cli_merge(tmp_path, tok_path, tok, docs):
     prefixes = []
     for k, part in enumerate(parts):
         inp = write_jsonl(tmp_path / f"p{k}.jsonl", [{"text": d} for d in part])
-        assert run_tool("--input", inp, "--tokenizer-model", tok_path, "--output-prefix", tmp_path / f"p{k}").returncode == 0
+        assert (
+            run_tool("--input", inp, "--tokenizer-model", tok_path, "--output-prefix", tmp_path / f"p{k}").returncode
+            == 0
+        )
         prefixes.append(f"{tmp_path}/p{k}_text_document")
     r = run_tool("--merge", *prefixes, "--output-prefix", tmp_path / "merged")
     assert r.returncode == 0, r.stderr
@@ -553,11 +674,30 @@ def test_chunks_cover_the_file_at_line_ends(tmp_path):
 def test_fast_parser_matches_line_by_line_reference():
     """The whole-chunk fast path must agree with the line-by-line parser or step aside (None)."""
     rng = np.random.default_rng(7)
-    good = [b'{"text": "plain"}', b'{"text": "caf\\u00e9 \\"q\\" \\n nl", "n": 1}', '{"text": "ünï ✓"}'.encode(),
-            b'{"text": "  "}', b'{"text": ""}', b'{"text": "x", "body": "b"}', b'{"body": "y", "text": "z"}']
-    odd = [b"", b"   ", b'  {"text": "padded"}  ', b'{"text": "crlf"}\r', b'{"text": 5}', b'{"text": null}',
-           b'{"other": "k"}', b"[1, 2]", b'"just a string"', b"{bad json", b'{"text": "\xff"}',
-           b'{"text": "a"}, {"text": "b"}', b'{"text": "ok"} trailing']
+    good = [
+        b'{"text": "plain"}',
+        b'{"text": "caf\\u00e9 \\"q\\" \\n nl", "n": 1}',
+        '{"text": "ünï ✓"}'.encode(),
+        b'{"text": "  "}',
+        b'{"text": ""}',
+        b'{"text": "x", "body": "b"}',
+        b'{"body": "y", "text": "z"}',
+    ]
+    odd = [
+        b"",
+        b"   ",
+        b'  {"text": "padded"}  ',
+        b'{"text": "crlf"}\r',
+        b'{"text": 5}',
+        b'{"text": null}',
+        b'{"other": "k"}',
+        b"[1, 2]",
+        b'"just a string"',
+        b"{bad json",
+        b'{"text": "\xff"}',
+        b'{"text": "a"}, {"text": "b"}',
+        b'{"text": "ok"} trailing',
+    ]
     agree = fallbacks = 0
     for trial in range(300):
         pool = good + (odd if trial % 2 else [])

@@ -29,7 +29,7 @@ def random_docs(rng, n, vocab, max_len=50):
 def write_docs(prefix, docs, vocab_size, batch=7):
     with ShardWriter(str(prefix), vocab_size=vocab_size) as w:
         for i in range(0, len(docs), batch):  # several documents per call, like the tool
-            part = docs[i: i + batch]
+            part = docs[i : i + batch]
             w.add_documents(np.concatenate(part), np.array([len(d) for d in part]))
     return str(prefix)
 
@@ -49,7 +49,9 @@ def megatron_write(prefix, docs, dtype, split_first=False):
     return str(prefix)
 
 
-@pytest.mark.parametrize("vocab_size, dtype", [(1000, np.uint16), (65499, np.uint16), (65500, np.int32), (200_000, np.int32)])
+@pytest.mark.parametrize(
+    "vocab_size, dtype", [(1000, np.uint16), (65499, np.uint16), (65500, np.int32), (200_000, np.int32)]
+)
 def test_round_trip(tmp_path, vocab_size, dtype):
     rng = np.random.default_rng(vocab_size)
     docs = random_docs(rng, 60, vocab_size)
@@ -63,7 +65,9 @@ def test_round_trip(tmp_path, vocab_size, dtype):
     np.testing.assert_array_equal(s[-1], docs[-1])
     lengths = np.array([len(d) for d in docs])
     np.testing.assert_array_equal(s.sequence_lengths, lengths)
-    np.testing.assert_array_equal(s.sequence_pointers, np.concatenate([[0], np.cumsum(lengths)[:-1]]) * np.dtype(dtype).itemsize)
+    np.testing.assert_array_equal(
+        s.sequence_pointers, np.concatenate([[0], np.cumsum(lengths)[:-1]]) * np.dtype(dtype).itemsize
+    )
     np.testing.assert_array_equal(s.document_indices, np.arange(len(docs) + 1))
     assert s.num_tokens == lengths.sum()
     s.check_consistency()

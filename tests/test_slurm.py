@@ -30,11 +30,12 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from slurm_cluster import SlurmCluster, TwoNodeCluster, missing_programs, netns_unavailable  # noqa: E402
+from slurm_cluster import SlurmCluster, TwoNodeCluster, missing_programs, netns_unavailable
 
-from card_megatron.config import ConfigError  # noqa: E402
-from card_megatron.launch_check import check_launch, main as launch_check_main  # noqa: E402
-from tests.training_runs import losses, overrides, train  # noqa: E402
+from card_megatron.config import ConfigError
+from card_megatron.launch_check import check_launch
+from card_megatron.launch_check import main as launch_check_main
+from tests.training_runs import losses, overrides, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(ROOT, "slurm", "pretrain.sh")
@@ -124,8 +125,11 @@ def small_config(tmp_path) -> str:
 def test_launch_check_validates_layout_against_world_size(small_config, capsys):
     cfg = check_launch(small_config, ["parallel.pipeline_model_parallel_size=2"], world_size=8)
     assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.parallel.pipeline_model_parallel_size == 2
-    with pytest.raises(ConfigError, match=r"world size \(6\) must be divisible by tensor_model_parallel_size \(2\) x "
-                       r"pipeline_model_parallel_size \(2\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"world size \(6\) must be divisible by tensor_model_parallel_size \(2\) x "
+        r"pipeline_model_parallel_size \(2\)",
+    ):
         check_launch(small_config, ["parallel.pipeline_model_parallel_size=2"], world_size=6)
     with pytest.raises(ConfigError, match=r"world size \(0\)"):
         check_launch(small_config, [], world_size=0)
@@ -142,22 +146,31 @@ def test_launch_check_validates_layout_against_world_size(small_config, capsys):
 def test_dry_run_prints_commands_for_a_fitting_gpu_layout(small_config, tmp_path):
     r = subprocess.run(
         ["bash", PRETRAIN, "--dry-run", small_config, "parallel.pipeline_model_parallel_size=2"],
-        env=_local_env(NNODES="2", GPUS_PER_NODE="4"), cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env=_local_env(NNODES="2", GPUS_PER_NODE="4"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "world size 8 = tensor 2 x pipeline 2 x data 2" in out
     assert "srun --nodes=2 --ntasks=2 --ntasks-per-node=1" in out
     assert "-m torch.distributed.run --nnodes=2 --nproc-per-node=4" in out
-    assert f"-m card_megatron.train --config {small_config} parallel.pipeline_model_parallel_size=2 " \
-           "train.run_dir=runs/card-pretrain-dryrun" in out
+    assert (
+        f"-m card_megatron.train --config {small_config} parallel.pipeline_model_parallel_size=2 "
+        "train.run_dir=runs/card-pretrain-dryrun" in out
+    )
     assert "cuda (4 GPUs per node, nccl)" in out and "dry run: nothing launched" in out
     # Two nodes: the rendezvous is an address, not a name, and both NCCL and gloo get this node's route to it.
     addr = re.search(r"rendezvous  (\S+):20000", out).group(1)
     assert re.fullmatch(r"[0-9.]+", addr), out
     assert not addr.startswith("127."), out  # never loopback, even where the host name resolves to it
-    assert re.search(rf"interface   \S+ on this node \(GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; each node takes its "
-                     rf"route to {re.escape(addr)}\)", out), out
+    assert re.search(
+        rf"interface   \S+ on this node \(GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; each node takes its "
+        rf"route to {re.escape(addr)}\)",
+        out,
+    ), out
     assert not os.path.exists(os.path.join(ROOT, "runs", "card-pretrain-dryrun"))
 
 
@@ -167,7 +180,9 @@ def test_dry_run_cpu_uses_procs_per_node_and_given_run_dir(small_config, tmp_pat
     r = subprocess.run(
         ["bash", PRETRAIN, "--dry-run", small_config, f"train.run_dir={run_dir}"],
         env=_local_env(GPUS_PER_NODE="0", PROCS_PER_NODE="2", TRAIN_MODULE="my.trainer"),
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 0, r.stderr
     assert "cpu (gloo)" in r.stdout and "--nnodes=1 --nproc-per-node=2" in r.stdout
@@ -181,18 +196,30 @@ def test_dry_run_cpu_uses_procs_per_node_and_given_run_dir(small_config, tmp_pat
 @pytest.mark.parametrize(
     "env, overrides, message",
     [
-        ({"NNODES": "1", "GPUS_PER_NODE": "3"}, [],
-         "world size (3) must be divisible by tensor_model_parallel_size (2) x pipeline_model_parallel_size (1)"),
-        ({"NNODES": "2", "GPUS_PER_NODE": "4"}, ["parallel.pipeline_model_parallel_size=3"],
-         "model.num_layers (4) must be divisible by parallel.pipeline_model_parallel_size (3)"),
-        ({"GPUS_PER_NODE": "0", "PROCS_PER_NODE": "1"}, [],
-         "world size (1) must be divisible by tensor_model_parallel_size (2)"),
+        (
+            {"NNODES": "1", "GPUS_PER_NODE": "3"},
+            [],
+            "world size (3) must be divisible by tensor_model_parallel_size (2) x pipeline_model_parallel_size (1)",
+        ),
+        (
+            {"NNODES": "2", "GPUS_PER_NODE": "4"},
+            ["parallel.pipeline_model_parallel_size=3"],
+            "model.num_layers (4) must be divisible by parallel.pipeline_model_parallel_size (3)",
+        ),
+        (
+            {"GPUS_PER_NODE": "0", "PROCS_PER_NODE": "1"},
+            [],
+            "world size (1) must be divisible by tensor_model_parallel_size (2)",
+        ),
     ],
 )
 def test_dry_run_rejects_layouts_that_do_not_fit(small_config, env, overrides, message):
     r = subprocess.run(
         ["bash", PRETRAIN, "--dry-run", small_config, *overrides],
-        env=_local_env(**env), capture_output=True, text=True, timeout=60,
+        env=_local_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode != 0
     assert message in r.stderr
@@ -204,7 +231,9 @@ def test_dry_run_shows_an_interface_the_user_chose(small_config):
     r = subprocess.run(
         ["bash", PRETRAIN, "--dry-run", small_config, "parallel.tensor_model_parallel_size=1"],
         env=_local_env(NNODES="2", GPUS_PER_NODE="0", GLOO_SOCKET_IFNAME="ib0", MASTER_ADDR="10.1.2.3"),
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 0, r.stderr
     assert "rendezvous  10.1.2.3:20000" in r.stdout and "--master-addr=10.1.2.3" in r.stdout
@@ -217,8 +246,9 @@ def test_dry_run_checks_the_interpreter(small_config, tmp_path):
     isolated.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')
     isolated.chmod(0o755)
     env = {**_local_env(GPUS_PER_NODE="0", PROCS_PER_NODE="2"), "PYTHON": str(isolated)}
-    r = subprocess.run(["bash", PRETRAIN, "--dry-run", small_config], env=env, capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        ["bash", PRETRAIN, "--dry-run", small_config], env=env, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode != 0 and "dry run: nothing launched" not in r.stdout
     assert f"PYTHON={isolated} cannot import the project's requirements" in r.stderr
     assert "No module named 'card_megatron'" in r.stderr and "set PYTHON=" in r.stderr
@@ -226,11 +256,17 @@ def test_dry_run_checks_the_interpreter(small_config, tmp_path):
 
 @pytest.mark.slow  # slurm/pretrain.sh runs the launch check (imports torch): ~5 s
 def test_pretrain_refuses_to_run_outside_slurm_and_without_config(small_config):
-    r = subprocess.run(["bash", PRETRAIN, small_config, "parallel.tensor_model_parallel_size=1"],
-                       env=_local_env(), capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["bash", PRETRAIN, small_config, "parallel.tensor_model_parallel_size=1"],
+        env=_local_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0 and "not inside a SLURM job" in r.stderr
-    r = subprocess.run(["bash", PRETRAIN, "--dry-run", "no/such.yaml"], env=_local_env(),
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["bash", PRETRAIN, "--dry-run", "no/such.yaml"], env=_local_env(), capture_output=True, text=True, timeout=60
+    )
     assert r.returncode != 0 and "config file not found: no/such.yaml" in r.stderr
 
 
@@ -238,12 +274,24 @@ def test_preprocess_submitter_checks_inputs_before_submitting(tmp_path):
     listed = _write(tmp_path / "a.txt", "alpha\n")
     env = _local_env(PREPROCESS_TOOL=FAKE_PREPROCESS)
     bad_list = _write(tmp_path / "bad.list", f"{listed}\n{tmp_path}/missing.txt\n")
-    r = subprocess.run(["bash", PREPROCESS, bad_list, str(tmp_path / "out")], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        ["bash", PREPROCESS, bad_list, str(tmp_path / "out")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode != 0 and f"input listed in {bad_list} not found: {tmp_path}/missing.txt" in r.stderr
     good_list = _write(tmp_path / "good.list", f"# comment\n\n  {listed}  \n")
-    r = subprocess.run(["bash", PREPROCESS, good_list, str(tmp_path / "out"), "--train-tokenizer"], env=env,
-                       cwd=ROOT, capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        ["bash", PREPROCESS, good_list, str(tmp_path / "out"), "--train-tokenizer"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode != 0 and "--train-tokenizer would train one tokenizer per shard" in r.stderr
     assert not os.path.exists(tmp_path / "out_shards")
 
@@ -253,19 +301,24 @@ def test_connect_failure_is_bounded_and_names_node_and_address(tmp_path):
     from tests.distributed import clean_env, free_port
 
     port = free_port()
-    script = ("import datetime, torch.distributed as dist\n"
-              "from card_megatron.parallel.connect import explain_connect_failure\n"
-              "with explain_connect_failure('gloo', 0.05):\n"
-              f"    dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=0, world_size=2,\n"
-              "                            timeout=datetime.timedelta(seconds=3))\n")
-    env = clean_env(RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SLURMD_NODENAME="node-a",
-                    GLOO_SOCKET_IFNAME="lo")
+    script = (
+        "import datetime, torch.distributed as dist\n"
+        "from card_megatron.parallel.connect import explain_connect_failure\n"
+        "with explain_connect_failure('gloo', 0.05):\n"
+        f"    dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=0, world_size=2,\n"
+        "                            timeout=datetime.timedelta(seconds=3))\n"
+    )
+    env = clean_env(
+        RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SLURMD_NODENAME="node-a", GLOO_SOCKET_IFNAME="lo"
+    )
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode != 0 and time.monotonic() - t0 < 60, r.stderr
-    assert (f"ConnectError: rank 0 on node node-a could not connect its gloo process group; "
-            f"rendezvous 127.0.0.1:{port}; "
-            "GLOO_SOCKET_IFNAME=lo") in r.stderr, r.stderr
+    assert (
+        f"ConnectError: rank 0 on node node-a could not connect its gloo process group; "
+        f"rendezvous 127.0.0.1:{port}; "
+        "GLOO_SOCKET_IFNAME=lo"
+    ) in r.stderr, r.stderr
     assert "timeout 0.05 min (parallel.distributed_timeout_minutes)" in r.stderr
 
 
@@ -296,15 +349,34 @@ def test_usr1_saves_requeues_and_resumes_with_fake_trainer(slurm, small_config, 
     out = tmp_path / "job-%j.out"
     train_iters = 40
     job = slurm.sbatch(
-        ["--gres=none", "-N1", "-n1", "-c2", "--time=5", "-o", str(out), PRETRAIN, small_config,
-         f"train.run_dir={run_dir}", f"train.train_iters={train_iters}"],
-        env={"PYTHON": sys.executable, "TRAIN_SCRIPT": FAKE_TRAINER, "GPUS_PER_NODE": "0",
-             "PROCS_PER_NODE": "2", "FAKE_STEP_SECONDS": "0.2"},
+        [
+            "--gres=none",
+            "-N1",
+            "-n1",
+            "-c2",
+            "--time=5",
+            "-o",
+            str(out),
+            PRETRAIN,
+            small_config,
+            f"train.run_dir={run_dir}",
+            f"train.train_iters={train_iters}",
+        ],
+        env={
+            "PYTHON": sys.executable,
+            "TRAIN_SCRIPT": FAKE_TRAINER,
+            "GPUS_PER_NODE": "0",
+            "PROCS_PER_NODE": "2",
+            "FAKE_STEP_SECONDS": "0.2",
+        },
         cwd=ROOT,
     )
     log = str(out).replace("%j", str(job))
-    _wait_for(lambda: len(_metrics(run_dir)) >= 3 or slurm.job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
-              90, "the fake trainer to make progress")
+    _wait_for(
+        lambda: len(_metrics(run_dir)) >= 3 or slurm.job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
+        90,
+        "the fake trainer to make progress",
+    )
     assert len(_metrics(run_dir)) >= 3, _read(log) if os.path.exists(log) else slurm.logs()
     slurm.run(["scancel", "--signal=USR1", "--batch", str(job)])
     info = slurm.wait_job(job, timeout=120)
@@ -332,7 +404,8 @@ def test_usr1_saves_requeues_and_resumes_with_fake_trainer(slurm, small_config, 
         rank_logs = sorted(
             os.path.relpath(os.path.join(d, f), run_dir)
             for d, _, files in os.walk(run_dir / "logs" / f"job{job}-restart{restart}" / "node0")
-            for f in files if f == "stdout.log"
+            for f in files
+            if f == "stdout.log"
         )
         assert [p.split(os.sep)[-2] for p in rank_logs] == ["0", "1"], rank_logs
 
@@ -345,10 +418,27 @@ def test_time_limit_signal_requeues_and_scancel_does_not(slurm, small_config, tm
     out = tmp_path / "job-%j.out"
     # A 1-minute limit with USR1 due 40 s before it; SLURM checks limits every ~30 s.
     job = slurm.sbatch(
-        ["--gres=none", "-N1", "-n1", "-c2", "--time=1", "--signal=B:USR1@40", "-o", str(out), PRETRAIN,
-         small_config, f"train.run_dir={run_dir}", "train.train_iters=100000"],
-        env={"PYTHON": sys.executable, "TRAIN_SCRIPT": FAKE_TRAINER, "GPUS_PER_NODE": "0",
-             "PROCS_PER_NODE": "2", "FAKE_STEP_SECONDS": "0.1"},
+        [
+            "--gres=none",
+            "-N1",
+            "-n1",
+            "-c2",
+            "--time=1",
+            "--signal=B:USR1@40",
+            "-o",
+            str(out),
+            PRETRAIN,
+            small_config,
+            f"train.run_dir={run_dir}",
+            "train.train_iters=100000",
+        ],
+        env={
+            "PYTHON": sys.executable,
+            "TRAIN_SCRIPT": FAKE_TRAINER,
+            "GPUS_PER_NODE": "0",
+            "PROCS_PER_NODE": "2",
+            "FAKE_STEP_SECONDS": "0.1",
+        },
         cwd=ROOT,
     )
     log = str(out).replace("%j", str(job))
@@ -368,10 +458,25 @@ def test_failing_trainer_fails_the_job_without_requeue(slurm, small_config, tmp_
     run_dir = tmp_path / "run"
     out = tmp_path / "job-%j.out"
     job = slurm.sbatch(
-        ["--gres=none", "-N1", "-n1", "-c2", "--time=5", "-o", str(out), PRETRAIN, small_config,
-         f"train.run_dir={run_dir}"],
-        env={"PYTHON": sys.executable, "TRAIN_SCRIPT": FAKE_TRAINER, "GPUS_PER_NODE": "0",
-             "PROCS_PER_NODE": "2", "FAKE_EXIT_CODE": "3"},
+        [
+            "--gres=none",
+            "-N1",
+            "-n1",
+            "-c2",
+            "--time=5",
+            "-o",
+            str(out),
+            PRETRAIN,
+            small_config,
+            f"train.run_dir={run_dir}",
+        ],
+        env={
+            "PYTHON": sys.executable,
+            "TRAIN_SCRIPT": FAKE_TRAINER,
+            "GPUS_PER_NODE": "0",
+            "PROCS_PER_NODE": "2",
+            "FAKE_EXIT_CODE": "3",
+        },
         cwd=ROOT,
     )
     info = slurm.wait_job(job, timeout=60)
@@ -387,10 +492,16 @@ def test_preprocess_array_then_merge(slurm, tmp_path):
     listing = _write(tmp_path / "inputs.list", "# three files\n" + "\n".join(inputs) + "\n")
     out = tmp_path / "corpus"
     calls = tmp_path / "calls.txt"
-    r = slurm.run(["bash", PREPROCESS, listing, str(out), "--tokenizer-model", "tok.model"],
-                  env={"PYTHON": sys.executable, "PREPROCESS_TOOL": FAKE_PREPROCESS, "FAKE_PREPROCESS_LOG": str(calls),
-                       "SBATCH_OPTIONS": "--cpus-per-task=1 --time=5"},
-                  cwd=tmp_path)
+    r = slurm.run(
+        ["bash", PREPROCESS, listing, str(out), "--tokenizer-model", "tok.model"],
+        env={
+            "PYTHON": sys.executable,
+            "PREPROCESS_TOOL": FAKE_PREPROCESS,
+            "FAKE_PREPROCESS_LOG": str(calls),
+            "SBATCH_OPTIONS": "--cpus-per-task=1 --time=5",
+        },
+        cwd=tmp_path,
+    )
     ids = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
     array_id, merge_id = int(ids["ARRAY_JOB_ID"]), int(ids["MERGE_JOB_ID"])
     info = slurm.wait_job(merge_id, timeout=90)
@@ -407,7 +518,8 @@ def test_preprocess_array_then_merge(slurm, tmp_path):
     ]
     merge_calls = [line for line in _read(calls).splitlines() if line.startswith("--merge")]
     assert merge_calls == [
-        "--merge " + " ".join(f"{out}_shards/shard_{i:05d}_text_document" for i in range(3))
+        "--merge "
+        + " ".join(f"{out}_shards/shard_{i:05d}_text_document" for i in range(3))
         + f" --output-prefix {out}_text_document"
     ]
 
@@ -417,10 +529,15 @@ def test_preprocess_failed_shard_cancels_merge(slurm, tmp_path):
     inputs = [_write(tmp_path / "ok.txt", "fine\n"), _write(tmp_path / "bad.txt", "FAIL here\n")]
     listing = _write(tmp_path / "inputs.list", "\n".join(inputs) + "\n")
     out = tmp_path / "corpus"
-    r = slurm.run(["bash", PREPROCESS, listing, str(out)],
-                  env={"PYTHON": sys.executable, "PREPROCESS_TOOL": FAKE_PREPROCESS,
-                       "SBATCH_OPTIONS": "--cpus-per-task=1 --time=5"},
-                  cwd=tmp_path)
+    r = slurm.run(
+        ["bash", PREPROCESS, listing, str(out)],
+        env={
+            "PYTHON": sys.executable,
+            "PREPROCESS_TOOL": FAKE_PREPROCESS,
+            "SBATCH_OPTIONS": "--cpus-per-task=1 --time=5",
+        },
+        cwd=tmp_path,
+    )
     ids = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
     array_id, merge_id = int(ids["ARRAY_JOB_ID"]), int(ids["MERGE_JOB_ID"])
     assert slurm.wait_job(f"{array_id}_1", timeout=60)["JobState"] == "FAILED"
@@ -434,9 +551,18 @@ def test_preprocess_failed_shard_cancels_merge(slurm, tmp_path):
 
 # configs/tiny-cpu.yaml made smaller still, so that a 2-process CPU job takes seconds per 10 steps.
 SMALLER = [
-    "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
-    "model.seq_length=32", "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_iters=2",
-    "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.lr_warmup_iters=2", "data.split=90,10,0",
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.ffn_hidden_size=128",
+    "model.seq_length=32",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    "train.eval_iters=2",
+    "optim.lr=3e-3",
+    "optim.min_lr=3e-4",
+    "optim.lr_warmup_iters=2",
+    "data.split=90,10,0",
 ]
 
 
@@ -451,9 +577,24 @@ def tiny_data(request, tmp_path_factory) -> list[str]:
     except pytest.FixtureLookupError:
         out = str(tmp_path_factory.mktemp("tiny_data") / "docs")
         subprocess.run(
-            [sys.executable, PREPROCESS_TOOL, "--input", "builtin:python-docs", "--train-tokenizer",
-             "--vocab-size", "1024", "--output-prefix", out, "--workers", "2"],
-            cwd=ROOT, check=True, capture_output=True, timeout=300, env=_local_env(PYTHONPATH=ROOT),
+            [
+                sys.executable,
+                PREPROCESS_TOOL,
+                "--input",
+                "builtin:python-docs",
+                "--train-tokenizer",
+                "--vocab-size",
+                "1024",
+                "--output-prefix",
+                out,
+                "--workers",
+                "2",
+            ],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            timeout=300,
+            env=_local_env(PYTHONPATH=ROOT),
         )
         prefix, tokenizer = f"{out}_text_document", f"{out}.model"
     return [f"data.data_path={prefix}", f"data.tokenizer_model={tokenizer}"]
@@ -463,8 +604,21 @@ def _submit_tiny(slurm, tmp_path, data_overrides, *overrides: str) -> tuple[int,
     run_dir = str(tmp_path / "run")
     log = str(tmp_path / "job-%j.out")
     job = slurm.sbatch(
-        ["--gres=none", "-N1", "-n1", "-c2", "--time=10", "-o", log, PRETRAIN, TINY_CONFIG,
-         *SMALLER, f"train.run_dir={run_dir}", *data_overrides, *overrides],
+        [
+            "--gres=none",
+            "-N1",
+            "-n1",
+            "-c2",
+            "--time=10",
+            "-o",
+            log,
+            PRETRAIN,
+            TINY_CONFIG,
+            *SMALLER,
+            f"train.run_dir={run_dir}",
+            *data_overrides,
+            *overrides,
+        ],
         env={"PYTHON": sys.executable, "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "2", "WANDB_MODE": "offline"},
         cwd=ROOT,
     )
@@ -482,8 +636,9 @@ def _checkpoint_step(run_dir: str) -> int:
 @needs_trainer
 def test_tiny_cpu_training_job_learns_and_checkpoints(slurm, tiny_data, tmp_path):
     iters = 30
-    job, run_dir, log = _submit_tiny(slurm, tmp_path, tiny_data, f"train.train_iters={iters}",
-                                     "train.save_interval=10", "train.log_interval=5")
+    job, run_dir, log = _submit_tiny(
+        slurm, tmp_path, tiny_data, f"train.train_iters={iters}", "train.save_interval=10", "train.log_interval=5"
+    )
     info = slurm.wait_job(job, timeout=300)
     text = _read(log) if os.path.exists(log) else ""
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-5000:]
@@ -501,8 +656,11 @@ def test_tiny_cpu_training_job_learns_and_checkpoints(slurm, tiny_data, tmp_path
 def test_tiny_cpu_training_job_survives_usr1_requeue(slurm, tiny_data, tmp_path):
     iters = 40
     job, run_dir, log = _submit_tiny(slurm, tmp_path, tiny_data, f"train.train_iters={iters}", "train.log_interval=1")
-    _wait_for(lambda: len(_metrics(run_dir)) >= 3 or slurm.job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
-              240, "training progress")
+    _wait_for(
+        lambda: len(_metrics(run_dir)) >= 3 or slurm.job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
+        240,
+        "training progress",
+    )
     before = _metrics(run_dir)
     assert 3 <= len(before) and before[-1]["step"] < iters, _read(log)[-5000:]
     slurm.run(["scancel", "--signal=USR1", "--batch", str(job)])
@@ -546,15 +704,26 @@ def slurm2(tmp_path_factory):
     assert not cluster.leftovers(), cluster.leftovers()
 
 
-def _submit_two_nodes(cluster, run_dir: str, corpus, *extra: str, procs_per_node: int = 1,
-                      env: dict | None = None) -> tuple[int, str]:
+def _submit_two_nodes(
+    cluster, run_dir: str, corpus, *extra: str, procs_per_node: int = 1, env: dict | None = None
+) -> tuple[int, str]:
     """``sbatch -N2 slurm/pretrain.sh`` on the tiny model; returns (job id, batch log path)."""
     log = os.path.join(os.path.dirname(run_dir), "job-%j.out")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     job = cluster.sbatch(
-        ["--gres=none", "-N2", "-c2", "--time=10", "-o", log, PRETRAIN, TINY_CONFIG,
-         *overrides(corpus, run_dir, TWO_NODE_ITERS, *extra)],
-        env={**TWO_NODE_ENV, "PROCS_PER_NODE": str(procs_per_node), **(env or {})}, cwd=ROOT,
+        [
+            "--gres=none",
+            "-N2",
+            "-c2",
+            "--time=10",
+            "-o",
+            log,
+            PRETRAIN,
+            TINY_CONFIG,
+            *overrides(corpus, run_dir, TWO_NODE_ITERS, *extra),
+        ],
+        env={**TWO_NODE_ENV, "PROCS_PER_NODE": str(procs_per_node), **(env or {})},
+        cwd=ROOT,
     )
     return job, log.replace("%j", str(job))
 
@@ -596,8 +765,17 @@ def test_two_node_cluster_is_two_hosts_and_leaves_nothing_behind(tmp_path):
         pytest.skip(f"no two-node cluster here: {missing_programs() or netns_unavailable()}")
     cluster = TwoNodeCluster(str(tmp_path / "cluster"), cpus=2).start()
     try:
-        job = cluster.sbatch(["-N2", "-n2", "-o", str(tmp_path / "out.%j"), "--wrap",
-                              "srun bash -c 'echo $SLURMD_NODENAME $(hostname -I)'"], cwd=tmp_path)
+        job = cluster.sbatch(
+            [
+                "-N2",
+                "-n2",
+                "-o",
+                str(tmp_path / "out.%j"),
+                "--wrap",
+                "srun bash -c 'echo $SLURMD_NODENAME $(hostname -I)'",
+            ],
+            cwd=tmp_path,
+        )
         info = cluster.wait_job(job, timeout=60)
         assert info["JobState"] == "COMPLETED", (info, cluster.logs())
         seen = sorted(tuple(line.split()) for line in _read(tmp_path / f"out.{job}").splitlines())
@@ -659,8 +837,11 @@ def test_two_node_preemption_resumes_on_both_nodes(slurm2, two_node_reference, t
     """USR1 to the batch shell: checkpoint, requeue, resume on both nodes; the losses equal the uninterrupted run."""
     run_dir = str(tmp_path / "run")
     job, log = _submit_two_nodes(slurm2, run_dir, tiny_corpus)
-    _wait_for(lambda: len(_metrics(run_dir)) >= 2 or slurm2.job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
-              180, "two-node training progress")
+    _wait_for(
+        lambda: len(_metrics(run_dir)) >= 2 or slurm2.job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
+        180,
+        "two-node training progress",
+    )
     slurm2.run(["scancel", "--signal=USR1", "--batch", str(job)])
     text = _finished_ok(slurm2, job, log, restarts="1")
     saved = int(re.search(r"checkpoint saved at step (\d+); requeueing job", text).group(1))
@@ -703,17 +884,23 @@ def test_two_node_lost_node_requeues_from_last_checkpoint(slurm2, two_node_refer
         steps = [m["step"] for m in _metrics(run_dir)]
         return os.path.exists(latest) and steps and steps[-1] > _checkpoint_step(run_dir)
 
-    _wait_for(lambda: past_a_checkpoint() or slurm2.job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
-              180, "a step after the first checkpoint", poll=0.05)
+    _wait_for(
+        lambda: past_a_checkpoint() or slurm2.job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
+        180,
+        "a step after the first checkpoint",
+        poll=0.05,
+    )
     pids = _node_trainers(slurm2, victim)
     killed_after = max(m["step"] for m in _metrics(run_dir))
     assert pids and killed_after < TWO_NODE_ITERS, (pids, killed_after, _read(log)[-4000:])
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
-    _wait_for(lambda: "requeueing job" in _read(log)
-              or slurm2.job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
-              120, "the job to notice the lost node")
+    _wait_for(
+        lambda: "requeueing job" in _read(log) or slurm2.job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
+        120,
+        "the job to notice the lost node",
+    )
     noticed = time.monotonic() - t0
     text = _finished_ok(slurm2, job, log, restarts="1")
     assert noticed < 60, noticed  # ended promptly, not at the time limit
@@ -739,8 +926,9 @@ def test_two_node_unreachable_peer_fails_in_bounded_time_naming_node_and_address
     requeued."""
     run_dir = str(tmp_path / "run")
     t0 = time.monotonic()
-    job, log = _submit_two_nodes(slurm2, run_dir, tiny_corpus, "parallel.distributed_timeout_minutes=1",
-                                 env={"GLOO_SOCKET_IFNAME": "lo"})
+    job, log = _submit_two_nodes(
+        slurm2, run_dir, tiny_corpus, "parallel.distributed_timeout_minutes=1", env={"GLOO_SOCKET_IFNAME": "lo"}
+    )
     info = slurm2.wait_job(job, timeout=150)
     elapsed = time.monotonic() - t0
     text = _read(log)
@@ -748,8 +936,11 @@ def test_two_node_unreachable_peer_fails_in_bounded_time_naming_node_and_address
     assert elapsed < 150
     assert "interface   GLOO_SOCKET_IFNAME=lo (set by you, used on every node)" in text
     first = slurm2.addr_of(slurm2.node_names[0])
-    m = re.search(r"error: rank (\d) on node (\S+) could not connect its gloo process group; "
-                  rf"rendezvous {re.escape(first)}:\d+; address tried 127\.0\.0\.1:\d+; GLOO_SOCKET_IFNAME=lo", text)
+    m = re.search(
+        r"error: rank (\d) on node (\S+) could not connect its gloo process group; "
+        rf"rendezvous {re.escape(first)}:\d+; address tried 127\.0\.0\.1:\d+; GLOO_SOCKET_IFNAME=lo",
+        text,
+    )
     assert m and m.group(2) in slurm2.node_names, text[-6000:]
     assert "timeout 1 min (parallel.distributed_timeout_minutes)" in text
     assert "not requeued: no new checkpoint" in text
@@ -761,8 +952,9 @@ def test_two_node_unreachable_peer_fails_in_bounded_time_naming_node_and_address
 def test_two_node_tensor_parallel_inside_data_parallel_across(slurm2, two_node_reference, tiny_corpus, tmp_path):
     """2 nodes x 2 processes, TP=2 inside each node and DP=2 across them: the single-process losses."""
     run_dir = str(tmp_path / "run")
-    job, log = _submit_two_nodes(slurm2, run_dir, tiny_corpus, "parallel.tensor_model_parallel_size=2",
-                                 procs_per_node=2)
+    job, log = _submit_two_nodes(
+        slurm2, run_dir, tiny_corpus, "parallel.tensor_model_parallel_size=2", procs_per_node=2
+    )
     text = _finished_ok(slurm2, job, log, timeout=400)
     assert "world size 4 = tensor 2 x pipeline 1 x data 2" in text
     _both_nodes_used(slurm2, text)
@@ -784,14 +976,34 @@ def test_two_node_preprocess_array_matches_single_process(slurm2, tiny_corpus, t
     inputs = [_write(tmp_path / f"part{i}.txt", "\n".join(texts[i::2]) + "\n") for i in range(2)]
     listing = _write(tmp_path / "inputs.list", "\n".join(inputs) + "\n")
     single = str(tmp_path / "single")
-    subprocess.run([sys.executable, PREPROCESS_TOOL, "--input", *inputs, "--tokenizer-model", tokenizer,
-                    "--output-prefix", single], cwd=ROOT, check=True, capture_output=True, timeout=300,
-                   env=_local_env(PYTHONPATH=ROOT))
+    subprocess.run(
+        [
+            sys.executable,
+            PREPROCESS_TOOL,
+            "--input",
+            *inputs,
+            "--tokenizer-model",
+            tokenizer,
+            "--output-prefix",
+            single,
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env=_local_env(PYTHONPATH=ROOT),
+    )
     out = str(tmp_path / "corpus")
-    r = slurm2.run(["bash", PREPROCESS, listing, out, "--tokenizer-model", tokenizer],
-                   env={"PYTHON": sys.executable, "PYTHONPATH": ROOT, "PREPROCESS_TOOL": PREPROCESS_TOOL,
-                        "SBATCH_OPTIONS": "--cpus-per-task=2 --time=5"},
-                   cwd=tmp_path)
+    r = slurm2.run(
+        ["bash", PREPROCESS, listing, out, "--tokenizer-model", tokenizer],
+        env={
+            "PYTHON": sys.executable,
+            "PYTHONPATH": ROOT,
+            "PREPROCESS_TOOL": PREPROCESS_TOOL,
+            "SBATCH_OPTIONS": "--cpus-per-task=2 --time=5",
+        },
+        cwd=tmp_path,
+    )
     ids = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
     info = slurm2.wait_job(int(ids["MERGE_JOB_ID"]), timeout=240)
     assert info["JobState"] == "COMPLETED", (info, slurm2.logs())

@@ -15,9 +15,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _study(out, tiny_corpus, timeout=600):
     data, tok = tiny_corpus
     return subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "study.py"), "--plan", "smoke", "--out", str(out),
-         "--data", data, "--tokenizer", tok],
-        capture_output=True, text=True, cwd=REPO, timeout=timeout,
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "study.py"),
+            "--plan",
+            "smoke",
+            "--out",
+            str(out),
+            "--data",
+            data,
+            "--tokenizer",
+            tok,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
         env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"},
     )
 

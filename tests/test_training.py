@@ -93,9 +93,14 @@ def test_exact_resume_after_exit_interval_and_kill(tiny_corpus, tmp_path):
         assert resumed[step] == reference[step], (step, resumed[step], reference[step])
 
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen(command(2, overrides(tiny_corpus, killed, 8, *extra, "train.save_interval=2")),
-                            cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command(2, overrides(tiny_corpus, killed, 8, *extra, "train.save_interval=2")),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     latest = os.path.join(killed, "checkpoints", "latest")
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
@@ -135,8 +140,14 @@ def test_signal_and_stop_file_save_and_exit(tiny_corpus, tmp_path):
     """SIGUSR1 (or the SAVE_AND_EXIT file) -> checkpoint at the next step boundary, 'preempted', exit 0."""
     for how in ("signal", "file"):
         run = str(tmp_path / how)
-        proc = subprocess.Popen(command(1, overrides(tiny_corpus, run, 500)), cwd=REPO, env=env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            command(1, overrides(tiny_corpus, run, 500)),
+            cwd=REPO,
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         metrics = os.path.join(run, "metrics.jsonl")
         deadline = time.time() + 120
         while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
@@ -160,14 +171,17 @@ def test_nonfinite_loss_skips_the_step_then_stops(tiny_corpus, tmp_path, monkeyp
     from card_megatron.config import load_config
     from card_megatron.training.trainer import NonFiniteLossError, Trainer
 
-    cfg = load_config(os.path.join(REPO, "configs", "tiny-cpu.yaml"),
-                      overrides(tiny_corpus, str(tmp_path / "nan"), 10, "train.max_nonfinite_steps=3"))
+    cfg = load_config(
+        os.path.join(REPO, "configs", "tiny-cpu.yaml"),
+        overrides(tiny_corpus, str(tmp_path / "nan"), 10, "train.max_nonfinite_steps=3"),
+    )
     trainer = Trainer(cfg)
     trainer.train_step()
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     real_loss = trainer.objective.loss
-    monkeypatch.setattr(trainer.objective, "loss",
-                        lambda nll, li: (real_loss(nll, li)[0] * float("nan"), real_loss(nll, li)[1]))
+    monkeypatch.setattr(
+        trainer.objective, "loss", lambda nll, li: (real_loss(nll, li)[0] * float("nan"), real_loss(nll, li)[1])
+    )
     trainer.train_step()
     assert trainer.skipped_steps == 1 and trainer.step == 2
     for n, p in trainer.model.named_parameters():
@@ -179,8 +193,14 @@ def test_nonfinite_loss_skips_the_step_then_stops(tiny_corpus, tmp_path, monkeyp
 
 
 def test_bad_config_is_reported_before_training(tiny_corpus, tmp_path):
-    proc = subprocess.run(command(1, overrides(tiny_corpus, str(tmp_path / "bad"), 5, "model.num_attention_heads=5")),
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        command(1, overrides(tiny_corpus, str(tmp_path / "bad"), 5, "model.num_attention_heads=5")),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "model.hidden_size (64) must be divisible by model.num_attention_heads (5)" in proc.stderr
 
@@ -190,14 +210,27 @@ def test_resume_with_a_changed_config_is_refused(tiny_corpus, tmp_path):
     """What a resume may not change is listed (and nothing else), before any library call can fail on it."""
     run = str(tmp_path / "run")
     train(1, overrides(tiny_corpus, run, 2))
-    changed = overrides(tiny_corpus, run, 3, "model.seq_length=16", "objective.name=arm", "parallel.zero_stage=1",
-                        "data.data_path=/elsewhere/docs_text_document", "optim.lr=1e-3", "train.log_interval=2")
+    changed = overrides(
+        tiny_corpus,
+        run,
+        3,
+        "model.seq_length=16",
+        "objective.name=arm",
+        "parallel.zero_stage=1",
+        "data.data_path=/elsewhere/docs_text_document",
+        "optim.lr=1e-3",
+        "train.log_interval=2",
+    )
     proc = subprocess.run(command(1, changed), cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr
     assert "cannot resume" in err and "step_00000002" in err and "Traceback" not in err
-    for change in ("model.seq_length: 32 -> 16", "objective.name: 'card' -> 'arm'", "parallel.zero_stage: 0 -> 1",
-                   f"data.data_path: '{tiny_corpus[0]}' -> '/elsewhere/docs_text_document'"):
+    for change in (
+        "model.seq_length: 32 -> 16",
+        "objective.name: 'card' -> 'arm'",
+        "parallel.zero_stage: 0 -> 1",
+        f"data.data_path: '{tiny_corpus[0]}' -> '/elsewhere/docs_text_document'",
+    ):
         assert change in err, change
     assert "train.train_iters" not in err and "optim.lr" not in err and "log_interval" not in err
 
@@ -222,7 +255,14 @@ def test_wandb_logs_offline_into_the_run_directory(tiny_corpus, tmp_path):
     train(1, overrides(tiny_corpus, run, 2, "logging.wandb=true"))
     offline = [d for d in os.listdir(os.path.join(run, "wandb")) if d.startswith("offline-run-")]
     assert len(offline) == 1, os.listdir(os.path.join(run, "wandb"))
-    assert os.path.getsize(os.path.join(run, "wandb", offline[0], f"run-{open(os.path.join(run, 'wandb_id.txt')).read().strip()}.wandb")) > 0
+    assert (
+        os.path.getsize(
+            os.path.join(
+                run, "wandb", offline[0], f"run-{open(os.path.join(run, 'wandb_id.txt')).read().strip()}.wandb"
+            )
+        )
+        > 0
+    )
 
 
 # ---------------------------------------------------------------- nothing silent, nothing lost (issue 14)
@@ -261,7 +301,10 @@ def test_latest_checkpoint_falls_back_to_the_newest_complete_one(tmp_path, caplo
     open(victim, "w").close()  # killed mid-save: 0 bytes
     with caplog.at_level("WARNING"):
         assert latest_checkpoint(run) == two
-    assert f"{victim} holds 0 bytes" in caplog.text and f"resuming from the newest complete checkpoint, {two}" in caplog.text
+    assert (
+        f"{victim} holds 0 bytes" in caplog.text
+        and f"resuming from the newest complete checkpoint, {two}" in caplog.text
+    )
     os.remove(victim)
     caplog.clear()
     with caplog.at_level("WARNING"):
@@ -319,8 +362,9 @@ def test_planted_payload_in_a_checkpoint_does_not_run(tiny_corpus, tmp_path):
     meta = json.load(open(meta_path))
     meta["files"]["mp_rank_00_model_states.pt"] = os.path.getsize(victim)  # the planter fixes the manifest too
     json.dump(meta, open(meta_path, "w"))
-    proc = subprocess.run(command(1, overrides(tiny_corpus, run, 4)), cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=240)
+    proc = subprocess.run(
+        command(1, overrides(tiny_corpus, run, 4)), cwd=REPO, env=env(), capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"refusing to load {victim}" in proc.stderr and "train.trust_checkpoint=true" in proc.stderr
     assert not os.path.exists(marker)
@@ -341,8 +385,14 @@ def test_second_trainer_on_a_run_dir_is_refused(tiny_corpus, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     with ExclusiveLock(str(run / "run.lock")):
-        proc = subprocess.run(command(1, overrides(tiny_corpus, str(run), 2)), cwd=REPO, env=env(),
-                              capture_output=True, text=True, timeout=240)
+        proc = subprocess.run(
+            command(1, overrides(tiny_corpus, str(run), 2)),
+            cwd=REPO,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"{run / 'run.lock'} is locked by host " in proc.stderr and f"pid {os.getpid()} since " in proc.stderr
     assert not os.path.exists(run / "metrics.jsonl")
@@ -366,7 +416,9 @@ def test_disk_full_during_a_save_says_so_and_keeps_the_last_checkpoint(tiny_corp
 
     trainer.engine.checkpoint_engine.save = full
     trainer.train_step()
-    with pytest.raises(OSError, match=r"the disk is full: saving checkpoint .*step_00000002 failed .*step_00000001 is intact"):
+    with pytest.raises(
+        OSError, match=r"the disk is full: saving checkpoint .*step_00000002 failed .*step_00000001 is intact"
+    ):
         trainer.save()
     assert ckpt.latest_checkpoint(cfg.train.run_dir) == first
     trainer.close()
@@ -409,7 +461,13 @@ def test_training_starts_despite_a_killed_op_build(tiny_corpus, tmp_path):
     lock.touch()
     old = time.time() - 2 * cpu_adapter.STALE_BUILD_LOCK_S
     os.utime(lock, (old, old))
-    proc = subprocess.run(command(1, overrides(tiny_corpus, str(tmp_path / "run"), 1)), cwd=REPO,
-                          env={**env(), "TORCH_EXTENSIONS_DIR": str(root)}, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        command(1, overrides(tiny_corpus, str(tmp_path / "run"), 1)),
+        cwd=REPO,
+        env={**env(), "TORCH_EXTENSIONS_DIR": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"removed {lock}" in proc.stderr

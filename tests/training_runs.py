@@ -10,17 +10,33 @@ import sys
 from tests.distributed import REPO, clean_env, free_port
 
 TINY = [
-    "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
-    "model.seq_length=32", "model.make_vocab_size_divisible_by=64", "train.micro_batch_size=4",
-    "train.global_batch_size=8", "train.eval_iters=2", "train.log_interval=1", "optim.lr=3e-3",
-    "optim.min_lr=3e-4", "optim.lr_warmup_iters=2", "data.split=90,10,0",
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.ffn_hidden_size=128",
+    "model.seq_length=32",
+    "model.make_vocab_size_divisible_by=64",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    "train.eval_iters=2",
+    "train.log_interval=1",
+    "optim.lr=3e-3",
+    "optim.min_lr=3e-4",
+    "optim.lr_warmup_iters=2",
+    "data.split=90,10,0",
 ]
 
 
 def overrides(corpus, run_dir, iters, *extra) -> list[str]:
     prefix, tokenizer = corpus
-    return [*TINY, f"data.data_path={prefix}", f"data.tokenizer_model={tokenizer}", f"train.run_dir={run_dir}",
-            f"train.train_iters={iters}", *extra]
+    return [
+        *TINY,
+        f"data.data_path={prefix}",
+        f"data.tokenizer_model={tokenizer}",
+        f"train.run_dir={run_dir}",
+        f"train.train_iters={iters}",
+        *extra,
+    ]
 
 
 def command(nproc: int, args: list[str]) -> list[str]:
@@ -28,8 +44,15 @@ def command(nproc: int, args: list[str]) -> list[str]:
     train = ["-m", "card_megatron.train", "--config", os.path.join(REPO, "configs", "tiny-cpu.yaml"), *args]
     if nproc == 1:
         return [sys.executable, *train]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-            f"--master-port={free_port()}", *train]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        *train,
+    ]
 
 
 def env() -> dict:

@@ -25,24 +25,49 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PROMPTS = [
-    "", "The default value of", "Return a list of", "This module provides", "If the argument is",
-    "Raise ValueError if", "The following example shows", "A string containing", "When the file is",
-    "The function returns", "Note that the", "For example,",
+    "",
+    "The default value of",
+    "Return a list of",
+    "This module provides",
+    "If the argument is",
+    "Raise ValueError if",
+    "The following example shows",
+    "A string containing",
+    "When the file is",
+    "The function returns",
+    "Note that the",
+    "For example,",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", default="runs/demo", help="the CARD checkpoint (default runs/demo)")
     p.add_argument("--judge", default="runs/demo-arm", help="the judge, normally the ARM run (default runs/demo-arm)")
-    p.add_argument("--also", action="append", default=[], metavar="CHECKPOINT",
-                   help="another checkpoint (e.g. MDLM or BD3LM) to run with its default decoder (repeatable)")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5],
-                   help="tau values for CARD decoding (> 1: one token per step)")
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="CHECKPOINT",
+        help="another checkpoint (e.g. MDLM or BD3LM) to run with its default decoder (repeatable)",
+    )
+    p.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5],
+        help="tau values for CARD decoding (> 1: one token per step)",
+    )
     p.add_argument("--window", type=int, default=8, help="CARD window K (default 8)")
-    p.add_argument("--commit-policy", nargs="+", choices=("prefix", "any"), default=["prefix"],
-                   help="commit policies to sweep (default prefix)")
+    p.add_argument(
+        "--commit-policy",
+        nargs="+",
+        choices=("prefix", "any"),
+        default=["prefix"],
+        help="commit policies to sweep (default prefix)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--num-samples", type=int, default=2, help="sequences per prompt (default 2)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default 1: latency)")
@@ -72,12 +97,18 @@ def _plot(rows, path):
     ar = next(r for r in rows if r["setting"] == "ar")
     for policy in sorted({r.get("commit_policy") for r in rows if r["decoding"] == "card"}):
         card = [r for r in rows if r["decoding"] == "card" and r["commit_policy"] == policy]
-        left.plot([r["tokens_per_forward"] for r in card], [r["judge_ppl"] for r in card], "o-", label=f"CARD ({policy})")
+        left.plot(
+            [r["tokens_per_forward"] for r in card], [r["judge_ppl"] for r in card], "o-", label=f"CARD ({policy})"
+        )
         for r in card:
             left.annotate(f"{r['threshold']:g}", (r["tokens_per_forward"], r["judge_ppl"]), fontsize=7)
         right.plot([r["threshold"] for r in card], [r["speedup"] for r in card], "o-", label=f"wall clock ({policy})")
-        right.plot([r["threshold"] for r in card], [r["tokens_per_forward"] for r in card], "s--",
-                   label=f"tokens/forward ({policy})")
+        right.plot(
+            [r["threshold"] for r in card],
+            [r["tokens_per_forward"] for r in card],
+            "s--",
+            label=f"tokens/forward ({policy})",
+        )
     left.scatter([1.0], [ar["judge_ppl"]], marker="*", s=120, color="k", label="AR (KV cache)")
     for r in rows:
         if r["decoding"] in ("mdlm", "bd3lm", "ar") and r["setting"] != "ar":
@@ -125,25 +156,44 @@ def main(argv=None) -> int:
     settings = [("ar", model, GenerationConfig(decoding="ar", **base), {})]
     for policy in args.commit_policy:
         for tau in args.thresholds:
-            cfg = GenerationConfig(decoding="card", causal=CausalDecodeConfig(window=args.window, threshold=tau,
-                                                                              commit_policy=policy), **base)
+            cfg = GenerationConfig(
+                decoding="card",
+                causal=CausalDecodeConfig(window=args.window, threshold=tau, commit_policy=policy),
+                **base,
+            )
             settings.append((f"card tau={tau:g} {policy}", model, cfg, {"threshold": tau, "commit_policy": policy}))
     for other in others:
         name = f"{other.config.objective.name} ({os.path.basename(os.path.normpath(args.also[others.index(other)]))})"
         settings.append((name, other, GenerationConfig(causal=CausalDecodeConfig(window=args.window), **base), {}))
-    print(f"device {model.device}, {len(prompts)} sequences x {args.max_new_tokens} new tokens, batch {args.batch_size}, "
-          f"{'greedy' if samp.is_greedy else f'sampling T={args.temperature} top-p={args.top_p}'}, K={args.window}; "
-          f"judge {judge.path}", file=sys.stderr)
-    header = (f"{'setting':<24} {'tok/fwd':>7} {'tok/s':>8} {'speedup':>7} {'cpu tok/s':>9} {'cpu x':>6} "
-              f"{'judge ppl':>9} {'entropy':>7} {'rep4':>6}")
+    print(
+        f"device {model.device}, {len(prompts)} sequences x {args.max_new_tokens} new tokens, batch {args.batch_size}, "
+        f"{'greedy' if samp.is_greedy else f'sampling T={args.temperature} top-p={args.top_p}'}, K={args.window}; "
+        f"judge {judge.path}",
+        file=sys.stderr,
+    )
+    header = (
+        f"{'setting':<24} {'tok/fwd':>7} {'tok/s':>8} {'speedup':>7} {'cpu tok/s':>9} {'cpu x':>6} "
+        f"{'judge ppl':>9} {'entropy':>7} {'rep4':>6}"
+    )
     print(header)
     rows, _ = run_sweep([Setting(*s) for s in settings], prompts, judge, args.repeats)
     for row in rows:
-        print(f"{row['setting']:<24} {row['tokens_per_forward']:7.2f} {row['tokens_per_second']:8.1f} "
-              f"{row['speedup']:7.2f} {row['tokens_per_cpu_second']:9.1f} {row['cpu_speedup']:6.2f} "
-              f"{row['judge_ppl']:9.2f} {row['entropy']:7.3f} {row['repetition_4gram']:6.3f}", flush=True)
-    meta = {"checkpoint": model.path, "judge": judge.path, "device": str(model.device), "dtype": args.dtype,
-            "torch_threads": torch.get_num_threads(), "prompts": PROMPTS, "args": vars(args), "time": time.ctime()}
+        print(
+            f"{row['setting']:<24} {row['tokens_per_forward']:7.2f} {row['tokens_per_second']:8.1f} "
+            f"{row['speedup']:7.2f} {row['tokens_per_cpu_second']:9.1f} {row['cpu_speedup']:6.2f} "
+            f"{row['judge_ppl']:9.2f} {row['entropy']:7.3f} {row['repetition_4gram']:6.3f}",
+            flush=True,
+        )
+    meta = {
+        "checkpoint": model.path,
+        "judge": judge.path,
+        "device": str(model.device),
+        "dtype": args.dtype,
+        "torch_threads": torch.get_num_threads(),
+        "prompts": PROMPTS,
+        "args": vars(args),
+        "time": time.ctime(),
+    }
     if args.json:
         from card_megatron.fileio import atomic_write
 

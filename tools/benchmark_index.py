@@ -69,6 +69,7 @@ def child(what: str, num_tokens: int, mean_doc: float, seq_length: int, repeats:
         document_index = idx.build_document_index(0, len(sizes), 1, doc_key)
     helpers = megatron_helpers() if what.startswith("megatron") else None
     rss_inputs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     def run() -> tuple:
         if what == "ours/seeds":
             return (

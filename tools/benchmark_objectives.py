@@ -80,13 +80,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--config", default="configs/tiny-cpu.yaml",
-                        help="the model whose training step the corruption is compared with (the demo model)")
+    parser.add_argument(
+        "--config",
+        default="configs/tiny-cpu.yaml",
+        help="the model whose training step the corruption is compared with (the demo model)",
+    )
     parser.add_argument("--no-step", action="store_true", help="skip timing the training step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"objectives prepare, batch {args.batch} x {args.seq_len}, {args.device}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
+    print(
+        f"objectives prepare, batch {args.batch} x {args.seq_len}, {args.device}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}"
+    )
     prepare_ms = {}
     for name in ("arm", "card", "card_mask_weights", "mdlm", "bd3lm"):
         prepare_ms[name] = 1e3 * time_prepare(name, args.batch, args.seq_len, args.repeats, args.device)
@@ -95,17 +100,38 @@ def main() -> None:
         return
     # One CARD training step of the demo model on a batch of the same shape (benchmark_train.py).
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, os.path.join(repo, "tools", "benchmark_train.py"), "--objectives", "card",
-           "--config", args.config, "--micro-batch-size", str(args.batch), "--seq-length", str(args.seq_len),
-           "--steps", "2", "--warmup", "1", "--rounds", "1", "--device", args.device]
+    cmd = [
+        sys.executable,
+        os.path.join(repo, "tools", "benchmark_train.py"),
+        "--objectives",
+        "card",
+        "--config",
+        args.config,
+        "--micro-batch-size",
+        str(args.batch),
+        "--seq-length",
+        str(args.seq_len),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--rounds",
+        "1",
+        "--device",
+        args.device,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": repo})
     if out.returncode != 0:
         sys.exit(f"training-step benchmark failed:\n{out.stderr[-3000:]}")
     step_ms = 1e3 * json.loads(out.stdout.strip().splitlines()[-1])["step_time_s"]["card"]
-    print(f"  one CARD training step of the demo model ({args.config}) on {args.batch} x {args.seq_len}: "
-          f"{step_ms:,.1f} ms")
-    print(f"  share of the step spent in corruption + weights: {prepare_ms['card'] / step_ms:.5f} "
-          f"(mask + weights alone: {prepare_ms['card_mask_weights'] / step_ms:.5f}; target < 0.05)")
+    print(
+        f"  one CARD training step of the demo model ({args.config}) on {args.batch} x {args.seq_len}: "
+        f"{step_ms:,.1f} ms"
+    )
+    print(
+        f"  share of the step spent in corruption + weights: {prepare_ms['card'] / step_ms:.5f} "
+        f"(mask + weights alone: {prepare_ms['card_mask_weights'] / step_ms:.5f}; target < 0.05)"
+    )
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from card_megatron.data.corpus import builtin_documents  # noqa: E402
-from card_megatron.data.shards import TokenShard  # noqa: E402
-from card_megatron.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from card_megatron.data.corpus import builtin_documents
+from card_megatron.data.shards import TokenShard
+from card_megatron.tokenizer import Tokenizer, train_tokenizer
 
 _SP = {}
 _TEXTS: list[str] = []  # inherited by the forked workers: the raw side ships no text at all
@@ -43,10 +43,10 @@ def _init(model_bytes: bytes) -> None:
 def _encode_only(span: tuple[int, int]) -> int:
     tok = _SP["tok"]
     if hasattr(tok, "hf"):  # a tokenizer.json: the library's fastest batch call, ids as Python lists
-        encodings = tok.hf.encode_batch_fast(_TEXTS[span[0]:span[1]], add_special_tokens=False)
+        encodings = tok.hf.encode_batch_fast(_TEXTS[span[0] : span[1]], add_special_tokens=False)
         return sum(len(e.ids) for e in encodings) + (span[1] - span[0])
     # numpy output is SentencePiece's cheapest form (no Python int objects)
-    ids = tok.sp.encode(_TEXTS[span[0]:span[1]], return_type="numpy", num_threads=1)
+    ids = tok.sp.encode(_TEXTS[span[0] : span[1]], return_type="numpy", num_threads=1)
     return sum(len(x) for x in ids) + (span[1] - span[0])  # + one eos per document, as the shards hold
 
 
@@ -75,9 +75,16 @@ def _write_corpus(directory: str, texts: list[str], fmt: str) -> str:
 
         path = os.path.join(directory, "corpus.parquet")
         n = len(texts)
-        table = pa.table({"text": texts, "id": [f"<urn:uuid:{i:012d}>" for i in range(n)],
-                          "dump": ["CC-MAIN-2024-10"] * n, "url": [f"https://example.org/{i}" for i in range(n)],
-                          "language": ["en"] * n, "token_count": list(range(n))})
+        table = pa.table(
+            {
+                "text": texts,
+                "id": [f"<urn:uuid:{i:012d}>" for i in range(n)],
+                "dump": ["CC-MAIN-2024-10"] * n,
+                "url": [f"https://example.org/{i}" for i in range(n)],
+                "language": ["en"] * n,
+                "token_count": list(range(n)),
+            }
+        )
         pq.write_table(table, path, row_group_size=1000, compression="snappy")
         return path
     lines = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode("utf-8")
@@ -97,14 +104,22 @@ def _write_corpus(directory: str, texts: list[str], fmt: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size-mb", type=float, default=50.0, help="corpus size in MB (default 50)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for both sides (default: all CPUs)")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="processes for both sides (default: all CPUs)"
+    )
     p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary of the trained model (default 8000)")
-    p.add_argument("--tokenizer-model", help="use this model (SentencePiece .model or Hugging Face tokenizer.json) "
-                   "instead of training one")
+    p.add_argument(
+        "--tokenizer-model",
+        help="use this model (SentencePiece .model or Hugging Face tokenizer.json) instead of training one",
+    )
     p.add_argument("--repeats", type=int, default=2, help="measure each side this many times, keep the best")
-    p.add_argument("--format", choices=("jsonl", "parquet", "jsonl.zst"), default="jsonl",
-                   help="input format of the end-to-end side (default jsonl); parquet: FineWeb's columns, "
-                   "1000-row row groups, snappy")
+    p.add_argument(
+        "--format",
+        choices=("jsonl", "parquet", "jsonl.zst"),
+        default="jsonl",
+        help="input format of the end-to-end side (default jsonl); parquet: FineWeb's columns, "
+        "1000-row row groups, snappy",
+    )
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
@@ -124,9 +139,11 @@ def main() -> None:
         else:
             model = os.path.join(tmp, "tok.model")
             tok = train_tokenizer(docs, model, args.vocab_size)
-        print(f"corpus: {len(texts)} documents, {size / 1e6:.1f} MB as {args.format} "
-              f"({os.path.getsize(path) / 1e6:.1f} MB on disk); tokenizer vocab {tok.vocab_size}; "
-              f"workers {args.workers} (cpus {os.cpu_count()})")
+        print(
+            f"corpus: {len(texts)} documents, {size / 1e6:.1f} MB as {args.format} "
+            f"({os.path.getsize(path) / 1e6:.1f} MB on disk); tokenizer vocab {tok.vocab_size}; "
+            f"workers {args.workers} (cpus {os.cpu_count()})"
+        )
 
         raw_best = e2e_best = raw_cpu_best = e2e_cpu_best = None
         for r in range(args.repeats):
@@ -143,9 +160,20 @@ def main() -> None:
             raw_cpu_best = raw_cpu if raw_cpu_best is None else min(raw_cpu_best, raw_cpu)
 
             prefix = os.path.join(tmp, f"out{r}")
-            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "preprocess_data.py"),
-                   "--input", path, "--tokenizer-model", model, "--output-prefix", prefix,
-                   "--workers", str(args.workers), "--log-interval", "1e9"]
+            cmd = [
+                sys.executable,
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "preprocess_data.py"),
+                "--input",
+                path,
+                "--tokenizer-model",
+                model,
+                "--output-prefix",
+                prefix,
+                "--workers",
+                str(args.workers),
+                "--log-interval",
+                "1e9",
+            ]
             c0 = _child_cpu()
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
@@ -162,9 +190,18 @@ def main() -> None:
         tiny = _write_corpus(os.path.join(tmp, "tiny"), texts[:1], args.format)
         startup_s = startup_cpu = None
         for r in range(args.repeats):
-            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "preprocess_data.py"),
-                   "--input", tiny, "--tokenizer-model", model, "--output-prefix", os.path.join(tmp, f"tiny{r}"),
-                   "--workers", str(args.workers)]
+            cmd = [
+                sys.executable,
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "preprocess_data.py"),
+                "--input",
+                tiny,
+                "--tokenizer-model",
+                model,
+                "--output-prefix",
+                os.path.join(tmp, f"tiny{r}"),
+                "--workers",
+                str(args.workers),
+            ]
             c0 = _child_cpu()
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
@@ -174,19 +211,29 @@ def main() -> None:
 
         raw_tps = raw_tokens / raw_best
         e2e_tps = e2e_tokens / e2e_best
-        print(f"raw sp.encode pool:        {raw_tokens} tokens in {raw_best:.2f} s = {raw_tps:,.0f} tokens/s "
-              f"({size / 1e6 / raw_best:.2f} MB/s)")
-        print(f"preprocess_data.py (e2e):  {e2e_tokens} tokens in {e2e_best:.2f} s = {e2e_tps:,.0f} tokens/s "
-              f"({size / 1e6 / e2e_best:.2f} MB/s)")
-        print(f"ratio end-to-end / raw encode: {e2e_tps / raw_tps:.3f}  (target >= 0.85; wall clock, best of "
-              f"{args.repeats})")
+        print(
+            f"raw sp.encode pool:        {raw_tokens} tokens in {raw_best:.2f} s = {raw_tps:,.0f} tokens/s "
+            f"({size / 1e6 / raw_best:.2f} MB/s)"
+        )
+        print(
+            f"preprocess_data.py (e2e):  {e2e_tokens} tokens in {e2e_best:.2f} s = {e2e_tps:,.0f} tokens/s "
+            f"({size / 1e6 / e2e_best:.2f} MB/s)"
+        )
+        print(
+            f"ratio end-to-end / raw encode: {e2e_tps / raw_tps:.3f}  (target >= 0.85; wall clock, best of "
+            f"{args.repeats})"
+        )
         # CPU seconds of all processes involved (workers included): the same ratio, less sensitive
         # to other load on the machine. Includes the tool's start-up (imports, worker start).
-        print(f"CPU seconds: raw {raw_cpu_best:.2f}, end to end {e2e_cpu_best:.2f}; "
-              f"ratio raw/e2e {raw_cpu_best / e2e_cpu_best:.3f}")
-        print(f"fixed start-up of the tool (one-document run): {startup_s:.2f} s wall, {startup_cpu:.2f} CPU s; "
-              f"without it: ratio {raw_best / max(e2e_best - startup_s, 1e-9):.3f} (wall), "
-              f"{raw_cpu_best / max(e2e_cpu_best - startup_cpu, 1e-9):.3f} (CPU)")
+        print(
+            f"CPU seconds: raw {raw_cpu_best:.2f}, end to end {e2e_cpu_best:.2f}; "
+            f"ratio raw/e2e {raw_cpu_best / e2e_cpu_best:.3f}"
+        )
+        print(
+            f"fixed start-up of the tool (one-document run): {startup_s:.2f} s wall, {startup_cpu:.2f} CPU s; "
+            f"without it: ratio {raw_best / max(e2e_best - startup_s, 1e-9):.3f} (wall), "
+            f"{raw_cpu_best / max(e2e_cpu_best - startup_cpu, 1e-9):.3f} (CPU)"
+        )
 
 
 if __name__ == "__main__":

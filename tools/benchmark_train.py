@@ -23,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from card_megatron.config import OBJECTIVES  # noqa: E402
+from card_megatron.config import OBJECTIVES
 
 # ARM first: the other objectives' step times are reported as ratios to it.
 OBJECTIVES = ("arm", *(name for name in OBJECTIVES if name != "arm"))
@@ -40,8 +40,12 @@ def parse_args(argv=None):
     p.add_argument("--seq-length", type=int, default=None, help="default: model.seq_length of the config")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
     p.add_argument("--precision", default="auto", help="auto (bf16 on cuda, fp32 on cpu), bf16 or fp32")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="run the objectives this many times, interleaved, and keep each one's best")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="run the objectives this many times, interleaved, and keep each one's best",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -85,9 +89,14 @@ def child(args) -> dict:
     model = CardGPT(cfg.model, objective.mask_kind, vocab, seed=cfg.train.seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, args.vocab_size, (B, L + 1), generator=g),
-                torch.randint(-2**62, 2**62, (B,), generator=g), torch.arange(i * B, (i + 1) * B))
-               for i in range(4)]
+    batches = [
+        (
+            torch.randint(0, args.vocab_size, (B, L + 1), generator=g),
+            torch.randint(-(2**62), 2**62, (B,), generator=g),
+            torch.arange(i * B, (i + 1) * B),
+        )
+        for i in range(4)
+    ]
     batches = [tuple(t.to(device) for t in b) for b in batches]
 
     def step(i):
@@ -120,8 +129,15 @@ def child(args) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"objective": args.child, "step_time_s": median, "tokens_per_sec": tokens / median, "peak_memory_gb": peak,
-            "params": sum(p.numel() for p in model.parameters()), "device": str(device), "precision": precision}
+    return {
+        "objective": args.child,
+        "step_time_s": median,
+        "tokens_per_sec": tokens / median,
+        "peak_memory_gb": peak,
+        "params": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+        "precision": precision,
+    }
 
 
 def main(argv=None) -> int:
@@ -135,9 +151,24 @@ def main(argv=None) -> int:
     results: dict[str, dict] = {}
     for _ in range(args.rounds):
         for name in names:
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--config", args.config,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-                   "--precision", args.precision, "--vocab-size", str(args.vocab_size)]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--child",
+                name,
+                "--config",
+                args.config,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--device",
+                args.device,
+                "--precision",
+                args.precision,
+                "--vocab-size",
+                str(args.vocab_size),
+            ]
             if args.micro_batch_size:
                 cmd += ["--micro-batch-size", str(args.micro_batch_size)]
             if args.seq_length:
@@ -151,8 +182,10 @@ def main(argv=None) -> int:
             if best is None or r["step_time_s"] < best["step_time_s"]:
                 results[name] = r
     first = results[names[0]]
-    print(f"model: {first['params'] / 1e6:.1f}M parameters, {args.config}, device {first['device']}, "
-          f"{first['precision']}, best of {args.rounds} rounds x median of {args.steps} steps")
+    print(
+        f"model: {first['params'] / 1e6:.1f}M parameters, {args.config}, device {first['device']}, "
+        f"{first['precision']}, best of {args.rounds} rounds x median of {args.steps} steps"
+    )
     print(f"{'objective':<10} {'step ms':>10} {'tokens/s':>12} {'peak mem GB':>12}")
     for name in names:
         r = results[name]

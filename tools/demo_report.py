@@ -37,17 +37,27 @@ def main(argv=None) -> int:
     evals = [json.loads(line) for line in open(os.path.join(args.run_dir, "eval.jsonl")) if line.strip()]
     first, last = evals[0], evals[-1]
     bound = "<= " if last["val_ppl_is_bound"] else ""
-    print(f"== validation perplexity: {bound}{first['val_ppl']:.1f} at step {first['step']} -> "
-          f"{bound}{last['val_ppl']:.2f} at step {last['step']}")
-    ks = sorted(int(k[len("probe_conf_k"):]) for k in last if k.startswith("probe_conf_k"))
+    print(
+        f"== validation perplexity: {bound}{first['val_ppl']:.1f} at step {first['step']} -> "
+        f"{bound}{last['val_ppl']:.2f} at step {last['step']}"
+    )
+    ks = sorted(int(k[len("probe_conf_k") :]) for k in last if k.startswith("probe_conf_k"))
     if ks:
-        print("== mask probe (clean prefix + k [MASK]): P(top-1 > 0.9) for k = "
-              + " ".join(f"{k}:{last[f'probe_conf_k{k}']:.2f}" for k in ks))
+        print(
+            "== mask probe (clean prefix + k [MASK]): P(top-1 > 0.9) for k = "
+            + " ".join(f"{k}:{last[f'probe_conf_k{k}']:.2f}" for k in ks)
+        )
     with contextlib.redirect_stdout(io.StringIO()):
         model = load_model(args.run_dir)
     cfg = model.config
-    spec = DecodeSpec(num_prompts=0, prompt_tokens=0, max_new_tokens=args.max_new_tokens,
-                      thresholds=(args.threshold,), windows=(args.window,), copy_prompts=args.prompts)
+    spec = DecodeSpec(
+        num_prompts=0,
+        prompt_tokens=0,
+        max_new_tokens=args.max_new_tokens,
+        thresholds=(args.threshold,),
+        windows=(args.window,),
+        copy_prompts=args.prompts,
+    )
     prompts = copy_prompts(cfg.data.data_path, cfg.data.split, model.tokenizer, spec)
     if not prompts:
         print("no held-out prompt with a period: nothing to decode")
@@ -56,19 +66,29 @@ def main(argv=None) -> int:
     ar, card = rows
     print(f"== {len(prompts)} held-out prompts, greedy, {args.max_new_tokens} new tokens at most, KV cache:")
     print(f"   AR:   {ar['tokens_per_forward']:.2f} tokens per forward pass")
-    print(f"   CARD: {card['tokens_per_forward']:.2f} tokens per forward pass (tau {args.threshold:g}, K {args.window}), "
-          f"{card['speedup']:.2f}x AR's tokens/s; same text as AR for {card['same_as_first']:.0%} of the prompts")
+    print(
+        f"   CARD: {card['tokens_per_forward']:.2f} tokens per forward pass (tau {args.threshold:g}, K {args.window}), "
+        f"{card['speedup']:.2f}x AR's tokens/s; same text as AR for {card['same_as_first']:.0%} of the prompts"
+    )
     from card_megatron.inference.causal import CausalDecodeConfig
     from card_megatron.inference.generate import GenerationConfig, generate
     from card_megatron.inference.sampling import SamplingConfig
 
-    gens, _ = generate(model, prompts[:1], GenerationConfig(
-        decoding="card", causal=CausalDecodeConfig(window=args.window, threshold=args.threshold),
-        max_new_tokens=args.max_new_tokens,
-        sampling=SamplingConfig(greedy=True)))
+    gens, _ = generate(
+        model,
+        prompts[:1],
+        GenerationConfig(
+            decoding="card",
+            causal=CausalDecodeConfig(window=args.window, threshold=args.threshold),
+            max_new_tokens=args.max_new_tokens,
+            sampling=SamplingConfig(greedy=True),
+        ),
+    )
     g = gens[0]
-    print(f"== a sample: {g.prompt!r} -> {g.text!r}\n   ({len(g.token_ids)} tokens in {g.num_forward_passes} "
-          f"forward passes: {g.tokens_per_forward:.2f} tokens per forward)")
+    print(
+        f"== a sample: {g.prompt!r} -> {g.text!r}\n   ({len(g.token_ids)} tokens in {g.num_forward_passes} "
+        f"forward passes: {g.tokens_per_forward:.2f} tokens per forward)"
+    )
     return 0
 
 

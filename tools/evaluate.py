@@ -20,17 +20,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run directory (latest checkpoint), a checkpoint directory or an export")
-    p.add_argument("--data", required=True, nargs="+", metavar="PREFIX",
-                   help="token shards (PREFIX.bin/.idx, e.g. data/web_text_document) made with the "
-                   "checkpoint's tokenizer")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a run directory (latest checkpoint), a checkpoint directory or an export",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="PREFIX",
+        help="token shards (PREFIX.bin/.idx, e.g. data/web_text_document) made with the checkpoint's tokenizer",
+    )
     p.add_argument("--names", nargs="+", metavar="NAME", help="row names, one per --data prefix (default: file names)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward pass (default 8)")
-    p.add_argument("--max-windows", type=int, metavar="N",
-                   help="score at most the first N windows of seq_length + 1 tokens per dataset (default: all)")
+    p.add_argument(
+        "--max-windows",
+        type=int,
+        metavar="N",
+        help="score at most the first N windows of seq_length + 1 tokens per dataset (default: all)",
+    )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     p.add_argument("--output-json", metavar="FILE", help="write the results as JSON (atomically)")
@@ -47,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-size ({args.batch_size}) must be >= 1")
         if args.max_windows is not None and args.max_windows < 1:
             raise ValueError(f"--max-windows ({args.max_windows}) must be >= 1")
-        result = evaluate_checkpoint(args.checkpoint, args.data, args.names, args.batch_size, args.max_windows,
-                                     args.device, args.ema)
+        result = evaluate_checkpoint(
+            args.checkpoint, args.data, args.names, args.batch_size, args.max_windows, args.device, args.ema
+        )
         write_results(result, args.output_json, args.output_markdown)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

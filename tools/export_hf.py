@@ -20,11 +20,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run directory (latest checkpoint), a checkpoint directory or an export, "
-                   "of any training layout")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a run directory (latest checkpoint), a checkpoint directory or an export, of any training layout",
+    )
     p.add_argument("--output", required=True, metavar="DIR", help="the model directory to create (must not exist)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (runs trained with optim.ema_decay > 0)")
     return p
@@ -39,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"exported step {record['step']} of {record['source']} ({record['objective']}) to {args.output}",
-          file=sys.stderr)
+    print(
+        f"exported step {record['step']} of {record['source']} ({record['objective']}) to {args.output}",
+        file=sys.stderr,
+    )
     return 0
 
 

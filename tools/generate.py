@@ -55,70 +55,157 @@ def build_parser() -> argparse.ArgumentParser:
 
     # the library's defaults are the flags' defaults
     causal, gen, samp = CausalDecodeConfig(), GenerationConfig(), GenerationConfig().sampling
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     g = p.add_argument_group("model and prompts")
-    g.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run directory (its latest checkpoint), a checkpoint directory, or an export "
-                   "(export/ or export/model.pt); any TP/PP/ZeRO layout")
-    g.add_argument("--ema", action="store_true",
-                   help="use the checkpoint's EMA weights (runs trained with optim.ema_decay > 0; an error "
-                   "otherwise). --judge always uses its checkpoint's trained weights")
-    g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                   help="a prompt (repeatable); with no --prompt/--input-file: unconditional")
-    g.add_argument("--input-file", metavar="FILE",
-                   help="prompts: .jsonl/.json/.ndjson with a 'prompt' or 'text' key per line, else plain text "
-                   "with one prompt per line")
-    g.add_argument("--num-samples", type=int, default=1, metavar="N",
-                   help="sequences per prompt (unconditional: N sequences; default 1)")
-    g.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens, metavar="N",
-                   help="stop a sequence after N new tokens (or at eos; default %(default)s)")
-    g.add_argument("--max-context", type=int, metavar="N",
-                   help="refuse prompts whose tokens + max-new-tokens exceed N (default: model.seq_length)")
-    g.add_argument("--batch-size", type=int, default=gen.batch_size, metavar="B",
-                   help="sequences decoded together (default %(default)s)")
+    g.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a run directory (its latest checkpoint), a checkpoint directory, or an export "
+        "(export/ or export/model.pt); any TP/PP/ZeRO layout",
+    )
+    g.add_argument(
+        "--ema",
+        action="store_true",
+        help="use the checkpoint's EMA weights (runs trained with optim.ema_decay > 0; an error "
+        "otherwise). --judge always uses its checkpoint's trained weights",
+    )
+    g.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a prompt (repeatable); with no --prompt/--input-file: unconditional",
+    )
+    g.add_argument(
+        "--input-file",
+        metavar="FILE",
+        help="prompts: .jsonl/.json/.ndjson with a 'prompt' or 'text' key per line, else plain text "
+        "with one prompt per line",
+    )
+    g.add_argument(
+        "--num-samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help="sequences per prompt (unconditional: N sequences; default 1)",
+    )
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=gen.max_new_tokens,
+        metavar="N",
+        help="stop a sequence after N new tokens (or at eos; default %(default)s)",
+    )
+    g.add_argument(
+        "--max-context",
+        type=int,
+        metavar="N",
+        help="refuse prompts whose tokens + max-new-tokens exceed N (default: model.seq_length)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=gen.batch_size,
+        metavar="B",
+        help="sequences decoded together (default %(default)s)",
+    )
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="weights and KV cache dtype (default float32; sampling is always float64)")
+    g.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weights and KV cache dtype (default float32; sampling is always float64)",
+    )
 
     g = p.add_argument_group("decoding")
-    g.add_argument("--decoding", choices=DECODINGS,
-                   help="decoder (default: card for CARD, ar for ARM, mdlm for MDLM, bd3lm for BD3LM checkpoints)")
-    g.add_argument("--threshold", type=float, default=causal.threshold, metavar="TAU",
-                   help="card: commit window positions whose top-1 probability exceeds TAU (> 0; TAU > 1 means "
-                   "one token per forward, identical to ar; default %(default)s)")
-    g.add_argument("--window", type=int, default=causal.window, metavar="K",
-                   help="card: positions predicted per forward pass (default %(default)s; ar uses 1)")
-    g.add_argument("--commit-policy", choices=COMMIT_POLICIES, default=causal.commit_policy,
-                   help="card: which confident positions may be committed (default %(default)s; see below)")
-    g.add_argument("--max-steps", type=int, default=causal.max_steps, metavar="N",
-                   help="card: forward passes per sequence; the N-th commits everything still undecided (default: "
-                   "no limit)")
-    g.add_argument("--steps", type=int, metavar="N",
-                   help="mdlm: denoising steps over the canvas (default max-new-tokens); bd3lm: steps per block "
-                   "(default block size)")
+    g.add_argument(
+        "--decoding",
+        choices=DECODINGS,
+        help="decoder (default: card for CARD, ar for ARM, mdlm for MDLM, bd3lm for BD3LM checkpoints)",
+    )
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=causal.threshold,
+        metavar="TAU",
+        help="card: commit window positions whose top-1 probability exceeds TAU (> 0; TAU > 1 means "
+        "one token per forward, identical to ar; default %(default)s)",
+    )
+    g.add_argument(
+        "--window",
+        type=int,
+        default=causal.window,
+        metavar="K",
+        help="card: positions predicted per forward pass (default %(default)s; ar uses 1)",
+    )
+    g.add_argument(
+        "--commit-policy",
+        choices=COMMIT_POLICIES,
+        default=causal.commit_policy,
+        help="card: which confident positions may be committed (default %(default)s; see below)",
+    )
+    g.add_argument(
+        "--max-steps",
+        type=int,
+        default=causal.max_steps,
+        metavar="N",
+        help="card: forward passes per sequence; the N-th commits everything still undecided (default: no limit)",
+    )
+    g.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help="mdlm: denoising steps over the canvas (default max-new-tokens); bd3lm: steps per block "
+        "(default block size)",
+    )
 
-    g = p.add_argument_group("sampling (probabilities in float64; [MASK], pad, bos and padded-vocabulary ids are "
-                             "never sampled)")
+    g = p.add_argument_group(
+        "sampling (probabilities in float64; [MASK], pad, bos and padded-vocabulary ids are never sampled)"
+    )
     g.add_argument("--greedy", action="store_true", help="take the most likely token (same as --temperature 0)")
-    g.add_argument("--temperature", type=float, default=samp.temperature,
-                   help="softmax temperature (default %(default)s; 0 = greedy)")
-    g.add_argument("--top-k", type=int, default=samp.top_k,
-                   help="sample among the K most likely tokens (default %(default)s; 0 = off)")
-    g.add_argument("--top-p", type=float, default=samp.top_p,
-                   help="nucleus sampling mass in (0, 1] (default %(default)s; 1.0 = off)")
-    g.add_argument("--seed", type=int, default=samp.seed,
-                   help="sampling seed; each sequence draws from (seed, its index, position), so a sequence samples "
-                   "the same tokens alone or in a batch (default %(default)s)")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=samp.temperature,
+        help="softmax temperature (default %(default)s; 0 = greedy)",
+    )
+    g.add_argument(
+        "--top-k",
+        type=int,
+        default=samp.top_k,
+        help="sample among the K most likely tokens (default %(default)s; 0 = off)",
+    )
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=samp.top_p,
+        help="nucleus sampling mass in (0, 1] (default %(default)s; 1.0 = off)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=samp.seed,
+        help="sampling seed; each sequence draws from (seed, its index, position), so a sequence samples "
+        "the same tokens alone or in a batch (default %(default)s)",
+    )
 
     g = p.add_argument_group("output and quality")
     g.add_argument("--output", metavar="FILE", help="write the JSON lines here (atomically) instead of stdout")
-    g.add_argument("--judge", metavar="CHECKPOINT",
-                   help="score the generated text with this causal checkpoint (normally the ARM baseline): "
-                   "generative perplexity of the new tokens given the prompt")
-    g.add_argument("--judge-retokenize", action="store_true",
-                   help="allow a judge with another tokenizer by re-encoding prompt and generated text with it "
-                   "(otherwise a tokenizer mismatch is an error)")
+    g.add_argument(
+        "--judge",
+        metavar="CHECKPOINT",
+        help="score the generated text with this causal checkpoint (normally the ARM baseline): "
+        "generative perplexity of the new tokens given the prompt",
+    )
+    g.add_argument(
+        "--judge-retokenize",
+        action="store_true",
+        help="allow a judge with another tokenizer by re-encoding prompt and generated text with it "
+        "(otherwise a tokenizer mismatch is an error)",
+    )
     return p
 
 
@@ -132,19 +219,32 @@ def run(args: argparse.Namespace) -> int:
     from card_megatron.inference.sampling import SamplingConfig
 
     cfg = GenerationConfig(
-        decoding=args.decoding, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        sampling=SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed),
-        causal=CausalDecodeConfig(window=args.window, threshold=args.threshold, commit_policy=args.commit_policy,
-                                  max_steps=args.max_steps),
-        steps=args.steps, max_context=args.max_context)
+        decoding=args.decoding,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        sampling=SamplingConfig(
+            greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+        ),
+        causal=CausalDecodeConfig(
+            window=args.window, threshold=args.threshold, commit_policy=args.commit_policy, max_steps=args.max_steps
+        ),
+        steps=args.steps,
+        max_context=args.max_context,
+    )
     if args.output:
         check_writable(args.output)  # before loading and generating, not after
     prompts = collect_prompts(args.prompt, args.input_file, args.num_samples)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints build notes on stdout; keep it JSON only
-        result = generate_from_checkpoint(args.checkpoint, prompts, cfg, device=args.device,
-                                          dtype=getattr(torch, args.dtype), ema=args.ema, judge=args.judge,
-                                          judge_retokenize=args.judge_retokenize)
+        result = generate_from_checkpoint(
+            args.checkpoint,
+            prompts,
+            cfg,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
+            ema=args.ema,
+            judge=args.judge,
+            judge_retokenize=args.judge_retokenize,
+        )
     if args.output:
         write_jsonl(args.output, result.records)
     else:

@@ -20,15 +20,22 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from card_megatron import quiet_warnings  # noqa: E402
-from card_megatron.study import PLANS, StudyError, get_plan, run_study  # noqa: E402
+from card_megatron import quiet_warnings
+from card_megatron.study import PLANS, StudyError, get_plan, run_study
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--plan", default="cpu", choices=sorted(PLANS),
-                   help="; ".join(f"{k}: {v.description}" for k, v in PLANS.items()) + " (default cpu)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--plan",
+        default="cpu",
+        choices=sorted(PLANS),
+        help="; ".join(f"{k}: {v.description}" for k, v in PLANS.items()) + " (default cpu)",
+    )
     p.add_argument("--out", required=True, help="study directory (created; reused on restart)")
     p.add_argument("--data", help="shard prefix (..._text_document) replacing the plan's main corpus")
     p.add_argument("--tokenizer", help="the SentencePiece model of --data")

@@ -48,10 +48,13 @@ _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "_
 
 def builtin_name(name: str) -> str:
     """``name`` without the ``builtin:`` prefix; ValueError listing the corpora if it is unknown."""
-    bare = name[len(BUILTIN_PREFIX):] if name.startswith(BUILTIN_PREFIX) else name
+    bare = name[len(BUILTIN_PREFIX) :] if name.startswith(BUILTIN_PREFIX) else name
     if bare not in BUILTIN_CORPORA:
-        raise ValueError(f"unknown built-in corpus {name!r} (available: "
-                         + ", ".join(BUILTIN_PREFIX + c for c in BUILTIN_CORPORA) + ")")
+        raise ValueError(
+            f"unknown built-in corpus {name!r} (available: "
+            + ", ".join(BUILTIN_PREFIX + c for c in BUILTIN_CORPORA)
+            + ")"
+        )
     return bare
 
 
@@ -88,10 +91,14 @@ def builtin_parameters(name: str, spec: Optional[Any] = None) -> dict[str, Any]:
     bare = builtin_name(name)
     check_spec(bare, spec)
     if bare == "synthetic-copy":
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(spec or SyntheticCopySpec()).items()}
-    params: dict[str, Any] = {"python_version": platform.python_version(),
-                              "python_implementation": platform.python_implementation()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(spec or SyntheticCopySpec()).items()
+        }
+    params: dict[str, Any] = {
+        "python_version": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+    }
     if bare == "python-code":
         params["num_files"] = len(python_code_files())
     return params
@@ -257,19 +264,28 @@ class SyntheticCopySpec:
             value = getattr(self, name)
             if len(value) != 2 or not 1 <= value[0] <= value[1]:
                 problems.append(f"{name} ({value}) must be (low, high) with 1 <= low <= high")
-        if not self.consonants or not self.vowels or len(set(self.consonants)) != len(self.consonants) \
-                or len(set(self.vowels)) != len(self.vowels) or set(self.consonants) & set(self.vowels):
-            problems.append(f"consonants ({self.consonants!r}) and vowels ({self.vowels!r}) must be non-empty, "
-                            "without repeats and without a letter in common")
+        if (
+            not self.consonants
+            or not self.vowels
+            or len(set(self.consonants)) != len(self.consonants)
+            or len(set(self.vowels)) != len(self.vowels)
+            or set(self.consonants) & set(self.vowels)
+        ):
+            problems.append(
+                f"consonants ({self.consonants!r}) and vowels ({self.vowels!r}) must be non-empty, "
+                "without repeats and without a letter in common"
+            )
         if self.lexicon_size < 1:
             problems.append(f"lexicon_size ({self.lexicon_size}) must be >= 1")
         elif not problems:
             syllables = len(self.consonants) * len(self.vowels)
             low, high = self.syllables_per_word
-            possible = sum(syllables ** n for n in range(low, high + 1))
+            possible = sum(syllables**n for n in range(low, high + 1))
             if self.lexicon_size > possible:
-                problems.append(f"lexicon_size ({self.lexicon_size}) exceeds the {possible} distinct words of "
-                                f"{low}-{high} syllables; lower it or widen syllables_per_word")
+                problems.append(
+                    f"lexicon_size ({self.lexicon_size}) exceeds the {possible} distinct words of "
+                    f"{low}-{high} syllables; lower it or widen syllables_per_word"
+                )
         if problems:
             raise ValueError("SyntheticCopySpec: " + "; ".join(problems))
 
@@ -288,8 +304,10 @@ def _lexicon(spec: SyntheticCopySpec, rng: random.Random) -> list[str]:
     words: list[str] = []
     seen: set[str] = set()
     while len(words) < spec.lexicon_size:
-        word = "".join(spec.consonants[_below(rng, len(spec.consonants))] + spec.vowels[_below(rng, len(spec.vowels))]
-                       for _ in range(_between(rng, spec.syllables_per_word)))
+        word = "".join(
+            spec.consonants[_below(rng, len(spec.consonants))] + spec.vowels[_below(rng, len(spec.vowels))]
+            for _ in range(_between(rng, spec.syllables_per_word))
+        )
         if word not in seen:
             seen.add(word)
             words.append(word)

@@ -45,8 +45,12 @@ def exclusive_lock(path: str, timeout_s: float) -> Iterator[None]:
 
     Raises TimeoutError, naming the lock file and its holder, after ``timeout_s`` seconds.
     """
-    lock = ExclusiveLock(path, timeout_s, "It is building the sample index. Wait for it, build the index "
-                         "ahead with tools/build_index.py, or raise the lock timeout.")
+    lock = ExclusiveLock(
+        path,
+        timeout_s,
+        "It is building the sample index. Wait for it, build the index "
+        "ahead with tools/build_index.py, or raise the lock timeout.",
+    )
     try:
         lock.acquire()
     except LockHeldError as e:
@@ -68,18 +72,23 @@ def _check_npy(path: str, expected: Optional[list]) -> None:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, _, dtype = read_header(f)
             offset = f.tell()
     except (OSError, ValueError) as e:
         raise BrokenCacheEntry(f"sample-index cache file {path} is unreadable ({e})") from None
     need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if size != need:
-        raise BrokenCacheEntry(f"sample-index cache file {path} holds {size} bytes, its header promises {need} "
-                               "(truncated or overwritten)")
+        raise BrokenCacheEntry(
+            f"sample-index cache file {path} holds {size} bytes, its header promises {need} (truncated or overwritten)"
+        )
     if expected is not None and [list(shape), dtype.str] != [list(expected[0]), expected[1]]:
-        raise BrokenCacheEntry(f"sample-index cache file {path} holds {dtype.str} {list(shape)}, its entry "
-                               f"describes {expected[1]} {list(expected[0])}")
+        raise BrokenCacheEntry(
+            f"sample-index cache file {path} holds {dtype.str} {list(shape)}, its entry "
+            f"describes {expected[1]} {list(expected[0])}"
+        )
 
 
 def load_entry(directory: str) -> dict[str, np.ndarray]:
@@ -141,8 +150,15 @@ def _load_or_warn(final: str, note: str) -> Optional[dict[str, np.ndarray]]:
     return arrays
 
 
-def _build_entry(cache_dir: str, name: str, key: str, final: str, build: Callable[[], dict[str, np.ndarray]],
-                 description: dict, lock_timeout_s: float) -> tuple[dict[str, np.ndarray], str]:
+def _build_entry(
+    cache_dir: str,
+    name: str,
+    key: str,
+    final: str,
+    build: Callable[[], dict[str, np.ndarray]],
+    description: dict,
+    lock_timeout_s: float,
+) -> tuple[dict[str, np.ndarray], str]:
     done = os.path.join(final, "description.json")
     os.makedirs(cache_dir, exist_ok=True)
     with exclusive_lock(f"{final}.lock", lock_timeout_s):

@@ -48,7 +48,7 @@ class InputSource:
 
     @property
     def compression(self) -> Optional[str]:
-        """"gzip", "zstd" or None (Parquet compresses inside the file: None)."""
+        """ "gzip", "zstd" or None (Parquet compresses inside the file: None)."""
         return "gzip" if self.gzip else "zstd" if self.zstd else None
 
     def size_bytes(self) -> Optional[int]:
@@ -110,8 +110,10 @@ def _source_for(path: str) -> InputSource:
         return InputSource(path, "jsonl", gz, zstd=zst)
     if base.endswith(".txt"):
         return InputSource(path, "txt", gz, zstd=zst)
-    raise ValueError(f"input {path}: unknown file type (expected .jsonl, .json, .ndjson or .txt, optionally "
-                     ".gz or .zst; or .parquet)")
+    raise ValueError(
+        f"input {path}: unknown file type (expected .jsonl, .json, .ndjson or .txt, optionally "
+        ".gz or .zst; or .parquet)"
+    )
 
 
 def builtin_source(name: str, spec: Optional[Any] = None) -> InputSource:
@@ -288,7 +290,7 @@ def iter_chunks(source: InputSource, chunk_bytes: int = 1 << 20, chunk_docs: int
             if cut < 0:
                 carry = data
                 continue
-            carry = data[cut + 1:]
+            carry = data[cut + 1 :]
             payload = data[: cut + 1]
             yield Chunk(source.name, source.kind, payload, 0, len(payload), counter.pos)
         if carry:
@@ -304,8 +306,9 @@ def _decompressed(source: InputSource, counter: _CountingReader):
         try:
             import zstandard
         except ImportError:
-            raise ValueError(f"input {source.name}: reading .zst needs zstandard (pip install zstandard, "
-                             "or make setup)") from None
+            raise ValueError(
+                f"input {source.name}: reading .zst needs zstandard (pip install zstandard, or make setup)"
+            ) from None
         # read_across_frames: files made by concatenating .zst files (as some datasets ship) read whole
         return zstandard.ZstdDecompressor().stream_reader(counter, read_across_frames=True, closefd=False)
     return counter
@@ -322,9 +325,13 @@ def _parquet_chunks(source: InputSource) -> Iterator[Chunk]:
     pos = 0
     largest = max((meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)), default=0)
     if largest > LARGE_ROW_GROUP_BYTES:
-        logger.warning("%s: a row group holds %.0f MB (uncompressed); each is read whole by one worker, so "
-                       "memory and parallelism follow the row groups: rewrite the file with smaller ones "
-                       "(row_group_size) if this is a problem", source.name, largest / 1e6)
+        logger.warning(
+            "%s: a row group holds %.0f MB (uncompressed); each is read whole by one worker, so "
+            "memory and parallelism follow the row groups: rewrite the file with smaller ones "
+            "(row_group_size) if this is a problem",
+            source.name,
+            largest / 1e6,
+        )
     for g in range(meta.num_row_groups):
         rg = meta.row_group(g)
         end, stored = pos, 0

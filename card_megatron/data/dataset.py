@@ -26,12 +26,11 @@ import torch
 from card_megatron.config import DataConfig, parse_split
 from card_megatron.data import cache as data_cache
 from card_megatron.data import index as idx
+from card_megatron.data.shards import TokenShard, shard_fingerprint
 
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- shard access
-
-from card_megatron.data.shards import TokenShard, shard_fingerprint
 
 
 def open_shard(prefix: str) -> TokenShard:
@@ -215,8 +214,12 @@ def _check_same_tokenizer(prefix: str, tokenizer: Any) -> None:
 
     sidecar = sidecar_for(prefix)
     if sidecar is None:
-        logger.warning("%s has no tokenizer sidecar ({output prefix}.tokenizer.json): cannot check that "
-                       "data.tokenizer_model (%s) is the tokenizer that made it", prefix, tokenizer.source)
+        logger.warning(
+            "%s has no tokenizer sidecar ({output prefix}.tokenizer.json): cannot check that "
+            "data.tokenizer_model (%s) is the tokenizer that made it",
+            prefix,
+            tokenizer.source,
+        )
         return
     try:
         with open(sidecar) as f:
@@ -225,8 +228,12 @@ def _check_same_tokenizer(prefix: str, tokenizer: Any) -> None:
         raise ValueError(f"{sidecar}: cannot read the tokenizer sidecar of {prefix} ({e})") from None
     saved = meta.get("sha256")
     if saved is None:
-        logger.warning("%s predates tokenizer hashes: cannot check that data.tokenizer_model (%s) made %s",
-                       sidecar, tokenizer.source, prefix)
+        logger.warning(
+            "%s predates tokenizer hashes: cannot check that data.tokenizer_model (%s) made %s",
+            sidecar,
+            tokenizer.source,
+            prefix,
+        )
     elif saved != tokenizer.sha256:
         raise ValueError(
             f"{prefix} was tokenized with {meta.get('model', '?')} (sha256 {saved[:16]}..., says {sidecar}), but "
@@ -238,6 +245,7 @@ def _check_same_tokenizer(prefix: str, tokenizer: Any) -> None:
 def _check_token_ids(prefix: str, fingerprint: str, tokenizer: Any, cache_dir: str, lock_timeout_s: float) -> None:
     """Raises ValueError if the shard holds an id outside ``tokenizer``'s vocabulary. The shard's
     largest id is computed once and cached beside the sample index, keyed by the fingerprint."""
+
     def build() -> dict[str, np.ndarray]:
         tokens = open_shard(prefix).tokens
         return {"max_token_id": np.array([int(tokens.max()) if len(tokens) else -1], dtype=np.int64)}
@@ -308,9 +316,7 @@ def build_datasets(
             [(w, fp, b, e) for (w, _), fp, (b, e) in zip(blend, fingerprints, ranges)],
         )  # fmt: skip
         parts = [idx.ShardSplit(p, sizes, b, e) for p, sizes, (b, e) in zip(prefixes, shards.sizes, ranges)]
-        build = functools.partial(
-            idx.build_split_arrays, parts, [w for w, _ in blend], seq_length, seed, split, n
-        )
+        build = functools.partial(idx.build_split_arrays, parts, [w for w, _ in blend], seq_length, seed, split, n)
         start = time.monotonic()
         arrays, entry = data_cache.load_or_build(cache_dir, split, description, build, lock_timeout_s)
         seconds = time.monotonic() - start

@@ -110,9 +110,7 @@ def build_document_index(doc_begin: int, doc_end: int, num_epochs: int, key: int
     return _indexer.build_document_index(doc_begin, doc_end, num_epochs, key & MASK64)
 
 
-def build_sample_index(
-    sizes: np.ndarray, document_index: np.ndarray, seq_length: int, num_samples: int
-) -> np.ndarray:
+def build_sample_index(sizes: np.ndarray, document_index: np.ndarray, seq_length: int, num_samples: int) -> np.ndarray:
     """int32|int64 [num_samples + 1, 2]: (document-index position, offset) of token i*L.
 
     ``sizes`` is int32 [num_documents]; sample i is read from boundary i to boundary i+1
@@ -232,8 +230,7 @@ def describe_split(
         "split_weights": [float(w) for w in split_weights],
         "num_samples": int(num_samples),
         "datasets": [
-            {"weight": float(w), "fingerprint": fp, "doc_begin": int(b), "doc_end": int(e)}
-            for w, fp, b, e in datasets
+            {"weight": float(w), "fingerprint": fp, "doc_begin": int(b), "doc_end": int(e)} for w, fp, b, e in datasets
         ],
     }
 

@@ -78,11 +78,16 @@ def encode_chunk(chunk: Chunk) -> EncodedChunk:
             ids = tok.encode_batch(key_texts, add_eos=True) if key_texts else []
             lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
             # ids < vocab size, which fits the dtype (checked when the shard dtype was chosen)
-            packed = np.concatenate(ids, dtype=_WORKER_STATE["dtype"], casting="unsafe") if ids else np.empty(0, _WORKER_STATE["dtype"])
+            packed = (
+                np.concatenate(ids, dtype=_WORKER_STATE["dtype"], casting="unsafe")
+                if ids
+                else np.empty(0, _WORKER_STATE["dtype"])
+            )
             out_tokens.append(packed)
             out_lengths.append(lengths)
-    return EncodedChunk(where, out_tokens, out_lengths, parsed.skipped, parsed.num_records, parsed.text_bytes,
-                        parsed.error)
+    return EncodedChunk(
+        where, out_tokens, out_lengths, parsed.skipped, parsed.num_records, parsed.text_bytes, parsed.error
+    )
 
 
 class EncodePool:
@@ -104,9 +109,17 @@ class EncodePool:
             fork = "fork" in mp.get_all_start_methods()
             ctx = mp.get_context("fork") if fork else mp.get_context()
             tok = self.state["tok"]
-            init = None if fork else {"tokenizer_bytes": tok.serialized(), "tokenizer_class": type(tok),
-                                      "keys": self.state["keys"], "skip_bad_lines": self.state["skip"],
-                                      "dtype": self.state["dtype"].str}
+            init = (
+                None
+                if fork
+                else {
+                    "tokenizer_bytes": tok.serialized(),
+                    "tokenizer_class": type(tok),
+                    "keys": self.state["keys"],
+                    "skip_bad_lines": self.state["skip"],
+                    "dtype": self.state["dtype"].str,
+                }
+            )
             self.pool = _start_pool(self.workers, ctx, init)
         return self
 

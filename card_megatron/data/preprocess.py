@@ -166,8 +166,10 @@ def _iter_texts_for_training(sources: Sequence[InputSource], keys: Sequence[str]
 def _prepare_tokenizer(opts: PreprocessOptions, sources: Sequence[InputSource], keys: tuple[str, ...]):
     if opts.train_tokenizer:
         if opts.tokenizer_kind == "HuggingFaceTokenizer":
-            raise PreprocessError("--train-tokenizer trains a SentencePiece model; with --tokenizer-type "
-                                  "HuggingFaceTokenizer give --tokenizer-model path/to/tokenizer.json")
+            raise PreprocessError(
+                "--train-tokenizer trains a SentencePiece model; with --tokenizer-type "
+                "HuggingFaceTokenizer give --tokenizer-model path/to/tokenizer.json"
+            )
         if opts.tokenizer_model:
             raise PreprocessError("give either --tokenizer-model or --train-tokenizer, not both")
         if not opts.vocab_size:
@@ -179,8 +181,14 @@ def _prepare_tokenizer(opts: PreprocessOptions, sources: Sequence[InputSource], 
             _iter_texts_for_training(sources, keys, opts.skip_bad_lines), opts.tokenizer_scan_sentences
         )
         # Trained into a temporary file, renamed once the shards are done: a failed run leaves no model.
-        tok = train_tokenizer(sentences, _staged_model(opts), opts.vocab_size, opts.tokenizer_type,
-                              opts.tokenizer_sample_sentences, opts.seed)
+        tok = train_tokenizer(
+            sentences,
+            _staged_model(opts),
+            opts.vocab_size,
+            opts.tokenizer_type,
+            opts.tokenizer_sample_sentences,
+            opts.seed,
+        )
         tok.source = model_path
         return tok
     if not opts.tokenizer_model:
@@ -192,8 +200,9 @@ def _staged_model(opts: PreprocessOptions) -> str:
     return temp_path(f"{opts.output_prefix}.model")
 
 
-def _all_chunks(sources: Sequence[InputSource], chunk_bytes: int,
-                fingerprints: Sequence[InputFingerprint]) -> Iterator[Chunk]:
+def _all_chunks(
+    sources: Sequence[InputSource], chunk_bytes: int, fingerprints: Sequence[InputFingerprint]
+) -> Iterator[Chunk]:
     """The chunks of every source in order, each told its source's index and the bytes on disk
     of all inputs up to its end; each is fed to its source's fingerprint."""
     done = 0
@@ -212,8 +221,9 @@ class _InputCounts:
     num_documents: Counter = field(default_factory=Counter)
 
 
-def _input_record(src: InputSource, keys: Sequence[str], fingerprint: InputFingerprint,
-                  counts: _InputCounts) -> dict[str, Any]:
+def _input_record(
+    src: InputSource, keys: Sequence[str], fingerprint: InputFingerprint, counts: _InputCounts
+) -> dict[str, Any]:
     """One entry of the sidecar's "inputs" list (format in the module docstring)."""
     builtin = src.kind == "builtin"
     record: dict[str, Any] = {
@@ -245,8 +255,12 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
     out_dir = os.path.dirname(os.path.abspath(opts.output_prefix))
     if not os.path.isdir(out_dir):
         raise PreprocessError(f"output directory {out_dir} does not exist")
-    lock = ExclusiveLock(f"{opts.output_prefix}.lock", 0.0, "Another preprocessing run is writing this "
-                         "--output-prefix: wait for it to end, or choose another --output-prefix.")
+    lock = ExclusiveLock(
+        f"{opts.output_prefix}.lock",
+        0.0,
+        "Another preprocessing run is writing this "
+        "--output-prefix: wait for it to end, or choose another --output-prefix.",
+    )
     try:
         lock.acquire()
     except LockHeldError as e:
@@ -269,7 +283,7 @@ def _remove_dead_temporaries(opts: PreprocessOptions) -> None:
         outputs += [f"{output_prefix_for(opts.output_prefix, key)}.{ext}" for ext in ("bin", "idx")]
     for out in outputs:
         for path in glob.glob(f"{glob.escape(out)}.*.tmp"):
-            if re.fullmatch(r"(\.\d+\.tmp)+", path[len(out):]) and os.path.isfile(path):
+            if re.fullmatch(r"(\.\d+\.tmp)+", path[len(out) :]) and os.path.isfile(path):
                 logger.warning("removing %s, left by a preprocessing run that was killed", path)
                 os.remove(path)
 
@@ -285,7 +299,8 @@ def _preprocess(opts: PreprocessOptions) -> PreprocessStats:
     for src in sources:
         if src.kind not in ("jsonl", "parquet") and keys != ("text",):
             raise PreprocessError(
-                f"input {src.name} has one document per line (no JSON keys); --json-keys must be 'text', got {list(keys)}"
+                f"input {src.name} has one document per line (no JSON keys); "
+                f"--json-keys must be 'text', got {list(keys)}"
             )
     prefixes = {k: output_prefix_for(opts.output_prefix, k) for k in keys}
     if not opts.overwrite:
@@ -311,8 +326,9 @@ def _preprocess(opts: PreprocessOptions) -> PreprocessStats:
             try:
                 for result in pool.imap(chunks):
                     _write(result, keys, writers, stats, counts[result.chunk.source_index])
-                    progress.update(result.num_documents, result.num_tokens, result.text_bytes,
-                                    result.chunk.progress_pos)
+                    progress.update(
+                        result.num_documents, result.num_tokens, result.text_bytes, result.chunk.progress_pos
+                    )
             except BrokenProcessPool:
                 raise PreprocessError("a tokenizer worker process died (out of memory or killed?)") from None
         progress.close()
@@ -336,8 +352,13 @@ def _preprocess(opts: PreprocessOptions) -> PreprocessStats:
     return stats
 
 
-def _write(result: EncodedChunk, keys: tuple[str, ...], writers: dict[str, ShardWriter], stats: PreprocessStats,
-           counts: _InputCounts) -> None:
+def _write(
+    result: EncodedChunk,
+    keys: tuple[str, ...],
+    writers: dict[str, ShardWriter],
+    stats: PreprocessStats,
+    counts: _InputCounts,
+) -> None:
     """Appends one chunk's documents to the shards, or raises the chunk's first bad record
     (named by file and line, row or document)."""
     first_record = counts.num_lines

@@ -34,8 +34,16 @@ class Progress:
         if bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                            desc="preprocess", mininterval=min(interval, 1.0), dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                desc="preprocess",
+                mininterval=min(interval, 1.0),
+                dynamic_ncols=True,
+            )
 
     def update(self, docs: int, tokens: int, text_bytes: int, disk_pos: int) -> None:
         """Adds one chunk's counts; ``disk_pos``: input bytes on disk consumed so far (all inputs)."""

@@ -104,9 +104,7 @@ def _json_loads(line: str):
     return json.loads(line)  # whitespace, trailing data or an error: the reference path
 
 
-def _parse_clean_chunk(
-    data: bytes, kind: str, keys: Sequence[str]
-) -> Optional[tuple[list[list[str]], Counter, int]]:
+def _parse_clean_chunk(data: bytes, kind: str, keys: Sequence[str]) -> Optional[tuple[list[list[str]], Counter, int]]:
     """Fast path of :func:`parse_chunk` for a chunk without a single bad line: the whole chunk
     is decoded at once and every line parsed by the C JSON scanner without a Python call per
     line. Returns None at the first sign of anything unusual (bad UTF-8 or JSON, blank line,
@@ -215,8 +213,11 @@ def _parse_lines(
             try:
                 v.encode("utf-8")
             except UnicodeEncodeError as e:  # valid JSON ("\ud800"), but no text: the tokenizer cannot take it
-                bad(i, "lines with a lone surrogate", f"key {key!r} holds a lone UTF-16 surrogate "
-                    f"({v[e.start]!r} at character {e.start})")
+                bad(
+                    i,
+                    "lines with a lone surrogate",
+                    f"key {key!r} holds a lone UTF-16 surrogate ({v[e.start]!r} at character {e.start})",
+                )
                 break
             values.append(v)
         else:
@@ -269,8 +270,14 @@ def _parse_parquet(chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool) -> P
     names = pf.schema_arrow.names
     missing = [k for k in keys if k not in names]
     if missing:
-        return ParsedChunk([], error=BadRecord(-1, f"input {chunk.source}: no column {missing[0]!r} "
-                                               f"(columns: {', '.join(names)}); choose it with --json-keys"))
+        return ParsedChunk(
+            [],
+            error=BadRecord(
+                -1,
+                f"input {chunk.source}: no column {missing[0]!r} "
+                f"(columns: {', '.join(names)}); choose it with --json-keys",
+            ),
+        )
     for k in keys:
         t = pf.schema_arrow.field(k).type
         if not _is_string_type(t):
@@ -278,8 +285,12 @@ def _parse_parquet(chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool) -> P
     try:
         table = pf.read_row_group(chunk.offset, columns=list(keys))
     except Exception as e:  # corrupt pages, bad compression: pyarrow raises OSError/ArrowInvalid
-        return ParsedChunk([], error=BadRecord(
-            -1, f"input {chunk.source}: row group {chunk.offset} cannot be read ({type(e).__name__}: {e})"))
+        return ParsedChunk(
+            [],
+            error=BadRecord(
+                -1, f"input {chunk.source}: row group {chunk.offset} cannot be read ({type(e).__name__}: {e})"
+            ),
+        )
     num_rows = table.num_rows
     skipped: Counter = Counter()
     bad_rows: set[int] = set()
@@ -295,8 +306,11 @@ def _parse_parquet(chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool) -> P
                     values.append(None if v is None else v.decode("utf-8"))
                 except UnicodeDecodeError as e:
                     if not skip_bad_lines:
-                        return ParsedChunk([], num_records=num_rows, error=BadRecord(
-                            i, f"column {k!r}: invalid UTF-8 at byte {e.start}"))
+                        return ParsedChunk(
+                            [],
+                            num_records=num_rows,
+                            error=BadRecord(i, f"column {k!r}: invalid UTF-8 at byte {e.start}"),
+                        )
                     skipped["rows with invalid UTF-8"] += 1
                     bad_rows.add(i)
                     values.append(None)

@@ -39,9 +39,7 @@ class MicroBatchSampler:
         if total_samples < 0:
             raise ValueError(f"total_samples ({total_samples}) must be >= 0")
         if not 0 <= consumed_samples <= total_samples:
-            raise ValueError(
-                f"consumed_samples ({consumed_samples}) must be in [0, total_samples={total_samples}]"
-            )
+            raise ValueError(f"consumed_samples ({consumed_samples}) must be in [0, total_samples={total_samples}]")
         self.total_samples = total_samples
         self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size

@@ -77,11 +77,13 @@ class TokenShard:
             raise ValueError(f"{self.idx_path} is not a Megatron MMIDIDX index (bad magic)")
         if len(header) < HEADER_BYTES:
             raise ValueError(f"{self.idx_path} is truncated ({idx_size} bytes, header needs {HEADER_BYTES})")
-        version, code, num_seq, num_doc = struct.unpack("<QBQQ", header[len(MAGIC):])
+        version, code, num_seq, num_doc = struct.unpack("<QBQQ", header[len(MAGIC) :])
         if version != VERSION:
             raise ValueError(f"{self.idx_path}: unsupported MMIDIDX version {version} (expected {VERSION})")
         if code not in DTYPE_CODES:
-            raise ValueError(f"{self.idx_path}: unsupported token dtype code {code} (integer codes: {sorted(DTYPE_CODES)})")
+            raise ValueError(
+                f"{self.idx_path}: unsupported token dtype code {code} (integer codes: {sorted(DTYPE_CODES)})"
+            )
         expected = HEADER_BYTES + num_seq * (4 + 8) + num_doc * 8
         if idx_size != expected:
             what = "truncated" if idx_size < expected else "longer than its header says (multimodal or foreign?)"
@@ -93,11 +95,11 @@ class TokenShard:
         self.dtype_code = code
         idx = np.memmap(self.idx_path, dtype=np.uint8, mode="r") if idx_size else np.empty(0, np.uint8)
         off = HEADER_BYTES
-        self.sequence_lengths: np.ndarray = idx[off: off + 4 * num_seq].view(np.int32)
+        self.sequence_lengths: np.ndarray = idx[off : off + 4 * num_seq].view(np.int32)
         off += 4 * num_seq
-        self.sequence_pointers: np.ndarray = idx[off: off + 8 * num_seq].view(np.int64)
+        self.sequence_pointers: np.ndarray = idx[off : off + 8 * num_seq].view(np.int64)
         off += 8 * num_seq
-        self.document_indices: np.ndarray = idx[off: off + 8 * num_doc].view(np.int64)
+        self.document_indices: np.ndarray = idx[off : off + 8 * num_doc].view(np.int64)
         self._check_bin()
         bin_size = os.path.getsize(self.bin_path)
         self._tokens = (
@@ -119,7 +121,9 @@ class TokenShard:
                 raise ValueError(f"{self.idx_path}: corrupt index (pointers do not follow the lengths)")
         if bin_size != expected:
             what = "truncated" if bin_size < expected else "longer than its index says"
-            raise ValueError(f"{self.bin_path} is {what}: {bin_size} bytes, the index {self.idx_path} expects {expected}")
+            raise ValueError(
+                f"{self.bin_path} is {what}: {bin_size} bytes, the index {self.idx_path} expects {expected}"
+            )
         docs = self.document_indices
         if len(docs) == 0 or docs[0] != 0 or docs[-1] != n:
             raise ValueError(f"{self.idx_path}: corrupt document indices (must run from 0 to {n})")
@@ -141,7 +145,7 @@ class TokenShard:
         if not 0 <= i < n:
             raise IndexError(f"sequence {i} out of range for {self.prefix} ({n} sequences)")
         start = int(self.sequence_pointers[i]) // self.dtype.itemsize
-        return self._tokens[start: start + int(self.sequence_lengths[i])]
+        return self._tokens[start : start + int(self.sequence_lengths[i])]
 
     @property
     def num_documents(self) -> int:
@@ -264,7 +268,7 @@ class ShardWriter:
         start = 0
         while start < n:
             # as many sequences as fit in block_tokens (at least one)
-            csum = np.cumsum(lengths[start: start + 65536], dtype=np.int64)
+            csum = np.cumsum(lengths[start : start + 65536], dtype=np.int64)
             k = max(1, int(np.searchsorted(csum, block_tokens, side="right")))
             stop = start + k
             t0 = int(src.sequence_pointers[start]) // self.dtype.itemsize
@@ -316,7 +320,9 @@ def merge_shards(prefixes: Sequence[str], output_prefix: str, overwrite: bool = 
     shards = [TokenShard(p) for p in prefixes]  # validates every input before writing anything
     dtypes = {s.dtype for s in shards}
     if len(dtypes) != 1:
-        raise ValueError("cannot merge shards of different dtypes: " + ", ".join(f"{s.prefix} ({s.dtype})" for s in shards))
+        raise ValueError(
+            "cannot merge shards of different dtypes: " + ", ".join(f"{s.prefix} ({s.dtype})" for s in shards)
+        )
     if os.path.abspath(output_prefix) in {os.path.abspath(p) for p in prefixes}:
         raise ValueError(f"merge output {output_prefix} is also an input")
     del shards

@@ -49,10 +49,20 @@ def _as_bool(value: Any) -> bool:
 class CardMegatronLM(TemplateLM):
     """A card_megatron checkpoint as an lm-eval-harness ``LM`` (see the module docstring)."""
 
-    def __init__(self, checkpoint: str, decoding: Optional[str] = None, threshold: Optional[float] = None,
-                 window: Optional[int] = None,
-                 batch_size: int | str = 8, max_gen_toks: int = 256, device: Optional[str] = None,
-                 ema: bool | str = False, mc_samples: int = 128, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        decoding: Optional[str] = None,
+        threshold: Optional[float] = None,
+        window: Optional[int] = None,
+        batch_size: int | str = 8,
+        max_gen_toks: int = 256,
+        device: Optional[str] = None,
+        ema: bool | str = False,
+        mc_samples: int = 128,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         from card_megatron.inference.loading import load_model
 
@@ -63,9 +73,9 @@ class CardMegatronLM(TemplateLM):
         self.objective = self.loaded.config.objective.name
         self.decoding = decoding
         # The decoder's defaults live in CausalDecodeConfig only; model_args override them.
-        self.causal = CausalDecodeConfig(**{k: t(v) for k, t, v in (("window", int, window),
-                                                                     ("threshold", float, threshold))
-                                            if v is not None})
+        self.causal = CausalDecodeConfig(
+            **{k: t(v) for k, t, v in (("window", int, window), ("threshold", float, threshold)) if v is not None}
+        )
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self.max_gen_toks = int(max_gen_toks)
         self.mc_samples = int(mc_samples)
@@ -101,7 +111,8 @@ class CardMegatronLM(TemplateLM):
         if self.objective not in CAUSAL + ("mdlm",):
             raise NotImplementedError(
                 f"{what}: this {self.objective} checkpoint has block-wise attention and no exact or conditional "
-                "likelihood here; score it with tools/evaluate.py (an upper bound), or evaluate generate_until tasks")
+                "likelihood here; score it with tools/evaluate.py (an upper bound), or evaluate generate_until tasks"
+            )
 
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
@@ -112,14 +123,14 @@ class CardMegatronLM(TemplateLM):
         model, dev, L = self.loaded.model, self.loaded.device, self.max_length
         results: list[tuple[float, bool]] = []
         for start in range(0, len(requests), self.batch_size):
-            batch = requests[start: start + self.batch_size]
+            batch = requests[start : start + self.batch_size]
             seqs, conts = [], []
             for _, context, continuation in batch:
                 if not continuation:
                     raise ValueError("lm-eval request with an empty continuation")
-                whole = (list(context) + list(continuation))[-(L + 1):]
+                whole = (list(context) + list(continuation))[-(L + 1) :]
                 seqs.append(whole[:-1])
-                conts.append(list(continuation)[-min(len(continuation), len(whole) - 1):])  # cut with the context
+                conts.append(list(continuation)[-min(len(continuation), len(whole) - 1) :])  # cut with the context
             width = max(map(len, seqs))
             ids = torch.full((len(seqs), width), self.tok.eos_id, dtype=torch.long)
             for i, s in enumerate(seqs):  # right padding: causal attention never sees it
@@ -128,7 +139,7 @@ class CardMegatronLM(TemplateLM):
             logits = model(ids.to(dev), pos.to(dev)).transpose(0, 1).double()  # [B, S, V]
             logp = torch.log_softmax(logits, dim=-1)
             for i, (s, cont) in enumerate(zip(seqs, conts)):
-                rows = logp[i, len(s) - len(cont): len(s)]
+                rows = logp[i, len(s) - len(cont) : len(s)]
                 target = torch.tensor(cont, device=rows.device)
                 total = float(rows.gather(1, target[:, None]).sum())
                 greedy = bool((rows.argmax(dim=-1) == target).all())
@@ -141,7 +152,7 @@ class CardMegatronLM(TemplateLM):
         model reads the last ``seq_length`` tokens (no shift), continuation last."""
         if not continuation:
             raise ValueError("lm-eval request with an empty continuation")
-        whole = (context + continuation)[-self.max_length:]
+        whole = (context + continuation)[-self.max_length :]
         n_cont = min(len(continuation), len(whole))
         n, dev, mask_id = self.mc_samples, self.loaded.device, self.tok.mask_id
         gen = torch.Generator().manual_seed(self.seed)
@@ -149,15 +160,15 @@ class CardMegatronLM(TemplateLM):
         is_masked = torch.rand(n, n_cont, dtype=torch.float64, generator=gen) < t[:, None]
         x0 = torch.tensor(whole, dtype=torch.long)
         xt = x0.repeat(n + 1, 1)
-        tail = xt[:, len(whole) - n_cont:]
+        tail = xt[:, len(whole) - n_cont :]
         tail[:n][is_masked] = mask_id
         tail[n] = mask_id  # the greedy check: the whole continuation masked
-        targets = x0[len(whole) - n_cont:].to(dev)
+        targets = x0[len(whole) - n_cont :].to(dev)
         logp_rows = []
         for start in range(0, n + 1, self.batch_size):
-            ids = xt[start: start + self.batch_size].to(dev)
+            ids = xt[start : start + self.batch_size].to(dev)
             logits = self.loaded.model(ids, torch.arange(len(whole), device=dev).expand_as(ids)).transpose(0, 1)
-            logits = logits[:, len(whole) - n_cont:].double()
+            logits = logits[:, len(whole) - n_cont :].double()
             logits[..., mask_id] = float("-inf")  # SUBS, as in training
             logp = torch.log_softmax(logits, dim=-1)
             logp_rows.append(logp)
@@ -172,9 +183,15 @@ class CardMegatronLM(TemplateLM):
         self._require_causal("loglikelihood_rolling")
         out = []
         for (string,) in [r.args for r in requests]:
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1)]
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
             scores = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows])
             out.append(sum(s for s, _ in scores))
         return out
@@ -196,12 +213,24 @@ class CardMegatronLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kw.pop("max_gen_toks", self.max_gen_toks))
             sample = _as_bool(kw.pop("do_sample", False)) and float(kw.get("temperature", 1.0)) > 0
-            samp = SamplingConfig(temperature=float(kw.get("temperature", 1.0)), top_p=float(kw.get("top_p", 1.0)),
-                                  top_k=int(kw.get("top_k", 0) or 0)) if sample else SamplingConfig(greedy=True)
+            samp = (
+                SamplingConfig(
+                    temperature=float(kw.get("temperature", 1.0)),
+                    top_p=float(kw.get("top_p", 1.0)),
+                    top_k=int(kw.get("top_k", 0) or 0),
+                )
+                if sample
+                else SamplingConfig(greedy=True)
+            )
             max_new = max(1, min(max_new, self.max_length - 1))
             prompts = [self._fit(args[i][0], max_new) for i in indices]
-            cfg = GenerationConfig(decoding=self.decoding, max_new_tokens=max_new, batch_size=self.batch_size,
-                                   sampling=samp, causal=self.causal)
+            cfg = GenerationConfig(
+                decoding=self.decoding,
+                max_new_tokens=max_new,
+                batch_size=self.batch_size,
+                sampling=samp,
+                causal=self.causal,
+            )
             gens, _ = generate(self.loaded, prompts, cfg)
             for i, g in zip(indices, gens):
                 text = g.text
@@ -215,4 +244,4 @@ class CardMegatronLM(TemplateLM):
         """The prompt, its start dropped (by tokens) when prompt + eos + max_new would not fit the context."""
         ids = self.tok.encode(prompt)
         room = self.max_length - max_new - 1
-        return prompt if len(ids) <= room else self.tok.decode(ids[len(ids) - room:] if room > 0 else [])
+        return prompt if len(ids) <= room else self.tok.decode(ids[len(ids) - room :] if room > 0 else [])

@@ -48,8 +48,7 @@ def _windows(prefix: str, seq_length: int, max_windows: Optional[int]) -> np.nda
     if max_windows is not None:
         n = min(n, max_windows)
     if n <= 0:
-        raise ValueError(f"{prefix}: {len(tokens)} tokens, fewer than one window of seq_length + 1 = "
-                         f"{seq_length + 1}")
+        raise ValueError(f"{prefix}: {len(tokens)} tokens, fewer than one window of seq_length + 1 = {seq_length + 1}")
     idx = np.arange(n)[:, None] * seq_length + np.arange(seq_length + 1)[None, :]
     return np.asarray(tokens[idx], dtype=np.int64)
 
@@ -63,13 +62,16 @@ def check_shard_tokenizer(prefix: str, tokenizer) -> None:
     tokens = open_shard(prefix).tokens
     top = int(tokens.max()) if len(tokens) else -1
     if top >= tokenizer.vocab_size:
-        raise ValueError(f"{prefix}.bin holds token id {top}, outside the checkpoint's vocabulary "
-                         f"({tokenizer.vocab_size} ids): it was made with another tokenizer")
+        raise ValueError(
+            f"{prefix}.bin holds token id {top}, outside the checkpoint's vocabulary "
+            f"({tokenizer.vocab_size} ids): it was made with another tokenizer"
+        )
 
 
 @torch.no_grad()
-def shard_perplexity(loaded, prefix: str, batch_size: int = 8, max_windows: Optional[int] = None,
-                     name: Optional[str] = None) -> PerplexityRow:
+def shard_perplexity(
+    loaded, prefix: str, batch_size: int = 8, max_windows: Optional[int] = None, name: Optional[str] = None
+) -> PerplexityRow:
     """Perplexity of ``loaded`` (a :class:`~card_megatron.inference.loading.LoadedModel`) on shard ``prefix``."""
     from card_megatron.model.gpt import per_token_nll
     from card_megatron.objectives import build_objective
@@ -80,7 +82,7 @@ def shard_perplexity(loaded, prefix: str, batch_size: int = 8, max_windows: Opti
     windows = _windows(prefix, cfg.model.seq_length, max_windows)
     total, count = 0.0, 0.0
     for start in range(0, len(windows), batch_size):
-        tokens = torch.from_numpy(windows[start: start + batch_size]).to(loaded.device)
+        tokens = torch.from_numpy(windows[start : start + batch_size]).to(loaded.device)
         ids = torch.arange(start, start + len(tokens), dtype=torch.int64, device=loaded.device)
         for mi, li in objective.eval_passes(tokens, ids, ids):
             mask = mi.attention_mask.to(loaded.device) if mi.attention_mask is not None else None
@@ -90,31 +92,54 @@ def shard_perplexity(loaded, prefix: str, batch_size: int = 8, max_windows: Opti
             total += float(s)
             count += float(c)
     nll = total / count
-    return PerplexityRow(dataset=name or os.path.basename(prefix), prefix=os.path.abspath(prefix),
-                         num_windows=len(windows), num_tokens=len(windows) * cfg.model.seq_length,
-                         nll=nll, ppl=math.exp(min(nll, 700.0)), kind="bound" if objective.is_bound else "exact")
+    return PerplexityRow(
+        dataset=name or os.path.basename(prefix),
+        prefix=os.path.abspath(prefix),
+        num_windows=len(windows),
+        num_tokens=len(windows) * cfg.model.seq_length,
+        nll=nll,
+        ppl=math.exp(min(nll, 700.0)),
+        kind="bound" if objective.is_bound else "exact",
+    )
 
 
-def evaluate_checkpoint(checkpoint: str, prefixes: Sequence[str], names: Optional[Sequence[str]] = None,
-                        batch_size: int = 8, max_windows: Optional[int] = None, device: Optional[str] = None,
-                        ema: bool = False) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str,
+    prefixes: Sequence[str],
+    names: Optional[Sequence[str]] = None,
+    batch_size: int = 8,
+    max_windows: Optional[int] = None,
+    device: Optional[str] = None,
+    ema: bool = False,
+) -> dict:
     """Loads ``checkpoint`` and scores every shard; returns the JSON record (see :func:`markdown_table`)."""
     from card_megatron.inference.loading import load_model
 
     if names is not None and len(names) != len(prefixes):
         raise ValueError(f"--names gives {len(names)} names for {len(prefixes)} --data prefixes")
     loaded = load_model(checkpoint, device=device, ema=ema)
-    rows = [shard_perplexity(loaded, p, batch_size, max_windows, names[i] if names else None)
-            for i, p in enumerate(prefixes)]
-    return {"checkpoint": os.path.abspath(loaded.path), "step": loaded.step, "objective": loaded.config.objective.name,
-            "seq_length": loaded.config.model.seq_length, "ema": ema, "rows": [asdict(r) for r in rows]}
+    rows = [
+        shard_perplexity(loaded, p, batch_size, max_windows, names[i] if names else None)
+        for i, p in enumerate(prefixes)
+    ]
+    return {
+        "checkpoint": os.path.abspath(loaded.path),
+        "step": loaded.step,
+        "objective": loaded.config.objective.name,
+        "seq_length": loaded.config.model.seq_length,
+        "ema": ema,
+        "rows": [asdict(r) for r in rows],
+    }
 
 
 def markdown_table(result: dict) -> str:
     """The rows as a markdown table; bounds are marked with <=."""
-    lines = [f"Perplexity of {result['checkpoint']} (step {result['step']}, {result['objective']}; "
-             f"<= marks an upper bound)", "", "| dataset | tokens | NLL (nats/token) | perplexity |",
-             "| --- | ---: | ---: | ---: |"]
+    lines = [
+        f"Perplexity of {result['checkpoint']} (step {result['step']}, {result['objective']}; <= marks an upper bound)",
+        "",
+        "| dataset | tokens | NLL (nats/token) | perplexity |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for r in result["rows"]:
         mark = "<= " if r["kind"] == "bound" else ""
         lines.append(f"| {r['dataset']} | {r['num_tokens']:,} | {mark}{r['nll']:.4f} | {mark}{r['ppl']:.2f} |")

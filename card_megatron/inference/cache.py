@@ -91,8 +91,6 @@ class KVCache:
         self.shared_plan = None
 
 
-
-
 class ModelCache:
     """Per-layer KV caches for a batch of ``batch`` sequences of up to ``capacity`` positions.
 
@@ -101,8 +99,15 @@ class ModelCache:
     ``block``: the attention rule over absolute positions (1 causal; see KVCache).
     """
 
-    def __init__(self, model: torch.nn.Module, batch: int, capacity: int, block: int = 1,
-                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batch: int,
+        capacity: int,
+        block: int = 1,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ):
         self.model = model
         param = next(model.parameters())
         dtype = dtype or param.dtype
@@ -114,8 +119,9 @@ class ModelCache:
         for attention in self.attentions:
             if attention.kv_cache is not None:
                 raise ValueError("the model already has KV caches attached (nested ModelCache?)")
-        self.layers = [KVCache.empty(batch, capacity, groups, head_dim, dtype, device, block=block)
-                       for _ in self.attentions]
+        self.layers = [
+            KVCache.empty(batch, capacity, groups, head_dim, dtype, device, block=block) for _ in self.attentions
+        ]
         for attention, cache in zip(self.attentions, self.layers):
             attention.kv_cache = cache
 
@@ -153,8 +159,9 @@ class ModelCache:
         for cache in self.layers:
             cache.select(rows)
 
-    def forward(self, input_ids: torch.Tensor, valid: Optional[torch.Tensor] = None,
-                gather: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, valid: Optional[torch.Tensor] = None, gather: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """One forward pass over new positions written at ``lengths[b] + [0, S)``.
 
         input_ids int64 [B, S]; valid int64 [B] (optional): real new positions per

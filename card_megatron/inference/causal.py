@@ -78,9 +78,16 @@ class SpecialTokenIds:
     pad: int
 
 
-def decode_causal(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, special: SpecialTokenIds,
-                  banned: torch.Tensor, sampling_cfg: sampling.SamplingConfig, seeds: torch.Tensor,
-                  cfg: CausalDecodeConfig) -> tuple[list[SequenceOutput], int]:
+def decode_causal(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    special: SpecialTokenIds,
+    banned: torch.Tensor,
+    sampling_cfg: sampling.SamplingConfig,
+    seeds: torch.Tensor,
+    cfg: CausalDecodeConfig,
+) -> tuple[list[SequenceOutput], int]:
     """Decodes a batch of prompts (lists of >= 1 ids) with a causal model and an exact KV cache.
 
     banned: bool [V] ids never sampled; seeds: int64 [B] per-sequence sampling seeds.

@@ -36,8 +36,16 @@ from card_megatron.inference.cache import ModelCache
 from card_megatron.inference.causal import SequenceOutput, SpecialTokenIds
 
 
-def _ancestral(probs: torch.Tensor, masked: torch.Tensor, t: float, s: float, seeds: torch.Tensor,
-               positions: torch.Tensor, step: int, cfg: sampling.SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _ancestral(
+    probs: torch.Tensor,
+    masked: torch.Tensor,
+    t: float,
+    s: float,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
+    step: int,
+    cfg: sampling.SamplingConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One step t -> s. probs float64 [R, N, V]; masked bool [R, N]; positions int64 [R, N] (absolute).
 
     Returns (unmask bool [R, N], tokens int64 [R, N], valid where ``unmask``).
@@ -60,9 +68,16 @@ def _finish(gen: list[int], eos: int, max_new_tokens: int, forwards: int) -> Seq
     return SequenceOutput(gen, forwards, "length")
 
 
-def decode_mdlm(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, special: SpecialTokenIds,
-                banned: torch.Tensor, sampling_cfg: sampling.SamplingConfig, seeds: torch.Tensor,
-                steps: int) -> tuple[list[SequenceOutput], int]:
+def decode_mdlm(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    special: SpecialTokenIds,
+    banned: torch.Tensor,
+    sampling_cfg: sampling.SamplingConfig,
+    seeds: torch.Tensor,
+    steps: int,
+) -> tuple[list[SequenceOutput], int]:
     """MDLM ancestral sampling with ``steps`` steps over canvases [prompt, max_new_tokens masks].
 
     Returns (one SequenceOutput per prompt, number of batched forward calls).
@@ -103,14 +118,24 @@ def decode_mdlm(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens
         tokens = torch.where(unmask, drawn, tokens)
         masked &= ~unmask
         stale |= unmask.any(1)
-    outputs = [_finish(tokens[b, len(p): int(canvas_len[b])].tolist(), special.eos, max_new_tokens, int(forwards[b]))
-               for b, p in enumerate(prompts)]
+    outputs = [
+        _finish(tokens[b, len(p) : int(canvas_len[b])].tolist(), special.eos, max_new_tokens, int(forwards[b]))
+        for b, p in enumerate(prompts)
+    ]
     return outputs, num_calls
 
 
-def decode_bd3lm(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, special: SpecialTokenIds,
-                 banned: torch.Tensor, sampling_cfg: sampling.SamplingConfig, seeds: torch.Tensor,
-                 block_size: int, steps: int) -> tuple[list[SequenceOutput], int]:
+def decode_bd3lm(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    special: SpecialTokenIds,
+    banned: torch.Tensor,
+    sampling_cfg: sampling.SamplingConfig,
+    seeds: torch.Tensor,
+    block_size: int,
+    steps: int,
+) -> tuple[list[SequenceOutput], int]:
     """BD3LM block-by-block sampling, ``steps`` ancestral steps per block, with an exact KV cache.
 
     Returns (one SequenceOutput per prompt, number of batched forward calls).
@@ -172,7 +197,7 @@ def decode_bd3lm(model: torch.nn.Module, prompts: list[list[int]], max_new_token
             block_start = block_start + bs
             if bool(finished.any()):
                 for a in torch.nonzero(finished).flatten().tolist():
-                    gen = tokens[a, int(prompt_len[a]): int(limit[a])].tolist()
+                    gen = tokens[a, int(prompt_len[a]) : int(limit[a])].tolist()
                     outputs[int(rows[a])] = _finish(gen, special.eos, max_new_tokens, int(forwards[a]))
                 keep = torch.nonzero(~finished).flatten()
                 cache.select(keep)

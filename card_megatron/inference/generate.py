@@ -82,11 +82,18 @@ class Generation:
         return len(self.token_ids) / max(self.num_forward_passes, 1)
 
     def to_json(self) -> dict:
-        return {"index": self.index, "prompt": self.prompt, "prompt_token_ids": self.prompt_token_ids,
-                "text": self.text, "token_ids": self.token_ids,
-                "num_new_tokens": len(self.token_ids), "stopped": self.stopped,
-                "num_forward_passes": self.num_forward_passes,
-                "tokens_per_forward": round(self.tokens_per_forward, 4), "seconds": round(self.seconds, 4)}
+        return {
+            "index": self.index,
+            "prompt": self.prompt,
+            "prompt_token_ids": self.prompt_token_ids,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "num_new_tokens": len(self.token_ids),
+            "stopped": self.stopped,
+            "num_forward_passes": self.num_forward_passes,
+            "tokens_per_forward": round(self.tokens_per_forward, 4),
+            "seconds": round(self.seconds, 4),
+        }
 
 
 def resolve_decoding(objective: str, decoding: Optional[str]) -> str:
@@ -113,7 +120,8 @@ def check_lengths(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, max_
         if len(ids) + max_new_tokens > max_context:
             raise ValueError(
                 f"prompt {i} is {len(ids)} tokens (with the document-boundary token); with --max-new-tokens "
-                f"{max_new_tokens} that is {len(ids) + max_new_tokens} > --max-context {max_context}")
+                f"{max_new_tokens} that is {len(ids) + max_new_tokens} > --max-context {max_context}"
+            )
 
 
 def _sync(device: torch.device) -> None:
@@ -121,8 +129,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate(loaded, prompts: Sequence[str], cfg: GenerationConfig,
-             sequence_ids: Optional[Sequence[int]] = None) -> tuple[list[Generation], dict]:
+def generate(
+    loaded, prompts: Sequence[str], cfg: GenerationConfig, sequence_ids: Optional[Sequence[int]] = None
+) -> tuple[list[Generation], dict]:
     """Generates a continuation of every prompt with ``loaded`` (a :class:`LoadedModel`).
 
     sequence_ids: one id per prompt for the sampling seeds (default 0..n-1). Returns the
@@ -133,8 +142,11 @@ def generate(loaded, prompts: Sequence[str], cfg: GenerationConfig,
     decoding = resolve_decoding(mcfg.objective.name, cfg.decoding)
     max_context = cfg.max_context or mcfg.model.seq_length
     if max_context > mcfg.model.seq_length:
-        log.warning("--max-context %d exceeds the training context %d: RoPE extrapolates, quality may drop",
-                    max_context, mcfg.model.seq_length)
+        log.warning(
+            "--max-context %d exceeds the training context %d: RoPE extrapolates, quality may drop",
+            max_context,
+            mcfg.model.seq_length,
+        )
     prompt_ids = encode_prompts(tokenizer, prompts)
     check_lengths(prompt_ids, cfg.max_new_tokens, max_context)
     ids = list(range(len(prompts))) if sequence_ids is None else list(sequence_ids)
@@ -144,29 +156,48 @@ def generate(loaded, prompts: Sequence[str], cfg: GenerationConfig,
     results: list[Generation] = []
     totals = {"decoding": decoding, "new_tokens": 0, "forward_passes": 0, "model_calls": 0, "seconds": 0.0}
     for start in range(0, len(prompts), cfg.batch_size):
-        batch = prompt_ids[start: start + cfg.batch_size]
-        seeds = sampling.sequence_seeds(cfg.sampling.seed, torch.tensor(ids[start: start + len(batch)]))
+        batch = prompt_ids[start : start + cfg.batch_size]
+        seeds = sampling.sequence_seeds(cfg.sampling.seed, torch.tensor(ids[start : start + len(batch)]))
         _sync(loaded.device)
         t0 = time.perf_counter()
         with torch.no_grad():
             if decoding in ("card", "ar"):
-                outs, calls = decode_causal(model, batch, cfg.max_new_tokens, special, banned, cfg.sampling, seeds,
-                                            causal_cfg)
+                outs, calls = decode_causal(
+                    model, batch, cfg.max_new_tokens, special, banned, cfg.sampling, seeds, causal_cfg
+                )
             elif decoding == "mdlm":
-                outs, calls = decode_mdlm(model, batch, cfg.max_new_tokens, special, banned, cfg.sampling, seeds,
-                                          cfg.steps or cfg.max_new_tokens)
+                outs, calls = decode_mdlm(
+                    model,
+                    batch,
+                    cfg.max_new_tokens,
+                    special,
+                    banned,
+                    cfg.sampling,
+                    seeds,
+                    cfg.steps or cfg.max_new_tokens,
+                )
             else:
                 block = mcfg.objective.block_size
-                outs, calls = decode_bd3lm(model, batch, cfg.max_new_tokens, special, banned, cfg.sampling, seeds,
-                                           block, cfg.steps or block)
+                outs, calls = decode_bd3lm(
+                    model, batch, cfg.max_new_tokens, special, banned, cfg.sampling, seeds, block, cfg.steps or block
+                )
         _sync(loaded.device)
         seconds = time.perf_counter() - t0
         for k, out in enumerate(outs):
             i = start + k
-            results.append(Generation(index=ids[i], prompt=prompts[i], prompt_ids=prompt_ids[i][1:],
-                                      token_ids=out.token_ids, text=tokenizer.decode(out.token_ids),
-                                      stopped=out.stopped, num_forward_passes=out.num_forward_passes, seconds=seconds,
-                                      prompt_token_ids=list(prompt_ids[i])))
+            results.append(
+                Generation(
+                    index=ids[i],
+                    prompt=prompts[i],
+                    prompt_ids=prompt_ids[i][1:],
+                    token_ids=out.token_ids,
+                    text=tokenizer.decode(out.token_ids),
+                    stopped=out.stopped,
+                    num_forward_passes=out.num_forward_passes,
+                    seconds=seconds,
+                    prompt_token_ids=list(prompt_ids[i]),
+                )
+            )
             totals["new_tokens"] += len(out.token_ids)
             totals["forward_passes"] += out.num_forward_passes
         totals["model_calls"] += calls
@@ -188,8 +219,9 @@ def collect_prompts(prompts: Sequence[str], input_file: Optional[str], num_sampl
     return [p for p in (collected or [""]) for _ in range(num_samples)]
 
 
-def generation_records(generations: Sequence[Generation], judge_nll: Optional[Sequence[tuple[float, int]]] = None
-                       ) -> list[dict]:
+def generation_records(
+    generations: Sequence[Generation], judge_nll: Optional[Sequence[tuple[float, int]]] = None
+) -> list[dict]:
     """The JSON object of each generation (the one place it is built): :meth:`Generation.to_json`,
     ``judge_nll`` (mean judge NLL per new token, with a judge), ``entropy`` and ``repetition_4gram``."""
     from card_megatron.inference import quality
@@ -222,20 +254,25 @@ class CheckpointGeneration:
         t, cfg, loaded = self.totals, self.cfg, self.loaded
         seconds = max(t["seconds"], 1e-9)
         block = loaded.config.objective.block_size
-        detail = {"card": f"tau {cfg.causal.threshold}, K {cfg.causal.window}, {cfg.causal.commit_policy}",
-                  "ar": "KV cache", "mdlm": f"steps {cfg.steps or cfg.max_new_tokens}",
-                  "bd3lm": f"block {block}, steps/block {cfg.steps or block}"}[cfg.decoding]
-        speed = (f"{len(self.records)} sequences, {t['new_tokens']} new tokens in {t['seconds']:.2f} s: "
-                 f"{t['new_tokens'] / seconds:.1f} tokens/s, "
-                 f"{t['new_tokens'] / max(t['forward_passes'], 1):.2f} tokens per forward "
-                 f"({t['forward_passes']} forward passes over the sequences, {t['model_calls']} batched model calls; "
-                 f"decoding {cfg.decoding}: {detail}; device {loaded.device}{'; EMA weights' if loaded.ema else ''})")
+        detail = {
+            "card": f"tau {cfg.causal.threshold}, K {cfg.causal.window}, {cfg.causal.commit_policy}",
+            "ar": "KV cache",
+            "mdlm": f"steps {cfg.steps or cfg.max_new_tokens}",
+            "bd3lm": f"block {block}, steps/block {cfg.steps or block}",
+        }[cfg.decoding]
+        speed = (
+            f"{len(self.records)} sequences, {t['new_tokens']} new tokens in {t['seconds']:.2f} s: "
+            f"{t['new_tokens'] / seconds:.1f} tokens/s, "
+            f"{t['new_tokens'] / max(t['forward_passes'], 1):.2f} tokens per forward "
+            f"({t['forward_passes']} forward passes over the sequences, {t['model_calls']} batched model calls; "
+            f"decoding {cfg.decoding}: {detail}; device {loaded.device}{'; EMA weights' if loaded.ema else ''})"
+        )
         s = self.summary
-        quality_line = (f"quality: unigram entropy {s['entropy']:.3f} nats, "
-                        f"repeated 4-grams {s['repetition_4gram']:.3f}")
+        quality_line = f"quality: unigram entropy {s['entropy']:.3f} nats, repeated 4-grams {s['repetition_4gram']:.3f}"
         if self.judge_path is not None:
-            quality_line += (f", judge perplexity {s['judge_ppl']:.2f} over {s['judge_tokens']} tokens "
-                             f"({self.judge_path})")
+            quality_line += (
+                f", judge perplexity {s['judge_ppl']:.2f} over {s['judge_tokens']} tokens ({self.judge_path})"
+            )
         return [speed, quality_line]
 
 
@@ -250,9 +287,17 @@ def _warn_unused_settings(cfg: GenerationConfig, decoding: str) -> None:
         log.warning("--steps has no effect with --decoding %s", decoding)
 
 
-def generate_from_checkpoint(checkpoint: str, prompts: Sequence[str], cfg: GenerationConfig, *,
-                             device: Optional[str] = None, dtype: torch.dtype = torch.float32, ema: bool = False,
-                             judge: Optional[str] = None, judge_retokenize: bool = False) -> CheckpointGeneration:
+def generate_from_checkpoint(
+    checkpoint: str,
+    prompts: Sequence[str],
+    cfg: GenerationConfig,
+    *,
+    device: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    ema: bool = False,
+    judge: Optional[str] = None,
+    judge_retokenize: bool = False,
+) -> CheckpointGeneration:
     """Loads ``checkpoint`` (a run directory, checkpoint or export; its EMA weights with ``ema``),
     generates a continuation of every prompt and scores it (with ``judge``, a causal checkpoint:
     the judge's NLL of the new tokens; a judge with another tokenizer is refused before generating
@@ -265,13 +310,22 @@ def generate_from_checkpoint(checkpoint: str, prompts: Sequence[str], cfg: Gener
     cfg = dataclasses.replace(cfg, decoding=decoding)
     _warn_unused_settings(cfg, decoding)
     judge_model = load_model(judge, device=device, dtype=dtype) if judge else None
-    if judge_model is not None and not judge_retokenize and not quality.same_tokenizer(loaded.tokenizer,
-                                                                                       judge_model.tokenizer):
+    if (
+        judge_model is not None
+        and not judge_retokenize
+        and not quality.same_tokenizer(loaded.tokenizer, judge_model.tokenizer)
+    ):
         quality.judge_generations(judge_model, [], loaded.tokenizer)  # raises the mismatch error before generating
     generations, totals = generate(loaded, prompts, cfg)
     nll = None
     if judge_model is not None:
         nll = quality.judge_generations(judge_model, generations, loaded.tokenizer, retokenize=judge_retokenize)
     summary = quality.summarise([g.token_ids for g in generations], nll)
-    return CheckpointGeneration(records=generation_records(generations, nll), summary=summary, totals=totals,
-                                cfg=cfg, loaded=loaded, judge_path=judge_model.path if judge_model else None)
+    return CheckpointGeneration(
+        records=generation_records(generations, nll),
+        summary=summary,
+        totals=totals,
+        cfg=cfg,
+        loaded=loaded,
+        judge_path=judge_model.path if judge_model else None,
+    )

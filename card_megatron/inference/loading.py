@@ -53,8 +53,9 @@ def resolve_export_dir(path: str) -> str:
     )
 
 
-def load_model(path: str, device: Optional[str] = None, dtype: torch.dtype = torch.float32,
-               ema: bool = False) -> LoadedModel:
+def load_model(
+    path: str, device: Optional[str] = None, dtype: torch.dtype = torch.float32, ema: bool = False
+) -> LoadedModel:
     """Loads weights, config and tokenizer; initialises a single-process parallel state if needed.
 
     With ``ema`` it loads the EMA weights instead of the trained ones, and raises ValueError
@@ -83,8 +84,9 @@ def load_model(path: str, device: Optional[str] = None, dtype: torch.dtype = tor
     state = blob["state_dict"]
     if ema:
         if "ema_state_dict" not in blob:
-            raise ValueError(f"{weights_path} has no EMA weights (the run was trained with optim.ema_decay=0); "
-                             "load it without EMA")
+            raise ValueError(
+                f"{weights_path} has no EMA weights (the run was trained with optim.ema_decay=0); load it without EMA"
+            )
         state = blob["ema_state_dict"]
     tokenizer = Tokenizer.load(tok_path)
     init_single_process()
@@ -101,5 +103,13 @@ def load_model(path: str, device: Optional[str] = None, dtype: torch.dtype = tor
     load_canonical_state(model, state, cfg.model.num_layers)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device=dev, dtype=dtype).eval()
-    return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, vocab_size=vocab_size, device=dev,
-                       step=int(blob.get("step", 0)), path=export, ema=ema)
+    return LoadedModel(
+        model=model,
+        config=cfg,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        device=dev,
+        step=int(blob.get("step", 0)),
+        path=export,
+        ema=ema,
+    )

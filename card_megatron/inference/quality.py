@@ -16,8 +16,13 @@ from typing import Sequence
 import torch
 
 
-def judge_nll(model: torch.nn.Module, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
-              vocab_size: int, batch_size: int = 8) -> list[tuple[float, int]]:
+def judge_nll(
+    model: torch.nn.Module,
+    contexts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    vocab_size: int,
+    batch_size: int = 8,
+) -> list[tuple[float, int]]:
     """Per sequence (sum of NLL in nats, number of tokens) of ``continuations`` given ``contexts``.
 
     The judge must be a causal model (mask kind ``causal``); contexts need >= 1 token.
@@ -30,7 +35,7 @@ def judge_nll(model: torch.nn.Module, contexts: Sequence[Sequence[int]], continu
     device = next(model.parameters()).device
     results: list[tuple[float, int]] = []
     for start in range(0, len(contexts), batch_size):
-        ctx, cont = contexts[start: start + batch_size], continuations[start: start + batch_size]
+        ctx, cont = contexts[start : start + batch_size], continuations[start : start + batch_size]
         seqs = [list(c) + list(x) for c, x in zip(ctx, cont)]
         if any(len(c) < 1 for c in ctx):
             raise ValueError("judge_nll: every context needs at least one token")
@@ -63,7 +68,7 @@ def unigram_entropy(tokens: Sequence[int]) -> float:
 
 def repetition_rate(tokens: Sequence[int], n: int = 4) -> float:
     """Fraction of the n-grams of one sample that repeat an earlier n-gram of it (0 if none exist)."""
-    grams = [tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1)]
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     if not grams:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
@@ -94,8 +99,9 @@ def same_tokenizer(a, b) -> bool:
     return a.serialized() == b.serialized() and all(getattr(a, k) == getattr(b, k) for k in ids)
 
 
-def judge_generations(judge, generations: Sequence, tokenizer, retokenize: bool = False,
-                      batch_size: int = 8) -> list[tuple[float, int]]:
+def judge_generations(
+    judge, generations: Sequence, tokenizer, retokenize: bool = False, batch_size: int = 8
+) -> list[tuple[float, int]]:
     """(NLL sum, tokens) per generation under ``judge`` (a LoadedModel), given its prompt.
 
     With the generator's tokenizer the judge scores exactly the generated ids (eos
@@ -114,5 +120,6 @@ def judge_generations(judge, generations: Sequence, tokenizer, retokenize: bool 
     else:
         raise ValueError(
             f"tokenizer mismatch: the judge ({judge.path}) uses {jt.source} but the model uses {tokenizer.source}; "
-            "pass --judge-retokenize to re-encode the generated text with the judge's tokenizer")
+            "pass --judge-retokenize to re-encode the generated text with the judge's tokenizer"
+        )
     return judge_nll(judge.model, contexts, continuations, jt.vocab_size, batch_size)

@@ -55,7 +55,7 @@ def banned_token_mask(model_vocab_size: int, tokenizer, device=None) -> torch.Te
     bos is banned too: the training stream never contains it (documents are separated by eos).
     """
     banned = torch.zeros(model_vocab_size, dtype=torch.bool, device=device)
-    banned[tokenizer.vocab_size:] = True
+    banned[tokenizer.vocab_size :] = True
     for token in (tokenizer.mask_id, tokenizer.pad_id, tokenizer.bos_id):
         if 0 <= token < model_vocab_size:
             banned[token] = True

@@ -33,8 +33,9 @@ def _timed(loaded, prompts, cfg):
     return gens, totals
 
 
-def run_sweep(settings: Sequence[Setting], prompts: Sequence[str], judge=None, repeats: int = 1,
-              warmup: bool = True) -> tuple[list[dict], list[list]]:
+def run_sweep(
+    settings: Sequence[Setting], prompts: Sequence[str], judge=None, repeats: int = 1, warmup: bool = True
+) -> tuple[list[dict], list[list]]:
     """Generates with every setting ``repeats`` times (the fastest wall clock and CPU time count).
 
     ``judge``: a LoadedModel (normally the ARM) scoring each setting's text. Returns one
@@ -60,15 +61,21 @@ def run_sweep(settings: Sequence[Setting], prompts: Sequence[str], judge=None, r
     first_tokens = [g.token_ids for g in best[0][0]]
     for s, (gens, totals) in zip(settings, best):
         nll = quality.judge_generations(judge, gens, s.loaded.tokenizer, retokenize=True) if judge else None
-        row = {"setting": s.name, "decoding": totals["decoding"], **s.extra,
-               "tokens_per_forward": totals["new_tokens"] / max(totals["forward_passes"], 1),
-               "tokens_per_second": totals["new_tokens"] / max(totals["seconds"], 1e-9),
-               "tokens_per_cpu_second": totals["new_tokens"] / max(totals["cpu_seconds"], 1e-9),
-               "new_tokens": totals["new_tokens"], "forward_passes": totals["forward_passes"],
-               "model_calls": totals["model_calls"], "seconds": totals["seconds"],
-               "cpu_seconds": totals["cpu_seconds"],
-               "same_as_first": sum(g.token_ids == f for g, f in zip(gens, first_tokens)) / max(len(gens), 1),
-               **quality.summarise([g.token_ids for g in gens], nll)}
+        row = {
+            "setting": s.name,
+            "decoding": totals["decoding"],
+            **s.extra,
+            "tokens_per_forward": totals["new_tokens"] / max(totals["forward_passes"], 1),
+            "tokens_per_second": totals["new_tokens"] / max(totals["seconds"], 1e-9),
+            "tokens_per_cpu_second": totals["new_tokens"] / max(totals["cpu_seconds"], 1e-9),
+            "new_tokens": totals["new_tokens"],
+            "forward_passes": totals["forward_passes"],
+            "model_calls": totals["model_calls"],
+            "seconds": totals["seconds"],
+            "cpu_seconds": totals["cpu_seconds"],
+            "same_as_first": sum(g.token_ids == f for g, f in zip(gens, first_tokens)) / max(len(gens), 1),
+            **quality.summarise([g.token_ids for g in gens], nll),
+        }
         row["speedup"] = row["tokens_per_second"] / rows[0]["tokens_per_second"] if rows else 1.0
         row["cpu_speedup"] = row["tokens_per_cpu_second"] / rows[0]["tokens_per_cpu_second"] if rows else 1.0
         rows.append(row)

@@ -31,8 +31,7 @@ from card_megatron.config import MASK_KINDS
 class KVCacheSlot(Protocol):
     """What core attention needs from an inference KV cache (``inference/cache.py`` implements it)."""
 
-    def write_and_read(self, key: torch.Tensor, value: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def write_and_read(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stores new keys/values [S, B, g, d]; returns (keys, values) [B, T, g, d] and the bool mask [B, 1, S, T]."""
         ...
 

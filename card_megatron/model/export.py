@@ -11,7 +11,6 @@ canonical weight is [gate_0..gate_n; up_0..up_n].
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -49,8 +48,9 @@ def _gather_tp(name: str, param: torch.Tensor, tp_group, tp_size: int, grads: bo
     return torch.cat(parts, dim=dim)
 
 
-def gather_canonical_state(module: torch.nn.Module, num_layers: int, tp_group=None, tp_size: int = 1,
-                           zero3: bool = False, grads: bool = False) -> dict[str, torch.Tensor]:
+def gather_canonical_state(
+    module: torch.nn.Module, num_layers: int, tp_group=None, tp_size: int = 1, zero3: bool = False, grads: bool = False
+) -> dict[str, torch.Tensor]:
     """This process's parameters, un-sharded over tensor parallelism, under canonical names (CPU tensors).
 
     Every rank of the tensor-parallel group must call it (collective). Under ZeRO-3 the
@@ -74,7 +74,9 @@ def gather_canonical_state(module: torch.nn.Module, num_layers: int, tp_group=No
             ctx.__exit__(None, None, None)
 
 
-def shard_for_rank(name: str, full: torch.Tensor, param: torch.nn.Parameter, tp_rank: int, tp_size: int) -> torch.Tensor:
+def shard_for_rank(
+    name: str, full: torch.Tensor, param: torch.nn.Parameter, tp_rank: int, tp_size: int
+) -> torch.Tensor:
     """The slice of a canonical tensor that ``param`` holds on tensor-parallel rank ``tp_rank``."""
     if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
         return full
@@ -85,8 +87,14 @@ def shard_for_rank(name: str, full: torch.Tensor, param: torch.nn.Parameter, tp_
     return full.chunk(tp_size, dim=dim)[tp_rank]
 
 
-def load_canonical_state(module: torch.nn.Module, state: dict[str, torch.Tensor], num_layers: int,
-                         tp_rank: int = 0, tp_size: int = 1, strict: bool = True) -> None:
+def load_canonical_state(
+    module: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    num_layers: int,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    strict: bool = True,
+) -> None:
     """Copies a canonical state dict into ``module`` (a CardGPT or a pipeline stage set) of any TP size."""
     missing = []
     with torch.no_grad():
@@ -97,7 +105,9 @@ def load_canonical_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
                 continue
             piece = shard_for_rank(key, state[key], p, tp_rank, tp_size)
             if piece.shape != p.shape:
-                raise ValueError(f"weight {key}: checkpoint shape {tuple(piece.shape)} does not fit model shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"weight {key}: checkpoint shape {tuple(piece.shape)} does not fit model shape {tuple(p.shape)}"
+                )
             p.copy_(piece.to(p.dtype))
     if strict and missing:
         raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")

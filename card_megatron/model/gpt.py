@@ -42,9 +42,7 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def transformer_config(
-    cfg: ModelConfig, tp_size: int, params_dtype: torch.dtype = torch.float32
-) -> TransformerConfig:
+def transformer_config(cfg: ModelConfig, tp_size: int, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
     """Megatron-core's TransformerConfig for our decoder (RMSNorm, gated SiLU, no biases, RoPE).
 
     Pipeline parallelism is DeepSpeed's business (stages are cut by ``model/pipeline.py``),
@@ -126,8 +124,15 @@ class EmbeddingStage(torch.nn.Module):
 class DecoderLayerStage(torch.nn.Module):
     """One Megatron-core TransformerLayer. In/out: (hidden [S,B,H], position_ids [B,S], mask)."""
 
-    def __init__(self, config: TransformerConfig, spec: ModuleSpec, layer_number: int, rotary_base: int,
-                 recompute: bool, seed: int):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        spec: ModuleSpec,
+        layer_number: int,
+        rotary_base: int,
+        recompute: bool,
+        seed: int,
+    ):
         super().__init__()
         with _seeded(seed):
             self.layer = build_module(spec, config=config, layer_number=layer_number)
@@ -182,8 +187,14 @@ class OutputStage(torch.nn.Module):
         return logits
 
 
-def build_stages(cfg: ModelConfig, mask_kind: str, vocab_size: int, tp_size: int, seed: int,
-                 params_dtype: torch.dtype = torch.float32):
+def build_stages(
+    cfg: ModelConfig,
+    mask_kind: str,
+    vocab_size: int,
+    tp_size: int,
+    seed: int,
+    params_dtype: torch.dtype = torch.float32,
+):
     """The model as a list of (stage class, kwargs) in order: embedding, layers, output head.
 
     Returns (config, stages) where each (class, kwargs) builds one stage; stage i seeds with seed + i.
@@ -191,12 +202,32 @@ def build_stages(cfg: ModelConfig, mask_kind: str, vocab_size: int, tp_size: int
     config = transformer_config(cfg, tp_size, params_dtype)
     decoder_layer_spec = layer_spec(mask_kind)  # Megatron's ModuleSpec of one transformer layer
     max_positions = cfg.seq_length
-    stages = [(EmbeddingStage, dict(config=config, vocab_size=vocab_size, max_positions=max_positions,
-                                   rotary_base=cfg.rotary_base, seed=seed))]
+    stages = [
+        (
+            EmbeddingStage,
+            dict(
+                config=config,
+                vocab_size=vocab_size,
+                max_positions=max_positions,
+                rotary_base=cfg.rotary_base,
+                seed=seed,
+            ),
+        )
+    ]
     for i in range(cfg.num_layers):
-        stages.append((DecoderLayerStage, dict(config=config, spec=decoder_layer_spec, layer_number=i + 1,
-                                               rotary_base=cfg.rotary_base, recompute=cfg.recompute_activations,
-                                               seed=seed + 1 + i)))
+        stages.append(
+            (
+                DecoderLayerStage,
+                dict(
+                    config=config,
+                    spec=decoder_layer_spec,
+                    layer_number=i + 1,
+                    rotary_base=cfg.rotary_base,
+                    recompute=cfg.recompute_activations,
+                    seed=seed + 1 + i,
+                ),
+            )
+        )
     stages.append((OutputStage, dict(config=config, vocab_size=vocab_size, seed=seed + 1 + cfg.num_layers)))
     return config, stages
 
@@ -209,8 +240,15 @@ class CardGPT(torch.nn.Module):
     KV caches to :meth:`core_attentions` (``inference/cache.py``) and calls the same forward.
     """
 
-    def __init__(self, cfg: ModelConfig, mask_kind: str, vocab_size: int, tp_size: int = 1,
-                 seed: int = 1234, params_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        mask_kind: str,
+        vocab_size: int,
+        tp_size: int = 1,
+        seed: int = 1234,
+        params_dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         self.config, stages = build_stages(cfg, mask_kind, vocab_size, tp_size, seed, params_dtype)
         self.mask_kind = mask_kind
@@ -224,9 +262,13 @@ class CardGPT(torch.nn.Module):
     def core_attentions(self) -> list[CardCoreAttention]:
         return [layer.layer.self_attention.core_attention for layer in self.layers]
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None,
-                output_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        output_positions: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Logits [S, B, V/TP]; with ``output_positions`` int64 [B, G] only those positions' logits,
         [G, B, V/TP] (the output head runs on those rows only: decoders that need a few positions)."""
         mask = attention_mask if attention_mask is not None else no_attention_mask(input_ids.device)
@@ -253,8 +295,9 @@ def suppress_token_logit(logits: torch.Tensor, token_id: int, vocab_start: int) 
     return logits
 
 
-def per_token_nll(logits: torch.Tensor, targets: torch.Tensor, suppress_id: Optional[int] = None,
-                  vocab_start: int = 0) -> torch.Tensor:
+def per_token_nll(
+    logits: torch.Tensor, targets: torch.Tensor, suppress_id: Optional[int] = None, vocab_start: int = 0
+) -> torch.Tensor:
     """Per-token negative log-likelihood from vocab-sharded logits, without gathering them.
 
     logits: [S, B, V/TP]; targets: [B, S] (global ids). Returns [B, S] float32.
@@ -270,8 +313,9 @@ def per_token_nll(logits: torch.Tensor, targets: torch.Tensor, suppress_id: Opti
 
 
 @torch.no_grad()
-def per_token_top1_logprob(logits: torch.Tensor, suppress_id: Optional[int] = None, vocab_start: int = 0,
-                           tp_group=None) -> torch.Tensor:
+def per_token_top1_logprob(
+    logits: torch.Tensor, suppress_id: Optional[int] = None, vocab_start: int = 0, tp_group=None
+) -> torch.Tensor:
     """Log-probability of the most probable token at each position, from vocab-sharded logits.
 
     logits: [S, B, V/TP]; ``tp_group``: the tensor-parallel group over which the vocabulary

@@ -68,8 +68,10 @@ def llama_state_dict(model: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
     groups = cfg.num_query_groups or heads
     head_dim = cfg.hidden_size // heads
     ffn = cfg.ffn_hidden_size or 4 * cfg.hidden_size
-    out = {"model.embed_tokens.weight": src["embedding.embedding.word_embeddings.weight"],
-           "model.norm.weight": src["output.final_norm.weight"]}
+    out = {
+        "model.embed_tokens.weight": src["embedding.embedding.word_embeddings.weight"],
+        "model.norm.weight": src["output.final_norm.weight"],
+    }
     if cfg.untie_embeddings_and_output_weights:
         out["lm_head.weight"] = src["output.output_layer.weight"]
     for i in range(cfg.num_layers):
@@ -93,15 +95,20 @@ def check_exportable(objective: str, path: str) -> None:
         raise ValueError(
             f"{path} was trained with objective {objective!r}, whose attention is bidirectional "
             f"({'full' if objective == 'mdlm' else 'block-wise'}); a transformers causal LM class would run it with "
-            "causal attention and compute something else. Only ARM and CARD checkpoints export to Llama.")
+            "causal attention and compute something else. Only ARM and CARD checkpoints export to Llama."
+        )
 
 
 def _save_tokenizer(tokenizer, out_dir: str) -> list[str]:
     """Writes the tokenizer files ``AutoTokenizer.from_pretrained(out_dir)`` reads; returns their names."""
     from card_megatron.hf_tokenizer import HuggingFaceTokenizer
 
-    names = {"eos_token": tokenizer.eos_id, "bos_token": tokenizer.bos_id, "pad_token": tokenizer.pad_id,
-             "mask_token": tokenizer.mask_id}
+    names = {
+        "eos_token": tokenizer.eos_id,
+        "bos_token": tokenizer.bos_id,
+        "pad_token": tokenizer.pad_id,
+        "mask_token": tokenizer.mask_id,
+    }
     if isinstance(tokenizer, HuggingFaceTokenizer):
         from tokenizers import Tokenizer as RustTokenizer
         from transformers import PreTrainedTokenizerFast
@@ -111,8 +118,9 @@ def _save_tokenizer(tokenizer, out_dir: str) -> list[str]:
         special = {k: rust.id_to_token(v) for k, v in names.items()}
         if tokenizer.unk_id >= 0:
             special["unk_token"] = rust.id_to_token(tokenizer.unk_id)
-        fast = PreTrainedTokenizerFast(tokenizer_object=rust, **special, model_max_length=None,
-                                       clean_up_tokenization_spaces=False)
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=rust, **special, model_max_length=None, clean_up_tokenization_spaces=False
+        )
         files = fast.save_pretrained(out_dir)
         return sorted(os.path.basename(f) for f in files)
     # SentencePiece: transformers' own SentencePiece tokenizer over the same .model file.
@@ -125,9 +133,11 @@ def _save_tokenizer(tokenizer, out_dir: str) -> list[str]:
     slow = SentencePieceBackend(vocab_file=tokenizer.source, **special, model_max_length=None)
     got = {k: slow.convert_tokens_to_ids(special[k]) for k in names}
     if got != names:
-        raise ValueError(f"{tokenizer.source}: transformers gives the reserved tokens ids {got}, "
-                         f"card_megatron {names}; "
-                         "the tokenizer cannot be exported faithfully")
+        raise ValueError(
+            f"{tokenizer.source}: transformers gives the reserved tokens ids {got}, "
+            f"card_megatron {names}; "
+            "the tokenizer cannot be exported faithfully"
+        )
     files = slow.save_pretrained(out_dir)
     return sorted(os.path.basename(f) for f in files)
 
@@ -139,8 +149,9 @@ def export_llama(checkpoint: str, output: str, ema: bool = False) -> dict[str, A
     try:
         from transformers import LlamaForCausalLM
     except ImportError:
-        raise ValueError("exporting needs transformers and safetensors: pip install -e .[eval] "
-                         "(or make setup)") from None
+        raise ValueError(
+            "exporting needs transformers and safetensors: pip install -e .[eval] (or make setup)"
+        ) from None
 
     from card_megatron.inference.loading import load_model, resolve_export_dir
 
@@ -170,10 +181,16 @@ def export_llama(checkpoint: str, output: str, ema: bool = False) -> dict[str, A
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
         tokenizer_files = _save_tokenizer(loaded.tokenizer, tmp)
-        record = {"source": os.path.abspath(loaded.path), "step": loaded.step, "objective": objective,
-                  "ema": ema, "tokenizer": loaded.tokenizer.metadata(), "tokenizer_files": tokenizer_files,
-                  "note": "prompts start with the document-boundary token (eos), as in training; "
-                          "CARD checkpoints decode autoregressively here (no parallel decoding in transformers)"}
+        record = {
+            "source": os.path.abspath(loaded.path),
+            "step": loaded.step,
+            "objective": objective,
+            "ema": ema,
+            "tokenizer": loaded.tokenizer.metadata(),
+            "tokenizer_files": tokenizer_files,
+            "note": "prompts start with the document-boundary token (eos), as in training; "
+            "CARD checkpoints decode autoregressively here (no parallel decoding in transformers)",
+        }
         with open(os.path.join(tmp, "card_megatron.json"), "w") as f:
             json.dump(record, f, indent=2, sort_keys=True)
         if os.path.lexists(output):  # appeared meanwhile

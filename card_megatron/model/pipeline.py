@@ -20,8 +20,17 @@ from card_megatron.config import ModelConfig
 from card_megatron.model.gpt import DecoderLayerStage, build_stages
 
 
-def build_pipeline_model(cfg: ModelConfig, mask_kind: str, vocab_size: int, tp_size: int, pp_size: int,
-                         dp_size: int, seed: int, loss_fn: Callable, params_dtype=torch.float32) -> PipelineModule:
+def build_pipeline_model(
+    cfg: ModelConfig,
+    mask_kind: str,
+    vocab_size: int,
+    tp_size: int,
+    pp_size: int,
+    dp_size: int,
+    seed: int,
+    loss_fn: Callable,
+    params_dtype=torch.float32,
+) -> PipelineModule:
     """A PipelineModule whose stages hold balanced numbers of transformer layers.
 
     ``loss_fn(logits [S, B, V/TP], labels tuple) -> scalar`` runs on the last stage. The embedding

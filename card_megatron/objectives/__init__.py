@@ -24,8 +24,9 @@ __all__ = [
     "block_diffusion_attention_mask",
 ]
 
-_OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (CardObjective, ArmObjective, MdlmObjective,
-                                                                       Bd3lmObjective)}
+_OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (CardObjective, ArmObjective, MdlmObjective, Bd3lmObjective)
+}
 assert tuple(_OBJECTIVES) == OBJECTIVES, "config.OBJECTIVES and the registered objectives disagree"
 
 

@@ -49,9 +49,11 @@ def describe_connect_failure(error: BaseException, backend: str, timeout_minutes
         f"{ifaces} (host name {socket.gethostname()} resolves to {_host_addr()})",
         f"timeout {timeout_minutes:g} min (parallel.distributed_timeout_minutes)",
     ]
-    hint = ("every node must reach the rendezvous address, and each rank must advertise an address the "
-            "others can reach: set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME on GPUs) to the interface of the "
-            "cluster network (slurm/pretrain.sh picks it per node; see docs/slurm.md)")
+    hint = (
+        "every node must reach the rendezvous address, and each rank must advertise an address the "
+        "others can reach: set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME on GPUs) to the interface of the "
+        "cluster network (slurm/pretrain.sh picks it per node; see docs/slurm.md)"
+    )
     return "; ".join(p for p in parts if p) + f": {first}. Check: {hint}"
 
 

@@ -54,12 +54,22 @@ def clear_stale_build_locks(now: float | None = None) -> list[str]:
             except FileNotFoundError:
                 continue  # another rank removed it
             removed.append(lock)
-            log.warning("removed %s, a torch-extension build lock %.0f min old: a build of %s was interrupted "
-                        "(it is rebuilt now)", lock, age / 60, os.path.basename(os.path.dirname(lock)))
+            log.warning(
+                "removed %s, a torch-extension build lock %.0f min old: a build of %s was interrupted "
+                "(it is rebuilt now)",
+                lock,
+                age / 60,
+                os.path.basename(os.path.dirname(lock)),
+            )
         else:
-            log.warning("%s exists (%.0f s old): startup waits until the build of %s that holds it ends. If no "
-                        "process on this machine is building it (a run killed during its first start), delete "
-                        "the file", lock, age, os.path.basename(os.path.dirname(lock)))
+            log.warning(
+                "%s exists (%.0f s old): startup waits until the build of %s that holds it ends. If no "
+                "process on this machine is building it (a run killed during its first start), delete "
+                "the file",
+                lock,
+                age,
+                os.path.basename(os.path.dirname(lock)),
+            )
     return removed
 
 

@@ -49,8 +49,9 @@ def resolve_dtype(precision: str, cuda: bool) -> str:
     return precision
 
 
-def deepspeed_config(train: TrainConfig, optim: OptimConfig, zero_stage: int, data_parallel_size: int,
-                     cuda: bool) -> dict[str, Any]:
+def deepspeed_config(
+    train: TrainConfig, optim: OptimConfig, zero_stage: int, data_parallel_size: int, cuda: bool
+) -> dict[str, Any]:
     """The DeepSpeed config dict for this run (batch sizes, ZeRO, precision, clipping), from the
     ``train`` and ``optim`` sections and ``parallel.zero_stage``."""
     accumulation = train.global_batch_size // (train.micro_batch_size * data_parallel_size)

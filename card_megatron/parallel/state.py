@@ -58,8 +58,13 @@ def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
     # Without a launcher: one process on a free local port. The address and port are removed
     # again afterwards so that programs this process starts do not inherit a port it holds
     # (DeepSpeed reads RANK, WORLD_SIZE and LOCAL_RANK later, so those stay).
-    launcher_free = {"MASTER_PORT": str(free_port()), "MASTER_ADDR": "127.0.0.1", "RANK": "0",
-                     "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    launcher_free = {
+        "MASTER_PORT": str(free_port()),
+        "MASTER_ADDR": "127.0.0.1",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }
     added = [k for k in launcher_free if k not in os.environ]
     for k in added:
         os.environ[k] = launcher_free[k]
@@ -84,9 +89,7 @@ def init_distributed(cfg: ParallelConfig) -> ParallelInfo:
     if problems:
         raise ConfigError(problems[0])
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
-        )
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     reset_rng_tracker()
     return ParallelInfo(
         rank=dist.get_rank(),

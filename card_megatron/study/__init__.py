@@ -68,8 +68,13 @@ def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]
     def main_part():
         model, judge = _load(card_ckpt), _load(arm_ckpt) if arm_ckpt else None
         prompts = dec.main_prompts(corpora[MAIN].data_path, split, model.tokenizer, spec)
-        res = {"model": card_ckpt, "judge": arm_ckpt, "num_prompts": len(prompts), "prompts": prompts,
-               "max_new_tokens": spec.max_new_tokens}
+        res = {
+            "model": card_ckpt,
+            "judge": arm_ckpt,
+            "num_prompts": len(prompts),
+            "prompts": prompts,
+            "max_new_tokens": spec.max_new_tokens,
+        }
         for mode, greedy in (("greedy", True), ("sampled", False)):
             rows = dec.sweep(model, judge, prompts, spec, greedy)
             res[mode] = {"rows": rows, "best": dec.best_within(rows)}
@@ -77,7 +82,7 @@ def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]
 
     part("main", [card_ckpt, arm_ckpt], main_part)
 
-    ckpts = dec.checkpoints_of(card)[-spec.curve_checkpoints:]
+    ckpts = dec.checkpoints_of(card)[-spec.curve_checkpoints :]
 
     def curve_part():
         judge = _load(arm_ckpt) if arm_ckpt else None
@@ -88,9 +93,18 @@ def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]
             prompts = dec.main_prompts(corpora[MAIN].data_path, split, model.tokenizer, spec)
             rows = dec.sweep(model, judge, prompts, spec, greedy=True, windows=(max(spec.windows),))
             ev = evals.get(model.step, {})
-            points.append({"checkpoint": ck, "step": model.step, "tokens": model.step * runs["card-s0"][
-                "tokens_per_step"], "ar_judge_ppl": rows[0].get("judge_ppl"), "best": dec.best_within(rows),
-                "probe_acc_k1": ev.get("probe_acc_k1"), "probe_conf_k1": ev.get("probe_conf_k1"), "rows": rows})
+            points.append(
+                {
+                    "checkpoint": ck,
+                    "step": model.step,
+                    "tokens": model.step * runs["card-s0"]["tokens_per_step"],
+                    "ar_judge_ppl": rows[0].get("judge_ppl"),
+                    "best": dec.best_within(rows),
+                    "probe_acc_k1": ev.get("probe_acc_k1"),
+                    "probe_conf_k1": ev.get("probe_conf_k1"),
+                    "rows": rows,
+                }
+            )
         return {"points": points}
 
     part("curve", ckpts + [arm_ckpt], curve_part)
@@ -101,8 +115,7 @@ def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]
 
         def copy_part():
             model = _load(ck)
-            prompts = dec.copy_prompts(corpora[COPY].data_path, runs[copy_card[0].name]["split"], model.tokenizer,
-                                       spec)
+            prompts = dec.copy_prompts(corpora[COPY].data_path, runs[copy_card[0].name]["split"], model.tokenizer, spec)
             rows = dec.sweep(model, None, prompts, spec, greedy=True, max_new_tokens=spec.copy_max_new_tokens)
             return {"model": ck, "num_prompts": len(prompts), "prompts": prompts, "rows": rows}
 
@@ -110,8 +123,14 @@ def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]
     return result
 
 
-def run_study(plan: Plan, out: str, data: Optional[str] = None, tokenizer: Optional[str] = None,
-              jobs: Optional[int] = None, python: str = sys.executable) -> dict:
+def run_study(
+    plan: Plan,
+    out: str,
+    data: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    jobs: Optional[int] = None,
+    python: str = sys.executable,
+) -> dict:
     """Runs (or resumes) ``plan`` into ``out``; returns the report's summary."""
     t0 = time.monotonic()
     os.makedirs(out, exist_ok=True)
@@ -122,8 +141,13 @@ def run_study(plan: Plan, out: str, data: Optional[str] = None, tokenizer: Optio
         assert is_finished(out, r)
         runs[r.name] = report.collect_run(run_dir(out, r), r)
     decoding = _measure_decoding(plan, out, corpora, runs)
-    meta = {"machine": _machine(), "elapsed_min": (time.monotonic() - t0) / 60, "runs_trained_now": len(trained),
-            "train_seconds": trained, "written": time.strftime("%Y-%m-%d %H:%M"), "corpora": {
-                k: {"data_path": c.data_path, "tokenizer": c.tokenizer} for k, c in corpora.items()},
-            "budget_minutes": plan.budget_minutes}
+    meta = {
+        "machine": _machine(),
+        "elapsed_min": (time.monotonic() - t0) / 60,
+        "runs_trained_now": len(trained),
+        "train_seconds": trained,
+        "written": time.strftime("%Y-%m-%d %H:%M"),
+        "corpora": {k: {"data_path": c.data_path, "tokenizer": c.tokenizer} for k, c in corpora.items()},
+        "budget_minutes": plan.budget_minutes,
+    }
     return report.write(out, plan, meta, runs, decoding)

@@ -20,7 +20,6 @@ from typing import Optional
 from card_megatron.study.plans import DecodeSpec
 
 
-
 def held_out_documents(data_path: str, split: str, count: int) -> list[list[int]]:
     """``count`` documents spread evenly over the validation split of a shard (token ids, eos dropped)."""
     from card_megatron.data.index import split_document_ranges
@@ -50,8 +49,17 @@ def copy_prompts(data_path: str, split: str, tokenizer, spec: DecodeSpec) -> lis
     return prompts
 
 
-def sweep(model, judge, prompts: list[str], spec: DecodeSpec, greedy: bool, windows=None, thresholds=None,
-          max_new_tokens: Optional[int] = None, seed: int = 0) -> list[dict]:
+def sweep(
+    model,
+    judge,
+    prompts: list[str],
+    spec: DecodeSpec,
+    greedy: bool,
+    windows=None,
+    thresholds=None,
+    max_new_tokens: Optional[int] = None,
+    seed: int = 0,
+) -> list[dict]:
     """AR, then CARD at every (K, tau): one row each (see ``inference/sweep.run_sweep``)."""
     from card_megatron.inference.causal import CausalDecodeConfig
     from card_megatron.inference.generate import GenerationConfig
@@ -63,10 +71,14 @@ def sweep(model, judge, prompts: list[str], spec: DecodeSpec, greedy: bool, wind
     settings = [Setting("ar", model, GenerationConfig(decoding="ar", **base), {"window": 1, "threshold": None})]
     for K in windows or spec.windows:
         for tau in thresholds or spec.thresholds:
-            settings.append(Setting(f"card K={K} tau={tau:g}", model,
-                                    GenerationConfig(decoding="card", causal=CausalDecodeConfig(window=K, threshold=tau),
-                                                     **base),
-                                    {"window": K, "threshold": tau}))
+            settings.append(
+                Setting(
+                    f"card K={K} tau={tau:g}",
+                    model,
+                    GenerationConfig(decoding="card", causal=CausalDecodeConfig(window=K, threshold=tau), **base),
+                    {"window": K, "threshold": tau},
+                )
+            )
     rows, _ = run_sweep(settings, prompts, judge, repeats=1)
     for r in rows:
         r["mode"] = "greedy" if greedy else f"sampled (T={spec.temperature:g}, top-p={spec.top_p:g})"
@@ -88,6 +100,9 @@ def checkpoints_of(run_dir: str) -> list[str]:
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step_")
-                   and os.path.exists(os.path.join(root, d, "export", "model.pt")))
+    steps = sorted(
+        d
+        for d in os.listdir(root)
+        if d.startswith("step_") and os.path.exists(os.path.join(root, d, "export", "model.pt"))
+    )
     return [os.path.join(root, d) for d in steps]

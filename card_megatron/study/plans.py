@@ -84,8 +84,9 @@ SWEEPS = (
 FULL_CARD = "full CARD (lambda=1.5, p=0.5)"
 
 
-def _runs(seeds: int, ablation_seeds: int, sweeps: bool, baselines: tuple[str, ...], copy_objectives: tuple[str, ...]
-          ) -> tuple[RunSpec, ...]:
+def _runs(
+    seeds: int, ablation_seeds: int, sweeps: bool, baselines: tuple[str, ...], copy_objectives: tuple[str, ...]
+) -> tuple[RunSpec, ...]:
     runs = []
     for objective in copy_objectives:  # first: the end-to-end check of objective + decoder
         runs.append(RunSpec(f"copy-{objective}-s0", COPY, "synthetic", objective.upper(), objective, 0))
@@ -108,16 +109,35 @@ PLANS: dict[str, Plan] = {
         name="smoke",
         description="every stage of the study on a toy model in about a minute (run by the tests)",
         config="configs/study-cpu.yaml",
-        overrides=("model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=2",
-                   "model.ffn_hidden_size=128", "model.seq_length=32", "train.train_iters=6",
-                   "train.micro_batch_size=4", "train.global_batch_size=4", "train.eval_iters=1",
-                   "train.eval_interval=3", "train.save_interval=3", "train.log_interval=3",
-                   "optim.lr_warmup_iters=2", "logging.probe_window=4"),
+        overrides=(
+            "model.num_layers=2",
+            "model.hidden_size=64",
+            "model.num_attention_heads=2",
+            "model.ffn_hidden_size=128",
+            "model.seq_length=32",
+            "train.train_iters=6",
+            "train.micro_batch_size=4",
+            "train.global_batch_size=4",
+            "train.eval_iters=1",
+            "train.eval_interval=3",
+            "train.save_interval=3",
+            "train.log_interval=3",
+            "optim.lr_warmup_iters=2",
+            "logging.probe_window=4",
+        ),
         copy_overrides=(),
         corpora={MAIN: CorpusSpec("builtin:python-docs", 512), COPY: CorpusSpec("builtin:synthetic-copy", 512)},
         runs=_runs(1, 1, False, ("mdlm", "bd3lm"), ("card",)),
-        decode=DecodeSpec(num_prompts=2, prompt_tokens=8, max_new_tokens=8, thresholds=(0.5, 2.0), windows=(4,),
-                          copy_prompts=2, copy_max_new_tokens=8, curve_checkpoints=2),
+        decode=DecodeSpec(
+            num_prompts=2,
+            prompt_tokens=8,
+            max_new_tokens=8,
+            thresholds=(0.5, 2.0),
+            windows=(4,),
+            copy_prompts=2,
+            copy_max_new_tokens=8,
+            curve_checkpoints=2,
+        ),
         budget_minutes=2,
     ),
     "cpu": Plan(
@@ -126,12 +146,17 @@ PLANS: dict[str, Plan] = {
         config="configs/study-cpu.yaml",
         overrides=(),
         # copying a 9-token period is learned by 2 layers; 2,400 steps make it confident (docs/study.md)
-        copy_overrides=("model.num_layers=2", "train.train_iters=2400", "train.eval_interval=400",
-                        "train.save_interval=400"),
+        copy_overrides=(
+            "model.num_layers=2",
+            "train.train_iters=2400",
+            "train.eval_interval=400",
+            "train.save_interval=400",
+        ),
         corpora={MAIN: CorpusSpec("builtin:python-code", 2048), COPY: CorpusSpec("builtin:synthetic-copy", 1024)},
         runs=_runs(2, 2, True, ("mdlm", "bd3lm"), ("card", "arm")),
-        decode=DecodeSpec(num_prompts=16, prompt_tokens=24, max_new_tokens=48, thresholds=(0.3, 0.5, 0.7, 0.9, 2.0),
-                          windows=(4, 8)),
+        decode=DecodeSpec(
+            num_prompts=16, prompt_tokens=24, max_new_tokens=48, thresholds=(0.3, 0.5, 0.7, 0.9, 2.0), windows=(4, 8)
+        ),
         budget_minutes=75,
     ),
     "gpu": Plan(
@@ -142,8 +167,14 @@ PLANS: dict[str, Plan] = {
         copy_overrides=(),
         corpora={MAIN: CorpusSpec("builtin:python-code", 8192), COPY: CorpusSpec("builtin:synthetic-copy", 1024)},
         runs=_runs(2, 2, True, ("mdlm", "bd3lm"), ("card", "arm")),
-        decode=DecodeSpec(num_prompts=64, prompt_tokens=32, max_new_tokens=96,
-                          thresholds=(0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 2.0), windows=(4, 8, 16), copy_prompts=64),
+        decode=DecodeSpec(
+            num_prompts=64,
+            prompt_tokens=32,
+            max_new_tokens=96,
+            thresholds=(0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 2.0),
+            windows=(4, 8, 16),
+            copy_prompts=64,
+        ),
         jobs=4,
         budget_minutes=10,
     ),

@@ -45,10 +45,17 @@ def collect_run(run_dir: str, run: RunSpec) -> dict:
     positions = gbs * L * SEQ_MULTIPLIER.get(run.objective, 1)  # what tokens_per_sec counts
     step_times = [positions / m["tokens_per_sec"] for m in metrics[1:] if m.get("tokens_per_sec")]
     return {
-        "name": run.name, "label": run.label, "group": run.group, "objective": run.objective, "seed": run.seed,
-        "corpus": run.corpus, "overrides": list(run.overrides), "tokens_per_step": gbs * L,
+        "name": run.name,
+        "label": run.label,
+        "group": run.group,
+        "objective": run.objective,
+        "seed": run.seed,
+        "corpus": run.corpus,
+        "overrides": list(run.overrides),
+        "tokens_per_step": gbs * L,
         "split": cfg["data"]["split"],
-        "evals": evals, "final": evals[-1] if evals else None,
+        "evals": evals,
+        "final": evals[-1] if evals else None,
         "step_time_s": statistics.median(step_times) if step_times else None,
         "peak_memory_gb": max((m.get("memory_gb") or 0.0) for m in metrics) if metrics else None,
         "last_metrics": metrics[-1] if metrics else None,
@@ -56,12 +63,18 @@ def collect_run(run_dir: str, run: RunSpec) -> dict:
 
 
 def _spread(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return {
+        "mean": statistics.fmean(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
 
 
 def summarise(plan: Plan, runs: dict[str, dict], decoding: dict) -> dict:
     """The report's tables as data (see the module docstring of ``card_megatron.study``)."""
+
     def final(r, key):
         return r["final"].get(key) if r.get("final") else None
 
@@ -72,10 +85,15 @@ def summarise(plan: Plan, runs: dict[str, dict], decoding: dict) -> dict:
     variants = []
     for label, rs in by_label.items():
         ppl = [final(r, "val_ppl") for r in rs if final(r, "val_ppl") is not None]
-        row = {"label": label, "group": rs[0]["group"], "objective": rs[0]["objective"],
-               "runs": [r["name"] for r in rs], "bound": bool(final(rs[0], "val_ppl_is_bound")),
-               "tokens": rs[0]["final"]["tokens"] if rs[0].get("final") else None,
-               "val_ppl": _spread(ppl) if ppl else None}
+        row = {
+            "label": label,
+            "group": rs[0]["group"],
+            "objective": rs[0]["objective"],
+            "runs": [r["name"] for r in rs],
+            "bound": bool(final(rs[0], "val_ppl_is_bound")),
+            "tokens": rs[0]["final"]["tokens"] if rs[0].get("final") else None,
+            "val_ppl": _spread(ppl) if ppl else None,
+        }
         for k in PROBE_KS:
             vals = [final(r, f"probe_acc_k{k}") for r in rs if final(r, f"probe_acc_k{k}") is not None]
             row[f"probe_acc_k{k}"] = _spread(vals) if vals else None
@@ -85,8 +103,9 @@ def summarise(plan: Plan, runs: dict[str, dict], decoding: dict) -> dict:
     arm = [r for r in runs.values() if r["objective"] == "arm" and r["corpus"] == "main"]
     cost = []
     for objective in ("arm", "card", "mdlm", "bd3lm"):
-        rs = [r for r in runs.values() if r["objective"] == objective and r["group"] == "efficiency"
-              and r["step_time_s"]]
+        rs = [
+            r for r in runs.values() if r["objective"] == objective and r["group"] == "efficiency" and r["step_time_s"]
+        ]
         if not rs:
             continue
         t = statistics.fmean(r["step_time_s"] for r in rs)
@@ -116,79 +135,126 @@ def _fmt(x, digits=2) -> str:
 
 
 def _decoding_table(rows: list[dict], best: Optional[dict]) -> list[str]:
-    lines = ["| setting | tokens/forward | speed-up vs AR (wall) | judge ppl | entropy | rep. 4-grams | same text as AR |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| setting | tokens/forward | speed-up vs AR (wall) | judge ppl | entropy | rep. 4-grams | same text as AR |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         mark = " **(best within 5%)**" if best is not None and r["setting"] == best["setting"] else ""
-        lines.append(f"| {r['setting']}{mark} | {r['tokens_per_forward']:.2f} | {r['speedup']:.2f} | "
-                     f"{_fmt(r.get('judge_ppl'))} | {r['entropy']:.2f} | {r['repetition_4gram']:.2f} | "
-                     f"{r['same_as_first']:.2f} |")
+        lines.append(
+            f"| {r['setting']}{mark} | {r['tokens_per_forward']:.2f} | {r['speedup']:.2f} | "
+            f"{_fmt(r.get('judge_ppl'))} | {r['entropy']:.2f} | {r['repetition_4gram']:.2f} | "
+            f"{r['same_as_first']:.2f} |"
+        )
     return lines
 
 
 def markdown(plan: Plan, meta: dict, runs: dict[str, dict], summary: dict) -> str:
     """The tables of ``study.md``."""
-    out = [f"# Study: plan `{plan.name}`", "", plan.description + ".", "",
-           f"Machine: {meta['machine']}. Wall clock: {meta['elapsed_min']:.1f} min for the stages run this time "
-           f"({meta['runs_trained_now']} run(s) trained now). Written {meta['written']}.", "",
-           "Validation perplexity is exact for ARM and CARD (CARD on clean text is an AR model) and an upper bound "
-           "(ELBO, marked <=) for MDLM and BD3LM. Spread: mean [min, max] over seeds.", "",
-           "## Data efficiency (same model, data, tokens and optimizer)", "",
-           "| objective | runs | tokens | validation perplexity |", "| --- | --- | ---: | ---: |"]
+    out = [
+        f"# Study: plan `{plan.name}`",
+        "",
+        plan.description + ".",
+        "",
+        f"Machine: {meta['machine']}. Wall clock: {meta['elapsed_min']:.1f} min for the stages run this time "
+        f"({meta['runs_trained_now']} run(s) trained now). Written {meta['written']}.",
+        "",
+        "Validation perplexity is exact for ARM and CARD (CARD on clean text is an AR model) and an upper bound "
+        "(ELBO, marked <=) for MDLM and BD3LM. Spread: mean [min, max] over seeds.",
+        "",
+        "## Data efficiency (same model, data, tokens and optimizer)",
+        "",
+        "| objective | runs | tokens | validation perplexity |",
+        "| --- | --- | ---: | ---: |",
+    ]
     for v in summary["variants"]:
         if v["group"] == "efficiency":
             bound = "<= " if v["bound"] else ""
             out.append(f"| {v['label']} | {', '.join(v['runs'])} | {v['tokens']:,} | {bound}{_fmt(v['val_ppl'])} |")
-    out += ["", "![perplexity against tokens](perplexity.png)", "", "## Training cost (from the same runs)", "",
-            "| objective | step time (s) | vs ARM | vs CARD | peak memory (GB) | vs ARM |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    out += [
+        "",
+        "![perplexity against tokens](perplexity.png)",
+        "",
+        "## Training cost (from the same runs)",
+        "",
+        "| objective | step time (s) | vs ARM | vs CARD | peak memory (GB) | vs ARM |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for c in summary["cost"]:
-        out.append(f"| {c['objective']} | {c['step_time_s']:.3f} | {_fmt(c.get('step_time_vs_arm'))} | "
-                   f"{_fmt(c.get('step_time_vs_card'))} | {c['peak_memory_gb']:.2f} | {_fmt(c.get('memory_vs_arm'))} |")
-    out += ["", f"Runs train {plan.jobs} at a time, one process each, so step times include the same contention "
-            "for every objective; memory is the process's peak resident set (CPU) or peak allocated (GPU).", "",
-            "## Ablations and sweeps (CARD)", "",
-            "Probe: after a clean prefix and k [MASK], how often the prediction of the next position is right "
-            "(acc) and how often its top-1 probability exceeds 0.9 (conf): what parallel decoding can use.", "",
-            "| variant | runs | validation perplexity | probe acc k=1 | probe acc k=3 | probe conf k=1 | probe conf k=3 |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        out.append(
+            f"| {c['objective']} | {c['step_time_s']:.3f} | {_fmt(c.get('step_time_vs_arm'))} | "
+            f"{_fmt(c.get('step_time_vs_card'))} | {c['peak_memory_gb']:.2f} | {_fmt(c.get('memory_vs_arm'))} |"
+        )
+    out += [
+        "",
+        f"Runs train {plan.jobs} at a time, one process each, so step times include the same contention "
+        "for every objective; memory is the process's peak resident set (CPU) or peak allocated (GPU).",
+        "",
+        "## Ablations and sweeps (CARD)",
+        "",
+        "Probe: after a clean prefix and k [MASK], how often the prediction of the next position is right "
+        "(acc) and how often its top-1 probability exceeds 0.9 (conf): what parallel decoding can use.",
+        "",
+        "| variant | runs | validation perplexity | probe acc k=1 | probe acc k=3 | probe conf k=1 | probe conf k=3 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for v in summary["variants"]:
         if v["group"] in ("ablation", "sweep") or v["label"] == FULL_CARD:
-            out.append(f"| {v['label']} | {', '.join(v['runs'])} | {_fmt(v['val_ppl'])} | "
-                       f"{_fmt(v['probe_acc_k1'], 3)} | {_fmt(v['probe_acc_k3'], 3)} | "
-                       f"{_fmt(v['probe_conf_k1'], 3)} | {_fmt(v['probe_conf_k3'], 3)} |")
+            out.append(
+                f"| {v['label']} | {', '.join(v['runs'])} | {_fmt(v['val_ppl'])} | "
+                f"{_fmt(v['probe_acc_k1'], 3)} | {_fmt(v['probe_acc_k3'], 3)} | "
+                f"{_fmt(v['probe_conf_k1'], 3)} | {_fmt(v['probe_conf_k3'], 3)} |"
+            )
     out += ["", "![ablations](ablations.png)", ""]
     dec = summary["decoding"]
     if dec.get("main"):
-        out += ["## Decoding (main corpus)", "",
-                f"CARD model `{dec['main']['model']}`, judge `{dec['main']['judge']}`, {dec['main']['num_prompts']} "
-                f"held-out prompts, {dec['main']['max_new_tokens']} new tokens, batch = all prompts.", ""]
+        out += [
+            "## Decoding (main corpus)",
+            "",
+            f"CARD model `{dec['main']['model']}`, judge `{dec['main']['judge']}`, {dec['main']['num_prompts']} "
+            f"held-out prompts, {dec['main']['max_new_tokens']} new tokens, batch = all prompts.",
+            "",
+        ]
         for mode in ("greedy", "sampled"):
             part = dec["main"].get(mode)
             if part:
                 out += [f"### {part['rows'][0]['mode']}", ""] + _decoding_table(part["rows"], part["best"]) + [""]
         out += ["![speed against quality](decoding.png)", ""]
     if dec.get("curve", {}).get("points"):
-        out += ["## Tokens per forward at equal quality, against training tokens", "",
-                "| checkpoint | tokens | probe acc k=1 | probe conf k=1 | AR judge ppl | best setting within 5% | "
-                "tokens/forward |", "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+        out += [
+            "## Tokens per forward at equal quality, against training tokens",
+            "",
+            "| checkpoint | tokens | probe acc k=1 | probe conf k=1 | AR judge ppl | best setting within 5% | "
+            "tokens/forward |",
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
+        ]
         for c in dec["curve"]["points"]:
             b = c["best"] or {}
-            out.append(f"| {c['step']} | {c['tokens']:,} | {_fmt(c.get('probe_acc_k1'), 3)} | "
-                       f"{_fmt(c.get('probe_conf_k1'), 3)} | {_fmt(c['ar_judge_ppl'])} | {b.get('setting', '-')} | "
-                       f"{_fmt(b.get('tokens_per_forward'))} |")
+            out.append(
+                f"| {c['step']} | {c['tokens']:,} | {_fmt(c.get('probe_acc_k1'), 3)} | "
+                f"{_fmt(c.get('probe_conf_k1'), 3)} | {_fmt(c['ar_judge_ppl'])} | {b.get('setting', '-')} | "
+                f"{_fmt(b.get('tokens_per_forward'))} |"
+            )
         out += ["", "![curve](curve.png)", ""]
     copy_runs = [r for r in runs.values() if r["corpus"] == "copy"]
     if copy_runs:
-        out += ["## Synthetic copy corpus", "", "Validation perplexity against tokens (how fast each learns to copy):",
-                "", "| run | " + " | ".join(f"{e['tokens']:,}" for e in copy_runs[0]["evals"]) + " |",
-                "| --- |" + " ---: |" * len(copy_runs[0]["evals"])]
+        out += [
+            "## Synthetic copy corpus",
+            "",
+            "Validation perplexity against tokens (how fast each learns to copy):",
+            "",
+            "| run | " + " | ".join(f"{e['tokens']:,}" for e in copy_runs[0]["evals"]) + " |",
+            "| --- |" + " ---: |" * len(copy_runs[0]["evals"]),
+        ]
         for r in copy_runs:
             out.append(f"| {r['name']} | " + " | ".join(_fmt(e["val_ppl"]) for e in r["evals"]) + " |")
         out.append("")
     if dec.get("copy"):
-        out += [f"CARD decoding of `{dec['copy']['model']}`, greedy, {dec['copy']['num_prompts']} prompts "
-                "(a held-out document's first string and its period):", ""]
+        out += [
+            f"CARD decoding of `{dec['copy']['model']}`, greedy, {dec['copy']['num_prompts']} prompts "
+            "(a held-out document's first string and its period):",
+            "",
+        ]
         out += _decoding_table(dec["copy"]["rows"], None) + [""]
     return "\n".join(out) + "\n"
 
@@ -214,8 +280,13 @@ def plots(out_dir: str, runs: dict[str, dict], summary: dict) -> list[str]:
     for r in runs.values():
         if r["group"] == "efficiency" and r["evals"]:
             bound = " (bound)" if r["evals"][-1].get("val_ppl_is_bound") else ""
-            ax.plot([e["tokens"] for e in r["evals"]], [e["val_ppl"] for e in r["evals"]], "o-", ms=3,
-                    label=r["name"] + bound)
+            ax.plot(
+                [e["tokens"] for e in r["evals"]],
+                [e["val_ppl"] for e in r["evals"]],
+                "o-",
+                ms=3,
+                label=r["name"] + bound,
+            )
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
@@ -250,8 +321,12 @@ def plots(out_dir: str, runs: dict[str, dict], summary: dict) -> list[str]:
             rows = part["rows"]
             for K in sorted({r["window"] for r in rows[1:]}):
                 rs = [r for r in rows[1:] if r["window"] == K]
-                ax.plot([r["tokens_per_forward"] for r in rs], [r["judge_ppl"] for r in rs], "o-",
-                        label=f"CARD {mode}, K={K}")
+                ax.plot(
+                    [r["tokens_per_forward"] for r in rs],
+                    [r["judge_ppl"] for r in rs],
+                    "o-",
+                    label=f"CARD {mode}, K={K}",
+                )
             ax.scatter([1.0], [rows[0]["judge_ppl"]], marker="*", s=100, label=f"AR {mode}")
         ax.set_xlabel("tokens per forward pass")
         ax.set_ylabel("judge perplexity (ARM)")
@@ -261,10 +336,18 @@ def plots(out_dir: str, runs: dict[str, dict], summary: dict) -> list[str]:
     curve = summary["decoding"].get("curve", {}).get("points")
     if curve:
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([c["tokens"] for c in curve], [(c["best"] or {}).get("tokens_per_forward", 1.0) for c in curve], "o-",
-                label="tokens/forward within 5% of AR ppl")
-        ax.plot([c["tokens"] for c in curve], [1 + 7 * (c.get("probe_conf_k1") or 0) for c in curve], "s--",
-                label="1 + 7 x probe conf (k=1)")
+        ax.plot(
+            [c["tokens"] for c in curve],
+            [(c["best"] or {}).get("tokens_per_forward", 1.0) for c in curve],
+            "o-",
+            label="tokens/forward within 5% of AR ppl",
+        )
+        ax.plot(
+            [c["tokens"] for c in curve],
+            [1 + 7 * (c.get("probe_conf_k1") or 0) for c in curve],
+            "s--",
+            label="1 + 7 x probe conf (k=1)",
+        )
         ax.set_xlabel("training tokens")
         ax.legend(fontsize=7)
         save(fig, "curve.png")
@@ -274,8 +357,10 @@ def plots(out_dir: str, runs: dict[str, dict], summary: dict) -> list[str]:
 def write(out_dir: str, plan: Plan, meta: dict, runs: dict[str, dict], decoding: dict) -> dict:
     """Writes study.json, study.md and the plots (atomically); returns the summary."""
     summary = summarise(plan, runs, decoding)
-    atomic_write(os.path.join(out_dir, "study.json"),
-                 json.dumps({"plan": plan.name, "meta": meta, "runs": runs, **summary}, indent=1, default=str))
+    atomic_write(
+        os.path.join(out_dir, "study.json"),
+        json.dumps({"plan": plan.name, "meta": meta, "runs": runs, **summary}, indent=1, default=str),
+    )
     plots(out_dir, runs, summary)
     atomic_write(os.path.join(out_dir, "study.md"), markdown(plan, meta, runs, summary))
     return summary

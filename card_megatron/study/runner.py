@@ -34,8 +34,9 @@ class Corpus:
     tokenizer: str
 
 
-def prepare_corpora(plan: Plan, out: str, data: Optional[str] = None, tokenizer: Optional[str] = None
-                    ) -> dict[str, Corpus]:
+def prepare_corpora(
+    plan: Plan, out: str, data: Optional[str] = None, tokenizer: Optional[str] = None
+) -> dict[str, Corpus]:
     """Tokenizes the plan's corpora under ``{out}/data`` (skipping those already there).
 
     ``data``/``tokenizer`` replace the main corpus (a shard prefix and its SentencePiece model).
@@ -57,8 +58,16 @@ def prepare_corpora(plan: Plan, out: str, data: Optional[str] = None, tokenizer:
         corpus = Corpus(f"{prefix}_text_document", f"{prefix}.model")
         if not (shard_exists(corpus.data_path) and os.path.exists(corpus.tokenizer)):
             log.info("tokenizing %s (%d-piece tokenizer) -> %s", spec.input, spec.vocab_size, corpus.data_path)
-            preprocess(PreprocessOptions(inputs=[spec.input], output_prefix=prefix, train_tokenizer=True,
-                                             vocab_size=spec.vocab_size, workers=max(1, plan.jobs), overwrite=True))
+            preprocess(
+                PreprocessOptions(
+                    inputs=[spec.input],
+                    output_prefix=prefix,
+                    train_tokenizer=True,
+                    vocab_size=spec.vocab_size,
+                    workers=max(1, plan.jobs),
+                    overwrite=True,
+                )
+            )
         corpora[key] = corpus
     return corpora
 
@@ -71,8 +80,11 @@ def train_command(plan: Plan, run: RunSpec, corpus: Corpus, out: str, python: st
     """The ordinary training command of one run (single process)."""
     overrides = list(plan.overrides) + (list(plan.copy_overrides) if run.corpus == COPY else [])
     overrides += list(run.overrides) + [
-        f"objective.name={run.objective}", f"train.seed={1234 + run.seed}", f"train.run_dir={run_dir(out, run)}",
-        f"data.data_path={corpus.data_path}", f"data.tokenizer_model={corpus.tokenizer}",
+        f"objective.name={run.objective}",
+        f"train.seed={1234 + run.seed}",
+        f"train.run_dir={run_dir(out, run)}",
+        f"data.data_path={corpus.data_path}",
+        f"data.tokenizer_model={corpus.tokenizer}",
     ]
     return [python, "-m", "card_megatron.train", "--config", os.path.join(REPO, plan.config), *overrides]
 
@@ -81,8 +93,14 @@ def is_finished(out: str, run: RunSpec) -> bool:
     return os.path.exists(os.path.join(run_dir(out, run), "finished"))
 
 
-def train_all(plan: Plan, corpora: dict[str, Corpus], out: str, jobs: Optional[int] = None,
-              only: Optional[set[str]] = None, python: str = sys.executable) -> dict[str, float]:
+def train_all(
+    plan: Plan,
+    corpora: dict[str, Corpus],
+    out: str,
+    jobs: Optional[int] = None,
+    only: Optional[set[str]] = None,
+    python: str = sys.executable,
+) -> dict[str, float]:
     """Trains every unfinished run, ``jobs`` at a time; returns {run: seconds} of the runs trained now.
 
     Each run's output goes to ``{run_dir}/train.log``. Raises StudyError naming the runs that
@@ -96,8 +114,13 @@ def train_all(plan: Plan, corpora: dict[str, Corpus], out: str, jobs: Optional[i
     threads = max(1, (os.cpu_count() or 1) // jobs)
     launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher}  # each run is its own single process
-    env.update({"OMP_NUM_THREADS": str(threads), "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
+    env.update(
+        {
+            "OMP_NUM_THREADS": str(threads),
+            "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
+        }
+    )
     running: list[tuple[RunSpec, subprocess.Popen, float, object]] = []
     seconds: dict[str, float] = {}
     failed: list[str] = []
@@ -110,8 +133,14 @@ def train_all(plan: Plan, corpora: dict[str, Corpus], out: str, jobs: Optional[i
                 logf = open(os.path.join(run_dir(out, run), "train.log"), "a")
                 state = "resuming" if os.path.isdir(os.path.join(run_dir(out, run), "checkpoints")) else "training"
                 log.info("%s %s (%s)", state, run.name, run.label)
-                proc = subprocess.Popen(train_command(plan, run, corpora[run.corpus], out, python), cwd=REPO,
-                                        env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                proc = subprocess.Popen(
+                    train_command(plan, run, corpora[run.corpus], out, python),
+                    cwd=REPO,
+                    env=env,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
                 running.append((run, proc, time.monotonic(), logf))
             time.sleep(0.5)
             for item in list(running):
@@ -123,11 +152,20 @@ def train_all(plan: Plan, corpora: dict[str, Corpus], out: str, jobs: Optional[i
                 seconds[run.name] = time.monotonic() - start
                 if proc.returncode != 0 or not is_finished(out, run):
                     failed.append(run.name)
-                    log.error("run %s failed (exit %s); see %s", run.name, proc.returncode,
-                              os.path.join(run_dir(out, run), "train.log"))
+                    log.error(
+                        "run %s failed (exit %s); see %s",
+                        run.name,
+                        proc.returncode,
+                        os.path.join(run_dir(out, run), "train.log"),
+                    )
                 else:
-                    log.info("finished %s in %.0f s (%d of %d runs done)", run.name, seconds[run.name],
-                             len([r for r in plan.runs if is_finished(out, r)]), len(plan.runs))
+                    log.info(
+                        "finished %s in %.0f s (%d of %d runs done)",
+                        run.name,
+                        seconds[run.name],
+                        len([r for r in plan.runs if is_finished(out, r)]),
+                        len(plan.runs),
+                    )
     finally:
         for _, proc, _, logf in running:  # interrupted: stop the children, they resume next time
             proc.terminate()
@@ -137,6 +175,8 @@ def train_all(plan: Plan, corpora: dict[str, Corpus], out: str, jobs: Optional[i
                 proc.kill()
             logf.close()
     if failed:
-        raise StudyError(f"{len(failed)} run(s) failed: {', '.join(failed)} (logs: {out}/runs/<run>/train.log); "
-                         "rerun the same command to retry them")
+        raise StudyError(
+            f"{len(failed)} run(s) failed: {', '.join(failed)} (logs: {out}/runs/<run>/train.log); "
+            "rerun the same command to retry them"
+        )
     return seconds

@@ -176,10 +176,17 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 def rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors, numbers and tuples (``weights_only=True`` loads them)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
-             "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -202,11 +209,24 @@ def ema_file_name(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
     return f"ema_tp{tp_rank:02d}_pp{pp_rank:03d}_dp{dp_rank:05d}.pt"
 
 
-def save_checkpoint(engine, run_dir: str, step: int, client_state: dict, *, config_yaml: str,
-                    tokenizer_model: str, export_state: Optional[dict], export_writer: bool,
-                    stage_index: int, num_stages: int, keep_last: int, rank: int,
-                    export_ema_state: Optional[dict] = None, ema_state: Optional[dict] = None,
-                    ema_file: Optional[str] = None) -> str:
+def save_checkpoint(
+    engine,
+    run_dir: str,
+    step: int,
+    client_state: dict,
+    *,
+    config_yaml: str,
+    tokenizer_model: str,
+    export_state: Optional[dict],
+    export_writer: bool,
+    stage_index: int,
+    num_stages: int,
+    keep_last: int,
+    rank: int,
+    export_ema_state: Optional[dict] = None,
+    ema_state: Optional[dict] = None,
+    ema_file: Optional[str] = None,
+) -> str:
     """Saves a checkpoint collectively (every rank calls it); returns its directory.
 
     ``export_state`` is this stage's canonical weights (from ``model.export``) on the ranks
@@ -229,9 +249,24 @@ def save_checkpoint(engine, run_dir: str, step: int, client_state: dict, *, conf
             if os.path.isdir(path):  # an unfinished save of this step (or a broken checkpoint `latest` names)
                 shutil.rmtree(path)
         dist.barrier()
-        _write_checkpoint(engine, root, tag, path, step, client_state, config_yaml, tokenizer_model,
-                          export_state, export_writer, stage_index, num_stages, rank, export_ema_state,
-                          ema_state, ema_file)
+        _write_checkpoint(
+            engine,
+            root,
+            tag,
+            path,
+            step,
+            client_state,
+            config_yaml,
+            tokenizer_model,
+            export_state,
+            export_writer,
+            stage_index,
+            num_stages,
+            rank,
+            export_ema_state,
+            ema_state,
+            ema_file,
+        )
     except (OSError, RuntimeError) as e:
         raise _save_error(e, path, root, previous) from e
     if rank == 0:
@@ -245,16 +280,38 @@ def _save_error(e: BaseException, path: str, root: str, previous: str) -> BaseEx
     """The error of a failed save, saying whether the disk is full and what is intact."""
     free = shutil.disk_usage(root).free if os.path.isdir(root) else -1
     full = getattr(e, "errno", None) == errno.ENOSPC or "write failed" in str(e) and 0 <= free < 2**20
-    intact = f"{os.path.join(root, previous)} is intact and a restart resumes from it" if previous else \
-        "there is no earlier checkpoint"
+    intact = (
+        f"{os.path.join(root, previous)} is intact and a restart resumes from it"
+        if previous
+        else "there is no earlier checkpoint"
+    )
     if full:
-        return OSError(errno.ENOSPC, f"the disk is full: saving checkpoint {path} failed ({e}); {intact}. Free space "
-                                     f"on {root} ({free / 2**20:.1f} MiB left) or lower train.keep_last_checkpoints")
+        return OSError(
+            errno.ENOSPC,
+            f"the disk is full: saving checkpoint {path} failed ({e}); {intact}. Free space "
+            f"on {root} ({free / 2**20:.1f} MiB left) or lower train.keep_last_checkpoints",
+        )
     return RuntimeError(f"saving checkpoint {path} failed ({e}); {intact}")
 
 
-def _write_checkpoint(engine, root, tag, path, step, client_state, config_yaml, tokenizer_model, export_state,
-                      export_writer, stage_index, num_stages, rank, export_ema_state, ema_state, ema_file) -> None:
+def _write_checkpoint(
+    engine,
+    root,
+    tag,
+    path,
+    step,
+    client_state,
+    config_yaml,
+    tokenizer_model,
+    export_state,
+    export_writer,
+    stage_index,
+    num_stages,
+    rank,
+    export_ema_state,
+    ema_state,
+    ema_file,
+) -> None:
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     if ema_state is not None:
         with atomic_open(os.path.join(path, ema_file), "wb") as f:
@@ -288,10 +345,17 @@ def _write_checkpoint(engine, root, tag, path, step, client_state, config_yaml, 
                 sidecar = os.path.splitext(tokenizer_model)[0] + ".tokenizer.json"
                 if os.path.exists(sidecar):
                     shutil.copyfile(sidecar, os.path.join(dst, "tokenizer.tokenizer.json"))
-        files = {os.path.relpath(os.path.join(d, f), path): os.path.getsize(os.path.join(d, f))
-                 for d, _, names in os.walk(path) for f in names}
-        meta = {"step": step, "consumed_samples": client_state["consumed_samples"],
-                "data_parallel_size": client_state.get("data_parallel_size"), "files": files}
+        files = {
+            os.path.relpath(os.path.join(d, f), path): os.path.getsize(os.path.join(d, f))
+            for d, _, names in os.walk(path)
+            for f in names
+        }
+        meta = {
+            "step": step,
+            "consumed_samples": client_state["consumed_samples"],
+            "data_parallel_size": client_state.get("data_parallel_size"),
+            "files": files,
+        }
         atomic_write(os.path.join(path, "meta.json"), json.dumps(meta, indent=1, sort_keys=True))
     dist.barrier()
 
@@ -368,23 +432,29 @@ def safe_load(path: str, map_location=None, trust: bool = False) -> Any:
         detail = next((line for line in lines if "GLOBAL" in line), None)
         if detail is None:  # not a forbidden object: a damaged file
             what = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
-            raise ValueError(f"{path} is corrupt ({what}); move {os.path.dirname(path)} out "
-                             "of the way to resume from the previous checkpoint") from None
+            raise ValueError(
+                f"{path} is corrupt ({what}); move {os.path.dirname(path)} out "
+                "of the way to resume from the previous checkpoint"
+            ) from None
         raise ValueError(
             f"refusing to load {path}: it holds an object outside the allowlist ({detail}), and loading it could "
             "run code. Checkpoints saved by this code hold none (those saved before the RNG states were stored as "
             "tensors hold NumPy arrays). If you trust the run directory, resume with train.trust_checkpoint=true"
         ) from None
     except (EOFError, RuntimeError) as e:
-        raise ValueError(f"{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                         f"move {os.path.dirname(path)} out of the way to resume from the previous checkpoint") from None
+        raise ValueError(
+            f"{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"move {os.path.dirname(path)} out of the way to resume from the previous checkpoint"
+        ) from None
 
 
 def install_safe_loading(engine, trust: bool) -> None:
     """Makes ``engine`` (a DeepSpeed engine) read checkpoint files with :func:`safe_load`."""
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
-        raise ValueError(f"checkpoint loading is only made safe for DeepSpeed's TorchCheckpointEngine, this engine "
-                         f"uses {type(engine.checkpoint_engine).__name__}")
+        raise ValueError(
+            f"checkpoint loading is only made safe for DeepSpeed's TorchCheckpointEngine, this engine "
+            f"uses {type(engine.checkpoint_engine).__name__}"
+        )
     engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location, trust)
 
 
@@ -393,8 +463,9 @@ def load_checkpoint(engine, path: str) -> dict:
 
     The engine must read files through :func:`install_safe_loading`."""
     root, tag = os.path.split(path.rstrip("/"))
-    load_path, client_state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
+    load_path, client_state = engine.load_checkpoint(
+        root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     return client_state

@@ -25,8 +25,7 @@ class EMA:
     The shadow starts from the current weights.
     """
 
-    def __init__(self, named_parameters: list[tuple[str, torch.nn.Parameter]], decay: float,
-                 zero3_optimizer=None):
+    def __init__(self, named_parameters: list[tuple[str, torch.nn.Parameter]], decay: float, zero3_optimizer=None):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay ({decay}) must be in (0, 1)")
         self.decay = decay
@@ -81,8 +80,12 @@ class EMA:
 
     def state_dict(self) -> dict:
         """Plain tensors and numbers (``torch.load(weights_only=True)`` reads it back)."""
-        return {"decay": self.decay, "num_updates": self.num_updates, "names": list(self.names),
-                "shadow": [s.detach().clone() for s in self.shadow]}
+        return {
+            "decay": self.decay,
+            "num_updates": self.num_updates,
+            "names": list(self.names),
+            "shadow": [s.detach().clone() for s in self.shadow],
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict, source: Optional[str] = None) -> None:
@@ -90,11 +93,14 @@ class EMA:
         ``source`` when its parameters do not match this model's."""
         where = source or "EMA state"
         if state["names"] != self.names:
-            raise ValueError(f"{where}: its EMA covers other parameters ({len(state['names'])} saved, "
-                             f"{len(self.names)} in this model)")
+            raise ValueError(
+                f"{where}: its EMA covers other parameters ({len(state['names'])} saved, "
+                f"{len(self.names)} in this model)"
+            )
         for name, s, saved in zip(self.names, self.shadow, state["shadow"]):
             if saved.shape != s.shape:
-                raise ValueError(f"{where}: EMA of {name} has shape {tuple(saved.shape)}, "
-                                 f"this rank holds {tuple(s.shape)}")
+                raise ValueError(
+                    f"{where}: EMA of {name} has shape {tuple(saved.shape)}, this rank holds {tuple(s.shape)}"
+                )
             s.copy_(saved)
         self.num_updates = int(state["num_updates"])

@@ -11,7 +11,6 @@ from typing import Any, Optional
 
 from card_megatron.config import LoggingConfig
 
-
 # Dense bf16 peak of common accelerators (NVIDIA's data sheets), for MFU (model FLOPs utilisation).
 # The first key found in the device name wins: "H100 PCIe" before "H100", "A100" before "A10".
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}

@@ -35,8 +35,7 @@ from card_megatron.config import Config, ConfigError, config_to_dict, resume_cha
 from card_megatron.data import MicroBatchSampler, build_datasets, collate
 from card_megatron.lock import ExclusiveLock, LockHeldError
 from card_megatron.model.export import gather_canonical_state
-from card_megatron.model.gpt import (CardGPT, no_attention_mask, padded_vocab_size, per_token_nll,
-                                     per_token_top1_logprob)
+from card_megatron.model.gpt import CardGPT, no_attention_mask, padded_vocab_size, per_token_nll, per_token_top1_logprob
 from card_megatron.model.pipeline import build_pipeline_model
 from card_megatron.objectives import LossInputs, build_objective
 from card_megatron.parallel.deepspeed_glue import MegatronMPU, deepspeed_config, resolve_dtype
@@ -103,7 +102,8 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, cfg.logging, self.is_rank0, config_to_dict(cfg))
         info = self.info
         self._log_line(
-            f"{cfg.objective.name} | {self.num_params / 1e6:.2f}M parameters | backend {info.backend} | world {info.world_size} = tp {info.tp_size} x pp {info.pp_size} "
+            f"{cfg.objective.name} | {self.num_params / 1e6:.2f}M parameters | backend {info.backend} "
+            f"| world {info.world_size} = tp {info.tp_size} x pp {info.pp_size} "
             f"x dp {info.dp_size} | zero {cfg.parallel.zero_stage} | precision {self.precision} | device {info.device}"
             f" | accumulation {self.accumulation}"
         )
@@ -116,9 +116,12 @@ class Trainer:
         lock, refused = None, ""
         if self.is_rank0:
             try:
-                lock = ExclusiveLock(os.path.join(self.run_dir, RUN_LOCK), 0.0,
-                                     "Another trainer is using this train.run_dir: wait for it to end, stop it, "
-                                     "or give this run another train.run_dir.").acquire()
+                lock = ExclusiveLock(
+                    os.path.join(self.run_dir, RUN_LOCK),
+                    0.0,
+                    "Another trainer is using this train.run_dir: wait for it to end, stop it, "
+                    "or give this run another train.run_dir.",
+                ).acquire()
             except LockHeldError as e:
                 refused = str(e)
         if self._all_max(1.0 if refused else 0.0) > 0:
@@ -129,25 +132,44 @@ class Trainer:
         cfg, info = self.cfg, self.info
         vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
         if vocab < self.tokenizer.vocab_size:
-            raise ValueError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({self.tokenizer.vocab_size})")
+            raise ValueError(
+                f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({self.tokenizer.vocab_size})"
+            )
         self.vocab_size = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, info.tp_size)
         self.vocab_start = info.tp_rank * (self.vocab_size // info.tp_size)
-        self.objective = build_objective(cfg.objective, cfg.model.seq_length, self.tokenizer.mask_id,
-                                         self.tokenizer.vocab_size)
+        self.objective = build_objective(
+            cfg.objective, cfg.model.seq_length, self.tokenizer.mask_id, self.tokenizer.vocab_size
+        )
         self.precision = resolve_dtype(cfg.train.precision, info.device.type == "cuda")
         if info.pp_size == 1:
-            self.model = CardGPT(cfg.model, self.objective.mask_kind, self.vocab_size, info.tp_size,
-                                 seed=cfg.train.seed, params_dtype=torch.float32)
+            self.model = CardGPT(
+                cfg.model,
+                self.objective.mask_kind,
+                self.vocab_size,
+                info.tp_size,
+                seed=cfg.train.seed,
+                params_dtype=torch.float32,
+            )
         else:
-            self.model = build_pipeline_model(cfg.model, self.objective.mask_kind, self.vocab_size, info.tp_size,
-                                              info.pp_size, info.dp_size, cfg.train.seed, self._pipeline_loss,
-                                              torch.float32)
+            self.model = build_pipeline_model(
+                cfg.model,
+                self.objective.mask_kind,
+                self.vocab_size,
+                info.tp_size,
+                info.pp_size,
+                info.dp_size,
+                cfg.train.seed,
+                self._pipeline_loss,
+                torch.float32,
+            )
         self.num_params = self._count_parameters()
 
     def _count_parameters(self) -> int:
         """Parameters of the whole model (tensor-parallel shards counted once, all pipeline stages)."""
-        local = sum(p.numel() * (self.info.tp_size if getattr(p, "tensor_model_parallel", False) else 1)
-                    for p in self.model.parameters())
+        local = sum(
+            p.numel() * (self.info.tp_size if getattr(p, "tensor_model_parallel", False) else 1)
+            for p in self.model.parameters()
+        )
         total = torch.tensor([local], dtype=torch.float64, device=self.info.device)
         if self.info.pp_size > 1:
             dist.all_reduce(total, group=self.info.pp_group)
@@ -157,14 +179,19 @@ class Trainer:
         """The DeepSpeed engine (or pipeline engine), and the step and validation methods of that engine."""
         cfg, info = self.cfg, self.info
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        for p in self.model.parameters():
             (no_decay if p.ndim < 2 else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-                                      eps=cfg.optim.adam_eps, fused=info.device.type == "cuda")
-        self.ds_config = deepspeed_config(cfg.train, cfg.optim, cfg.parallel.zero_stage, info.dp_size,
-                                          info.device.type == "cuda")
+        groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+            eps=cfg.optim.adam_eps,
+            fused=info.device.type == "cuda",
+        )
+        self.ds_config = deepspeed_config(
+            cfg.train, cfg.optim, cfg.parallel.zero_stage, info.dp_size, info.device.type == "cuda"
+        )
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model,
@@ -176,9 +203,11 @@ class Trainer:
         pipelined = info.pp_size > 1
         # (micro-batches, whether the step is logged) -> (loss, metrics, whether a loss was non-finite, grad norm)
         self._forward_backward_step: Callable[[Iterator[dict], bool], tuple[float, dict, bool, Optional[float]]] = (
-            self._pipeline_step if pipelined else self._engine_step)
+            self._pipeline_step if pipelined else self._engine_step
+        )
         self._validation_nll_of_engine: Callable[[], float] = (
-            self._pipeline_validation_nll if pipelined else self._engine_validation_nll)
+            self._pipeline_validation_nll if pipelined else self._engine_validation_nll
+        )
 
     def _build_ema(self) -> Optional[EMA]:
         decay = self.cfg.optim.ema_decay
@@ -193,8 +222,12 @@ class Trainer:
         over data parallelism otherwise, so the run can resume on another data-parallel size)."""
         info, partitioned = self.info, self.cfg.parallel.zero_stage == 3
         mine = ckpt.ema_file_name(info.tp_rank, info.pp_rank, info.dp_rank if partitioned else 0)
-        return mine, {ckpt.ema_file_name(t, p, d) for t in range(info.tp_size) for p in range(info.pp_size)
-                      for d in (range(info.dp_size) if partitioned else [0])}
+        return mine, {
+            ckpt.ema_file_name(t, p, d)
+            for t in range(info.tp_size)
+            for p in range(info.pp_size)
+            for d in (range(info.dp_size) if partitioned else [0])
+        }
 
     def ema_weights(self) -> ContextManager[None]:
         """Inside, the model holds the EMA weights (the trained ones come back on exit); a no-op
@@ -207,7 +240,9 @@ class Trainer:
         # eval_iters global batches, whatever the layout: the same validation set for every run.
         self.valid_samples = t.eval_iters * t.global_batch_size
         self.datasets = build_datasets(
-            cfg.data, cfg.model.seq_length, t.seed,
+            cfg.data,
+            cfg.model.seq_length,
+            t.seed,
             {"train": t.train_iters * t.global_batch_size, "valid": self.valid_samples, "test": 0},
             tokenizer=self.tokenizer,
         )
@@ -221,8 +256,9 @@ class Trainer:
         dataset = self.datasets[split]
         sampler = MicroBatchSampler(len(dataset), start, t.micro_batch_size, info.dp_rank, info.dp_size)
         if self.cfg.data.num_workers > 0:
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                                 num_workers=self.cfg.data.num_workers)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.cfg.data.num_workers
+            )
             it = iter(loader)
         else:
             it = (collate([dataset[i] for i in ids]) for ids in sampler)
@@ -236,8 +272,10 @@ class Trainer:
         mask = model_inputs.attention_mask
         mask = mask.long() if mask is not None else no_attention_mask(self.info.device)
         suppress = torch.tensor(1 if loss_inputs.suppress_mask_logit else 0, device=self.info.device)
-        return ((model_inputs.input_ids, model_inputs.position_ids, mask),
-                (loss_inputs.targets, loss_inputs.weights, loss_inputs.normaliser.reshape(1).float(), suppress))
+        return (
+            (model_inputs.input_ids, model_inputs.position_ids, mask),
+            (loss_inputs.targets, loss_inputs.weights, loss_inputs.normaliser.reshape(1).float(), suppress),
+        )
 
     def _nll(self, logits, loss_inputs):
         suppress = self.tokenizer.mask_id if loss_inputs.suppress_mask_logit else None
@@ -245,8 +283,13 @@ class Trainer:
 
     def _pipeline_loss(self, logits, labels):
         targets, weights, normaliser, suppress = labels
-        li = LossInputs(targets=targets, weights=weights, normaliser=normaliser.reshape(()),
-                        suppress_mask_logit=bool(suppress.item()), is_masked=None)
+        li = LossInputs(
+            targets=targets,
+            weights=weights,
+            normaliser=normaliser.reshape(()),
+            suppress_mask_logit=bool(suppress.item()),
+            is_masked=None,
+        )
         loss, _ = self.objective.loss(self._nll(logits, li), li)
         return loss
 
@@ -280,12 +323,10 @@ class Trainer:
         self.step += 1
         self.consumed_samples += cfg.train.global_batch_size
         self._count_step(bad)
-        metrics.update({"loss": loss_value, "lr": lr,
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None})
+        metrics.update({"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None})
         return metrics
 
-    def _engine_step(self, batches: Iterator[dict], step_logged: bool
-                     ) -> tuple[float, dict, bool, Optional[float]]:
+    def _engine_step(self, batches: Iterator[dict], step_logged: bool) -> tuple[float, dict, bool, Optional[float]]:
         """Forward and backward of each micro-batch through the DeepSpeed engine, then its optimizer step.
 
         Returns (loss: mean over micro-batches and data-parallel ranks, NaN when a micro-batch had a
@@ -333,8 +374,7 @@ class Trainer:
             metrics.update(diagnostics.context_metrics(context))
         return loss_value, metrics, bad, grad_norm
 
-    def _pipeline_step(self, batches: Iterator[dict], step_logged: bool
-                       ) -> tuple[float, dict, bool, Optional[float]]:
+    def _pipeline_step(self, batches: Iterator[dict], step_logged: bool) -> tuple[float, dict, bool, Optional[float]]:
         """The whole step through DeepSpeed's pipeline engine (``train_batch``); same returns as
         :meth:`_engine_step` (no per-micro-batch metrics; the gradient norm comes from the engine)."""
         items = (self._pipeline_item(*self._prepare(b)) for b in batches)
@@ -393,16 +433,19 @@ class Trainer:
             sums = diagnostics.context_sums(self._nll(logits, li), top1, li.is_masked)
             context = sums if context is None else context + sums
             if K:
-                ids, pos, targets, gather = diagnostics.probe_batch(batch["tokens"], batch["sample_ids"], K,
-                                                                    self.tokenizer.mask_id)
+                ids, pos, targets, gather = diagnostics.probe_batch(
+                    batch["tokens"], batch["sample_ids"], K, self.tokenizer.mask_id
+                )
                 logits = self.engine(ids, pos, None)
                 li = LossInputs(targets=targets, weights=None, normaliser=None, suppress_mask_logit=False)
                 top1 = self._top1_logprob(logits, li)
                 sums = diagnostics.probe_sums(self._nll(logits, li), top1, gather)
                 probe = sums if probe is None else probe + sums
         out: dict = {}
-        for sums, to_metrics in ((context, lambda s: diagnostics.context_metrics(s, "val_")),
-                                 (probe, diagnostics.probe_metrics)):
+        for sums, to_metrics in (
+            (context, lambda s: diagnostics.context_metrics(s, "val_")),
+            (probe, diagnostics.probe_metrics),
+        ):
             if sums is not None:
                 dist.all_reduce(sums, group=self.info.dp_group)
                 out.update(to_metrics(sums))
@@ -412,8 +455,7 @@ class Trainer:
     def _grad_norm(self) -> float:
         """Global gradient norm before clipping (DeepSpeed reports it only under ZeRO)."""
         # max_norm=inf: measure only (tensor-parallel shards counted once, replicas once).
-        return float(clip_grad_norm_(list(self.model.parameters()), max_norm=float("inf"),
-                                     mpu=MegatronMPU(self.info)))
+        return float(clip_grad_norm_(list(self.model.parameters()), max_norm=float("inf"), mpu=MegatronMPU(self.info)))
 
     # ------------------------------------------------------------------ evaluation
 
@@ -469,15 +511,25 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _client_state(self) -> dict:
-        return {"step": self.step, "consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
-                "data_parallel_size": self.info.dp_size, "rng": ckpt.rng_state()}
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "skipped_steps": self.skipped_steps,
+            "data_parallel_size": self.info.dp_size,
+            "rng": ckpt.rng_state(),
+        }
 
     def save(self) -> str:
         info = self.info
 
         def gather() -> dict[str, torch.Tensor]:
-            return gather_canonical_state(self.model, self.cfg.model.num_layers, info.tp_group, info.tp_size,
-                                          zero3=self.cfg.parallel.zero_stage == 3)
+            return gather_canonical_state(
+                self.model,
+                self.cfg.model.num_layers,
+                info.tp_group,
+                info.tp_size,
+                zero3=self.cfg.parallel.zero_stage == 3,
+            )
 
         state = gather()
         writer = info.dp_rank == 0 and info.tp_rank == 0
@@ -489,12 +541,21 @@ class Trainer:
             if self.cfg.parallel.zero_stage == 3 or info.dp_rank == 0:
                 ema_state = self.ema.state_dict()
         path = ckpt.save_checkpoint(
-            self.engine, self.run_dir, self.step, self._client_state(),
+            self.engine,
+            self.run_dir,
+            self.step,
+            self._client_state(),
             config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
-            tokenizer_model=self.cfg.data.tokenizer_model, export_state=state if writer else None,
-            export_writer=writer, stage_index=info.pp_rank, num_stages=info.pp_size,
-            keep_last=self.cfg.train.keep_last_checkpoints, rank=info.rank,
-            export_ema_state=ema_export if writer else None, ema_state=ema_state, ema_file=ema_file,
+            tokenizer_model=self.cfg.data.tokenizer_model,
+            export_state=state if writer else None,
+            export_writer=writer,
+            stage_index=info.pp_rank,
+            num_stages=info.pp_size,
+            keep_last=self.cfg.train.keep_last_checkpoints,
+            rank=info.rank,
+            export_ema_state=ema_export if writer else None,
+            ema_state=ema_state,
+            ema_file=ema_file,
         )
         if self.is_rank0:
             log.info("saved checkpoint %s", path)
@@ -527,15 +588,17 @@ class Trainer:
     def _resume_ema(self, path: str) -> None:
         if self.ema is None:
             if ckpt.has_ema(path):
-                self._log_line(f"{path} holds an EMA, but optim.ema_decay is 0: the EMA is dropped and later "
-                               "checkpoints have none")
+                self._log_line(
+                    f"{path} holds an EMA, but optim.ema_decay is 0: the EMA is dropped and later checkpoints have none"
+                )
             return
         ema_file, layout_files = self._ema_files()
         saved = ckpt.load_ema_state(path, ema_file, layout_files)
         if saved is None:
             self.ema.reset()
-            self._log_line(f"{path} has no EMA: the EMA (decay {self.ema.decay}) starts from the weights of step "
-                           f"{self.step}")
+            self._log_line(
+                f"{path} has no EMA: the EMA (decay {self.ema.decay}) starts from the weights of step {self.step}"
+            )
             return
         self.ema.load_state_dict(saved, os.path.join(path, ema_file))
         if saved["decay"] != self.ema.decay:
@@ -565,9 +628,13 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         summary: dict = {"start_step": self.step}
         if self.step >= t.train_iters:  # a finished run started again (a rerun, a requeue): save nothing
-            self._log_line(f"{self.resumed_from} is at step {self.step}, train.train_iters is {t.train_iters}: the run "
-                           "is finished, nothing to do (raise train.train_iters to train on)")
-            summary.update({"end_step": self.step, "stopped_by": "finished_before", "skipped_steps": self.skipped_steps})
+            self._log_line(
+                f"{self.resumed_from} is at step {self.step}, train.train_iters is {t.train_iters}: the run "
+                "is finished, nothing to do (raise train.train_iters to train on)"
+            )
+            summary.update(
+                {"end_step": self.step, "stopped_by": "finished_before", "skipped_steps": self.skipped_steps}
+            )
             if self.is_rank0 and not ckpt.is_marked_finished(self.run_dir):  # killed between its last save and it
                 ckpt.mark_finished(self.run_dir, self.step)
             self.close()
@@ -579,9 +646,12 @@ class Trainer:
             summary["initial_eval"] = ev
             self._log_eval(ev)
         tokens_per_step = t.global_batch_size * cfg.model.seq_length * self.objective.sequence_length_multiplier
-        flops_per_token = model_flops_per_token(self.num_params,
-                                                cfg.model.num_layers, cfg.model.hidden_size,
-                                                cfg.model.seq_length * self.objective.sequence_length_multiplier)
+        flops_per_token = model_flops_per_token(
+            self.num_params,
+            cfg.model.num_layers,
+            cfg.model.hidden_size,
+            cfg.model.seq_length * self.objective.sequence_length_multiplier,
+        )
         peak = peak_flops(torch.cuda.get_device_name()) if self.info.device.type == "cuda" else None
         steps_this_run = 0
         stopped_by = None
@@ -593,9 +663,14 @@ class Trainer:
             if self.step % t.log_interval == 0 or self.step == t.train_iters:
                 elapsed = time.perf_counter() - window_start
                 tps = tokens_per_step * window_steps / max(elapsed, 1e-9)
-                record = {"step": self.step, **metrics, "tokens_per_sec": tps,
-                          "consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
-                          "memory_gb": _memory_gb(self.info.device)}
+                record = {
+                    "step": self.step,
+                    **metrics,
+                    "tokens_per_sec": tps,
+                    "consumed_samples": self.consumed_samples,
+                    "skipped_steps": self.skipped_steps,
+                    "memory_gb": _memory_gb(self.info.device),
+                }
                 if peak:
                     record["mfu"] = tps * flops_per_token / (peak * self.info.world_size)
                 self._log_line(format_step(record))
@@ -637,10 +712,11 @@ class Trainer:
     def _log_eval(self, ev: dict) -> None:
         bound = "<= " if ev["val_ppl_is_bound"] else ""
         line = f"step {self.step:>7d} | validation nll {ev['val_nll']:.4f} | perplexity {bound}{ev['val_ppl']:.2f}"
-        ks = sorted(int(k[len("probe_acc_k"):]) for k in ev if k.startswith("probe_acc_k"))
+        ks = sorted(int(k[len("probe_acc_k") :]) for k in ev if k.startswith("probe_acc_k"))
         if ks:  # what the parallel decoder can use: right / confident after k masks
             line += " | probe k: acc/conf " + " ".join(
-                f"{k}:{ev[f'probe_acc_k{k}']:.2f}/{ev[f'probe_conf_k{k}']:.2f}" for k in ks)
+                f"{k}:{ev[f'probe_acc_k{k}']:.2f}/{ev[f'probe_conf_k{k}']:.2f}" for k in ks
+            )
         if "ema_val_nll" in ev:
             line += f" | EMA nll {ev['ema_val_nll']:.4f} | EMA perplexity {bound}{ev['ema_val_ppl']:.2f}"
         self._log_line(line)
