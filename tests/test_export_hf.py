@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from card_megatron.config import Config, ModelConfig, ObjectiveConfig, dumps
+from card_megatron.config import Config, ModelConfig, ObjectiveConfig, save_config
 from card_megatron.tokenizer import train_tokenizer
 from tests.distributed import REPO
 
@@ -62,7 +62,7 @@ def write_export(root, tokenizer, objective="card", seed=0, **model_kw):
             else:  # norm weights: not all ones, so a swapped norm would show
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
     os.makedirs(root)
-    (root / "config.yaml").write_text(dumps(cfg))
+    save_config(cfg, str(root / "config.yaml"))
     torch.save({"state_dict": dict(model.state_dict()), "step": 7}, root / "model.pt")
     with open(tokenizer.source, "rb") as src, open(root / "tokenizer.model", "wb") as dst:
         dst.write(src.read())

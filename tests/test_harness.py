@@ -72,6 +72,7 @@ def test_local_tasks_through_simple_evaluate(single_process, tmp_path, sp_tokeni
     from lm_eval.tasks import TaskManager
 
     from card_megatron.eval.harness import CardMegatronLM
+    from card_megatron.inference.causal import CausalDecodeConfig
     from card_megatron.inference.generate import GenerationConfig, generate
     from card_megatron.inference.sampling import SamplingConfig
 
@@ -122,7 +123,11 @@ def test_local_tasks_through_simple_evaluate(single_process, tmp_path, sp_tokeni
     gens, _ = generate(
         loaded,
         [g["question"] for g in GEN],
-        GenerationConfig(max_new_tokens=6, sampling=SamplingConfig(greedy=True), threshold=0.5, window=3),
+        GenerationConfig(
+            max_new_tokens=6,
+            sampling=SamplingConfig(greedy=True),
+            causal=CausalDecodeConfig(threshold=0.5, window=3),
+        ),
     )
     by_question = {s["doc"]["question"]: s["filtered_resps"][0] for s in gen}
     for g in gens:

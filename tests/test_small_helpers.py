@@ -99,7 +99,7 @@ def _parsed_by_deepspeed(ds: dict, dp: int, monkeypatch):
 def test_deepspeed_batch_sizes(global_batch, micro, dp, accumulation, monkeypatch):
     cfg = Config()
     cfg.train.global_batch_size, cfg.train.micro_batch_size = global_batch, micro
-    ds = deepspeed_config(cfg, data_parallel_size=dp, cuda=False)
+    ds = deepspeed_config(cfg.train, cfg.optim, cfg.parallel.zero_stage, data_parallel_size=dp, cuda=False)
     parsed = _parsed_by_deepspeed(ds, dp, monkeypatch)  # asserts global == micro * accumulation * dp
     assert parsed.train_batch_size == global_batch
     assert parsed.train_micro_batch_size_per_gpu == micro
@@ -119,7 +119,9 @@ def test_deepspeed_batch_sizes(global_batch, micro, dp, accumulation, monkeypatc
 def test_deepspeed_precision_zero_and_clipping(precision, cuda, bf16, fp16, zero, monkeypatch):
     cfg = Config()
     cfg.train.precision, cfg.parallel.zero_stage, cfg.optim.clip_grad = precision, zero, 0.5
-    parsed = _parsed_by_deepspeed(deepspeed_config(cfg, data_parallel_size=1, cuda=cuda), 1, monkeypatch)
+    parsed = _parsed_by_deepspeed(
+        deepspeed_config(cfg.train, cfg.optim, cfg.parallel.zero_stage, data_parallel_size=1, cuda=cuda), 1, monkeypatch
+    )
     assert (parsed.bfloat16_config.enabled, parsed.float16_config.enabled) == (bf16, fp16)
     assert parsed.zero_optimization_stage == zero
     assert parsed.gradient_clipping == 0.5

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -77,17 +77,21 @@ def transformer_config(cfg: ModelConfig, tp_size: int, params_dtype: torch.dtype
         bias_dropout_fusion=fused,  # Megatron's fused bias-dropout-add
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        cuda_graph_scope=[],  # the whole layer; Megatron-core's default "full" means the same, with a warning
     )
 
 
-def layer_spec(mask_kind: str) -> ModuleSpec:
-    """The transformer layer spec: Megatron's local GPT layer with RMSNorm and our SDPA core attention."""
+def layer_spec(mask_kind: str, ffn_hidden_size: Optional[int] = None) -> ModuleSpec:
+    """The transformer layer spec: Megatron's local GPT layer with RMSNorm and our SDPA core attention
+    (and the MLP's width, which Megatron-core asks its spec for rather than reading the config)."""
     if mask_kind not in MASK_KINDS:
         raise ValueError(f"mask_kind {mask_kind!r} must be one of {MASK_KINDS}")
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     attention = spec.submodules.self_attention
     attention.params = {**attention.params, "attn_mask_type": _MEGATRON_MASK_TYPE[mask_kind]}
     attention.submodules.core_attention = ModuleSpec(module=CardCoreAttention, params={"mask_kind": mask_kind})
+    if ffn_hidden_size is not None:
+        spec.submodules.mlp.params = {**spec.submodules.mlp.params, "ffn_hidden_size": ffn_hidden_size}
     return spec
 
 
@@ -108,11 +112,17 @@ def no_attention_mask(device) -> torch.Tensor:
 class EmbeddingStage(torch.nn.Module):
     """Token embedding (vocab-parallel) and the RoPE table. In: (input_ids [B,S], position_ids [B,S], mask)."""
 
-    def __init__(self, config: TransformerConfig, vocab_size: int, max_positions: int, rotary_base: int, seed: int):
+    def __init__(
+        self, config: TransformerConfig, vocab_size: int, max_positions: int, rotary_base: int, seed: int, tp_group
+    ):
         super().__init__()
         with _seeded(seed):
             self.embedding = LanguageModelEmbedding(
-                config, vocab_size=vocab_size, max_sequence_length=max_positions, position_embedding_type="rope"
+                config,
+                vocab_size=vocab_size,
+                max_sequence_length=max_positions,
+                position_embedding_type="rope",
+                tp_group=tp_group,
             )
 
     def forward(self, inputs):
@@ -167,7 +177,7 @@ class DecoderLayerStage(torch.nn.Module):
 class OutputStage(torch.nn.Module):
     """Final RMSNorm and the column-parallel output layer: returns logits [S, B, V / TP]."""
 
-    def __init__(self, config: TransformerConfig, vocab_size: int, seed: int, tied: bool = False):
+    def __init__(self, config: TransformerConfig, vocab_size: int, seed: int, tp_group, tied: bool = False):
         super().__init__()
         with _seeded(seed):
             self.final_norm = WrappedTorchNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
@@ -179,6 +189,7 @@ class OutputStage(torch.nn.Module):
                 bias=False,
                 gather_output=False,
                 skip_weight_param_allocation=tied,
+                tp_group=tp_group,
             )
 
     def forward(self, inputs, weight: Optional[torch.Tensor] = None):
@@ -194,13 +205,18 @@ def build_stages(
     tp_size: int,
     seed: int,
     params_dtype: torch.dtype = torch.float32,
+    tp_group=None,
 ):
     """The model as a list of (stage class, kwargs) in order: embedding, layers, output head.
 
     Returns (config, stages) where each (class, kwargs) builds one stage; stage i seeds with seed + i.
+    ``tp_group``: the tensor-parallel group (``ParallelInfo.tp_group``); None takes Megatron's, which
+    ``parallel/state.init_distributed`` created. The layers that ask for it receive it explicitly.
     """
+    if tp_group is None:
+        tp_group = parallel_state.get_tensor_model_parallel_group()
     config = transformer_config(cfg, tp_size, params_dtype)
-    decoder_layer_spec = layer_spec(mask_kind)  # Megatron's ModuleSpec of one transformer layer
+    decoder_layer_spec = layer_spec(mask_kind, config.ffn_hidden_size)  # Megatron's ModuleSpec of one layer
     max_positions = cfg.seq_length
     stages = [
         (
@@ -211,6 +227,7 @@ def build_stages(
                 max_positions=max_positions,
                 rotary_base=cfg.rotary_base,
                 seed=seed,
+                tp_group=tp_group,
             ),
         )
     ]
@@ -228,7 +245,9 @@ def build_stages(
                 ),
             )
         )
-    stages.append((OutputStage, dict(config=config, vocab_size=vocab_size, seed=seed + 1 + cfg.num_layers)))
+    stages.append(
+        (OutputStage, dict(config=config, vocab_size=vocab_size, seed=seed + 1 + cfg.num_layers, tp_group=tp_group))
+    )
     return config, stages
 
 
@@ -248,9 +267,10 @@ class CardGPT(torch.nn.Module):
         tp_size: int = 1,
         seed: int = 1234,
         params_dtype: torch.dtype = torch.float32,
+        tp_group=None,
     ):
         super().__init__()
-        self.config, stages = build_stages(cfg, mask_kind, vocab_size, tp_size, seed, params_dtype)
+        self.config, stages = build_stages(cfg, mask_kind, vocab_size, tp_size, seed, params_dtype, tp_group)
         self.mask_kind = mask_kind
         self.vocab_size = vocab_size
         self.tied = not cfg.untie_embeddings_and_output_weights

@@ -30,13 +30,14 @@ def build_pipeline_model(
     seed: int,
     loss_fn: Callable,
     params_dtype=torch.float32,
+    tp_group=None,
 ) -> PipelineModule:
     """A PipelineModule whose stages hold balanced numbers of transformer layers.
 
     ``loss_fn(logits [S, B, V/TP], labels tuple) -> scalar`` runs on the last stage. The embedding
     and output weights must be untied (``config.validate`` checks it: stages cannot share a weight).
     """
-    _, stages = build_stages(cfg, mask_kind, vocab_size, tp_size, seed, params_dtype)
+    _, stages = build_stages(cfg, mask_kind, vocab_size, tp_size, seed, params_dtype, tp_group)
     topology = PipeModelDataParallelTopology(num_pp=pp_size, num_mp=tp_size, num_dp=dp_size)
     return PipelineModule(
         layers=[LayerSpec(cls, **kwargs) for cls, kwargs in stages],

@@ -149,6 +149,7 @@ class Trainer:
                 info.tp_size,
                 seed=cfg.train.seed,
                 params_dtype=torch.float32,
+                tp_group=info.tp_group,
             )
         else:
             self.model = build_pipeline_model(
@@ -161,6 +162,7 @@ class Trainer:
                 cfg.train.seed,
                 self._pipeline_loss,
                 torch.float32,
+                tp_group=info.tp_group,
             )
         self.num_params = self._count_parameters()
 
