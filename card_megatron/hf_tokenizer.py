@@ -134,22 +134,11 @@ class HuggingFaceTokenizer:
 
     def metadata(self) -> dict[str, Any]:
         """The reserved ids and sizes, and the file's ``sha256``, as written to the ``.tokenizer.json`` sidecar."""
-        return {
-            "model": os.path.abspath(self.source) if os.path.exists(self.source) else self.source,
-            "kind": self.kind,
-            "vocab_size": self.vocab_size,
-            "num_pieces": self.num_pieces,
-            "pad_id": self.pad_id,
-            "bos_id": self.bos_id,
-            "eos_id": self.eos_id,
-            "mask_id": self.mask_id,
-            "unk_id": self.unk_id,
-            "appended": list(self.appended),
-            "sha256": self.sha256,
-        }
+        from card_megatron.tokenizer import tokenizer_metadata
+
+        return {"kind": self.kind, **tokenizer_metadata(self)}
 
     def __repr__(self) -> str:
-        return (
-            f"HuggingFaceTokenizer({self.source!r}, vocab_size={self.vocab_size}, pad={self.pad_id}, "
-            f"bos={self.bos_id}, eos={self.eos_id}, mask={self.mask_id})"
-        )
+        from card_megatron.tokenizer import tokenizer_repr
+
+        return tokenizer_repr(self)

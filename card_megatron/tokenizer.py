@@ -139,24 +139,33 @@ class Tokenizer:
 
     def metadata(self) -> dict[str, Any]:
         """The reserved ids and sizes, and the model's ``sha256``, as written to the ``.tokenizer.json`` sidecar."""
-        return {
-            "model": os.path.abspath(self.source) if os.path.exists(self.source) else self.source,
-            "vocab_size": self.vocab_size,
-            "num_pieces": self.num_pieces,
-            "pad_id": self.pad_id,
-            "bos_id": self.bos_id,
-            "eos_id": self.eos_id,
-            "mask_id": self.mask_id,
-            "unk_id": self.unk_id,
-            "appended": list(self.appended),
-            "sha256": self.sha256,
-        }
+        return tokenizer_metadata(self)
 
     def __repr__(self) -> str:
-        return (
-            f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, pad={self.pad_id}, bos={self.bos_id}, "
-            f"eos={self.eos_id}, mask={self.mask_id})"
-        )
+        return tokenizer_repr(self)
+
+
+def tokenizer_metadata(tok) -> dict[str, Any]:
+    """A tokenizer's sidecar record (either kind: the fields their common interface has)."""
+    return {
+        "model": os.path.abspath(tok.source) if os.path.exists(tok.source) else tok.source,
+        "vocab_size": tok.vocab_size,
+        "num_pieces": tok.num_pieces,
+        "pad_id": tok.pad_id,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "mask_id": tok.mask_id,
+        "unk_id": tok.unk_id,
+        "appended": list(tok.appended),
+        "sha256": tok.sha256,
+    }
+
+
+def tokenizer_repr(tok) -> str:
+    return (
+        f"{type(tok).__name__}({tok.source!r}, vocab_size={tok.vocab_size}, pad={tok.pad_id}, bos={tok.bos_id}, "
+        f"eos={tok.eos_id}, mask={tok.mask_id})"
+    )
 
 
 def write_tokenizer_sidecar(tokenizer: Tokenizer, path: str, inputs: Optional[list[dict[str, Any]]] = None) -> None:

@@ -243,30 +243,63 @@ def save_checkpoint(
         if rank == 0:
             log.info("step %d is already saved in %s: not saving it again", step, path)
         return path  # every rank decides alike: latest was written before the last barrier
+
+    def write_files() -> None:
+        """Writes every file of the checkpoint (collective); the caller turns a failure into one clear error."""
+        engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+        if ema_state is not None:
+            with atomic_open(os.path.join(path, ema_file), "wb") as f:
+                torch.save(ema_state, f)
+        export_dir = os.path.join(path, "export")
+        if export_writer and export_state is not None:
+            os.makedirs(export_dir, exist_ok=True)
+            part = os.path.join(export_dir, f"stage_{stage_index:03d}.pt")
+            with atomic_open(part, "wb") as f:
+                torch.save({"state_dict": export_state, "ema_state_dict": export_ema_state}, f)
+        dist.barrier()
+        if rank == 0:
+            merged: dict[str, torch.Tensor] = {}
+            merged_ema: dict[str, torch.Tensor] = {}
+            for i in range(num_stages):
+                part = torch.load(os.path.join(export_dir, f"stage_{i:03d}.pt"), weights_only=True)
+                merged.update(part["state_dict"])
+                merged_ema.update(part["ema_state_dict"] or {})
+            blob = {"state_dict": merged, "step": step}
+            if merged_ema:
+                blob["ema_state_dict"] = merged_ema
+            with atomic_open(os.path.join(export_dir, "model.pt"), "wb") as f:
+                torch.save(blob, f)
+            for i in range(num_stages):
+                os.remove(os.path.join(export_dir, f"stage_{i:03d}.pt"))
+            atomic_write(os.path.join(path, "config.yaml"), config_yaml)
+            atomic_write(os.path.join(export_dir, "config.yaml"), config_yaml)
+            if tokenizer_model and os.path.exists(tokenizer_model):
+                for dst in (path, export_dir):
+                    shutil.copyfile(tokenizer_model, os.path.join(dst, "tokenizer.model"))
+                    sidecar = os.path.splitext(tokenizer_model)[0] + ".tokenizer.json"
+                    if os.path.exists(sidecar):
+                        shutil.copyfile(sidecar, os.path.join(dst, "tokenizer.tokenizer.json"))
+            files = {
+                os.path.relpath(os.path.join(d, f), path): os.path.getsize(os.path.join(d, f))
+                for d, _, names in os.walk(path)
+                for f in names
+            }
+            meta = {
+                "step": step,
+                "consumed_samples": client_state["consumed_samples"],
+                "data_parallel_size": client_state.get("data_parallel_size"),
+                "files": files,
+            }
+            atomic_write(os.path.join(path, "meta.json"), json.dumps(meta, indent=1, sort_keys=True))
+        dist.barrier()
+
     try:
         if rank == 0:
             os.makedirs(root, exist_ok=True)
             if os.path.isdir(path):  # an unfinished save of this step (or a broken checkpoint `latest` names)
                 shutil.rmtree(path)
         dist.barrier()
-        _write_checkpoint(
-            engine,
-            root,
-            tag,
-            path,
-            step,
-            client_state,
-            config_yaml,
-            tokenizer_model,
-            export_state,
-            export_writer,
-            stage_index,
-            num_stages,
-            rank,
-            export_ema_state,
-            ema_state,
-            ema_file,
-        )
+        write_files()
     except (OSError, RuntimeError) as e:
         raise _save_error(e, path, root, previous) from e
     if rank == 0:
@@ -292,72 +325,6 @@ def _save_error(e: BaseException, path: str, root: str, previous: str) -> BaseEx
             f"on {root} ({free / 2**20:.1f} MiB left) or lower train.keep_last_checkpoints",
         )
     return RuntimeError(f"saving checkpoint {path} failed ({e}); {intact}")
-
-
-def _write_checkpoint(
-    engine,
-    root,
-    tag,
-    path,
-    step,
-    client_state,
-    config_yaml,
-    tokenizer_model,
-    export_state,
-    export_writer,
-    stage_index,
-    num_stages,
-    rank,
-    export_ema_state,
-    ema_state,
-    ema_file,
-) -> None:
-    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
-    if ema_state is not None:
-        with atomic_open(os.path.join(path, ema_file), "wb") as f:
-            torch.save(ema_state, f)
-    export_dir = os.path.join(path, "export")
-    if export_writer and export_state is not None:
-        os.makedirs(export_dir, exist_ok=True)
-        part = os.path.join(export_dir, f"stage_{stage_index:03d}.pt")
-        with atomic_open(part, "wb") as f:
-            torch.save({"state_dict": export_state, "ema_state_dict": export_ema_state}, f)
-    dist.barrier()
-    if rank == 0:
-        merged: dict[str, torch.Tensor] = {}
-        merged_ema: dict[str, torch.Tensor] = {}
-        for i in range(num_stages):
-            part = torch.load(os.path.join(export_dir, f"stage_{i:03d}.pt"), weights_only=True)
-            merged.update(part["state_dict"])
-            merged_ema.update(part["ema_state_dict"] or {})
-        blob = {"state_dict": merged, "step": step}
-        if merged_ema:
-            blob["ema_state_dict"] = merged_ema
-        with atomic_open(os.path.join(export_dir, "model.pt"), "wb") as f:
-            torch.save(blob, f)
-        for i in range(num_stages):
-            os.remove(os.path.join(export_dir, f"stage_{i:03d}.pt"))
-        atomic_write(os.path.join(path, "config.yaml"), config_yaml)
-        atomic_write(os.path.join(export_dir, "config.yaml"), config_yaml)
-        if tokenizer_model and os.path.exists(tokenizer_model):
-            for dst in (path, export_dir):
-                shutil.copyfile(tokenizer_model, os.path.join(dst, "tokenizer.model"))
-                sidecar = os.path.splitext(tokenizer_model)[0] + ".tokenizer.json"
-                if os.path.exists(sidecar):
-                    shutil.copyfile(sidecar, os.path.join(dst, "tokenizer.tokenizer.json"))
-        files = {
-            os.path.relpath(os.path.join(d, f), path): os.path.getsize(os.path.join(d, f))
-            for d, _, names in os.walk(path)
-            for f in names
-        }
-        meta = {
-            "step": step,
-            "consumed_samples": client_state["consumed_samples"],
-            "data_parallel_size": client_state.get("data_parallel_size"),
-            "files": files,
-        }
-        atomic_write(os.path.join(path, "meta.json"), json.dumps(meta, indent=1, sort_keys=True))
-    dist.barrier()
 
 
 def _prune(root: str, keep_last: int) -> None:
