@@ -30,11 +30,9 @@ def clean_env(**extra: str) -> dict:
     return {**env, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
-def run_torchrun(
-    args: list[str], nproc: int, timeout: int = 240, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node nproc args...``; raises AssertionError with the output on failure."""
-    cmd = [
+def torchrun_command(nproc: int, args: list[str]) -> list[str]:
+    """``torchrun --nproc-per-node nproc args...`` on this machine (a free rendezvous port)."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -43,6 +41,13 @@ def run_torchrun(
         f"--master-port={free_port()}",
         *args,
     ]
+
+
+def run_torchrun(
+    args: list[str], nproc: int, timeout: int = 240, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """:func:`torchrun_command`, run; raises AssertionError with the output on failure."""
+    cmd = torchrun_command(nproc, args)
     full_env = clean_env(**(env or {}))
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

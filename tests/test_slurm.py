@@ -42,15 +42,8 @@ PRETRAIN = os.path.join(ROOT, "slurm", "pretrain.sh")
 PREPROCESS = os.path.join(ROOT, "slurm", "preprocess.sh")
 FAKE_TRAINER = os.path.join(ROOT, "tests", "fake_trainer.py")
 FAKE_PREPROCESS = os.path.join(ROOT, "tests", "fake_preprocess.py")
-TRAINER = os.path.join(ROOT, "card_megatron", "train.py")
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
 PREPROCESS_TOOL = os.path.join(ROOT, "tools", "preprocess_data.py")
-
-needs_trainer = pytest.mark.skipif(
-    not all(os.path.exists(p) for p in (TRAINER, TINY_CONFIG, PREPROCESS_TOOL)),
-    reason="end-to-end SLURM training needs card_megatron/train.py, configs/tiny-cpu.yaml and "
-    "tools/preprocess_data.py, which are not in this tree yet",
-)
 
 
 def _local_env(**extra: str) -> dict[str, str]:
@@ -567,36 +560,9 @@ SMALLER = [
 
 
 @pytest.fixture(scope="session")
-def tiny_data(request, tmp_path_factory) -> list[str]:
-    """Overrides pointing at a tiny corpus and tokenizer made by tools/preprocess_data.py.
-
-    Reuses the suite's ``tiny_corpus`` fixture (tests/conftest.py) when there is one.
-    """
-    try:
-        prefix, tokenizer = request.getfixturevalue("tiny_corpus")
-    except pytest.FixtureLookupError:
-        out = str(tmp_path_factory.mktemp("tiny_data") / "docs")
-        subprocess.run(
-            [
-                sys.executable,
-                PREPROCESS_TOOL,
-                "--input",
-                "builtin:python-docs",
-                "--train-tokenizer",
-                "--vocab-size",
-                "1024",
-                "--output-prefix",
-                out,
-                "--workers",
-                "2",
-            ],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-            timeout=300,
-            env=_local_env(PYTHONPATH=ROOT),
-        )
-        prefix, tokenizer = f"{out}_text_document", f"{out}.model"
+def tiny_data(tiny_corpus) -> list[str]:
+    """Overrides pointing at the suite's tiny corpus and tokenizer (``tiny_corpus``, tests/conftest.py)."""
+    prefix, tokenizer = tiny_corpus
     return [f"data.data_path={prefix}", f"data.tokenizer_model={tokenizer}"]
 
 
@@ -633,7 +599,6 @@ def _checkpoint_step(run_dir: str) -> int:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@needs_trainer
 def test_tiny_cpu_training_job_learns_and_checkpoints(slurm, tiny_data, tmp_path):
     iters = 30
     job, run_dir, log = _submit_tiny(
@@ -652,7 +617,6 @@ def test_tiny_cpu_training_job_learns_and_checkpoints(slurm, tiny_data, tmp_path
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@needs_trainer
 def test_tiny_cpu_training_job_survives_usr1_requeue(slurm, tiny_data, tmp_path):
     iters = 40
     job, run_dir, log = _submit_tiny(slurm, tmp_path, tiny_data, f"train.train_iters={iters}", "train.log_interval=1")
@@ -816,7 +780,6 @@ def test_two_node_leftovers_of_a_killed_session_are_swept():
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@needs_trainer
 def test_two_node_data_parallel_matches_single_process(slurm2, two_node_reference):
     """sbatch -N2: one rank per node (DP=2 across the nodes) gives the single-process losses at global batch 8."""
     ref = two_node_reference
@@ -832,7 +795,6 @@ def test_two_node_data_parallel_matches_single_process(slurm2, two_node_referenc
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@needs_trainer
 def test_two_node_preemption_resumes_on_both_nodes(slurm2, two_node_reference, tiny_corpus, tmp_path):
     """USR1 to the batch shell: checkpoint, requeue, resume on both nodes; the losses equal the uninterrupted run."""
     run_dir = str(tmp_path / "run")
@@ -869,7 +831,6 @@ def _node_trainers(cluster, node: str) -> list[int]:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@needs_trainer
 def test_two_node_lost_node_requeues_from_last_checkpoint(slurm2, two_node_reference, tiny_corpus, tmp_path):
     """The second node's trainers are killed mid-run: the job says which node failed, requeues itself and resumes
     from the last complete checkpoint, losing at most train.save_interval steps; the losses equal the uninterrupted
@@ -919,7 +880,6 @@ def test_two_node_lost_node_requeues_from_last_checkpoint(slurm2, two_node_refer
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@needs_trainer
 def test_two_node_unreachable_peer_fails_in_bounded_time_naming_node_and_address(slurm2, tiny_corpus, tmp_path):
     """GLOO_SOCKET_IFNAME=lo (what a host name resolving to loopback does): the ranks advertise 127.0.0.1 and cannot
     connect; the job fails within the process-group timeout, naming the node and the address tried, and is not
@@ -948,7 +908,6 @@ def test_two_node_unreachable_peer_fails_in_bounded_time_naming_node_and_address
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@needs_trainer
 def test_two_node_tensor_parallel_inside_data_parallel_across(slurm2, two_node_reference, tiny_corpus, tmp_path):
     """2 nodes x 2 processes, TP=2 inside each node and DP=2 across them: the single-process losses."""
     run_dir = str(tmp_path / "run")
@@ -966,7 +925,6 @@ def test_two_node_tensor_parallel_inside_data_parallel_across(slurm2, two_node_r
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@needs_trainer
 def test_two_node_preprocess_array_matches_single_process(slurm2, tiny_corpus, tmp_path):
     """slurm/preprocess.sh: one array task per node, then the merge; the result is byte-identical to one process."""
     _, tokenizer = tiny_corpus

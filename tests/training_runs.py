@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.distributed import REPO, clean_env, free_port
+from tests.distributed import REPO, clean_env, torchrun_command
 
 TINY = [
     "model.num_layers=2",
@@ -44,15 +44,7 @@ def command(nproc: int, args: list[str]) -> list[str]:
     train = ["-m", "card_megatron.train", "--config", os.path.join(REPO, "configs", "tiny-cpu.yaml"), *args]
     if nproc == 1:
         return [sys.executable, *train]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}",
-        *train,
-    ]
+    return torchrun_command(nproc, train)
 
 
 def env() -> dict:
