@@ -156,6 +156,8 @@ class OptimConfig:
     """Steps of warmup + decay; none = train.train_iters."""
     ema_decay: float = 0.0
     """Weight EMA after every applied step: ema = decay * ema + (1 - decay) * weights; 0 = off (MDLM, BD3LM: 0.9999)."""
+    ema_warmup: bool = True
+    """EMA warm-up (MDLM's): the n-th update uses min(ema_decay, (1 + n) / (10 + n)) instead of ema_decay."""
 
 
 @dataclass
@@ -672,6 +674,7 @@ RESUMABLE = frozenset(
         "optim.lr_decay_iters",
         "optim.clip_grad",
         "optim.ema_decay",
+        "optim.ema_warmup",
         "data.num_workers",
         "data.cache_dir",
         "parallel.distributed_backend",

@@ -35,7 +35,7 @@ from slurm_cluster import SlurmCluster, TwoNodeCluster, missing_programs, netns_
 from card_megatron.config import ConfigError
 from card_megatron.launch_check import check_launch
 from card_megatron.launch_check import main as launch_check_main
-from tests.training_runs import losses, overrides, train
+from tests.training_runs import LOSS_REL_TOL, losses, overrides, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(ROOT, "slurm", "pretrain.sh")
@@ -788,7 +788,7 @@ def test_two_node_data_parallel_matches_single_process(slurm2, two_node_referenc
     assert "interface   eth1 on this node (GLOO_SOCKET_IFNAME; each node takes its route to" in ref["log"]
     assert sorted(ref["dp"]) == list(range(1, TWO_NODE_ITERS + 1))
     for step, loss in ref["single"].items():
-        assert math.isclose(ref["dp"][step], loss, rel_tol=2e-5), (step, ref["dp"][step], loss)
+        assert math.isclose(ref["dp"][step], loss, rel_tol=LOSS_REL_TOL), (step, ref["dp"][step], loss)
     assert ref["dp"][TWO_NODE_ITERS] < ref["dp"][1]
     assert os.path.exists(os.path.join(ref["run_dir"], "finished"))
 
@@ -920,7 +920,7 @@ def test_two_node_tensor_parallel_inside_data_parallel_across(slurm2, two_node_r
     got, expected = losses(run_dir), two_node_reference["single"]
     assert sorted(got) == list(range(1, TWO_NODE_ITERS + 1))
     for step, loss in expected.items():
-        assert math.isclose(got[step], loss, rel_tol=2e-5), (step, got[step], loss)
+        assert math.isclose(got[step], loss, rel_tol=LOSS_REL_TOL), (step, got[step], loss)
 
 
 @pytest.mark.slurm

@@ -216,7 +216,7 @@ class Trainer:
         if decay == 0.0:
             return None
         zero3 = self.optimizer if self.cfg.parallel.zero_stage == 3 else None
-        return EMA(list(self.model.named_parameters()), decay, zero3_optimizer=zero3)
+        return EMA(list(self.model.named_parameters()), decay, zero3_optimizer=zero3, warmup=self.cfg.optim.ema_warmup)
 
     def _ema_files(self) -> tuple[str, set[str]]:
         """This rank's EMA file name and the names of all the files this layout writes: one per
