@@ -1,4 +1,10 @@
-"""tools/export_hf.py: causal checkpoints as transformers Llama models, checked against our model."""
+"""tools/export_hf.py: causal checkpoints as transformers Llama models, checked against our model.
+
+Logits are compared with atol 1e-4 on values of about 5: one fp32 forward pass through two implementations
+of the same function. Measured gap: 0 (the same kernels on the same shapes); 1e-4 leaves room for other
+kernels (SDPA against eager attention) while a wrong permutation of Q/K rows or a missing norm moves logits
+by more than 1e-1.
+"""
 
 import json
 import os

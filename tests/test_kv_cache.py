@@ -1,4 +1,9 @@
-"""KV cache: the attention rule against a loop reference, and cached logits against uncached ones."""
+"""KV cache: the attention rule against a loop reference, and cached logits against uncached ones.
+
+Tolerances: one forward pass in fp32, cached against uncached, so only the shapes of the matmuls differ
+(nothing amplifies the rounding). Measured gaps are at most 9e-8 on logits of about 0.3 (AVX-512 and AVX2
+kernels); rtol = atol = 1e-5 is 100x that, and far below what a wrong position or mask does (1e-2 and more).
+"""
 
 import pytest
 import torch

@@ -1,4 +1,10 @@
-"""The transformer: mask kinds really applied, TP=2 parity with TP=1, layout-independent weights."""
+"""The transformer: mask kinds really applied, TP=2 parity with TP=1, layout-independent weights.
+
+Tolerances: one forward and backward pass in fp32, no optimizer, so elementwise comparisons hold. Measured
+(TP=2 against TP=1): losses equal, per-token NLL within 4.8e-7 of values about 6, gradients within 2.8e-8 of
+values up to 0.12; the tolerances below are 35x to 100x those gaps. Recomputation and the fused kernels gave
+identical losses and gradients within 1.2e-9.
+"""
 
 import pytest
 import torch
