@@ -546,8 +546,8 @@ def test_exception_mid_run_leaves_nothing(tmp_path, tok, docs, monkeypatch):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in docs])
     real = pp.iter_chunks
 
-    def failing(source, chunk_bytes):
-        for i, c in enumerate(real(source, chunk_bytes)):
+    def failing(source, chunk_bytes, **kw):
+        for i, c in enumerate(real(source, chunk_bytes, **kw)):
             if i == 2:
                 raise KeyboardInterrupt
             yield c

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from card_megatron.data.corpus import (
+    DEFAULT_MAX_LINE_BYTES,
     Chunk,
     InputFingerprint,
     InputSource,
@@ -104,6 +105,7 @@ class PreprocessOptions:
     workers: int = 1
     overwrite: bool = False
     skip_bad_lines: bool = False
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # a longer JSONL/text line is an error naming it
     chunk_bytes: int = 1 << 20
     log_interval: float = 2.0
     seed: int = 0
@@ -151,11 +153,13 @@ def sidecar_for(data_prefix: str) -> Optional[str]:
 
 
 # -- the run --------------------------------------------------------------------------
-def _iter_texts_for_training(sources: Sequence[InputSource], keys: Sequence[str], skip_bad: bool) -> Iterator[str]:
+def _iter_texts_for_training(
+    sources: Sequence[InputSource], keys: Sequence[str], skip_bad: bool, max_line_bytes: int
+) -> Iterator[str]:
     for src in sources:
         line = 0
-        for chunk in iter_chunks(src):
-            parsed = parse_chunk(chunk, keys, skip_bad)
+        for chunk in iter_chunks(src, max_line_bytes=max_line_bytes):
+            parsed = parse_chunk(chunk, keys, skip_bad, max_line_bytes)
             if parsed.error:
                 raise PreprocessError(describe_location(chunk, line, parsed.error))
             line += parsed.num_records
@@ -177,9 +181,8 @@ def _prepare_tokenizer(opts: PreprocessOptions, sources: Sequence[InputSource], 
         model_path = f"{opts.output_prefix}.model"
         if os.path.exists(model_path) and not opts.overwrite:
             raise PreprocessError(f"output {model_path} already exists (pass --overwrite to replace it)")
-        sentences = itertools.islice(
-            _iter_texts_for_training(sources, keys, opts.skip_bad_lines), opts.tokenizer_scan_sentences
-        )
+        texts = _iter_texts_for_training(sources, keys, opts.skip_bad_lines, opts.max_line_bytes)
+        sentences = itertools.islice(texts, opts.tokenizer_scan_sentences)
         # Trained into a temporary file, renamed once the shards are done: a failed run leaves no model.
         tok = train_tokenizer(
             sentences,
@@ -201,14 +204,14 @@ def _staged_model(opts: PreprocessOptions) -> str:
 
 
 def _all_chunks(
-    sources: Sequence[InputSource], chunk_bytes: int, fingerprints: Sequence[InputFingerprint]
+    sources: Sequence[InputSource], chunk_bytes: int, fingerprints: Sequence[InputFingerprint], max_line_bytes: int
 ) -> Iterator[Chunk]:
     """The chunks of every source in order, each told its source's index and the bytes on disk
     of all inputs up to its end; each is fed to its source's fingerprint."""
     done = 0
     for i, src in enumerate(sources):
         last = 0
-        for chunk in iter_chunks(src, chunk_bytes):
+        for chunk in iter_chunks(src, chunk_bytes, max_line_bytes=max_line_bytes):
             fingerprints[i].update(chunk)
             last = chunk.input_pos
             yield dataclasses.replace(chunk, source_index=i, progress_pos=done + chunk.input_pos)
@@ -295,6 +298,8 @@ def _preprocess(opts: PreprocessOptions) -> PreprocessStats:
         raise PreprocessError("--json-keys needs at least one key")
     if opts.workers < 1:
         raise PreprocessError(f"--workers ({opts.workers}) must be at least 1")
+    if opts.max_line_bytes < 1:
+        raise PreprocessError(f"--max-line-bytes ({opts.max_line_bytes}) must be at least 1")
     sources = resolve_inputs(opts.inputs)
     for src in sources:
         if src.kind not in ("jsonl", "parquet") and keys != ("text",):
@@ -321,8 +326,8 @@ def _preprocess(opts: PreprocessOptions) -> PreprocessStats:
     try:
         for k in keys:
             writers[k] = ShardWriter(prefixes[k], dtype=dtype, overwrite=opts.overwrite)
-        chunks = _all_chunks(sources, opts.chunk_bytes, fingerprints)
-        with EncodePool(opts.workers, tok, keys, opts.skip_bad_lines, dtype) as pool:
+        chunks = _all_chunks(sources, opts.chunk_bytes, fingerprints, opts.max_line_bytes)
+        with EncodePool(opts.workers, tok, keys, opts.skip_bad_lines, dtype, opts.max_line_bytes) as pool:
             try:
                 for result in pool.imap(chunks):
                     _write(result, keys, writers, stats, counts[result.chunk.source_index])

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
-from card_megatron.data.corpus import Chunk
+from card_megatron.data.corpus import DEFAULT_MAX_LINE_BYTES, Chunk
 
 
 @dataclass
@@ -66,12 +66,27 @@ def describe_location(chunk: Chunk, first_record: int, error: BadRecord) -> str:
     return f"{chunk.source}:{n}: {error.message}"
 
 
-def parse_chunk(chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool) -> ParsedChunk:
+def parse_chunk(
+    chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> ParsedChunk:
     """Parses one chunk of any format (see the module docstring). Raises ValueError naming the
-    file when it cannot be read at all."""
+    file when it cannot be read at all. A line longer than ``max_line_bytes`` is an error even with
+    ``skip_bad_lines`` (the reader stopped at it: what follows was not read)."""
     if chunk.kind == "parquet":
         return _parse_parquet(chunk, keys, skip_bad_lines)
     data = chunk.data()
+    if chunk.kind != "builtin" and len(data) > max_line_bytes + 1:
+        long_line = _first_line_longer_than(data, max_line_bytes)
+        if long_line is not None:
+            return ParsedChunk(
+                [],
+                num_records=long_line,
+                error=BadRecord(
+                    long_line,
+                    f"line longer than --max-line-bytes ({max_line_bytes:,} bytes); "
+                    "raise --max-line-bytes if it is meant to be one document",
+                ),
+            )
     if chunk.kind == "builtin":
         texts: list[list[str]] = [[] for _ in keys]
         skipped: Counter = Counter()
@@ -89,6 +104,20 @@ def parse_chunk(chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool) -> Pars
 
 
 # -- JSONL and text ---------------------------------------------------------------------
+def _first_line_longer_than(data: bytes, max_line_bytes: int) -> Optional[int]:
+    """0-based index of the first line of ``data`` (lines end with b"\\n") with more than
+    ``max_line_bytes`` bytes before its line end, or None."""
+    start = index = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        if end < 0:
+            end = len(data)
+        if end - start > max_line_bytes:
+            return index
+        start, index = end + 1, index + 1
+    return None
+
+
 _SCAN_ONCE = json.JSONDecoder().scan_once
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate (paired or not)
 
