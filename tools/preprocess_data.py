@@ -29,6 +29,7 @@ from card_megatron.data.builtin import BUILTIN_CORPORA, BUILTIN_PREFIX
 from card_megatron.data.corpus import DEFAULT_MAX_LINE_BYTES
 from card_megatron.data.preprocess import PreprocessOptions, preprocess
 from card_megatron.data.shards import merge_shards
+from card_megatron.fileio import write_error_message
 from card_megatron.tokenizer import TOKENIZER_TYPES
 
 
@@ -210,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # --merge meeting a full disk (preprocessing turns it into a PreprocessError)
+        print(f"error: {write_error_message(e, args.output_prefix)}; no output written", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; no output written", file=sys.stderr)

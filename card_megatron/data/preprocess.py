@@ -41,8 +41,8 @@ here (``{output_prefix}.model``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import errno
 import glob
 import itertools
 import logging
@@ -73,7 +73,7 @@ from card_megatron.data.readers import (  # noqa: F401 (_parse_*: the parsers' t
     parse_chunk,
 )
 from card_megatron.data.shards import ShardStats, ShardWriter, shard_exists, token_dtype
-from card_megatron.fileio import temp_path
+from card_megatron.fileio import temp_path, write_error_message
 from card_megatron.lock import ExclusiveLock, LockHeldError
 from card_megatron.tokenizer import load_any_tokenizer, train_tokenizer, write_tokenizer_sidecar
 
@@ -271,9 +271,8 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
     try:
         _remove_dead_temporaries(opts)
         return _preprocess(opts)
-    except OSError as e:
-        why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
-        raise PreprocessError(f"{e.filename or opts.output_prefix}: {why}; no output written") from None
+    except OSError as e:  # a full disk, above all: the shard writer and the sidecar raise it naming the file
+        raise PreprocessError(f"{write_error_message(e, opts.output_prefix)}; no output written") from None
     finally:
         lock.release()
 
@@ -323,6 +322,7 @@ def _preprocess(opts: PreprocessOptions) -> PreprocessStats:
     fingerprints = [InputFingerprint(src) for src in sources]
     counts = [_InputCounts() for _ in sources]
     writers: dict[str, ShardWriter] = {}
+    placed: list[str] = []  # outputs renamed into place: removed again if a later step fails
     try:
         for k in keys:
             writers[k] = ShardWriter(prefixes[k], dtype=dtype, overwrite=opts.overwrite)
@@ -342,8 +342,10 @@ def _preprocess(opts: PreprocessOptions) -> PreprocessStats:
                 raise PreprocessError(f"no documents for key {k!r} in the input (all skipped: {dict(stats.skipped)})")
         for k, w in writers.items():
             stats.outputs[k] = w.finalize()
+            placed += [f"{w.prefix}.bin", f"{w.prefix}.idx"]
         if opts.train_tokenizer:
             os.replace(_staged_model(opts), f"{opts.output_prefix}.model")
+            placed.append(f"{opts.output_prefix}.model")
         stats.inputs = [_input_record(src, keys, fp, c) for src, fp, c in zip(sources, fingerprints, counts)]
         write_tokenizer_sidecar(tok, f"{opts.output_prefix}.tokenizer.json", inputs=stats.inputs)
     except BaseException:
@@ -352,6 +354,9 @@ def _preprocess(opts: PreprocessOptions) -> PreprocessStats:
             w.abort()
         if opts.train_tokenizer and os.path.exists(_staged_model(opts)):
             os.remove(_staged_model(opts))
+        for path in placed:  # e.g. the sidecar met a full disk after the shards were in place
+            with contextlib.suppress(OSError):
+                os.remove(path)
         raise
     stats.elapsed_s = time.monotonic() - t0
     return stats
