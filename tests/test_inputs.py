@@ -135,6 +135,39 @@ def test_parquet_bad_files(tmp_path, tok, docs):
     assert only_lock_left(tmp_path)
 
 
+def test_parquet_duplicate_column_named_and_dictionary_strings_read(tmp_path, tok, docs):
+    """Two columns named 'text': the file and the column are named, no KeyError from the worker; a
+    dictionary-encoded string column (repeated values stored once) is read, nulls still named (issue 21)."""
+    dup = pa.Table.from_arrays(
+        [pa.array(docs[:10]), pa.array(docs[10:20]), pa.array(["u"] * 10)], ["text", "text", "url"]
+    )
+    pq.write_table(dup, tmp_path / "dup.parquet")
+    for workers in (1, 2):
+        with pytest.raises(
+            pp.PreprocessError, match=r"dup\.parquet: 2 columns are named 'text' \(columns: text, text, url\)"
+        ):
+            run(tmp_path, [str(tmp_path / "dup.parquet")], tok, workers=workers)
+        assert only_lock_left(tmp_path)
+    run(tmp_path, [str(tmp_path / "dup.parquet")], tok, json_keys=("url",))  # the other columns are fine
+    texts = [docs[i % 7] for i in range(30)]  # few distinct values: what dictionary encoding is for
+    table = pa.table({"text": pa.array(texts).dictionary_encode(), "id": pa.array(range(30))})
+    assert pa.types.is_dictionary(table.schema.field("text").type)
+    pq.write_table(table, tmp_path / "dict.parquet", row_group_size=8)
+    assert pa.types.is_dictionary(pq.ParquetFile(tmp_path / "dict.parquet").schema_arrow.field("text").type)
+    run(tmp_path, [str(tmp_path / "dict.parquet")], tok, name="d", workers=2)
+    assert shard_docs(str(tmp_path / "d_text_document")) == expected(tok, texts)
+    texts[11] = None
+    pq.write_table(
+        pa.table({"text": pa.array(texts).dictionary_encode()}), tmp_path / "dnull.parquet", row_group_size=8
+    )
+    with pytest.raises(
+        pp.PreprocessError, match=r"dnull\.parquet: row group 1, row 3 \(row 12 of the file\): column 'text' is null"
+    ):
+        run(tmp_path, [str(tmp_path / "dnull.parquet")], tok, name="dn")
+    with pytest.raises(pp.PreprocessError, match=r"column 'id' holds int64, not strings"):
+        run(tmp_path, [str(tmp_path / "dict.parquet")], tok, name="di", json_keys=("id",))
+
+
 def write_zst(path, data: bytes, frames=1):
     c = zstandard.ZstdCompressor(level=3)
     step = -(-len(data) // frames)

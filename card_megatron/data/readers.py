@@ -11,8 +11,9 @@ The formats:
 * ``txt``: one document per line.
 * ``parquet``: one chunk per row group, read by the worker with only the ``--json-keys``
   columns (FineWeb's layout: ``text``, ``id``, ``url``, ...), so memory stays at a few row
-  groups' worth of those columns. A null value is a bad row; a missing or non-string column
-  is an error for the whole file.
+  groups' worth of those columns. A null value is a bad row; a missing or non-string column,
+  or two columns of one name, is an error for the whole file. A dictionary-encoded string column
+  (each distinct value stored once) is text like any other.
 * ``builtin``: the texts themselves.
 
 Decompression (gzip, zstd) and cutting files into chunks live in :mod:`card_megatron.data.corpus`.
@@ -295,6 +296,8 @@ def _is_string_type(t) -> bool:
 
 def _parse_parquet(chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool) -> ParsedChunk:
     """One row group (``chunk.offset``) of a Parquet file: the ``keys`` columns as texts."""
+    import pyarrow as pa
+
     pf = _cached_parquet(chunk.source)
     names = pf.schema_arrow.names
     missing = [k for k in keys if k not in names]
@@ -308,7 +311,19 @@ def _parse_parquet(chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool) -> P
             ),
         )
     for k in keys:
+        count = len(pf.schema_arrow.get_all_field_indices(k))
+        if count > 1:
+            return ParsedChunk(
+                [],
+                error=BadRecord(
+                    -1,
+                    f"input {chunk.source}: {count} columns are named {k!r} (columns: {', '.join(names)}); "
+                    "which one holds the text is ambiguous: rename or drop the others",
+                ),
+            )
         t = pf.schema_arrow.field(k).type
+        if pa.types.is_dictionary(t) and _is_string_type(t.value_type):
+            continue  # dictionary-encoded text (repeated values stored once): read as its strings
         if not _is_string_type(t):
             return ParsedChunk([], error=BadRecord(-1, f"input {chunk.source}: column {k!r} holds {t}, not strings"))
     try:
@@ -326,6 +341,8 @@ def _parse_parquet(chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool) -> P
     columns = []
     for k in keys:
         col = table.column(k)
+        if pa.types.is_dictionary(col.type):
+            col = col.cast(col.type.value_type)
         try:
             values = col.to_pylist()
         except UnicodeDecodeError:  # invalid UTF-8 in some row: find it
