@@ -77,3 +77,19 @@ def atomic_write(path: str, data: str | bytes) -> None:
     """Writes text (UTF-8) or bytes to ``path`` atomically (see :func:`atomic_open`)."""
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w", encoding="utf-8") as f:
         f.write(data)
+
+
+def check_writable(path: str) -> None:
+    """Raises ValueError naming ``path`` unless an atomic write (:func:`atomic_open`, after creating
+    the parent directories) can write it: call it before the work whose results go there (a
+    directory, a path under a file or an unwritable place is refused). Creates missing parent
+    directories, as the writers that use it do."""
+    if os.path.isdir(path):
+        raise ValueError(f"output {path} is a directory: give a file name")
+    probe = temp_path(path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"output {path} cannot be written ({e.strerror or e})") from None
