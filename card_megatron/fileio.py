@@ -9,13 +9,32 @@ the whole new one, never a part, and a killed writer leaves only a ``*.<pid>.tmp
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 from typing import IO, Iterator
 
 
 def temp_path(path: str) -> str:
     """The temporary name under which ``path`` is written before the rename: ``{path}.{pid}.tmp``."""
     return f"{path}.{os.getpid()}.tmp"
+
+
+def final_name(path: str) -> str:
+    """The output that a temporary file stands for: ``path`` without its ``.{pid}.tmp`` suffix (and
+    without the C++ shard writer's ``.lengths``/``.docends`` side-file suffix after it)."""
+    return re.sub(r"(\.\d+\.tmp)+(\.lengths|\.docends)?$", "", path)
+
+
+def write_error_message(e: OSError, default_path: str) -> str:
+    """One line for an OSError met while writing outputs: ``cannot write FILE: REASON`` with the
+    output's final name (``default_path`` when the error names no file) and, for a full disk,
+    "No space left on device (the disk is full)"."""
+    path = final_name(os.fsdecode(e.filename)) if e.filename else default_path
+    reason = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        reason += " (the disk is full)"
+    return f"cannot write {path}: {reason}"
 
 
 def fsync_path(path: str) -> None:
@@ -30,7 +49,9 @@ def fsync_path(path: str) -> None:
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w", encoding: str | None = None) -> Iterator[IO]:
     """Yields a file open on :func:`temp_path` (``mode`` "w" or "wb"); on a normal exit it is flushed,
-    fsync'ed and renamed to ``path``; on an exception it is removed and ``path`` is left untouched."""
+    fsync'ed and renamed to ``path``; on an exception it is removed and ``path`` is left untouched.
+    An OSError of the write itself (a full disk) is raised with ``path`` as its file name (a
+    failed ``write``/``flush`` names none)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
     tmp = temp_path(path)
@@ -40,6 +61,12 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = None) -> Iter
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -50,3 +77,19 @@ def atomic_write(path: str, data: str | bytes) -> None:
     """Writes text (UTF-8) or bytes to ``path`` atomically (see :func:`atomic_open`)."""
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w", encoding="utf-8") as f:
         f.write(data)
+
+
+def check_writable(path: str) -> None:
+    """Raises ValueError naming ``path`` unless an atomic write (:func:`atomic_open`, after creating
+    the parent directories) can write it: call it before the work whose results go there (a
+    directory, a path under a file or an unwritable place is refused). Creates missing parent
+    directories, as the writers that use it do."""
+    if os.path.isdir(path):
+        raise ValueError(f"output {path} is a directory: give a file name")
+    probe = temp_path(path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"output {path} cannot be written ({e.strerror or e})") from None

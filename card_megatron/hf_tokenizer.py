@@ -5,14 +5,21 @@
 training and generation take either; :meth:`card_megatron.tokenizer.Tokenizer.load` returns one
 for a file that holds JSON. Nothing is ever fetched from the hub.
 
-Reserved ids, the same way every time for the same file:
+Reserved ids, the same way every time for the same file. They must be ids that no text can
+produce, so only *special* added tokens are adopted:
 
-* each of mask, eos, bos, pad is the first of these tokens the vocabulary (added tokens
-  included) has: mask ``<mask>``; eos ``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``,
-  ``<eos>``; bos ``<s>``, ``<|begin_of_text|>``, ``<bos>``; pad ``<pad>``, ``<|padding|>``, ``[PAD]``;
-* those it lacks are added as special tokens, in the order mask, eos, bos, pad, named
-  ``<mask>``, ``</s>``, ``<s>``, ``<pad>``, with the ids after the vocabulary
-  (``num_pieces``, ``num_pieces + 1``, ...); ``vocab_size`` counts them. ``appended`` lists them.
+* each of mask, eos, bos, pad is the first of these names that the file holds as a special added
+  token (``"special": true`` in ``added_tokens``) and that its model does not produce when it
+  encodes the name itself as text: mask ``<mask>``; eos ``</s>``, ``<|endoftext|>``,
+  ``<|end_of_text|>``, ``<eos>``; bos ``<s>``, ``<|begin_of_text|>``, ``<bos>``; pad ``<pad>``,
+  ``<|padding|>``, ``[PAD]``. The same name as an ordinary vocabulary word, or as an added token
+  with ``"special": false``, is text like any other and is not adopted (issue 21: such a
+  ``<mask>`` made every literal "<mask>" in the corpus a mask id);
+* a role left without one gets a new special token, in the order mask, eos, bos, pad, with the
+  ids after the vocabulary (``num_pieces``, ``num_pieces + 1``, ...), named ``<mask>``, ``</s>``,
+  ``<s>``, ``<pad>``, or ``<card_megatron_ROLE>`` when the file already has that name as text
+  (then ``<card_megatron_ROLE_1>``, ... while taken); ``vocab_size`` counts them and
+  ``appended`` lists their roles.
 
 Special tokens are never produced by encoding text (``encode_special_tokens``: the literal
 string ``"<mask>"`` is encoded as ordinary text), so the mask id only enters a sequence when
@@ -23,6 +30,7 @@ of the file's bytes; :meth:`hf_json` is the tokenizer with the added tokens, as 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -39,6 +47,20 @@ _CANDIDATES = {
 }
 _ADDED_NAME = {"mask": MASK_TOKEN, "eos": "</s>", "bos": "<s>", "pad": "<pad>"}
 _UNK = ("<unk>", "[UNK]", "<|unk|>")
+
+
+def _text_makes(hf, name: str, token_id: int) -> bool:
+    """Whether encoding ``name`` as text (alone, after a space, after a letter) yields ``token_id``:
+    a special token whose content the model itself also spells out cannot be reserved."""
+    return any(token_id in hf.encode(text, add_special_tokens=False).ids for text in (name, " " + name, "a" + name))
+
+
+def _fresh_name(role: str, vocab: dict[str, int]) -> str:
+    """The name of the token appended for ``role``: its usual name unless the vocabulary has it."""
+    names = itertools.chain(
+        (_ADDED_NAME[role], f"<card_megatron_{role}>"), (f"<card_megatron_{role}_{k}>" for k in itertools.count(1))
+    )
+    return next(n for n in names if n not in vocab)
 
 
 def looks_like_json(data: bytes) -> bool:
@@ -72,19 +94,22 @@ class HuggingFaceTokenizer:
         self.num_pieces: int = hf.get_vocab_size(with_added_tokens=True)
         if self.num_pieces <= 0:
             raise ValueError(f"{source} is not a valid Hugging Face tokenizer.json (empty vocabulary)")
+        hf.encode_special_tokens = True  # text never produces a special token, "<mask>" included
+        special = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
         ids: dict[str, int] = {}
         appended: list[str] = []
         for role, names in _CANDIDATES.items():
-            found = next((vocab[n] for n in names if n in vocab), None)
+            found = next((special[n] for n in names if n in special and not _text_makes(hf, n, special[n])), None)
             if found is None:
                 expected = self.num_pieces + len(appended)
-                hf.add_special_tokens([AddedToken(_ADDED_NAME[role], special=True, normalized=False)])
-                found = hf.token_to_id(_ADDED_NAME[role])
+                name = _fresh_name(role, vocab)
+                vocab[name] = expected
+                hf.add_special_tokens([AddedToken(name, special=True, normalized=False)])
+                found = hf.token_to_id(name)
                 if found != expected:  # the library assigns the next id; anything else breaks reproducibility
-                    raise ValueError(f"{source}: adding {_ADDED_NAME[role]!r} gave id {found}, expected {expected}")
+                    raise ValueError(f"{source}: adding {name!r} gave id {found}, expected {expected}")
                 appended.append(role)
             ids[role] = found
-        hf.encode_special_tokens = True  # text never produces a special token, "<mask>" included
         self.mask_id, self.eos_id, self.bos_id, self.pad_id = ids["mask"], ids["eos"], ids["bos"], ids["pad"]
         self.unk_id: int = next((vocab[n] for n in _UNK if n in vocab), -1)
         self.appended: tuple[str, ...] = tuple(appended)

@@ -48,8 +48,24 @@ size_t itemsize_of_code(int code) {
   }
 }
 
-std::runtime_error io_error(const std::string& what, const std::string& path) {
-  return std::runtime_error(what + " " + path + ": " + std::strerror(errno));
+// A failed system call on a file: raised in Python as OSError(errno, strerror, path), so that the
+// caller can tell a full disk (ENOSPC) from other failures and name the file (see
+// register_shard_writer's exception translator).
+class IoError : public std::runtime_error {
+ public:
+  IoError(const std::string& what, std::string path, int err)
+      : std::runtime_error(what + " " + path + ": " + std::strerror(err)), path_(std::move(path)), errno_(err) {}
+  const std::string& path() const { return path_; }
+  int error_number() const { return errno_; }
+
+ private:
+  std::string path_;
+  int errno_;
+};
+
+IoError io_error(const std::string& what, const std::string& path) {
+  const int err = errno;  // read first: building the message may change it
+  return IoError(what, path, err ? err : EIO);
 }
 
 class File {
@@ -286,6 +302,14 @@ class ShardWriter {
 }  // namespace
 
 void register_shard_writer(py::module_& m) {
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const IoError& e) {
+      errno = e.error_number();
+      PyErr_SetFromErrnoWithFilename(PyExc_OSError, e.path().c_str());
+    }
+  });
   py::class_<ShardWriter>(m, "ShardWriter",
                           "Streaming writer of a Megatron MMIDIDX v1 .bin/.idx pair at the given (temporary) paths.")
       .def(py::init<std::string, std::string, int>(), py::arg("bin_path"), py::arg("idx_path"), py::arg("dtype_code"))

@@ -75,6 +75,92 @@ def test_exact_for_causal_and_bound_for_mdlm(single_process, setup):  # noqa: F8
     assert "| docs_a_text_document |" in markdown_table(result) and "| <= " in markdown_table(result)
 
 
+def evaluate_main():
+    import runpy
+
+    return runpy.run_path(os.path.join(REPO, "tools", "evaluate.py"))["main"]
+
+
+def test_outputs_and_shards_checked_before_loading(setup, tmp_path, monkeypatch, capsys):
+    """--output-json DIR, an output under a file, one file for both outputs and a missing shard are
+    refused before the checkpoint is loaded (issue 21: a directory lost the whole evaluation)."""
+    from card_megatron.inference import loading
+
+    _, _, prefixes = setup
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the outputs were checked")
+
+    monkeypatch.setattr(loading, "load_model", no_loading)
+    (tmp_path / "file").write_text("x")
+    for args, message in (
+        (["--output-json", str(tmp_path)], f"output {tmp_path} is a directory"),
+        (
+            ["--output-markdown", str(tmp_path / "file" / "p.md")],
+            f"output {tmp_path / 'file' / 'p.md'} cannot be written",
+        ),
+        (["--output-json", str(tmp_path / "p"), "--output-markdown", str(tmp_path / "p")], "are the same file"),
+        (["--data", prefixes[0], str(tmp_path / "missing")], "missing.bin not found"),
+    ):
+        rc = evaluate_main()(["--checkpoint", str(tmp_path / "ckpt"), "--data", prefixes[0], *args])
+        err = capsys.readouterr().err
+        assert rc == 1 and message in err and "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_table_printed_before_the_files_are_written(single_process, setup, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import errno
+
+    from card_megatron.eval import perplexity
+
+    root, tok, prefixes = setup
+    ckpt = write_export(tmp_path / "ckpt", tok, "arm", seed=5)
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(perplexity, "atomic_write", disk_full)
+    out = tmp_path / "new" / "p.json"
+    rc = evaluate_main()(["--checkpoint", ckpt, "--data", prefixes[0], "--max-windows", "2", "--output-json", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 1 and "| docs_a_text_document |" in captured.out
+    assert f"cannot write {out}: No space left on device (the disk is full) (the table is above)" in captured.err
+
+
+def test_windows_are_streamed_not_materialised(tmp_path):
+    """The windows of a 600k-token shard come in batches; peak memory stays far below the int64 copy
+    of every window (4.5 MB here; 160 GB for 10B tokens) that evaluation used to build (issue 21)."""
+    import tracemalloc
+
+    from card_megatron.data.shards import ShardWriter, TokenShard
+    from card_megatron.eval.perplexity import num_windows, window_batches
+
+    rng = np.random.default_rng(0)
+    with ShardWriter(str(tmp_path / "s"), vocab_size=1000) as w:
+        for _ in range(60):
+            w.add_document(rng.integers(0, 1000, size=10_000))
+    tokens = TokenShard(str(tmp_path / "s")).tokens
+    L = 16
+    n = num_windows(str(tmp_path / "s"), L, None)
+    assert n == (len(tokens) - 1) // L and n * (L + 1) * 8 > 4_000_000
+    seen, starts = 0, []
+    for start, batch in window_batches(tokens, L, n, batch_size=8):
+        assert batch.dtype == np.int64 and batch.shape == (min(8, n - start), L + 1)
+        if start % 997 == 0 or start + 8 >= n:  # spot checks against the definition
+            for i in range(len(batch)):
+                np.testing.assert_array_equal(batch[i], tokens[(start + i) * L : (start + i) * L + L + 1])
+        seen += len(batch)
+        starts.append(start)
+    assert seen == n and starts == list(range(0, n, 8))
+    tracemalloc.start()
+    for _ in window_batches(tokens, L, n, batch_size=8):
+        pass
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 100_000, peak  # a few batches of 8 x 17 int64; all windows at once: 4.5 MB
+    assert num_windows(str(tmp_path / "s"), L, 5) == 5
+
+
 @pytest.mark.slow
 def test_cli(single_process, setup, tmp_path):  # noqa: F811
     root, tok, prefixes = setup

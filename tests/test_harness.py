@@ -171,6 +171,80 @@ def test_mdlm_conditional_bound_and_bd3lm_refusal(single_process, tmp_path, sp_t
         bd3.loglikelihood([req])
 
 
+def test_model_args_checked_one_line_each(single_process, tmp_path, sp_tokenizer):  # noqa: F811
+    """Misspelled keys are refused with the valid ones (issue 21: treshold=0.5,decodng=ar ran with the
+    defaults); bad values and a missing checkpoint give one line each, before anything is loaded."""
+    from card_megatron.eval.harness import (
+        MODEL_ARGS,
+        CardMegatronLM,
+        ModelArgsError,
+        check_model_arg_dict,
+        check_model_args,
+    )
+
+    with pytest.raises(ModelArgsError) as e:
+        CardMegatronLM(checkpoint=str(tmp_path / "nope"), treshold=0.5, decodng="ar", window=-1, batch_size="2")
+    lines = str(e.value).splitlines()
+    assert lines == [
+        f"unknown model arg decodng=ar (did you mean decoding?); valid ones: {', '.join(MODEL_ARGS)}",
+        f"unknown model arg treshold=0.5 (did you mean threshold?); valid ones: {', '.join(MODEL_ARGS)}",
+        "model arg window=-1 must be an integer >= 1",
+    ]
+    with pytest.raises(ModelArgsError) as e:
+        check_model_args(decoding="fast", threshold="abc", window=2.5, mc_samples=0, seed="x", ema="maybe")
+    assert str(e.value).splitlines() == [
+        "model arg decoding=fast is not one of card, ar, mdlm, bd3lm",
+        "model arg threshold=abc must be a number > 0 (tau; > 1 means one token per step)",
+        "model arg window=2.5 must be an integer >= 1",
+        "model arg mc_samples=0 must be an integer >= 1",
+        "model arg seed=x must be an integer >= 0",
+        "model arg ema=maybe must be true or false",
+    ]
+    parsed = check_model_args(threshold="0.5", window="3", batch_size="auto", ema="true")
+    assert (parsed["threshold"], parsed["window"], parsed["batch_size"], parsed["ema"]) == (0.5, 3, 8, True)
+    with pytest.raises(ModelArgsError, match=rf"^model arg checkpoint={tmp_path / 'nope'}: checkpoint not found"):
+        CardMegatronLM(checkpoint=str(tmp_path / "nope"), max_batch_size=64)  # lm-eval's own keys are fine
+    with pytest.raises(ModelArgsError) as e:  # what tools/run_lm_eval.py checks before lm-eval loads its tasks
+        check_model_arg_dict({"window": 0, "batch_size": 4})
+    assert str(e.value).splitlines() == [
+        "model arg window=0 must be an integer >= 1",
+        "model arg checkpoint is missing (checkpoint=a run directory, a checkpoint or an export)",
+    ]
+    ckpt = write_export(tmp_path / "arm", sp_tokenizer, "arm", seed=1)
+    check_model_arg_dict({"checkpoint": ckpt, "decoding": "ar", "threshold": 0.5})
+    with pytest.raises(ModelArgsError, match=r"^model arg decoding=card: --decoding card does not fit this arm"):
+        CardMegatronLM(checkpoint=ckpt, decoding="card")
+    lm = CardMegatronLM(checkpoint=ckpt, decoding="ar", threshold=0.7, window=2, batch_size=3)
+    assert (lm.causal.threshold, lm.causal.window, lm.batch_size) == (0.7, 2, 3)
+
+
+@pytest.mark.slow
+def test_cli_refuses_bad_model_args_without_traceback(tmp_path):
+    """The real command line: refused before lm-eval indexes its tasks, one line per problem, rc 1."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "run_lm_eval.py"),
+            "--model",
+            "card_megatron",
+            "--model_args",
+            f"checkpoint={tmp_path / 'nope'},treshold=0.5,threshold=abc",
+            "--tasks",
+            "card_local_mc",
+            "--include_path",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "error: unknown model arg treshold=0.5 (did you mean threshold?)" in r.stderr
+    assert "error: model arg threshold=abc must be a number > 0" in r.stderr
+    assert f"error: model arg checkpoint={tmp_path / 'nope'}: checkpoint not found" in r.stderr
+
+
 @pytest.mark.slow
 def test_cli_runs_a_local_task(single_process, tmp_path, sp_tokenizer):  # noqa: F811
     """`tools/run_lm_eval.py --model card_megatron` is lm-eval's own command line with our model registered."""

@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from card_megatron.data import preprocess as pp
 from card_megatron.data.corpus import builtin_documents
@@ -78,6 +78,65 @@ def test_reserved_ids_appended_reproducibly(bpe_path, docs):
     )
     assert (with_mask.pad_id, with_mask.bos_id, with_mask.eos_id, with_mask.mask_id) == (0, 1, 2, 3)
     assert with_mask.appended == () and with_mask.vocab_size == with_mask.num_pieces
+
+
+def test_text_never_makes_a_reserved_id(tmp_path, bpe_path, docs):
+    """<mask>, </s>, <s> as ordinary vocabulary words and <pad> as a non-special added token are text:
+    they are not adopted (issue 21: a shard held 50 mask ids); new special tokens are appended, named
+    so as not to clash. A special added token ([PAD]) is adopted."""
+    hf = HFTokenizer(
+        models.WordLevel({"<unk>": 0, "hello": 1, "world": 2, "<mask>": 3, "</s>": 4, "<s>": 5}, unk_token="<unk>")
+    )
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.add_tokens([AddedToken("<pad>", special=False)])  # id 6
+    hf.add_special_tokens([AddedToken("[PAD]", special=True)])  # id 7
+    hf.save(str(tmp_path / "words.json"))
+    tok = Tokenizer.load(str(tmp_path / "words.json"))
+    assert tok.pad_id == 7 and (tok.mask_id, tok.eos_id, tok.bos_id, tok.vocab_size) == (8, 9, 10, 11)
+    assert tok.appended == ("mask", "eos", "bos")
+    exported = HFTokenizer.from_str(tok.hf_json())
+    names = ("<card_megatron_mask>", "<card_megatron_eos>", "<card_megatron_bos>")
+    assert [exported.token_to_id(n) for n in names] == [8, 9, 10]
+    reserved = {tok.mask_id, tok.eos_id, tok.bos_id, tok.pad_id}
+    assert tok.encode("hello <mask> world </s>") == [1, 3, 2, 4] and tok.encode("<s> <pad> [PAD]") == [5, 6, 0]
+
+    # a byte-level BPE whose <mask> is an added token with "special": false
+    spec = json.loads(open(bpe_path).read())
+    spec["added_tokens"].append(
+        {**spec["added_tokens"][0], "id": spec["model"]["vocab"].__len__(), "content": "<mask>"}
+    )
+    spec["added_tokens"][-1]["special"] = False
+    (tmp_path / "bpe_mask.json").write_text(json.dumps(spec))
+    bpe = Tokenizer.load(str(tmp_path / "bpe_mask.json"))
+    assert bpe.appended[0] == "mask" and bpe.mask_id == bpe.num_pieces
+    text = "hello <mask> world </s> <s> <|endoftext|>"
+    assert not {bpe.mask_id, bpe.eos_id, bpe.bos_id, bpe.pad_id} & set(bpe.encode(text))
+    assert bpe.decode(bpe.encode(text)) == text
+
+    # preprocessing: documents that spell the reserved names hold none of their ids
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"text": f"hello <mask> world </s> {i}"}) + "\n" for i in range(50))
+    )
+    pp.preprocess(
+        pp.PreprocessOptions(
+            inputs=[str(tmp_path / "in.jsonl")],
+            output_prefix=str(tmp_path / "w"),
+            tokenizer_model=str(tmp_path / "words.json"),
+        )
+    )
+    tokens = TokenShard(str(tmp_path / "w_text_document")).tokens
+    assert len(tokens) == 50 * 6 and set(tokens.tolist()) == {0, 1, 2, 3, 4, tok.eos_id}
+    assert (tokens == tok.eos_id).sum() == 50 and not (reserved - {tok.eos_id}) & set(tokens.tolist())
+    # a shard made when this file's words were adopted (the same sha256, other reserved ids) is refused
+    from card_megatron.eval.perplexity import check_shard_tokenizer
+
+    side = json.load(open(tmp_path / "w.tokenizer.json"))
+    check_shard_tokenizer(str(tmp_path / "w_text_document"), tok)
+    (tmp_path / "w.tokenizer.json").write_text(json.dumps({**side, "mask_id": 3, "eos_id": 4}))
+    with pytest.raises(
+        ValueError, match=r"w_text_document was tokenized with the reserved ids .*'mask_id': 3.*re-tokenize"
+    ):
+        check_shard_tokenizer(str(tmp_path / "w_text_document"), tok)
 
 
 def test_bad_tokenizer_json_is_a_clear_error(tmp_path, bpe_path, docs):

@@ -528,7 +528,10 @@ def test_failed_run_leaves_no_tokenizer_and_says_disk_full(tmp_path, docs, monke
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.prefix + ".bin")
 
     monkeypatch.setattr(pp.ShardWriter, "finalize", full)
-    with pytest.raises(pp.PreprocessError, match=r"tr_text_document\.bin: the disk is full; no output written"):
+    with pytest.raises(
+        pp.PreprocessError,
+        match=r"cannot write .*tr_text_document\.bin: No space left on device \(the disk is full\); no output written",
+    ):
         pp.preprocess(opts)
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "tr.lock"]
     monkeypatch.setattr(pp.ShardWriter, "finalize", real)
@@ -541,13 +544,45 @@ def test_failed_run_leaves_no_tokenizer_and_says_disk_full(tmp_path, docs, monke
     assert os.path.exists(tmp_path / "tr.model") and [p for p in os.listdir(tmp_path) if ".tmp" in p] == []
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("victim", ["o_text_document.bin", "o.tokenizer.json", "m.idx"])
+def test_real_full_disk_is_named_without_traceback(tmp_path, tok_path, docs, victim):
+    """A real ENOSPC: the run's temporary file for VICTIM is a link to /dev/full. The C++ shard writer
+    (.bin; the .idx of --merge) and the sidecar's writer say "No space left on device" naming the
+    output, on one line, and leave nothing but the lock (the shards already in place when the sidecar
+    fails are removed again). Issue 21."""
+    from card_megatron.data.shards import ShardWriter
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in docs[:30]])
+    if victim.startswith("m"):
+        with ShardWriter(str(tmp_path / "part"), vocab_size=600) as w:
+            w.add_document(np.arange(20))
+        args = ["--merge", str(tmp_path / "part"), "--output-prefix", str(tmp_path / "m")]
+    else:
+        args = ["--input", inp, "--tokenizer-model", tok_path, "--output-prefix", str(tmp_path / "o"), "--workers", "1"]
+    link = "import os, runpy, sys; os.symlink('/dev/full', f'{sys.argv.pop(1)}.{os.getpid()}.tmp'); "
+    run = "sys.argv.pop(0); runpy.run_path(sys.argv[0], run_name='__main__')"
+    r = subprocess.run(
+        [sys.executable, "-c", link + run, str(tmp_path / victim), TOOL, *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+    assert r.returncode == 1, r.stderr
+    message = f"error: cannot write {tmp_path / victim}: No space left on device (the disk is full); no output written"
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    left = sorted(os.listdir(tmp_path))
+    assert left == (["in.jsonl", "part.bin", "part.idx"] if victim.startswith("m") else ["in.jsonl", "o.lock"])
+
+
 # -- interruption ----------------------------------------------------------------------
 def test_exception_mid_run_leaves_nothing(tmp_path, tok, docs, monkeypatch):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in docs])
     real = pp.iter_chunks
 
-    def failing(source, chunk_bytes):
-        for i, c in enumerate(real(source, chunk_bytes)):
+    def failing(source, chunk_bytes, **kw):
+        for i, c in enumerate(real(source, chunk_bytes, **kw)):
             if i == 2:
                 raise KeyboardInterrupt
             yield c

@@ -26,8 +26,10 @@ import textwrap
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from card_megatron.data.builtin import BUILTIN_CORPORA, BUILTIN_PREFIX
+from card_megatron.data.corpus import DEFAULT_MAX_LINE_BYTES
 from card_megatron.data.preprocess import PreprocessOptions, preprocess
 from card_megatron.data.shards import merge_shards
+from card_megatron.fileio import write_error_message
 from card_megatron.tokenizer import TOKENIZER_TYPES
 
 
@@ -79,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip and count lines with invalid JSON, invalid UTF-8 or a missing/non-string key "
         "(Parquet: rows with a null or invalid UTF-8 value) instead of stopping with an error "
         "naming the file and line (or row group and row)",
+    )
+    g.add_argument(
+        "--max-line-bytes",
+        type=int,
+        default=DEFAULT_MAX_LINE_BYTES,
+        metavar="N",
+        help="longest JSONL or text line accepted, in bytes (default: %(default)s = 256 MiB); a longer "
+        "line stops the run with an error naming the file and line, even with --skip-bad-lines (it is "
+        "not read to its end, so memory stays bounded)",
     )
     g = p.add_argument_group("tokenizer (SentencePiece or Hugging Face tokenizer.json)")
     g.add_argument(
@@ -191,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             overwrite=args.overwrite,
             skip_bad_lines=args.skip_bad_lines,
+            max_line_bytes=args.max_line_bytes,
             log_interval=args.log_interval,
             seed=args.seed,
         )
@@ -199,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # --merge meeting a full disk (preprocessing turns it into a PreprocessError)
+        print(f"error: {write_error_message(e, args.output_prefix)}; no output written", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; no output written", file=sys.stderr)

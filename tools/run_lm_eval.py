@@ -7,7 +7,8 @@
 
 Every flag is lm-eval's (``python tools/run_lm_eval.py --help``); model args: checkpoint,
 decoding, threshold, window, max_gen_toks, mc_samples (MDLM), seed, device, ema
-(card_megatron/eval/harness.py); the batch size is --batch_size.
+(card_megatron/eval/harness.py); the batch size is --batch_size. An unknown model arg or a bad
+value (a missing checkpoint included) is refused with one line each and exit status 1.
 """
 
 from __future__ import annotations
@@ -20,14 +21,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main() -> int:
     try:
-        from lm_eval.__main__ import cli_evaluate
+        from lm_eval._cli import HarnessCLI
+        from lm_eval.utils import setup_logging
     except ImportError:
         print("error: lm-eval-harness is not installed: pip install -e .[eval] (or make setup)", file=sys.stderr)
         return 1
 
-    import card_megatron.eval.harness  # noqa: F401 (registers the card_megatron model)
+    # the import registers the card_megatron model
+    from card_megatron.eval.harness import ModelArgsError, check_model_arg_dict
 
-    cli_evaluate()
+    # lm_eval.__main__.cli_evaluate, with the model args checked between parsing and running: lm-eval
+    # indexes every task before it builds the model, minutes on a loaded machine for a misspelled key.
+    setup_logging()
+    cli = HarnessCLI()
+    args = cli.parse_args()
+    try:
+        if getattr(args, "model", None) == "card_megatron":
+            check_model_arg_dict(args.model_args or {})
+        cli.execute(args)
+    except ModelArgsError as e:  # unknown keys, bad values, a missing checkpoint: one line each
+        print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -33,6 +33,14 @@ logger = logging.getLogger(__name__)
 
 # A Parquet row group is read whole by one worker: above this many uncompressed bytes, say so.
 LARGE_ROW_GROUP_BYTES = 1 << 29
+# --max-line-bytes: the longest input line (JSONL or text) accepted. 256 MiB is hundreds of times
+# the longest document of the web, code and book corpora this reads (their documents are KB to a
+# few MB), and still a line a worker can hold in memory several times over while it decodes,
+# parses and tokenizes it; a longer line is an error naming it, never an unbounded buffer.
+DEFAULT_MAX_LINE_BYTES = 256 << 20
+# zstd input is fed to the decompressor this many compressed bytes at a time: one call's output is
+# then at most ~32768 x this (zstd's largest expansion, RLE blocks), 64 MB, whatever the file holds.
+_ZSTD_FEED_BYTES = 1 << 11
 
 
 @dataclass(frozen=True)
@@ -241,12 +249,19 @@ class _CountingReader:
         self.f.close()
 
 
-def iter_chunks(source: InputSource, chunk_bytes: int = 1 << 20, chunk_docs: int = 256) -> Iterator[Chunk]:
+def iter_chunks(
+    source: InputSource,
+    chunk_bytes: int = 1 << 20,
+    chunk_docs: int = 256,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> Iterator[Chunk]:
     """Splits ``source`` into chunks of about ``chunk_bytes`` bytes cut at line ends.
 
     Built-in corpora come as lists of ``chunk_docs`` texts, Parquet files as one chunk per row
     group. Raises ValueError naming the file if it cannot be opened or is not valid gzip, zstd
-    or Parquet.
+    or Parquet, or is truncated. A line longer than ``max_line_bytes`` is not read to its end:
+    the chunk holding its first bytes (more than ``max_line_bytes``) is the last one, and the
+    parser (:func:`card_megatron.data.readers.parse_chunk`) names it by file and line.
     """
     if source.kind == "builtin":
         batch: list[str] = []
@@ -264,7 +279,7 @@ def iter_chunks(source: InputSource, chunk_bytes: int = 1 << 20, chunk_docs: int
         yield from _parquet_chunks(source)
         return
     if source.compression is None and os.path.isfile(source.name):
-        yield from _byte_range_chunks(source, chunk_bytes)
+        yield from _byte_range_chunks(source, chunk_bytes, max_line_bytes)
         return
 
     try:
@@ -274,44 +289,126 @@ def iter_chunks(source: InputSource, chunk_bytes: int = 1 << 20, chunk_docs: int
     except OSError as e:
         raise ValueError(f"input {source.name}: cannot open ({e.strerror})") from None
     counter = _CountingReader(raw)
-    carry = b""
+    lines = LineChunker(chunk_bytes, max_line_bytes)
     try:
-        stream = _decompressed(source, counter)
+        blocks = _decompressed_blocks(source, counter, chunk_bytes)
         while True:
             try:
-                block = stream.read(chunk_bytes)
+                block = next(blocks, None)
+            except ValueError:  # already names the file (truncated zstd, zstandard missing)
+                raise
             except Exception as e:  # OSError, EOFError, gzip.BadGzipFile, zstandard.ZstdError
                 what = {"gzip": "not valid gzip: ", "zstd": "not valid zstd: "}.get(source.compression, "")
                 raise ValueError(f"input {source.name}: cannot read ({what}{e})") from None
-            if not block:
+            if block is None:
                 break
-            data = carry + block
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                carry = data
-                continue
-            carry = data[cut + 1 :]
-            payload = data[: cut + 1]
-            yield Chunk(source.name, source.kind, payload, 0, len(payload), counter.pos)
-        if carry:
-            yield Chunk(source.name, source.kind, carry + b"\n", 0, len(carry), counter.pos)
+            payload = lines.feed(block)
+            if payload is not None:
+                yield Chunk(source.name, source.kind, payload, 0, len(payload), counter.pos)
+            if lines.line_too_long:
+                return
+        rest = lines.finish()
+        if rest:
+            yield Chunk(source.name, source.kind, rest + b"\n", 0, len(rest), counter.pos)
     finally:
         raw.close()
 
 
-def _decompressed(source: InputSource, counter: _CountingReader):
-    if source.gzip:
-        return gzip.GzipFile(fileobj=counter, mode="rb")
+class LineChunker:
+    """Cuts a stream of byte blocks into payloads of whole lines (each ending with a line end) of
+    at least ``chunk_bytes`` bytes, in time linear in the input: a line that spans many blocks is
+    kept as the list of its blocks and joined once, when its end arrives (joining the carried part
+    again at every block made a 128 MB line take 27.5 s, issue 21).
+
+    Once the part of a line read so far exceeds ``max_line_bytes``, :meth:`feed` returns what is
+    buffered (that line cut short, given a line end) and sets ``line_too_long``: the caller stops
+    reading and the parser names the line. ``join`` concatenates a list of blocks (``b"".join``;
+    the tests count what passes through it).
+    """
+
+    def __init__(self, chunk_bytes: int, max_line_bytes: int, join=b"".join) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.max_line_bytes = max_line_bytes
+        self.join = join
+        self.line_too_long = False
+        self._parts: list[bytes] = []
+        self._size = 0  # bytes in _parts
+        self._open = 0  # bytes of _parts after their last line end: the line being read
+
+    def feed(self, block: bytes) -> Optional[bytes]:
+        """Adds the next block; returns a payload of whole lines once ``chunk_bytes`` have gathered
+        (or the over-long line, see the class docstring), else None."""
+        if not block:
+            return None
+        nl = block.rfind(b"\n")
+        if nl < 0 or self._size + nl + 1 < self.chunk_bytes:
+            self._parts.append(block)
+            self._size += len(block)
+            self._open = self._open + len(block) if nl < 0 else len(block) - nl - 1
+            payload = None
+        else:
+            self._parts.append(block[: nl + 1])
+            payload = self.join(self._parts)
+            tail = block[nl + 1 :]
+            self._parts = [tail] if tail else []
+            self._size = self._open = len(tail)
+        if self._open > self.max_line_bytes:
+            self.line_too_long = True
+            return (payload or b"") + self.finish() + b"\n"
+        return payload
+
+    def finish(self) -> bytes:
+        """What is buffered (whole lines, then maybe an unterminated last line), emptied."""
+        rest = self._parts[0] if len(self._parts) == 1 else self.join(self._parts)
+        self._parts, self._size, self._open = [], 0, 0
+        return rest
+
+
+def _decompressed_blocks(source: InputSource, counter: _CountingReader, block_bytes: int) -> Iterator[bytes]:
+    """The decompressed bytes of ``source`` in blocks (gzip, zstd; otherwise as read)."""
     if source.zstd:
-        try:
-            import zstandard
-        except ImportError:
-            raise ValueError(
-                f"input {source.name}: reading .zst needs zstandard (pip install zstandard, or make setup)"
-            ) from None
-        # read_across_frames: files made by concatenating .zst files (as some datasets ship) read whole
-        return zstandard.ZstdDecompressor().stream_reader(counter, read_across_frames=True, closefd=False)
-    return counter
+        yield from _zstd_blocks(source.name, counter)
+        return
+    stream = gzip.GzipFile(fileobj=counter, mode="rb") if source.gzip else counter
+    while True:
+        block = stream.read(block_bytes)
+        if not block:
+            return
+        yield block
+
+
+def _zstd_blocks(name: str, counter: _CountingReader) -> Iterator[bytes]:
+    """Decompresses a zstd file frame by frame (files made by concatenating .zst files, as some
+    datasets ship, read whole) and refuses one that ends inside a frame: zstandard's stream reader
+    reads a truncated file to its cut without a word, so the end of every frame is checked here."""
+    try:
+        import zstandard
+    except ImportError:
+        raise ValueError(f"input {name}: reading .zst needs zstandard (pip install zstandard, or make setup)") from None
+    dctx = zstandard.ZstdDecompressor()
+    frame = dctx.decompressobj()
+    in_frame = False  # bytes of the current frame were fed and its end is not seen yet
+    while True:
+        data = counter.read(1 << 16)
+        if not data:
+            break
+        view = memoryview(data)
+        for start in range(0, len(data), _ZSTD_FEED_BYTES):
+            piece: Union[bytes, memoryview] = view[start : start + _ZSTD_FEED_BYTES]
+            while piece:
+                out = frame.decompress(piece)
+                in_frame = True
+                if out:
+                    yield out
+                if not frame.eof:
+                    break
+                piece = frame.unused_data  # the next frame starts here
+                frame, in_frame = dctx.decompressobj(), False
+    if in_frame:
+        raise ValueError(
+            f"input {name}: cannot read (truncated zstd: the file ends inside a frame, after "
+            f"{counter.pos} bytes); the file is incomplete: copy or download it again"
+        )
 
 
 def _parquet_chunks(source: InputSource) -> Iterator[Chunk]:
@@ -344,8 +441,10 @@ def _parquet_chunks(source: InputSource) -> Iterator[Chunk]:
         yield Chunk(source.name, "parquet", None, g, stored, pos)
 
 
-def _byte_range_chunks(source: InputSource, chunk_bytes: int) -> Iterator[Chunk]:
-    """Byte ranges of an uncompressed file, each ending after a line end (or at the file end)."""
+def _byte_range_chunks(source: InputSource, chunk_bytes: int, max_line_bytes: int) -> Iterator[Chunk]:
+    """Byte ranges of an uncompressed file, each ending after a line end (or at the file end). A
+    line end not found within ``max_line_bytes`` bytes past a cut makes that range the last one
+    (cut there): it holds a line the parser refuses as too long."""
     try:
         f = open(source.name, "rb")
     except OSError as e:
@@ -356,14 +455,16 @@ def _byte_range_chunks(source: InputSource, chunk_bytes: int) -> Iterator[Chunk]
         while pos < size:
             # shrink the chunks near the end so that no worker idles long on the last one
             end = pos + max(min(chunk_bytes, (size - pos) // 8), min(chunk_bytes, 1 << 16))
+            last = False
             if end >= size:
                 end = size
             else:
                 f.seek(end)
+                limit = end + max_line_bytes + 1
                 while True:
-                    block = f.read(1 << 16)
+                    block = f.read(min(1 << 16, limit - end))
                     if not block:
-                        end = size
+                        end, last = min(end, size), end < size
                         break
                     nl = block.find(b"\n")
                     if nl >= 0:
@@ -371,4 +472,6 @@ def _byte_range_chunks(source: InputSource, chunk_bytes: int) -> Iterator[Chunk]
                         break
                     end += len(block)
             yield Chunk(source.name, source.kind, None, pos, end - pos, end)
+            if last:
+                return
             pos = end

@@ -240,6 +240,16 @@ def _check_same_tokenizer(prefix: str, tokenizer: Any) -> None:
             f"data.tokenizer_model is {tokenizer.source} (sha256 {tokenizer.sha256[:16]}...): set "
             "data.tokenizer_model to the tokenizer that made the shard, or re-tokenize the data with this one"
         )
+    else:
+        roles = ("mask_id", "eos_id", "bos_id", "pad_id")
+        then = {r: meta.get(r) for r in roles if r in meta}
+        now = {r: getattr(tokenizer, r) for r in then}
+        if then != now:  # same file, other reserved ids: made before they had to be special tokens (issue 21)
+            raise ValueError(
+                f"{prefix} was tokenized with the reserved ids {then} (says {sidecar}), but {tokenizer.source}, the "
+                f"same file, now gives {now}: a tokenizer.json's reserved ids are only special tokens since "
+                "issue 21 (docs/interop.md); re-tokenize the data"
+            )
 
 
 def _check_token_ids(prefix: str, fingerprint: str, tokenizer: Any, cache_dir: str, lock_timeout_s: float) -> None:

@@ -27,10 +27,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from card_megatron.data.corpus import Chunk
+from card_megatron.data.corpus import DEFAULT_MAX_LINE_BYTES, Chunk
 from card_megatron.data.readers import BadRecord, parse_chunk
 
-# This process's worker state: the tokenizer, keys, skip flag and shard dtype.
+# This process's worker state: the tokenizer, keys, skip flag, shard dtype and line-length bound.
 _WORKER_STATE: dict = {}
 
 _STARTUP_BLOCKED = {signal.SIGINT, signal.SIGTERM}
@@ -58,9 +58,15 @@ class EncodedChunk:
         return sum(len(t) for t in self.tokens)
 
 
-def worker_state(tokenizer, keys: tuple[str, ...], skip_bad_lines: bool, dtype: np.dtype) -> dict:
+def worker_state(tokenizer, keys: tuple[str, ...], skip_bad_lines: bool, dtype: np.dtype, max_line_bytes: int) -> dict:
     """What :func:`encode_chunk` needs, for this process."""
-    return {"tok": tokenizer, "keys": keys, "skip": skip_bad_lines, "dtype": np.dtype(dtype)}
+    return {
+        "tok": tokenizer,
+        "keys": keys,
+        "skip": skip_bad_lines,
+        "dtype": np.dtype(dtype),
+        "max_line_bytes": max_line_bytes,
+    }
 
 
 def encode_chunk(chunk: Chunk) -> EncodedChunk:
@@ -69,7 +75,7 @@ def encode_chunk(chunk: Chunk) -> EncodedChunk:
     tok = _WORKER_STATE["tok"]
     where = dataclasses.replace(chunk, payload=None)
     try:
-        parsed = parse_chunk(chunk, _WORKER_STATE["keys"], _WORKER_STATE["skip"])
+        parsed = parse_chunk(chunk, _WORKER_STATE["keys"], _WORKER_STATE["skip"], _WORKER_STATE["max_line_bytes"])
     except ValueError as e:  # the file could not be read
         return EncodedChunk(where, [], [], Counter(), 0, 0, BadRecord(-1, str(e)))
     out_tokens, out_lengths = [], []
@@ -97,9 +103,17 @@ class EncodePool:
     iterator only as results are consumed.
     """
 
-    def __init__(self, workers: int, tokenizer, keys: tuple[str, ...], skip_bad_lines: bool, dtype: np.dtype):
+    def __init__(
+        self,
+        workers: int,
+        tokenizer,
+        keys: tuple[str, ...],
+        skip_bad_lines: bool,
+        dtype: np.dtype,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    ):
         self.workers = workers
-        self.state = worker_state(tokenizer, keys, skip_bad_lines, dtype)
+        self.state = worker_state(tokenizer, keys, skip_bad_lines, dtype, max_line_bytes)
         self.pool: Optional[ProcessPoolExecutor] = None
 
     def __enter__(self) -> "EncodePool":
@@ -118,6 +132,7 @@ class EncodePool:
                     "keys": self.state["keys"],
                     "skip_bad_lines": self.state["skip"],
                     "dtype": self.state["dtype"].str,
+                    "max_line_bytes": self.state["max_line_bytes"],
                 }
             )
             self.pool = _start_pool(self.workers, ctx, init)
@@ -196,4 +211,6 @@ def _init_worker(state: Optional[dict[str, Any]]) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if state is not None:
         tok = state["tokenizer_class"].from_serialized(state["tokenizer_bytes"])
-        _WORKER_STATE.update(worker_state(tok, state["keys"], state["skip_bad_lines"], np.dtype(state["dtype"])))
+        _WORKER_STATE.update(
+            worker_state(tok, state["keys"], state["skip_bad_lines"], np.dtype(state["dtype"]), state["max_line_bytes"])
+        )

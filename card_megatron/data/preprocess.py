@@ -41,8 +41,8 @@ here (``{output_prefix}.model``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import errno
 import glob
 import itertools
 import logging
@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from card_megatron.data.corpus import (
+    DEFAULT_MAX_LINE_BYTES,
     Chunk,
     InputFingerprint,
     InputSource,
@@ -72,7 +73,7 @@ from card_megatron.data.readers import (  # noqa: F401 (_parse_*: the parsers' t
     parse_chunk,
 )
 from card_megatron.data.shards import ShardStats, ShardWriter, shard_exists, token_dtype
-from card_megatron.fileio import temp_path
+from card_megatron.fileio import temp_path, write_error_message
 from card_megatron.lock import ExclusiveLock, LockHeldError
 from card_megatron.tokenizer import load_any_tokenizer, train_tokenizer, write_tokenizer_sidecar
 
@@ -104,6 +105,7 @@ class PreprocessOptions:
     workers: int = 1
     overwrite: bool = False
     skip_bad_lines: bool = False
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # a longer JSONL/text line is an error naming it
     chunk_bytes: int = 1 << 20
     log_interval: float = 2.0
     seed: int = 0
@@ -151,11 +153,13 @@ def sidecar_for(data_prefix: str) -> Optional[str]:
 
 
 # -- the run --------------------------------------------------------------------------
-def _iter_texts_for_training(sources: Sequence[InputSource], keys: Sequence[str], skip_bad: bool) -> Iterator[str]:
+def _iter_texts_for_training(
+    sources: Sequence[InputSource], keys: Sequence[str], skip_bad: bool, max_line_bytes: int
+) -> Iterator[str]:
     for src in sources:
         line = 0
-        for chunk in iter_chunks(src):
-            parsed = parse_chunk(chunk, keys, skip_bad)
+        for chunk in iter_chunks(src, max_line_bytes=max_line_bytes):
+            parsed = parse_chunk(chunk, keys, skip_bad, max_line_bytes)
             if parsed.error:
                 raise PreprocessError(describe_location(chunk, line, parsed.error))
             line += parsed.num_records
@@ -177,9 +181,8 @@ def _prepare_tokenizer(opts: PreprocessOptions, sources: Sequence[InputSource], 
         model_path = f"{opts.output_prefix}.model"
         if os.path.exists(model_path) and not opts.overwrite:
             raise PreprocessError(f"output {model_path} already exists (pass --overwrite to replace it)")
-        sentences = itertools.islice(
-            _iter_texts_for_training(sources, keys, opts.skip_bad_lines), opts.tokenizer_scan_sentences
-        )
+        texts = _iter_texts_for_training(sources, keys, opts.skip_bad_lines, opts.max_line_bytes)
+        sentences = itertools.islice(texts, opts.tokenizer_scan_sentences)
         # Trained into a temporary file, renamed once the shards are done: a failed run leaves no model.
         tok = train_tokenizer(
             sentences,
@@ -201,14 +204,14 @@ def _staged_model(opts: PreprocessOptions) -> str:
 
 
 def _all_chunks(
-    sources: Sequence[InputSource], chunk_bytes: int, fingerprints: Sequence[InputFingerprint]
+    sources: Sequence[InputSource], chunk_bytes: int, fingerprints: Sequence[InputFingerprint], max_line_bytes: int
 ) -> Iterator[Chunk]:
     """The chunks of every source in order, each told its source's index and the bytes on disk
     of all inputs up to its end; each is fed to its source's fingerprint."""
     done = 0
     for i, src in enumerate(sources):
         last = 0
-        for chunk in iter_chunks(src, chunk_bytes):
+        for chunk in iter_chunks(src, chunk_bytes, max_line_bytes=max_line_bytes):
             fingerprints[i].update(chunk)
             last = chunk.input_pos
             yield dataclasses.replace(chunk, source_index=i, progress_pos=done + chunk.input_pos)
@@ -268,9 +271,8 @@ def preprocess(opts: PreprocessOptions) -> PreprocessStats:
     try:
         _remove_dead_temporaries(opts)
         return _preprocess(opts)
-    except OSError as e:
-        why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
-        raise PreprocessError(f"{e.filename or opts.output_prefix}: {why}; no output written") from None
+    except OSError as e:  # a full disk, above all: the shard writer and the sidecar raise it naming the file
+        raise PreprocessError(f"{write_error_message(e, opts.output_prefix)}; no output written") from None
     finally:
         lock.release()
 
@@ -295,6 +297,8 @@ def _preprocess(opts: PreprocessOptions) -> PreprocessStats:
         raise PreprocessError("--json-keys needs at least one key")
     if opts.workers < 1:
         raise PreprocessError(f"--workers ({opts.workers}) must be at least 1")
+    if opts.max_line_bytes < 1:
+        raise PreprocessError(f"--max-line-bytes ({opts.max_line_bytes}) must be at least 1")
     sources = resolve_inputs(opts.inputs)
     for src in sources:
         if src.kind not in ("jsonl", "parquet") and keys != ("text",):
@@ -318,11 +322,12 @@ def _preprocess(opts: PreprocessOptions) -> PreprocessStats:
     fingerprints = [InputFingerprint(src) for src in sources]
     counts = [_InputCounts() for _ in sources]
     writers: dict[str, ShardWriter] = {}
+    placed: list[str] = []  # outputs renamed into place: removed again if a later step fails
     try:
         for k in keys:
             writers[k] = ShardWriter(prefixes[k], dtype=dtype, overwrite=opts.overwrite)
-        chunks = _all_chunks(sources, opts.chunk_bytes, fingerprints)
-        with EncodePool(opts.workers, tok, keys, opts.skip_bad_lines, dtype) as pool:
+        chunks = _all_chunks(sources, opts.chunk_bytes, fingerprints, opts.max_line_bytes)
+        with EncodePool(opts.workers, tok, keys, opts.skip_bad_lines, dtype, opts.max_line_bytes) as pool:
             try:
                 for result in pool.imap(chunks):
                     _write(result, keys, writers, stats, counts[result.chunk.source_index])
@@ -337,8 +342,10 @@ def _preprocess(opts: PreprocessOptions) -> PreprocessStats:
                 raise PreprocessError(f"no documents for key {k!r} in the input (all skipped: {dict(stats.skipped)})")
         for k, w in writers.items():
             stats.outputs[k] = w.finalize()
+            placed += [f"{w.prefix}.bin", f"{w.prefix}.idx"]
         if opts.train_tokenizer:
             os.replace(_staged_model(opts), f"{opts.output_prefix}.model")
+            placed.append(f"{opts.output_prefix}.model")
         stats.inputs = [_input_record(src, keys, fp, c) for src, fp, c in zip(sources, fingerprints, counts)]
         write_tokenizer_sidecar(tok, f"{opts.output_prefix}.tokenizer.json", inputs=stats.inputs)
     except BaseException:
@@ -347,6 +354,9 @@ def _preprocess(opts: PreprocessOptions) -> PreprocessStats:
             w.abort()
         if opts.train_tokenizer and os.path.exists(_staged_model(opts)):
             os.remove(_staged_model(opts))
+        for path in placed:  # e.g. the sidecar met a full disk after the shards were in place
+            with contextlib.suppress(OSError):
+                os.remove(path)
         raise
     stats.elapsed_s = time.monotonic() - t0
     return stats

@@ -11,8 +11,9 @@ The formats:
 * ``txt``: one document per line.
 * ``parquet``: one chunk per row group, read by the worker with only the ``--json-keys``
   columns (FineWeb's layout: ``text``, ``id``, ``url``, ...), so memory stays at a few row
-  groups' worth of those columns. A null value is a bad row; a missing or non-string column
-  is an error for the whole file.
+  groups' worth of those columns. A null value is a bad row; a missing or non-string column,
+  or two columns of one name, is an error for the whole file. A dictionary-encoded string column
+  (each distinct value stored once) is text like any other.
 * ``builtin``: the texts themselves.
 
 Decompression (gzip, zstd) and cutting files into chunks live in :mod:`card_megatron.data.corpus`.
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
-from card_megatron.data.corpus import Chunk
+from card_megatron.data.corpus import DEFAULT_MAX_LINE_BYTES, Chunk
 
 
 @dataclass
@@ -66,12 +67,27 @@ def describe_location(chunk: Chunk, first_record: int, error: BadRecord) -> str:
     return f"{chunk.source}:{n}: {error.message}"
 
 
-def parse_chunk(chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool) -> ParsedChunk:
+def parse_chunk(
+    chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> ParsedChunk:
     """Parses one chunk of any format (see the module docstring). Raises ValueError naming the
-    file when it cannot be read at all."""
+    file when it cannot be read at all. A line longer than ``max_line_bytes`` is an error even with
+    ``skip_bad_lines`` (the reader stopped at it: what follows was not read)."""
     if chunk.kind == "parquet":
         return _parse_parquet(chunk, keys, skip_bad_lines)
     data = chunk.data()
+    if chunk.kind != "builtin" and len(data) > max_line_bytes + 1:
+        long_line = _first_line_longer_than(data, max_line_bytes)
+        if long_line is not None:
+            return ParsedChunk(
+                [],
+                num_records=long_line,
+                error=BadRecord(
+                    long_line,
+                    f"line longer than --max-line-bytes ({max_line_bytes:,} bytes); "
+                    "raise --max-line-bytes if it is meant to be one document",
+                ),
+            )
     if chunk.kind == "builtin":
         texts: list[list[str]] = [[] for _ in keys]
         skipped: Counter = Counter()
@@ -89,6 +105,20 @@ def parse_chunk(chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool) -> Pars
 
 
 # -- JSONL and text ---------------------------------------------------------------------
+def _first_line_longer_than(data: bytes, max_line_bytes: int) -> Optional[int]:
+    """0-based index of the first line of ``data`` (lines end with b"\\n") with more than
+    ``max_line_bytes`` bytes before its line end, or None."""
+    start = index = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        if end < 0:
+            end = len(data)
+        if end - start > max_line_bytes:
+            return index
+        start, index = end + 1, index + 1
+    return None
+
+
 _SCAN_ONCE = json.JSONDecoder().scan_once
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate (paired or not)
 
@@ -266,6 +296,8 @@ def _is_string_type(t) -> bool:
 
 def _parse_parquet(chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool) -> ParsedChunk:
     """One row group (``chunk.offset``) of a Parquet file: the ``keys`` columns as texts."""
+    import pyarrow as pa
+
     pf = _cached_parquet(chunk.source)
     names = pf.schema_arrow.names
     missing = [k for k in keys if k not in names]
@@ -279,7 +311,19 @@ def _parse_parquet(chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool) -> P
             ),
         )
     for k in keys:
+        count = len(pf.schema_arrow.get_all_field_indices(k))
+        if count > 1:
+            return ParsedChunk(
+                [],
+                error=BadRecord(
+                    -1,
+                    f"input {chunk.source}: {count} columns are named {k!r} (columns: {', '.join(names)}); "
+                    "which one holds the text is ambiguous: rename or drop the others",
+                ),
+            )
         t = pf.schema_arrow.field(k).type
+        if pa.types.is_dictionary(t) and _is_string_type(t.value_type):
+            continue  # dictionary-encoded text (repeated values stored once): read as its strings
         if not _is_string_type(t):
             return ParsedChunk([], error=BadRecord(-1, f"input {chunk.source}: column {k!r} holds {t}, not strings"))
     try:
@@ -297,6 +341,8 @@ def _parse_parquet(chunk: Chunk, keys: Sequence[str], skip_bad_lines: bool) -> P
     columns = []
     for k in keys:
         col = table.column(k)
+        if pa.types.is_dictionary(col.type):
+            col = col.cast(col.type.value_type)
         try:
             values = col.to_pylist()
         except UnicodeDecodeError:  # invalid UTF-8 in some row: find it

@@ -21,12 +21,18 @@ and runs lm-eval's own command line (lm-eval has no plugin discovery for models)
 
 Model args: ``checkpoint`` (required), ``decoding`` (card | ar | mdlm | bd3lm), ``threshold``,
 ``window``, ``max_gen_toks`` (default 256), ``mc_samples`` (MDLM, default 128), ``seed``, ``device``,
-``ema``; the batch size is lm-eval's ``--batch_size``.
+``ema``; the batch size is lm-eval's ``--batch_size``. An unknown key (``treshold=0.5``) or a bad
+value (``threshold=abc``, ``window=-1``, a missing checkpoint) raises :class:`ModelArgsError`, one
+line per problem, before anything is loaded (the checkpoint last); ``tools/run_lm_eval.py`` prints
+it without a traceback.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
+import math
+import re
 from collections import defaultdict
 from typing import Any, Optional
 
@@ -39,10 +45,111 @@ from card_megatron.inference.causal import CausalDecodeConfig
 
 CAUSAL = ("arm", "card")
 logger = logging.getLogger(__name__)
+# The model args a user may give (--model_args), and the keys lm-eval itself passes to the constructor.
+MODEL_ARGS = ("checkpoint", "decoding", "threshold", "window", "max_gen_toks", "mc_samples", "seed", "device", "ema")
+LM_EVAL_ARGS = ("batch_size", "max_batch_size")
+
+
+class ModelArgsError(ValueError):
+    """Bad ``--model_args`` of the card_megatron model: one line per problem (no traceback needed)."""
 
 
 def _as_bool(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+
+
+def _parse_int(value: Any, minimum: int) -> Optional[int]:
+    """``value`` as an int >= ``minimum`` (lm-eval hands over ints, or text it could not type), else None."""
+    if isinstance(value, bool) or isinstance(value, float):
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        if not re.fullmatch(r"[+-]?\d+", value):
+            return None
+    number = int(value)
+    return number if number >= minimum else None
+
+
+def _parse_float(value: Any) -> Optional[float]:
+    """``value`` as a finite float > 0, else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def check_model_args(
+    decoding: Any = None,
+    threshold: Any = None,
+    window: Any = None,
+    batch_size: Any = 8,
+    max_gen_toks: Any = 256,
+    ema: Any = False,
+    mc_samples: Any = 128,
+    seed: Any = 0,
+    unknown: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """The model args parsed and checked (all of them: the checkpoint is checked when it is loaded);
+    raises :class:`ModelArgsError` listing every problem, one per line."""
+    from card_megatron.inference.generate import DECODINGS
+
+    problems = []
+    for key in sorted(unknown or {}):
+        close = difflib.get_close_matches(key, MODEL_ARGS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"unknown model arg {key}={unknown[key]}{hint}; valid ones: {', '.join(MODEL_ARGS)}")
+    out: dict[str, Any] = {}
+    if decoding is not None and decoding not in DECODINGS:
+        problems.append(f"model arg decoding={decoding} is not one of {', '.join(DECODINGS)}")
+    out["decoding"] = decoding
+    for key, value, parse, need in (
+        ("threshold", threshold, _parse_float, "a number > 0 (tau; > 1 means one token per step)"),
+        ("window", window, lambda v: _parse_int(v, 1), "an integer >= 1"),
+        ("max_gen_toks", max_gen_toks, lambda v: _parse_int(v, 1), "an integer >= 1"),
+        ("mc_samples", mc_samples, lambda v: _parse_int(v, 1), "an integer >= 1"),
+        ("seed", seed, lambda v: _parse_int(v, 0), "an integer >= 0"),
+        ("batch_size", batch_size, lambda v: 8 if str(v).startswith("auto") else _parse_int(v, 1), "an integer >= 1"),
+    ):
+        if value is None and key in ("threshold", "window"):
+            out[key] = None  # the decoder's own default (CausalDecodeConfig)
+            continue
+        parsed = parse(value)
+        if parsed is None:
+            problems.append(f"model arg {key}={value} must be {need}")
+        out[key] = parsed
+    if str(ema).lower() not in ("true", "false", "1", "0", "yes", "no"):
+        problems.append(f"model arg ema={ema} must be true or false")
+    out["ema"] = _as_bool(ema)
+    if problems:
+        raise ModelArgsError("\n".join(problems))
+    return out
+
+
+def check_model_arg_dict(model_args: dict[str, Any]) -> None:
+    """``--model_args`` as lm-eval parsed them, checked before lm-eval indexes its tasks (which takes
+    minutes on a loaded machine): :class:`ModelArgsError` listing every problem, a missing
+    ``checkpoint`` or one that is not found included."""
+    from card_megatron.inference.loading import resolve_export_dir
+
+    values = {k: v for k, v in model_args.items() if k in MODEL_ARGS and k not in ("checkpoint", "device")}
+    unknown = {k: v for k, v in model_args.items() if k not in MODEL_ARGS + LM_EVAL_ARGS}
+    problems = []
+    try:
+        check_model_args(**values, unknown=unknown)
+    except ModelArgsError as e:
+        problems += str(e).splitlines()
+    if "checkpoint" not in model_args:
+        problems.append("model arg checkpoint is missing (checkpoint=a run directory, a checkpoint or an export)")
+    else:
+        try:
+            resolve_export_dir(str(model_args["checkpoint"]))
+        except (ValueError, FileNotFoundError) as e:
+            problems.append(f"model arg checkpoint={model_args['checkpoint']}: {e}")
+    if problems:
+        raise ModelArgsError("\n".join(problems))
 
 
 @register_model("card_megatron")
@@ -64,24 +171,31 @@ class CardMegatronLM(TemplateLM):
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        from card_megatron.inference.generate import resolve_decoding
         from card_megatron.inference.loading import load_model
 
+        unknown = {k: v for k, v in kwargs.items() if k not in LM_EVAL_ARGS}
+        args = check_model_args(decoding, threshold, window, batch_size, max_gen_toks, ema, mc_samples, seed, unknown)
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             logger.warning("device %s requested (lm-eval's default) but CUDA is not available: using the CPU", device)
             device = "cpu"
-        self.loaded = load_model(checkpoint, device=device, ema=_as_bool(ema))
+        try:
+            self.loaded = load_model(str(checkpoint), device=device, ema=args["ema"])
+        except (ValueError, FileNotFoundError) as e:
+            raise ModelArgsError(f"model arg checkpoint={checkpoint}: {e}") from None
         self.objective = self.loaded.config.objective.name
+        if decoding is not None:
+            try:
+                resolve_decoding(self.objective, decoding)
+            except ValueError as e:
+                raise ModelArgsError(f"model arg decoding={decoding}: {e}") from None
         self.decoding = decoding
         # The decoder's defaults live in CausalDecodeConfig only; model_args override them.
-        self.causal = CausalDecodeConfig(
-            **{k: t(v) for k, t, v in (("window", int, window), ("threshold", float, threshold)) if v is not None}
-        )
-        self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
-        self.max_gen_toks = int(max_gen_toks)
-        self.mc_samples = int(mc_samples)
-        self.seed = int(seed)
-        if self.mc_samples < 1:
-            raise ValueError(f"mc_samples ({mc_samples}) must be >= 1")
+        self.causal = CausalDecodeConfig(**{k: args[k] for k in ("window", "threshold") if args[k] is not None})
+        self.batch_size = args["batch_size"]
+        self.max_gen_toks = args["max_gen_toks"]
+        self.mc_samples = args["mc_samples"]
+        self.seed = args["seed"]
         self.max_length = self.loaded.config.model.seq_length
         self.tok = self.loaded.tokenizer
 

@@ -18,12 +18,12 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from card_megatron.fileio import atomic_write
+from card_megatron.fileio import atomic_write, check_writable
 
 
 @dataclass
@@ -39,18 +39,28 @@ class PerplexityRow:
     kind: str  # "exact" | "bound"
 
 
-def _windows(prefix: str, seq_length: int, max_windows: Optional[int]) -> np.ndarray:
-    """[N, seq_length + 1] int64 windows of the shard's token stream."""
+def num_windows(prefix: str, seq_length: int, max_windows: Optional[int]) -> int:
+    """How many windows of ``seq_length + 1`` tokens the shard's stream gives (at most ``max_windows``);
+    ValueError naming the shard when it is missing or shorter than one window."""
     from card_megatron.data.dataset import open_shard
 
-    tokens = open_shard(prefix).tokens
-    n = (len(tokens) - 1) // seq_length
+    num_tokens = open_shard(prefix).num_tokens
+    n = (num_tokens - 1) // seq_length
     if max_windows is not None:
         n = min(n, max_windows)
     if n <= 0:
-        raise ValueError(f"{prefix}: {len(tokens)} tokens, fewer than one window of seq_length + 1 = {seq_length + 1}")
-    idx = np.arange(n)[:, None] * seq_length + np.arange(seq_length + 1)[None, :]
-    return np.asarray(tokens[idx], dtype=np.int64)
+        raise ValueError(f"{prefix}: {num_tokens} tokens, fewer than one window of seq_length + 1 = {seq_length + 1}")
+    return n
+
+
+def window_batches(tokens: np.ndarray, seq_length: int, n: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first window index, ``[B, seq_length + 1]`` int64 windows) for windows ``0..n-1`` of ``tokens``
+    (window w starts at token ``w * seq_length``; consecutive windows share one token). Streamed:
+    only one batch is ever converted to int64, never the whole shard (4x its size as uint16)."""
+    offsets = np.arange(seq_length + 1)
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(start + batch_size, n))[:, None] * seq_length
+        yield start, np.asarray(tokens[rows + offsets], dtype=np.int64)
 
 
 def check_shard_tokenizer(prefix: str, tokenizer) -> None:
@@ -73,16 +83,17 @@ def shard_perplexity(
     loaded, prefix: str, batch_size: int = 8, max_windows: Optional[int] = None, name: Optional[str] = None
 ) -> PerplexityRow:
     """Perplexity of ``loaded`` (a :class:`~card_megatron.inference.loading.LoadedModel`) on shard ``prefix``."""
+    from card_megatron.data.dataset import open_shard
     from card_megatron.model.gpt import per_token_nll
     from card_megatron.objectives import build_objective
 
     cfg, tok = loaded.config, loaded.tokenizer
     check_shard_tokenizer(prefix, tok)
     objective = build_objective(cfg.objective, cfg.model.seq_length, tok.mask_id, tok.vocab_size)
-    windows = _windows(prefix, cfg.model.seq_length, max_windows)
+    n = num_windows(prefix, cfg.model.seq_length, max_windows)
     total, count = 0.0, 0.0
-    for start in range(0, len(windows), batch_size):
-        tokens = torch.from_numpy(windows[start : start + batch_size]).to(loaded.device)
+    for start, batch in window_batches(open_shard(prefix).tokens, cfg.model.seq_length, n, batch_size):
+        tokens = torch.from_numpy(batch).to(loaded.device)
         ids = torch.arange(start, start + len(tokens), dtype=torch.int64, device=loaded.device)
         for mi, li in objective.eval_passes(tokens, ids, ids):
             mask = mi.attention_mask.to(loaded.device) if mi.attention_mask is not None else None
@@ -95,8 +106,8 @@ def shard_perplexity(
     return PerplexityRow(
         dataset=name or os.path.basename(prefix),
         prefix=os.path.abspath(prefix),
-        num_windows=len(windows),
-        num_tokens=len(windows) * cfg.model.seq_length,
+        num_windows=n,
+        num_tokens=n * cfg.model.seq_length,
         nll=nll,
         ppl=math.exp(min(nll, 700.0)),
         kind="bound" if objective.is_bound else "exact",
@@ -112,11 +123,15 @@ def evaluate_checkpoint(
     device: Optional[str] = None,
     ema: bool = False,
 ) -> dict:
-    """Loads ``checkpoint`` and scores every shard; returns the JSON record (see :func:`markdown_table`)."""
+    """Loads ``checkpoint`` and scores every shard; returns the JSON record (see :func:`markdown_table`).
+    The arguments and every shard (present, readable) are checked before the checkpoint is loaded."""
+    from card_megatron.data.dataset import open_shard
     from card_megatron.inference.loading import load_model
 
     if names is not None and len(names) != len(prefixes):
         raise ValueError(f"--names gives {len(names)} names for {len(prefixes)} --data prefixes")
+    for p in prefixes:
+        open_shard(p)
     loaded = load_model(checkpoint, device=device, ema=ema)
     rows = [
         shard_perplexity(loaded, p, batch_size, max_windows, names[i] if names else None)
@@ -146,7 +161,21 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_outputs(json_path: Optional[str], markdown_path: Optional[str]) -> None:
+    """ValueError naming an output that :func:`write_results` could not write (a directory, under a
+    file, ...) or the two being one file: called before anything is loaded or evaluated."""
+    if json_path and markdown_path and os.path.abspath(json_path) == os.path.abspath(markdown_path):
+        raise ValueError(f"--output-json and --output-markdown are the same file ({json_path})")
+    for path in (json_path, markdown_path):
+        if path:
+            check_writable(path)
+
+
 def write_results(result: dict, json_path: Optional[str], markdown_path: Optional[str]) -> None:
+    """Writes the JSON record and the markdown table, each atomically (parent directories created)."""
+    for path in (json_path, markdown_path):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if json_path:
         atomic_write(json_path, json.dumps(result, indent=2) + "\n")
     if markdown_path:

@@ -11,7 +11,7 @@ import json
 import os
 from typing import Iterable
 
-from card_megatron.fileio import atomic_open, temp_path
+from card_megatron.fileio import atomic_open, check_writable  # noqa: F401 (check_writable: re-exported)
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -46,20 +46,6 @@ def read_prompts(path: str) -> list[str]:
     if not prompts:
         raise ValueError(f"--input-file {path} holds no prompts")
     return prompts
-
-
-def check_writable(path: str) -> None:
-    """Raises ValueError naming ``path`` unless :func:`write_jsonl` can write it: call it before the
-    work whose results go there. Creates missing parent directories, as write_jsonl would."""
-    if os.path.isdir(path):
-        raise ValueError(f"output {path} is a directory: give a file name")
-    probe = temp_path(path)
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"output {path} cannot be written ({e.strerror or e})") from None
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> None:
