@@ -80,6 +80,9 @@ class ObjectiveConfig:
     """CARD: where masks go: soft tail (a window at the end of the sequence) or uniform."""
     tail_factor: float = 1.5
     """CARD: lambda, the tail window's size relative to the masked count; 1 = strict (solid) tail."""
+    strict_tail_fraction: float = 0.0
+    """CARD: fraction of samples masked with a strict tail (lambda = 1) instead, chosen per sample from its
+    noise seed: the decoder-aware ablation (the decoder reads a clean prefix and a solid run of masks); 0 = off."""
     reweighting: Literal["context", "none"] = "context"
     """CARD: context-aware loss weights (down-weight targets behind many masks) or none."""
     reweight_decay: float = 0.5
@@ -460,6 +463,7 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "model.hidden_dropout": (0, 1, True, False, ""),
     "model.attention_dropout": (0, 1, True, False, ""),
     "objective.tail_factor": (1, _INF, True, False, " (1 = strict tail)"),
+    "objective.strict_tail_fraction": (0, 1, True, True, " (0 = off)"),
     "objective.reweight_decay": (0, 1, True, True, ""),
     "objective.reweight_beta": (0, _INF, False, False, ""),
     "objective.t_eps": (0, 1, False, False, ""),
@@ -532,6 +536,11 @@ def _choice_problems(section: str, sub: Any) -> list[str]:
 def _objective_rules(o: ObjectiveConfig, seq_length: int) -> list[str]:
     """The rules of the objective section: its choices, its ranges, and BD3LM's block size."""
     p = _choice_problems("objective", o) + _range_problems_of("objective", o)
+    if o.name != "card" and o.strict_tail_fraction:
+        p.append(
+            f"objective.strict_tail_fraction ({o.strict_tail_fraction}) applies to CARD only "
+            f"(objective.name is {o.name})"
+        )
     if o.name == "bd3lm" and o.block_size >= 1 and seq_length % o.block_size:
         p.append(f"objective.block_size ({o.block_size}) must divide model.seq_length ({seq_length})")
     return p
