@@ -115,6 +115,8 @@ class DataConfig:
     """Sample-index cache directory; none = "{first data prefix}_index_cache"."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 = read in the training process)."""
+    valid_seed: Optional[int] = None
+    """Seed of the valid/test samples (which sequences, noise seeds); none = train.seed; shared = same validation."""
 
 
 @dataclass
@@ -213,6 +215,10 @@ class LoggingConfig:
     """CARD, pipeline size 1: NLL and top-1 accuracy by the number of masks before the target."""
     probe_window: int = 8
     """CARD, pipeline size 1: K of the validation mask probe (clean prefix + k masks, k < K); 0 = off."""
+    probe_min_prefix: int = 1
+    """CARD: the probe's shortest clean prefix (cuts in [this, seq_length - probe_window + 1]), e.g. a prompt."""
+    probe_cuts: int = 1
+    """CARD: probe cuts per validation sample (a pass each); predictions per k = validation samples x this."""
 
 
 @dataclass
@@ -496,6 +502,9 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "train.eval_iters": (1, _INF, True, False, ""),
     "train.max_nonfinite_steps": (1, _INF, True, False, ""),
     "logging.probe_window": (0, _INF, True, False, " (0 = off)"),
+    "logging.probe_min_prefix": (1, _INF, True, False, ""),
+    "logging.probe_cuts": (1, _INF, True, False, ""),
+    "data.valid_seed": (0, 2**64 - 1, True, True, " (or none: train.seed)"),
 }
 
 
@@ -621,6 +630,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         )
     if cfg.logging.probe_window > m.seq_length:
         p.append(f"logging.probe_window ({cfg.logging.probe_window}) must lie in [0, model.seq_length={m.seq_length}]")
+    elif cfg.logging.probe_window and cfg.logging.probe_min_prefix > m.seq_length - cfg.logging.probe_window + 1:
+        p.append(
+            f"logging.probe_min_prefix ({cfg.logging.probe_min_prefix}) must be <= model.seq_length - "
+            f"logging.probe_window + 1 = {m.seq_length - cfg.logging.probe_window + 1}"
+        )
     if opt.min_lr > opt.lr:
         p.append(f"optim.min_lr ({opt.min_lr}) must be <= optim.lr ({opt.lr})")
     if t.eval_ema and opt.ema_decay == 0.0:
