@@ -213,15 +213,18 @@ PLANS: dict[str, Plan] = {
     ),
     "cpu": Plan(
         name="cpu",
-        description="the study on the 2-core CPU machine (at most 75 minutes)",
+        description="the study on the 2-core CPU machine (about 80-90 minutes, an estimate)",
         config="configs/study-cpu.yaml",
-        overrides=(),
+        # 512 validation sequences and 4 probe cuts each (2,048 predictions per k): sized from the measured
+        # per-sequence spread of two seeds on the same sequences (docs/study.md, "Sizing the validation")
+        overrides=("train.eval_iters=32", "logging.probe_min_prefix=24", "logging.probe_cuts=4"),
         # copying a 9-token period is learned by 2 layers; 2,400 steps make it confident (docs/study.md)
         copy_overrides=(
             "model.num_layers=2",
             "train.train_iters=2400",
             "train.eval_interval=400",
             "train.save_interval=400",
+            "train.eval_iters=8",  # its perplexity curve is read alone (no comparison across seeds)
         ),
         corpora={MAIN: CorpusSpec("builtin:python-code", 2048), COPY: CorpusSpec("builtin:synthetic-copy", 1024)},
         runs=_runs(2, 2, 1, ("mdlm", "bd3lm"), ("card", "arm")),
@@ -233,7 +236,7 @@ PLANS: dict[str, Plan] = {
             windows=(4, 8),
             families=decode_families(forced_tokens_per_pass=2),
         ),
-        budget_minutes=75,
+        budget_minutes=90,  # estimate from measured costs (docs/study.md); the old plan took 57.5 min
     ),
     "gpu": Plan(
         name="gpu",

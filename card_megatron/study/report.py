@@ -109,7 +109,7 @@ def summarise(plan: Plan, runs: dict[str, dict], decoding: dict) -> dict:
     }
     for row in variants:
         reference = "ARM" if row["group"] == "efficiency" and row["label"] != "ARM" else FULL_CARD
-        if row["label"] == reference or (row["group"] == "efficiency" and row["objective"] not in ("card", "arm")):
+        if row["label"] in (reference, "ARM") or (row["group"] == "efficiency" and row["objective"] != "card"):
             continue
         ratios = []
         for name in row["runs"]:
@@ -235,7 +235,8 @@ def markdown(plan: Plan, meta: dict, runs: dict[str, dict], summary: dict) -> st
     ]
     card_rows = [v for v in summary["variants"] if v["group"] in ("ablation", "sweep") or v["label"] == FULL_CARD]
     for v in card_rows:
-        out.append(f"| {v['label']} | {', '.join(v['runs'])} | {_fmt(v['val_ppl'])} | {_ratio(v)} |")
+        ratio = "reference" if v["label"] == FULL_CARD else _ratio(v)
+        out.append(f"| {v['label']} | {', '.join(v['runs'])} | {_fmt(v['val_ppl'])} | {ratio} |")
     taus = [t for t in plan.decode.thresholds if t <= 1]
     n = next((v.get("probe_n_k1") for v in card_rows if v.get("probe_n_k1")), None)
     out += [
