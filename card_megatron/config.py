@@ -697,6 +697,7 @@ RESUMABLE = frozenset(
         "optim.ema_decay",
         "data.num_workers",
         "data.cache_dir",
+        "data.valid_seed",  # which sequences validate, like train.eval_iters: not the training maths
         "parallel.distributed_backend",
         "parallel.distributed_timeout_minutes",
     }
