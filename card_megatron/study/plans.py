@@ -242,7 +242,8 @@ PLANS: dict[str, Plan] = {
         name="gpu",
         description="the study with a 30M-parameter model on one GPU (four runs at a time)",
         config="configs/study-gpu.yaml",
-        overrides=(),
+        # 512 validation sequences (study-gpu.yaml: 8 x 64), probe after a prompt's 32 tokens, 4 cuts each
+        overrides=("logging.probe_min_prefix=32", "logging.probe_cuts=4"),
         copy_overrides=(),
         corpora={MAIN: CorpusSpec("builtin:python-code", 8192), COPY: CorpusSpec("builtin:synthetic-copy", 1024)},
         runs=_runs(2, 2, 1, ("mdlm", "bd3lm"), ("card", "arm")),
