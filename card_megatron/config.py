@@ -80,6 +80,9 @@ class ObjectiveConfig:
     """CARD: where masks go: soft tail (a window at the end of the sequence) or uniform."""
     tail_factor: float = 1.5
     """CARD: lambda, the tail window's size relative to the masked count; 1 = strict (solid) tail."""
+    strict_tail_fraction: float = 0.0
+    """CARD: fraction of samples masked with a strict tail (lambda = 1) instead, chosen per sample from its
+    noise seed: the decoder-aware ablation (the decoder reads a clean prefix and a solid run of masks); 0 = off."""
     reweighting: Literal["context", "none"] = "context"
     """CARD: context-aware loss weights (down-weight targets behind many masks) or none."""
     reweight_decay: float = 0.5
@@ -112,6 +115,8 @@ class DataConfig:
     """Sample-index cache directory; none = "{first data prefix}_index_cache"."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 = read in the training process)."""
+    valid_seed: Optional[int] = None
+    """Seed of the valid/test samples (which sequences, noise seeds); none = train.seed; shared = same validation."""
 
 
 @dataclass
@@ -212,6 +217,10 @@ class LoggingConfig:
     """CARD, pipeline size 1: NLL and top-1 accuracy by the number of masks before the target."""
     probe_window: int = 8
     """CARD, pipeline size 1: K of the validation mask probe (clean prefix + k masks, k < K); 0 = off."""
+    probe_min_prefix: int = 1
+    """CARD: the probe's shortest clean prefix (cuts in [this, seq_length - probe_window + 1]), e.g. a prompt."""
+    probe_cuts: int = 1
+    """CARD: probe cuts per validation sample (a pass each); predictions per k = validation samples x this."""
 
 
 @dataclass
@@ -462,6 +471,7 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "model.hidden_dropout": (0, 1, True, False, ""),
     "model.attention_dropout": (0, 1, True, False, ""),
     "objective.tail_factor": (1, _INF, True, False, " (1 = strict tail)"),
+    "objective.strict_tail_fraction": (0, 1, True, True, " (0 = off)"),
     "objective.reweight_decay": (0, 1, True, True, ""),
     "objective.reweight_beta": (0, _INF, False, False, ""),
     "objective.t_eps": (0, 1, False, False, ""),
@@ -494,6 +504,9 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "train.eval_iters": (1, _INF, True, False, ""),
     "train.max_nonfinite_steps": (1, _INF, True, False, ""),
     "logging.probe_window": (0, _INF, True, False, " (0 = off)"),
+    "logging.probe_min_prefix": (1, _INF, True, False, ""),
+    "logging.probe_cuts": (1, _INF, True, False, ""),
+    "data.valid_seed": (0, 2**64 - 1, True, True, " (or none: train.seed)"),
 }
 
 
@@ -534,6 +547,11 @@ def _choice_problems(section: str, sub: Any) -> list[str]:
 def _objective_rules(o: ObjectiveConfig, seq_length: int) -> list[str]:
     """The rules of the objective section: its choices, its ranges, and BD3LM's block size."""
     p = _choice_problems("objective", o) + _range_problems_of("objective", o)
+    if o.name != "card" and o.strict_tail_fraction:
+        p.append(
+            f"objective.strict_tail_fraction ({o.strict_tail_fraction}) applies to CARD only "
+            f"(objective.name is {o.name})"
+        )
     if o.name == "bd3lm" and o.block_size >= 1 and seq_length % o.block_size:
         p.append(f"objective.block_size ({o.block_size}) must divide model.seq_length ({seq_length})")
     return p
@@ -614,6 +632,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         )
     if cfg.logging.probe_window > m.seq_length:
         p.append(f"logging.probe_window ({cfg.logging.probe_window}) must lie in [0, model.seq_length={m.seq_length}]")
+    elif cfg.logging.probe_window and cfg.logging.probe_min_prefix > m.seq_length - cfg.logging.probe_window + 1:
+        p.append(
+            f"logging.probe_min_prefix ({cfg.logging.probe_min_prefix}) must be <= model.seq_length - "
+            f"logging.probe_window + 1 = {m.seq_length - cfg.logging.probe_window + 1}"
+        )
     if opt.min_lr > opt.lr:
         p.append(f"optim.min_lr ({opt.min_lr}) must be <= optim.lr ({opt.lr})")
     if t.eval_ema and opt.ema_decay == 0.0:
@@ -677,6 +700,7 @@ RESUMABLE = frozenset(
         "optim.ema_warmup",
         "data.num_workers",
         "data.cache_dir",
+        "data.valid_seed",  # which sequences validate, like train.eval_iters: not the training maths
         "parallel.distributed_backend",
         "parallel.distributed_timeout_minutes",
     }

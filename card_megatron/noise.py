@@ -25,6 +25,8 @@ changing L or the block size never moves another stream's draws):
   decide whether position ``i`` is masked.
 * stream 2, ``EVAL_OFFSET_STREAM + b``: the random offset of the stratified t's of the
   evaluation passes (block ``b``).
+* stream 4, ``VARIANT_STREAM``: the per-sample draw of a masking variant (CARD's
+  ``objective.strict_tail_fraction``: a strict tail where it falls below the fraction).
 * evaluation pass ``k`` draws its masks from the derived seed
   ``mix(seed ^ mix(EVAL_SEED_STREAM + k))``.
 """
@@ -38,6 +40,7 @@ __all__ = [
     "POSITION_STREAM",
     "EVAL_OFFSET_STREAM",
     "EVAL_SEED_STREAM",
+    "VARIANT_STREAM",
     "WEYL_OFFSET",
     "mix",
     "uniform",
@@ -64,6 +67,7 @@ T_STREAM = 0
 POSITION_STREAM = 1 << 32
 EVAL_OFFSET_STREAM = 2 << 32
 EVAL_SEED_STREAM = 3 << 32
+VARIANT_STREAM = 4 << 32
 
 # u0 of the low-discrepancy (Weyl) sequence t_k = frac(u0 + k * 0.6180339887498949):
 # u0 = 0.5, held as the 64-bit fixed-point fraction 2^63.

@@ -396,3 +396,20 @@ def test_read_only_cache_suggests_cache_dir(shard, tmp_path, monkeypatch):
             build_datasets(cfg_for(prefix, cache), 16, 1, {"train": 50})
     finally:
         os.chmod(cache, 0o755)
+
+
+def test_valid_seed_gives_every_training_seed_the_same_validation(shard, tmp_path):
+    """data.valid_seed: runs of train.seed 1 and 2 validate on the same samples (tokens and noise
+    seeds) while their training streams differ; without it the validation follows train.seed."""
+    prefix, _ = shard
+    n = {"train": 60, "valid": 30, "test": 0}
+    cfg = cfg_for(prefix, tmp_path / "cache")
+    a = build_datasets(cfg, 16, 1, n, valid_seed=77)
+    b = build_datasets(cfg, 16, 2, n, valid_seed=77)
+    own = build_datasets(cfg, 16, 2, n)
+    valid = [a["valid"][k] for k in range(30)]
+    for k in range(30):
+        np.testing.assert_array_equal(valid[k]["tokens"], b["valid"][k]["tokens"])
+        assert valid[k]["noise_seed"] == b["valid"][k]["noise_seed"]
+    assert any(not np.array_equal(a["train"][k]["tokens"], b["train"][k]["tokens"]) for k in range(60))
+    assert any(not np.array_equal(valid[k]["tokens"], own["valid"][k]["tokens"]) for k in range(30))

@@ -78,11 +78,31 @@ def test_probe_batch_and_sums_match_a_loop():
     nll = per_token_nll(logits.clone(), targets)
     sums = diagnostics.probe_sums(nll, per_token_top1_logprob(logits), gather)
     probs = torch.softmax(logits.double(), -1)
+    metrics = diagnostics.probe_metrics(sums)
     for k in range(K):
-        right = confident = 0
+        right = 0
+        confident = [0] * len(diagnostics.PROBE_THRESHOLDS)
         for b in range(B):
             p = probs[int(gather[b, k]), b]
             right += int(int(p.argmax()) == int(tokens[b, int(cuts[b]) + k]))
-            confident += int(float(p.max()) > diagnostics.CONFIDENT)
-        assert sums[k].tolist() == [B, right, confident]
-    assert sums[:, 2].sum() > 0  # the scaled logits make some predictions confident
+            for i, tau in enumerate(diagnostics.PROBE_THRESHOLDS):
+                confident[i] += int(float(p.max()) > tau)
+        assert sums[k].tolist() == [B, right, *confident]
+        assert metrics[f"probe_conf_k{k}"] == metrics[f"probe_conf0.9_k{k}"] == confident[5] / B
+    assert diagnostics.PROBE_THRESHOLDS[5] == diagnostics.CONFIDENT
+    assert sums[:, 2 + 5].sum() > 0  # the scaled logits make some predictions confident
+
+
+def test_probe_cuts_several_per_sample_after_a_minimum_prefix():
+    """Cut c of C uses the Weyl point sample_id * C + c; with C = 1 and min prefix 1 the cuts are the
+    original ones; every cut leaves at least min_prefix clean tokens and room for the window."""
+    L, K = 128, 8
+    ids = torch.arange(0, 64)
+    u = (0.5 + (ids.double() + diagnostics.PROBE_OFFSET) * 0.6180339887498949) % 1.0
+    assert torch.equal(diagnostics.probe_cuts(ids, L, K), 1 + torch.floor(u * (L - K + 1)).long())
+    cuts = torch.stack([diagnostics.probe_cuts(ids, L, K, c, 4, min_prefix=24) for c in range(4)])
+    assert int(cuts.min()) >= 24 and int(cuts.max()) + K - 1 <= L
+    assert int(cuts.min()) < 30 and int(cuts.max()) > L - K - 5  # the range is covered
+    assert len(set(cuts.flatten().tolist())) > 50  # 256 cuts spread over 98 values
+    with pytest.raises(ValueError, match="probe min prefix"):
+        diagnostics.probe_cuts(ids, L, K, min_prefix=L)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -277,3 +278,76 @@ def test_cli_runs_a_local_task(single_process, tmp_path, sp_tokenizer):  # noqa:
     assert "card_local_mc" in r.stdout and "acc" in r.stdout
     found = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "results") for f in fs if f.endswith(".json")]
     assert found and json.load(open(found[0]))["results"]["card_local_mc"]["acc,none"] >= 0
+
+
+def test_generate_until_keeps_a_long_prompt_at_seq_length_128(
+    single_process,  # noqa: F811
+    tmp_path,
+    sp_tokenizer,
+    monkeypatch,
+    caplog,
+):
+    """At L = 128 and the default max_gen_toks (256) the decoder used to get an empty prompt. Now a
+    prompt longer than L/2 keeps its last tokens (at least L/2 of them), the generation is shortened
+    to what fits, both are warned about, and what reaches the decoder passes its length check."""
+    from lm_eval.api.instance import Instance
+
+    import card_megatron.inference.generate as gen_mod
+    from card_megatron.eval.harness import CardMegatronLM
+    from card_megatron.inference.generate import check_lengths, encode_prompts
+
+    lm = CardMegatronLM(checkpoint=write_export(tmp_path / "card", sp_tokenizer, "card", seq_length=128))
+    tok = lm.tok
+    prompt = " ".join(f"value{i} = compute(x{i})" for i in range(12))
+    ids = tok.encode(prompt)
+    assert len(ids) > 100  # longer than L / 2 = 64
+    seen = {}
+
+    def fake_generate(loaded, prompts, cfg):
+        seen["prompts"], seen["max_new"] = list(prompts), cfg.max_new_tokens
+        return [gen_mod.Generation(0, p, [], [], "out", "length", 1, 0.0) for p in prompts], {}
+
+    monkeypatch.setattr(gen_mod, "generate", fake_generate)
+    req = Instance(request_type="generate_until", doc={}, arguments=(prompt, {"until": ["\n"]}), idx=0)
+    with caplog.at_level("WARNING", logger="card_megatron.eval.harness"):
+        assert lm.generate_until([req]) == ["out"]
+    assert seen["max_new"] == 128 - 1 - 64
+    kept = tok.encode(seen["prompts"][0])
+    # the prompt's end, up to L/2 tokens (re-encoding the cut text may take a token more: one fewer is kept)
+    assert 60 <= len(kept) <= 64 and prompt.endswith(seen["prompts"][0].lstrip())
+    check_lengths(encode_prompts(tok, seen["prompts"]), seen["max_new"], 128)  # fits: no ValueError
+    text = caplog.text
+    assert "max_gen_toks 256 shortened to 63" in text
+    assert re.search(rf"a {len(ids)}-token prompt was cut from the left to its last 6[0-4] tokens", text)
+    # a short prompt is kept whole and silent, with every requested new token that fits
+    caplog.clear()
+    short = Instance(request_type="generate_until", doc={}, arguments=("def main", {"max_gen_toks": 20}), idx=1)
+    with caplog.at_level("WARNING", logger="card_megatron.eval.harness"):
+        lm.generate_until([short])
+    assert seen["prompts"] == ["def main"] and seen["max_new"] == 20 and "generate_until" not in caplog.text
+
+
+def test_loglikelihood_of_a_continuation_longer_than_seq_length(single_process, tmp_path, sp_tokenizer):  # noqa: F811
+    """A continuation longer than L is scored whole with rolling windows (each chunk of L tokens read
+    by the L inputs ending before its last token), not cut to its last L tokens; MDLM refuses it."""
+    from card_megatron.eval.harness import CardMegatronLM
+
+    L = 24
+    lm = CardMegatronLM(checkpoint=write_export(tmp_path / "arm", sp_tokenizer, "arm", seed=3, seq_length=L))
+    tok = lm.tok
+    context = [tok.eos_id] + tok.encode("The module defines")
+    cont = tok.encode(" functions that return values and classes that hold them. " * 3)
+    assert len(cont) > 2 * L
+    whole = context + cont
+    reference, a = 0.0, len(context)
+    while a < len(whole):
+        b = min(a + L, len(whole))
+        reference += logprob(lm.loaded, whole[max(0, b - 1 - L) : a], whole[a:b])
+        a = b
+    got, _ = lm._loglikelihood_tokens([(None, context, cont)])[0]
+    assert got == pytest.approx(reference, abs=1e-4)
+    last_only = logprob(lm.loaded, whole[-L - 1 : -L], cont[-L:])
+    assert abs(got - last_only) > 1.0  # the old behaviour scored only the last L tokens
+    mdlm = CardMegatronLM(checkpoint=write_export(tmp_path / "mdlm", sp_tokenizer, "mdlm", seq_length=L))
+    with pytest.raises(ValueError, match=r"continuation is \d+ tokens, longer than this MDLM checkpoint's"):
+        mdlm._loglikelihood_tokens([(None, context, cont)])

@@ -197,6 +197,56 @@ def test_card_options():
     assert li.is_masked.sum(1).tolist() == torch.floor(t_ref * L).long().tolist()
 
 
+def test_strict_tail_fraction_against_a_per_sample_reference():
+    """objective.strict_tail_fraction: a sample gets a strict tail (lambda = 1) when the NumPy
+    SplitMix64 reference of uniform(seed, VARIANT_STREAM) is below the fraction, else lambda 1.5;
+    each row equals soft_tail_mask of that one sample with its own lambda and keys."""
+    from card_megatron.data.index import noise_seeds_np, splitmix64_np
+
+    L, B, f = 32, 400, 0.3
+    ids = np.arange(B, dtype=np.uint64) + 5000
+    seeds = torch.from_numpy(noise_seeds_np(1234, 0, ids).view(np.int64))
+    tokens = torch.randint(0, MASK_ID, (B, L + 1), generator=torch.Generator().manual_seed(0))
+    card = make("card", L, strict_tail_fraction=f)
+    li = card.prepare(tokens, seeds, torch.from_numpy(ids.astype(np.int64)))[1]
+    u = (splitmix64_np(seeds.numpy().view(np.uint64) ^ splitmix64_np(np.uint64(4 << 32))) >> np.uint64(11)) * 2.0**-53
+    strict = u < f
+    assert 0.24 < strict.mean() < 0.36  # the fraction, within sampling noise of 400 draws
+    t = torch.from_numpy(weyl_t(ids.astype(np.float64), 0.0))
+    keys = card.position_keys(seeds, L, None)
+    for b in range(B):
+        ref = soft_tail_mask(t[b : b + 1], L, 1.0 if strict[b] else 1.5, keys=keys[b : b + 1])[0]
+        assert torch.equal(li.is_masked[b], ref), b
+        n = int(ref.sum())
+        if strict[b]:  # a solid run of masks at the end, as the decoder feeds it
+            assert ref[L - n :].all()
+    # fraction 0 is exactly the soft tail; fraction 1 exactly the strict tail
+    base = make("card", L).prepare(tokens, seeds, torch.from_numpy(ids.astype(np.int64)))[1]
+    none = make("card", L, strict_tail_fraction=0.0).prepare(tokens, seeds, torch.from_numpy(ids.astype(np.int64)))[1]
+    assert torch.equal(base.is_masked, none.is_masked)
+    all_strict = make("card", L, strict_tail_fraction=1.0).prepare(
+        tokens, seeds, torch.from_numpy(ids.astype(np.int64))
+    )
+    strict_tail = make("card", L, tail_factor=1.0).prepare(tokens, seeds, torch.from_numpy(ids.astype(np.int64)))
+    assert torch.equal(all_strict[0].input_ids, strict_tail[0].input_ids)
+
+
+def test_strict_tail_fraction_does_not_depend_on_the_batch_split():
+    """The same samples corrupted as one batch of 12 or as batches of 5 and 7 in another order."""
+    L = 24
+    tokens, seeds, ids = batch(12, L, seed=4)
+    card = make("card", L, strict_tail_fraction=0.5)
+    whole = card.prepare(tokens, seeds, ids)
+    order = torch.tensor([7, 2, 11, 0, 5, 3, 9, 1, 10, 4, 8, 6])
+    parts = [card.prepare(tokens[i], seeds[i], ids[i]) for i in (order[:5], order[5:])]
+    for (mi, li), idx in zip(parts, (order[:5], order[5:])):
+        assert torch.equal(mi.input_ids, whole[0].input_ids[idx])
+        assert torch.equal(li.weights, whole[1].weights[idx])
+    assert 0 < int(card.strict_tail_samples(seeds).sum()) < 12  # both kinds occur in this batch
+    with pytest.raises(ValueError, match="strict_tail_fraction .* applies to CARD only"):
+        make("mdlm", L, strict_tail_fraction=0.5)
+
+
 def test_card_eval_is_one_clean_pass():
     L = 16
     tokens, seeds, ids = batch(4, L)

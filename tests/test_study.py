@@ -2,18 +2,19 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from card_megatron.study.plans import PLANS
+from card_megatron.study.plans import COPY, MAIN, PLANS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _study(out, tiny_corpus, timeout=600):
-    data, tok = tiny_corpus
+    data, tok = tiny_corpus  # (data prefix, tokenizer)
     return subprocess.run(
         [
             sys.executable,
@@ -40,6 +41,58 @@ def test_every_plan_names_existing_configs():
         assert os.path.exists(os.path.join(REPO, plan.config)), plan.config
         names = [r.name for r in plan.runs]
         assert len(names) == len(set(names)) and "card-s0" in names
+
+
+def test_plans_measure_like_with_like():
+    """Every run of a plan validates on the same sequences (one data.valid_seed, not the run's seed),
+    the probe counts confidence at every tau the plan's sweep uses, the decoder-aware ablation is in
+    the cpu plan beside full CARD and strict tail, and verify mode joins the families once it exists."""
+    from card_megatron.study import plans
+    from card_megatron.study.runner import Corpus, planned_config
+    from card_megatron.training.diagnostics import PROBE_THRESHOLDS
+
+    corpus = Corpus("data_text_document", "data.model")
+    for plan in PLANS.values():
+        seeds = {planned_config(plan, r, corpus, "out")["data"]["valid_seed"] for r in plan.runs if r.corpus == MAIN}
+        assert seeds == {plan.valid_seed}
+        assert {t for t in plan.decode.thresholds if t <= 1} <= set(PROBE_THRESHOLDS), plan.name
+    cpu = {r.name: r for r in PLANS["cpu"].runs}
+    assert {"card-s0", "card-s1", "strict-s0", "strict-s1", "mixstrict-s0", "mixstrict-s1"} <= set(cpu)
+    assert cpu["mixstrict-s1"].overrides == ("objective.strict_tail_fraction=0.25",)
+    assert [f.name for f in PLANS["cpu"].decode.families][:2] == ["card", "forced"]
+    original = plans.COMMIT_POLICIES
+    try:
+        plans.COMMIT_POLICIES = ("prefix", "any")
+        assert "verify" not in [f.name for f in plans.decode_families(2)]
+        plans.COMMIT_POLICIES = ("prefix", "any", "verify")
+        assert plans.decode_families(2)[-1].commit_policy == "verify"
+    finally:
+        plans.COMMIT_POLICIES = original
+
+
+def test_decoding_rows_of_the_families():
+    """Forced rows get K // f passes per block of K as a per-sequence max_steps and are labelled; the
+    headline of a greedy sweep is the most tokens per forward with output identical to AR, never a
+    forced row; the sampled headline ranks unforced threshold rows by judge perplexity."""
+    from card_megatron.study import decoding as dec
+    from card_megatron.study.plans import DecodeFamily, DecodeSpec, decode_families
+
+    spec = DecodeSpec(2, 8, 48, (0.5, 2.0), (4, 8), families=decode_families(2))
+    settings = dec._settings(None, spec, {"max_new_tokens": 48}, spec.windows, spec.thresholds, 48)
+    forced = [st for st in settings if st.extra["forced"]]
+    assert [st.cfg.causal.max_steps for st in forced] == [2 * 12, 2 * 12, 4 * 6, 4 * 6]
+    assert forced[0].name == "forced K=4 tau=0.5 (2 passes/block)"
+    verify = DecodeSpec(2, 8, 48, (0.5, 2.0), (4,), families=(DecodeFamily("v", thresholds=(0.9,)),))
+    assert [st.name for st in dec._settings(None, verify, {}, (4,), verify.thresholds, 48)] == ["v K=4"]
+    row = dict(same_as_first=1.0, judge_ppl=10.0, threshold=0.5, family="card", forced=False)
+    rows = [
+        {**row, "setting": "ar", "tokens_per_forward": 1.0},
+        {**row, "setting": "a", "tokens_per_forward": 1.5},
+        {**row, "setting": "b", "tokens_per_forward": 2.5, "same_as_first": 0.9, "judge_ppl": 9.0},
+        {**row, "setting": "f", "tokens_per_forward": 3.0, "forced": True},
+    ]
+    assert dec.best_identical(rows)["setting"] == "a"
+    assert dec.best_within(rows)["setting"] == "b"
 
 
 @pytest.mark.slow
@@ -78,3 +131,59 @@ def test_smoke_plan_end_to_end_and_restart(tmp_path, tiny_corpus):
     report = json.load(open(out / "study.json"))
     assert report["meta"]["runs_trained_now"] == 1
     assert "resumed from" in (out / "runs" / "arm-s0" / "train.log").read_text()
+
+    # issue 21 item 6: the same study directory with another --data refuses to reuse the old runs
+    other = tmp_path / "copy_text_document"
+    for ext in (".bin", ".idx"):
+        shutil.copy(tiny_corpus[0] + ext, str(other) + ext)
+    res = _study(out, (str(other), tiny_corpus[1]))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "trained with other settings than this plan's" in res.stderr and "card-s0 (data.data_path:" in res.stderr
+
+
+def test_runs_are_reused_only_with_the_plans_config_and_inputs(tmp_path):
+    """check_reuse: a run directory whose saved config, data or tokenizer differs from the plan's is
+    refused, naming the run and what differs; equal ones pass, runs never started are ignored."""
+    import json
+
+    from card_megatron.config import config_from_dict, save_config
+    from card_megatron.study.runner import (
+        RUN_RECORD,
+        Corpus,
+        StudyError,
+        check_reuse,
+        inputs_record,
+        planned_config,
+        run_dir,
+    )
+
+    def write_shard(prefix, content):  # the fingerprint reads sizes, mtimes and the .idx bytes only
+        for ext in (".bin", ".idx"):
+            with open(prefix + ext, "wb") as f:
+                f.write(content)
+
+    plan = PLANS["smoke"]
+    a, b = (Corpus(str(tmp_path / f"{n}_text_document"), str(tmp_path / f"{n}.model")) for n in "ab")
+    for c in (a, b):
+        write_shard(c.data_path, b"shard one")
+        with open(c.tokenizer, "wb") as f:
+            f.write(b"tokenizer " + c.tokenizer.encode())
+    out = str(tmp_path / "study")
+    started = [r for r in plan.runs if r.name in ("copy-card-s0", "arm-s0", "card-s0")]
+    for run in started:  # what train_all leaves: the trainer's config.yaml and the study's record
+        os.makedirs(run_dir(out, run))
+        save_config(config_from_dict(planned_config(plan, run, a, out)), os.path.join(run_dir(out, run), "config.yaml"))
+        with open(os.path.join(run_dir(out, run), RUN_RECORD), "w") as f:
+            json.dump(inputs_record(a), f)
+    check_reuse(plan, {MAIN: a, COPY: a}, out)  # the same plan and inputs: reused
+    with pytest.raises(StudyError) as e:
+        check_reuse(plan, {MAIN: b, COPY: a}, out)  # another --data
+    msg = str(e.value)
+    assert "2 run(s)" in msg and "arm-s0 (data.data_path:" in msg and "card-s0 (data.data_path:" in msg
+    assert "copy-card-s0" not in msg and "another --out" in msg
+    bigger = plan.__class__(**{**plan.__dict__, "overrides": plan.overrides + ("train.train_iters=7",)})
+    with pytest.raises(StudyError, match=r"3 run\(s\).*train.train_iters: 6 -> 7"):
+        check_reuse(bigger, {MAIN: a, COPY: a}, out)
+    write_shard(a.data_path, b"shard two")  # other data under the same path
+    with pytest.raises(StudyError, match="data_fingerprint"):
+        check_reuse(plan, {MAIN: a, COPY: a}, out)

@@ -1,14 +1,18 @@
 #!/usr/bin/env python
 """Train CARD against its baselines and ablations, measure decoding, and write the report.
 
-  python tools/study.py --plan cpu --out runs/study          # 2 CPU cores, at most 75 minutes
+  python tools/study.py --plan cpu --out runs/study          # 2 CPU cores, about 80-90 minutes (estimate)
   python tools/study.py --plan smoke --out /tmp/smoke        # every stage on a toy model (~1 minute)
   python tools/study.py --plan gpu --out runs/study-gpu      # one GPU
   python tools/study.py --plan cpu --data data/web_text_document --tokenizer data/web.model --out runs/web
+  python tools/study.py --plan cpu --out /tmp/cpu-check --set train.train_iters=4 --set train.eval_iters=1
+                                                             # the cpu plan end to end on a tiny budget
 
 Each run of the plan is an ordinary run directory under OUT/runs; the report is OUT/study.json
 (every number), OUT/study.md (tables) and PNG plots. A killed study restarts where it stopped:
 rerun the same command (finished runs are kept, an interrupted one resumes from its checkpoint).
+A run is reused only when its config, data and tokenizer are the plan's: rerunning into the same
+OUT with another --data, --set or plan refuses, naming the runs that differ.
 """
 
 from __future__ import annotations
@@ -40,7 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="shard prefix (..._text_document) replacing the plan's main corpus")
     p.add_argument("--tokenizer", help="the SentencePiece model of --data")
     p.add_argument("--jobs", type=int, help="training runs at once, one process each (default: the plan's)")
-    p.add_argument("--list", action="store_true", help="print the plan's runs and exit")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="config override applied to every run after the plan's own (repeatable), e.g. a tiny budget",
+    )
+    p.add_argument("--list", action="store_true", help="print the plan's runs and decoding families, and exit")
     return p
 
 
@@ -48,10 +59,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     quiet_warnings.install()
-    plan = get_plan(args.plan)
+    plan = get_plan(args.plan).with_overrides(tuple(args.set))
     if args.list:
         for r in plan.runs:
             print(f"{r.name:<16} {r.group:<11} {r.objective:<6} seed {r.seed}  {r.label} {' '.join(r.overrides)}")
+        for f in plan.decode.families:
+            print(f"decoding {f.name:<8} {f.note}")
         return 0
     try:
         run_study(plan, args.out, data=args.data, tokenizer=args.tokenizer, jobs=args.jobs)

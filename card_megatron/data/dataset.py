@@ -280,6 +280,7 @@ def build_datasets(
     *,
     tokenizer: Any = None,
     lock_timeout_s: float = 3600.0,
+    valid_seed: Optional[int] = None,
 ) -> dict[str, PackedDataset]:
     """One :class:`PackedDataset` per split ("train", "valid", "test").
 
@@ -290,6 +291,8 @@ def build_datasets(
     With ``tokenizer_eod`` given, warns if the shards' documents do not end with it. With
     ``tokenizer`` (a :class:`~card_megatron.tokenizer.Tokenizer`) given, raises ValueError naming
     the shard when it holds ids outside the vocabulary or its sidecar names another tokenizer.
+    ``valid_seed`` (none = ``seed``) seeds the valid and test splits (shuffles and noise seeds), so
+    runs of different seeds can validate on the same samples.
     """
     unknown = set(num_samples) - set(idx.SPLITS)
     if unknown:
@@ -321,12 +324,15 @@ def build_datasets(
             datasets[split] = PackedDataset(shards, None, seq_length, 0, split)
             continue
         ranges = [r[s] for r in all_ranges]
+        split_seed = seed if split == "train" or valid_seed is None else valid_seed
         description = idx.describe_split(
-            split, seq_length, seed, split_weights, n,
+            split, seq_length, split_seed, split_weights, n,
             [(w, fp, b, e) for (w, _), fp, (b, e) in zip(blend, fingerprints, ranges)],
         )  # fmt: skip
         parts = [idx.ShardSplit(p, sizes, b, e) for p, sizes, (b, e) in zip(prefixes, shards.sizes, ranges)]
-        build = functools.partial(idx.build_split_arrays, parts, [w for w, _ in blend], seq_length, seed, split, n)
+        build = functools.partial(
+            idx.build_split_arrays, parts, [w for w, _ in blend], seq_length, split_seed, split, n
+        )
         start = time.monotonic()
         arrays, entry = data_cache.load_or_build(cache_dir, split, description, build, lock_timeout_s)
         seconds = time.monotonic() - start

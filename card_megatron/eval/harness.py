@@ -8,16 +8,20 @@ and runs lm-eval's own command line (lm-eval has no plugin discovery for models)
   exact log-probabilities of causal checkpoints (ARM, CARD), from clean left context, the
   document-boundary token (eos) first as in training; a context longer than
   ``model.seq_length`` keeps its last tokens (rolling windows use lm-eval's own
-  ``get_rolling_token_windows``). MDLM has no exact likelihood: it gets the conditional ELBO
+  ``get_rolling_token_windows``), and a continuation longer than ``seq_length`` is scored with
+  rolling windows of ``seq_length`` tokens (never cut). MDLM has no exact likelihood: it gets the conditional ELBO
   (a lower bound on log p(continuation | context)), a Monte-Carlo estimate over ``mc_samples``
   stratified noise levels t, each continuation token masked with probability t (the context
   stays clean), ``sum over masked tokens of log p / t``, averaged; ``is_greedy`` is whether the
-  argmax with the whole continuation masked is the continuation. BD3LM is refused (its block
+  argmax with the whole continuation masked is the continuation; a continuation longer than
+  ``seq_length`` is refused (ValueError). BD3LM is refused (its block
   structure has no conditional estimate here; ``tools/evaluate.py`` reports its bound).
 * ``generate_until``: our decoders (:func:`card_megatron.inference.generate.generate`), CARD's
   parallel decoder by default for CARD checkpoints (``decoding``, ``threshold``, ``window``
   model args), greedy unless the task asks for sampling; the text is cut at the first
-  ``until`` string.
+  ``until`` string. eos + prompt + ``max_gen_toks`` must fit ``seq_length``: the prompt keeps its
+  last tokens (cut from the left, as lm-eval's HF backend does) and at least half the context,
+  the generation is shortened when it would leave less; both are logged as warnings.
 
 Model args: ``checkpoint`` (required), ``decoding`` (card | ar | mdlm | bd3lm), ``threshold``,
 ``window``, ``max_gen_toks`` (default 256), ``mc_samples`` (MDLM, default 128), ``seed``, ``device``,
@@ -234,17 +238,50 @@ class CardMegatronLM(TemplateLM):
         self._require_causal("loglikelihood")
         if self.objective == "mdlm":
             return [self._masked_diffusion_loglikelihood(list(ctx), list(cont)) for _, ctx, cont in requests]
+        pieces = [self._rolling_pieces(list(ctx), list(cont)) for _, ctx, cont in requests]
+        flat = [(None, ctx, cont) for p in pieces for ctx, cont in p]
+        scores = self._score_fitting(flat)
+        results: list[tuple[float, bool]] = []
+        for p in pieces:
+            mine, scores = scores[: len(p)], scores[len(p) :]
+            results.append((sum(s for s, _ in mine), all(g for _, g in mine)))
+        return results
+
+    def _rolling_pieces(self, context: list[int], continuation: list[int]) -> list[tuple[list[int], list[int]]]:
+        """(context, continuation) pairs that each fit one window of ``seq_length`` inputs.
+
+        A continuation of at most L tokens is one piece (its context keeps its last tokens). A longer
+        one is scored with rolling windows, as ``loglikelihood_rolling`` scores a document: chunks of
+        L tokens, each read by the L inputs that end just before its last token, so every token is
+        scored from at least one token of left context and the sum is log p(continuation | context).
+        """
+        if not continuation:
+            raise ValueError("lm-eval request with an empty continuation")
+        if not context:
+            raise ValueError("lm-eval request with an empty context (lm-eval gives at least the prefix token)")
+        L = self.max_length
+        if len(continuation) <= L:
+            return [(context, continuation)]
+        logger.info(
+            "loglikelihood: a continuation of %d tokens exceeds seq_length %d; scored with rolling windows",
+            len(continuation),
+            L,
+        )
+        whole, start = context + continuation, len(context)
+        return [(whole[:a], whole[a : min(a + L, len(whole))]) for a in range(start, len(whole), L)]
+
+    def _score_fitting(self, requests) -> list[tuple[float, bool]]:
+        """:meth:`_loglikelihood_tokens` for (context, continuation) pairs whose continuation fits L."""
         model, dev, L = self.loaded.model, self.loaded.device, self.max_length
         results: list[tuple[float, bool]] = []
         for start in range(0, len(requests), self.batch_size):
             batch = requests[start : start + self.batch_size]
             seqs, conts = [], []
             for _, context, continuation in batch:
-                if not continuation:
-                    raise ValueError("lm-eval request with an empty continuation")
+                assert 0 < len(continuation) <= L, "split by _rolling_pieces"
                 whole = (list(context) + list(continuation))[-(L + 1) :]
                 seqs.append(whole[:-1])
-                conts.append(list(continuation)[-min(len(continuation), len(whole) - 1) :])  # cut with the context
+                conts.append(list(continuation))  # whole holds it all: len(continuation) <= L
             width = max(map(len, seqs))
             ids = torch.full((len(seqs), width), self.tok.eos_id, dtype=torch.long)
             for i, s in enumerate(seqs):  # right padding: causal attention never sees it
@@ -266,8 +303,14 @@ class CardMegatronLM(TemplateLM):
         model reads the last ``seq_length`` tokens (no shift), continuation last."""
         if not continuation:
             raise ValueError("lm-eval request with an empty continuation")
+        if len(continuation) > self.max_length:
+            raise ValueError(
+                f"loglikelihood: the continuation is {len(continuation)} tokens, longer than this MDLM "
+                f"checkpoint's model.seq_length ({self.max_length}); its conditional ELBO needs the whole "
+                "continuation in one window (no rolling estimate here): use a shorter continuation"
+            )
         whole = (context + continuation)[-self.max_length :]
-        n_cont = min(len(continuation), len(whole))
+        n_cont = len(continuation)
         n, dev, mask_id = self.mc_samples, self.loaded.device, self.tok.mask_id
         gen = torch.Generator().manual_seed(self.seed)
         t = (torch.arange(n, dtype=torch.float64) + 0.5) / n  # stratified noise levels
@@ -336,8 +379,7 @@ class CardMegatronLM(TemplateLM):
                 if sample
                 else SamplingConfig(greedy=True)
             )
-            max_new = max(1, min(max_new, self.max_length - 1))
-            prompts = [self._fit(args[i][0], max_new) for i in indices]
+            prompts, max_new = self._fit_prompts([args[i][0] for i in indices], max_new)
             cfg = GenerationConfig(
                 decoding=self.decoding,
                 max_new_tokens=max_new,
@@ -354,8 +396,41 @@ class CardMegatronLM(TemplateLM):
                 out[i] = text
         return out  # type: ignore[return-value]
 
-    def _fit(self, prompt: str, max_new: int) -> str:
-        """The prompt, its start dropped (by tokens) when prompt + eos + max_new would not fit the context."""
-        ids = self.tok.encode(prompt)
-        room = self.max_length - max_new - 1
-        return prompt if len(ids) <= room else self.tok.decode(ids[len(ids) - room :] if room > 0 else [])
+    def _fit_prompts(self, prompts: list[str], max_new: int) -> tuple[list[str], int]:
+        """Prompts and a generation length that fit ``seq_length``: eos + prompt + max_new <= L.
+
+        As lm-eval's HF backend does, the prompt is kept and cut from the left (its last tokens stay)
+        to leave room for generation. When the requested ``max_gen_toks`` would leave a long prompt
+        less than half the context, generation is shortened instead (to L - 1 - L // 2 at least), so
+        the default 256 never leaves the decoder an empty prompt at L = 128. Warns whenever a prompt
+        is cut or the generation shortened. Returns (prompts, max_new).
+        """
+        L = self.max_length
+        lengths = [len(self.tok.encode(p)) for p in prompts]
+        keep = min(max(lengths, default=0), L // 2)  # prompt tokens guaranteed to stay
+        fitted_new = max(1, min(max_new, L - 1 - keep))
+        if fitted_new < max_new:
+            logger.warning(
+                "generate_until: max_gen_toks %d shortened to %d so that the prompt (up to %d tokens) keeps "
+                "at least %d tokens of the %d-token context (model.seq_length)",
+                max_new, fitted_new, max(lengths, default=0), keep, L,
+            )  # fmt: skip
+        room = L - 1 - fitted_new
+        out = []
+        for prompt, n in zip(prompts, lengths):
+            if n <= room:
+                out.append(prompt)
+                continue
+            ids = self.tok.encode(prompt)
+            cut = n - room
+            text = self.tok.decode(ids[cut:])
+            while len(self.tok.encode(text)) > room:  # re-encoding the cut text may merge differently
+                cut += 1
+                text = self.tok.decode(ids[cut:])
+            logger.warning(
+                "generate_until: a %d-token prompt was cut from the left to its last %d tokens to leave room "
+                "for %d new tokens in the %d-token context (model.seq_length)",
+                n, n - cut, fitted_new, L,
+            )  # fmt: skip
+            out.append(text)
+        return out, fitted_new

@@ -13,11 +13,12 @@ prediction at input position j depends on the mask pattern of input positions 0.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from card_megatron import noise
 from card_megatron.config import ObjectiveConfig
 from card_megatron.objectives.arm import next_token_batch
 from card_megatron.objectives.base import Batch, LossInputs, ModelInputs, Objective, check_t, scalar
@@ -26,7 +27,7 @@ from card_megatron.objectives.base import Batch, LossInputs, ModelInputs, Object
 def soft_tail_mask(
     t: torch.Tensor,
     seq_len: int,
-    tail_factor: float,
+    tail_factor: Union[float, torch.Tensor],
     generator: Optional[torch.Generator] = None,
     *,
     keys: Optional[torch.Tensor] = None,
@@ -36,12 +37,15 @@ def soft_tail_mask(
     t float [B] in [0, 1]. N = floor(t * L) positions are masked, drawn uniformly
     without replacement from the last W = min(L, floor(tail_factor * N)) positions.
     ``tail_factor`` = 1 gives a solid masked tail; ``math.inf`` gives uniform masking
-    over the whole sequence. The draw ranks one uniform key per position (``keys``
-    float [B, seq_len] if given, else drawn from ``generator``): keys outside the window
-    are +inf, and the N smallest are masked.
+    over the whole sequence; a float [B] tensor gives each sample its own. The draw ranks
+    one uniform key per position (``keys`` float [B, seq_len] if given, else drawn from
+    ``generator``): keys outside the window are +inf, and the N smallest are masked.
     """
-    if tail_factor < 1.0:
+    factors = torch.as_tensor(tail_factor, dtype=torch.float64, device=t.device)
+    if bool((factors < 1.0).any()) or bool(factors.isnan().any()):
         raise ValueError(f"soft_tail_mask: tail_factor ({tail_factor}) must be >= 1 (objective.tail_factor)")
+    if factors.dim() > 1 or (factors.dim() == 1 and factors.shape != t.shape):
+        raise ValueError(f"soft_tail_mask: tail_factor must be a number or [B] like t, got {tuple(factors.shape)}")
     if t.dim() != 1:
         raise ValueError(f"soft_tail_mask: t must be [B], got {tuple(t.shape)}")
     B, L, device = t.shape[0], seq_len, t.device
@@ -50,10 +54,9 @@ def soft_tail_mask(
     elif keys.shape != (B, L):
         raise ValueError(f"soft_tail_mask: keys must be [{B}, {L}], got {tuple(keys.shape)}")
     num_masked = torch.floor(t.to(torch.float64) * L).clamp(0, L).to(torch.int64)  # [B]
-    if math.isinf(tail_factor):
-        window = torch.full_like(num_masked, L)
-    else:
-        window = torch.floor(num_masked.to(torch.float64) * tail_factor).clamp(max=L).to(torch.int64)
+    # inf * 0 would be nan: an infinite factor is the whole sequence whatever N
+    scaled = torch.floor(num_masked.to(torch.float64) * factors.clamp(max=L + 1)).clamp(max=L)
+    window = torch.where(factors.isinf(), torch.full_like(scaled, L), scaled).to(torch.int64)
     positions = torch.arange(L, dtype=torch.int64, device=device)
     in_window = positions[None, :] >= (L - window)[:, None]
     order = keys.masked_fill(~in_window, math.inf).argsort(dim=1)
@@ -114,8 +117,10 @@ class CardObjective(Objective):
 
         t ~ U[0, 1) per sample (``low_discrepancy``: Weyl sequence over the sample id;
         else uniform(seed, counter 0)); the masked positions rank the per-position keys
-        uniform(seed, POSITION_STREAM + i). Weights are w_j (or 1 with
-        ``reweighting: none``) at every position; normaliser sum(w) or B * L.
+        uniform(seed, POSITION_STREAM + i). With ``strict_tail_fraction`` f > 0 a sample
+        whose uniform(seed, VARIANT_STREAM) is below f is masked with a strict tail
+        (lambda = 1) instead. Weights are w_j (or 1 with ``reweighting: none``) at every
+        position; normaliser sum(w) or B * L.
         """
         self.check_batch(tokens, noise_seeds, sample_ids)
         B, L, device = tokens.shape[0], self.seq_length, tokens.device
@@ -124,7 +129,7 @@ class CardObjective(Objective):
         else:
             t = check_t(t, ((B,),), self.name).to(device)
         keys = self.position_keys(noise_seeds.to(device), L, generator)
-        is_masked = soft_tail_mask(t, L, self.tail_factor, keys=keys)
+        is_masked = soft_tail_mask(t, L, self.sample_tail_factors(noise_seeds.to(device), generator), keys=keys)
         inputs = tokens[:, :-1].masked_fill(is_masked, self.mask_token_id)
         if self.cfg.reweighting == "context":
             weights = context_aware_weights(is_masked, self.cfg.reweight_decay, self.cfg.reweight_beta)
@@ -141,6 +146,33 @@ class CardObjective(Objective):
             is_masked=is_masked,
         )
         return model_inputs, loss_inputs
+
+    def strict_tail_samples(
+        self, noise_seeds: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
+        """Which samples get a strict tail (``objective.strict_tail_fraction``): bool [B].
+
+        uniform(seed, VARIANT_STREAM) < fraction: a pure function of each sample's noise seed, so the
+        choice does not depend on the batch, the ranks or the layout (``generator``: torch.rand instead).
+        """
+        B, device = noise_seeds.shape[0], noise_seeds.device
+        fraction = self.cfg.strict_tail_fraction
+        if not fraction:
+            return torch.zeros(B, dtype=torch.bool, device=device)
+        if generator is not None:
+            u = torch.rand(B, dtype=torch.float64, generator=generator, device=device)
+        else:
+            u = noise.uniform(noise_seeds, torch.tensor([noise.VARIANT_STREAM], dtype=torch.int64))[:, 0]
+        return u < fraction
+
+    def sample_tail_factors(
+        self, noise_seeds: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> Union[float, torch.Tensor]:
+        """lambda of each sample: the configured one, or float64 [B] with 1 where a strict tail is drawn."""
+        if not self.cfg.strict_tail_fraction:
+            return self.tail_factor
+        strict = self.strict_tail_samples(noise_seeds, generator)
+        return torch.where(strict, 1.0, self.tail_factor).to(torch.float64)
 
     def eval_passes(self, tokens: torch.Tensor, noise_seeds: torch.Tensor, sample_ids: torch.Tensor) -> list[Batch]:
         """One clean pass (t = 0, unit weights): the exact autoregressive NLL."""

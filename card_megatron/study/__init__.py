@@ -20,7 +20,7 @@ from typing import Optional
 from card_megatron.study import decoding as dec
 from card_megatron.study import report
 from card_megatron.study.plans import COPY, MAIN, PLANS, Plan, get_plan
-from card_megatron.study.runner import StudyError, is_finished, prepare_corpora, run_dir, train_all
+from card_megatron.study.runner import StudyError, check_reuse, is_finished, prepare_corpora, run_dir, train_all
 
 __all__ = ["PLANS", "Plan", "StudyError", "get_plan", "run_study"]
 
@@ -52,7 +52,8 @@ def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]
     spec, result = plan.decode, {}
     names = {r.name for r in plan.runs}
 
-    def part(key: str, inputs: list[str], compute):
+    def part(key: str, inputs: list, compute):
+        inputs = inputs + [repr(spec)]  # a changed decoding plan is measured again, not reused
         if cached.get(key, {}).get("inputs") == inputs:
             result[key] = cached[key]
         else:
@@ -77,7 +78,10 @@ def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]
         }
         for mode, greedy in (("greedy", True), ("sampled", False)):
             rows = dec.sweep(model, judge, prompts, spec, greedy)
-            res[mode] = {"rows": rows, "best": dec.best_within(rows)}
+            # greedy: the lossless number (output identical to AR); sampled: within 5% of AR's judge ppl
+            res[mode] = {"rows": rows, "best": None if greedy else dec.best_within(rows)}
+            if greedy:
+                res[mode]["identical"] = dec.best_identical(rows)
         return res
 
     part("main", [card_ckpt, arm_ckpt], main_part)
@@ -99,9 +103,10 @@ def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]
                     "step": model.step,
                     "tokens": model.step * runs["card-s0"]["tokens_per_step"],
                     "ar_judge_ppl": rows[0].get("judge_ppl"),
-                    "best": dec.best_within(rows),
+                    "identical": dec.best_identical(rows),
                     "probe_acc_k1": ev.get("probe_acc_k1"),
                     "probe_conf_k1": ev.get("probe_conf_k1"),
+                    "probe_conf": {k: v for k, v in ev.items() if k.startswith("probe_conf") and k.endswith("_k1")},
                     "rows": rows,
                 }
             )
@@ -117,7 +122,13 @@ def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]
             model = _load(ck)
             prompts = dec.copy_prompts(corpora[COPY].data_path, runs[copy_card[0].name]["split"], model.tokenizer, spec)
             rows = dec.sweep(model, None, prompts, spec, greedy=True, max_new_tokens=spec.copy_max_new_tokens)
-            return {"model": ck, "num_prompts": len(prompts), "prompts": prompts, "rows": rows}
+            return {
+                "model": ck,
+                "num_prompts": len(prompts),
+                "prompts": prompts,
+                "rows": rows,
+                "identical": dec.best_identical(rows),
+            }
 
         part("copy", [ck], copy_part)
     return result
@@ -135,6 +146,7 @@ def run_study(
     t0 = time.monotonic()
     os.makedirs(out, exist_ok=True)
     corpora = prepare_corpora(plan, out, data, tokenizer)
+    check_reuse(plan, corpora, out)  # before anything is trained: old runs of other settings are refused
     trained = train_all(plan, corpora, out, jobs, python=python)
     runs = {}
     for r in plan.runs:
@@ -149,5 +161,6 @@ def run_study(
         "written": time.strftime("%Y-%m-%d %H:%M"),
         "corpora": {k: {"data_path": c.data_path, "tokenizer": c.tokenizer} for k, c in corpora.items()},
         "budget_minutes": plan.budget_minutes,
+        "valid_sequences": runs["card-s0"]["valid_sequences"],
     }
     return report.write(out, plan, meta, runs, decoding)

@@ -7,9 +7,16 @@
 * ``copy``: the synthetic-corpus CARD model, prompted with a document's first string
   and its period, greedy: tokens per forward and whether the text equals greedy AR's.
 
-The headline number of a sweep (:func:`best_within`) is the largest tokens per forward
-among the CARD settings whose judge perplexity stays within ``tolerance`` of AR
-decoding of the same model (the lowest threshold that keeps quality).
+The rows of a sweep come from the plan's decoding families (``plans.DecodeFamily``): threshold
+decoding at every (K, tau), forced commits (labelled), and verify mode when the decoder has it.
+Two headline numbers, neither of which repetitive text can game:
+
+* :func:`best_identical`: the most tokens per forward among greedy rows whose output is identical
+  to greedy AR on every prompt (verify mode by construction; threshold rows where it happened);
+* :func:`best_within`: for *sampled* threshold decoding, the most tokens per forward whose judge
+  perplexity stays within ``tolerance`` of sampled AR; the table shows repetition (repeated 4-grams)
+  and entropy beside it. Greedy rows are not ranked by judge perplexity: greedy AR text is highly
+  repetitive and a row that repeats more can score a lower judge perplexity.
 """
 
 from __future__ import annotations
@@ -49,6 +56,37 @@ def copy_prompts(data_path: str, split: str, tokenizer, spec: DecodeSpec) -> lis
     return prompts
 
 
+def _settings(model, spec: DecodeSpec, base: dict, windows, thresholds, max_new_tokens: int) -> list:
+    from card_megatron.inference.causal import CausalDecodeConfig
+    from card_megatron.inference.generate import GenerationConfig
+    from card_megatron.inference.sweep import Setting
+
+    settings = []
+    for family in spec.families:
+        for K in windows:
+            taus = family.thresholds or thresholds
+            for tau in taus:
+                max_steps = per_block = None
+                if family.forced_tokens_per_pass:
+                    per_block = max(1, K // family.forced_tokens_per_pass)
+                    max_steps = per_block * -(-max_new_tokens // K)
+                name = f"{family.name} K={K}" + (f" tau={tau:g}" if len(taus) > 1 or family.thresholds is None else "")
+                if max_steps:
+                    name += f" ({per_block} passes/block)"
+                causal = CausalDecodeConfig(
+                    window=K, threshold=tau, commit_policy=family.commit_policy, max_steps=max_steps
+                )
+                extra = {
+                    "window": K,
+                    "threshold": tau,
+                    "family": family.name,
+                    "forced": max_steps is not None,
+                    "max_steps": max_steps,
+                }
+                settings.append(Setting(name, model, GenerationConfig(decoding="card", causal=causal, **base), extra))
+    return settings
+
+
 def sweep(
     model,
     judge,
@@ -60,25 +98,18 @@ def sweep(
     max_new_tokens: Optional[int] = None,
     seed: int = 0,
 ) -> list[dict]:
-    """AR, then CARD at every (K, tau): one row each (see ``inference/sweep.run_sweep``)."""
-    from card_megatron.inference.causal import CausalDecodeConfig
+    """AR, then every decoding family of the plan at every (K, tau): one row each (see
+    ``inference/sweep.run_sweep``; rows carry ``family``, ``forced``, ``window``, ``threshold``)."""
     from card_megatron.inference.generate import GenerationConfig
     from card_megatron.inference.sampling import SamplingConfig
     from card_megatron.inference.sweep import Setting, run_sweep
 
     samp = SamplingConfig(greedy=greedy, temperature=spec.temperature, top_p=spec.top_p, seed=seed)
-    base = dict(max_new_tokens=max_new_tokens or spec.max_new_tokens, batch_size=len(prompts), sampling=samp)
-    settings = [Setting("ar", model, GenerationConfig(decoding="ar", **base), {"window": 1, "threshold": None})]
-    for K in windows or spec.windows:
-        for tau in thresholds or spec.thresholds:
-            settings.append(
-                Setting(
-                    f"card K={K} tau={tau:g}",
-                    model,
-                    GenerationConfig(decoding="card", causal=CausalDecodeConfig(window=K, threshold=tau), **base),
-                    {"window": K, "threshold": tau},
-                )
-            )
+    new = max_new_tokens or spec.max_new_tokens
+    base = dict(max_new_tokens=new, batch_size=len(prompts), sampling=samp)
+    ar = {"window": 1, "threshold": None, "family": "ar", "forced": False, "max_steps": None}
+    settings = [Setting("ar", model, GenerationConfig(decoding="ar", **base), ar)]
+    settings += _settings(model, spec, base, windows or spec.windows, thresholds or spec.thresholds, new)
     rows, _ = run_sweep(settings, prompts, judge, repeats=1)
     for r in rows:
         r["mode"] = "greedy" if greedy else f"sampled (T={spec.temperature:g}, top-p={spec.top_p:g})"
@@ -86,13 +117,26 @@ def sweep(
 
 
 def best_within(rows: list[dict], tolerance: float = 0.05) -> Optional[dict]:
-    """The CARD row with the most tokens per forward whose judge perplexity is within
-    ``tolerance`` of the AR row's (None without a judge)."""
+    """The threshold-decoding row (not forced) with the most tokens per forward whose judge perplexity
+    is within ``tolerance`` of the AR row's (the AR row if none; None without a judge)."""
     ar = rows[0]
     if ar.get("judge_ppl") is None:
         return None
-    ok = [r for r in rows[1:] if r["judge_ppl"] <= ar["judge_ppl"] * (1 + tolerance)]
+    ok = [
+        r
+        for r in rows[1:]
+        if r.get("family", "card") == "card"
+        and not r.get("forced")
+        and r["judge_ppl"] <= ar["judge_ppl"] * (1 + tolerance)
+    ]
     return max(ok, key=lambda r: (r["tokens_per_forward"], r["threshold"]), default=ar)
+
+
+def best_identical(rows: list[dict]) -> dict:
+    """The row (not forced) with the most tokens per forward whose output equals the first row's (AR)
+    on every prompt: the lossless number of a greedy sweep (the AR row itself if none)."""
+    ok = [r for r in rows[1:] if not r.get("forced") and r["same_as_first"] == 1.0]
+    return max(ok, key=lambda r: r["tokens_per_forward"], default=rows[0])
 
 
 def checkpoints_of(run_dir: str) -> list[str]:

@@ -12,9 +12,14 @@ Run names say what they are: ``{variant}-s{seed}`` on the main corpus and
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional
+
+from card_megatron.inference.causal import COMMIT_POLICIES
 
 MAIN, COPY = "main", "copy"  # the two corpora of every plan
+VALID_SEED = 1234  # data.valid_seed of every run: all runs of a study validate on the same sequences
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,50 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class DecodeFamily:
+    """One family of CARD decoding rows, measured at every (K, tau) of the sweep: adding a family
+    to a plan is one line.
+
+    ``forced_tokens_per_pass`` f forces commits the way the paper's decoder does: a step limit of
+    K // f passes per block of K new tokens. The decoder's ``max_steps`` counts passes per
+    sequence, so the limit is applied as K // f x ceil(max_new_tokens / K) passes per sequence,
+    the last one committing what is left (at least f tokens per pass on average, not a per-block
+    limit); its rows are labelled forced. ``thresholds`` replaces the sweep's (verify mode ignores
+    tau: one row per K).
+    """
+
+    name: str  # the rows' prefix: "card K=4 tau=0.5", "forced ...", "verify K=4"
+    commit_policy: str = "prefix"
+    forced_tokens_per_pass: Optional[int] = None
+    thresholds: Optional[tuple[float, ...]] = None
+    note: str = ""
+
+
+THRESHOLD = DecodeFamily("card", note="threshold decoding: commit the confident masked positions, left to right")
+
+
+def decode_families(forced_tokens_per_pass: Optional[int] = None) -> tuple[DecodeFamily, ...]:
+    """Threshold decoding, forced commits (when given) and, once the decoder offers it, verify mode
+    (output identical to greedy AR by construction: the lossless tokens-per-forward number)."""
+    families = [THRESHOLD]
+    if forced_tokens_per_pass:
+        f = forced_tokens_per_pass
+        families.append(
+            DecodeFamily(
+                "forced",
+                forced_tokens_per_pass=f,
+                note=f"forced commits (paper-style step limit): K // {f} passes per block of K new tokens, "
+                "applied as a per-sequence budget (the decoder's max_steps), the last pass committing what is left",
+            )
+        )
+    if "verify" in COMMIT_POLICIES:
+        families.append(
+            DecodeFamily("verify", commit_policy="verify", thresholds=(0.9,), note="verify: drafts checked by AR")
+        )
+    return tuple(families)
+
+
+@dataclass(frozen=True)
 class DecodeSpec:
     """The decoding measurements (CARD.md §4) of the study's CARD models."""
 
@@ -47,6 +96,7 @@ class DecodeSpec:
     max_new_tokens: int
     thresholds: tuple[float, ...]  # tau; a value > 1 commits one token per step
     windows: tuple[int, ...]  # K
+    families: tuple[DecodeFamily, ...] = (THRESHOLD,)  # the rows of each sweep (see decode_families)
     temperature: float = 1.0  # the sampled sweep (the greedy sweep always runs)
     top_p: float = 0.9
     copy_prompts: int = 16  # synthetic corpus: prompts = a document's first string and its period
@@ -65,8 +115,18 @@ class Plan:
     runs: tuple[RunSpec, ...]
     decode: DecodeSpec
     jobs: int = 2  # training runs at once (one process each)
+    valid_seed: int = VALID_SEED  # data.valid_seed of every run (the same validation sequences for all)
     budget_minutes: float = 0.0  # what the plan is sized for on its machine (reported, not enforced)
     notes: tuple[str, ...] = field(default=())
+
+    def with_overrides(self, extra: tuple[str, ...]) -> "Plan":
+        """This plan with ``extra`` (``section.key=value``) applied to every run after the plan's own
+        overrides (the copy runs' included), e.g. a tiny budget to check the whole plan end to end."""
+        if not extra:
+            return self
+        return dataclasses.replace(
+            self, overrides=self.overrides + tuple(extra), copy_overrides=self.copy_overrides + tuple(extra)
+        )
 
 
 # The paper's ablations (CARD.md §2-3) and the sweeps: (name, label, overrides).
@@ -74,6 +134,8 @@ ABLATIONS = (
     ("strict", "strict tail (lambda=1)", ("objective.tail_factor=1.0",)),
     ("uniform", "uniform masking", ("objective.masking=uniform",)),
     ("noreweight", "no reweighting", ("objective.reweighting=none",)),
+    # the decoder-aware ablation: the decoder reads a clean prefix and a solid run of masks
+    ("mixstrict", "soft tail + 25% strict-tail samples", ("objective.strict_tail_fraction=0.25",)),
 )
 SWEEPS = (
     ("lambda1.25", "lambda=1.25", ("objective.tail_factor=1.25",)),
@@ -85,8 +147,14 @@ FULL_CARD = "full CARD (lambda=1.5, p=0.5)"
 
 
 def _runs(
-    seeds: int, ablation_seeds: int, sweeps: bool, baselines: tuple[str, ...], copy_objectives: tuple[str, ...]
+    seeds: int,
+    ablation_seeds: int,
+    sweep_seeds: int,
+    baselines: tuple[str, ...],
+    copy_objectives: tuple[str, ...],
 ) -> tuple[RunSpec, ...]:
+    """The runs of a plan. Sweep rows with fewer seeds than full CARD are compared with full CARD of
+    the same seeds only (the report's "vs full CARD, same seeds" column)."""
     runs = []
     for objective in copy_objectives:  # first: the end-to-end check of objective + decoder
         runs.append(RunSpec(f"copy-{objective}-s0", COPY, "synthetic", objective.upper(), objective, 0))
@@ -98,9 +166,9 @@ def _runs(
     for name, label, over in ABLATIONS:
         for seed in range(ablation_seeds):
             runs.append(RunSpec(f"{name}-s{seed}", MAIN, "ablation", label, "card", seed, over))
-    if sweeps:
-        for name, label, over in SWEEPS:
-            runs.append(RunSpec(f"{name}-s0", MAIN, "sweep", label, "card", 0, over))
+    for name, label, over in SWEEPS:
+        for seed in range(sweep_seeds):
+            runs.append(RunSpec(f"{name}-s{seed}", MAIN, "sweep", label, "card", seed, over))
     return tuple(runs)
 
 
@@ -124,10 +192,12 @@ PLANS: dict[str, Plan] = {
             "train.log_interval=3",
             "optim.lr_warmup_iters=2",
             "logging.probe_window=4",
+            "logging.probe_min_prefix=8",
+            "logging.probe_cuts=2",
         ),
         copy_overrides=(),
         corpora={MAIN: CorpusSpec("builtin:python-docs", 512), COPY: CorpusSpec("builtin:synthetic-copy", 512)},
-        runs=_runs(1, 1, False, ("mdlm", "bd3lm"), ("card",)),
+        runs=_runs(1, 1, 0, ("mdlm", "bd3lm"), ("card",)),
         decode=DecodeSpec(
             num_prompts=2,
             prompt_tokens=8,
@@ -137,36 +207,46 @@ PLANS: dict[str, Plan] = {
             copy_prompts=2,
             copy_max_new_tokens=8,
             curve_checkpoints=2,
+            families=decode_families(forced_tokens_per_pass=2),
         ),
         budget_minutes=2,
     ),
     "cpu": Plan(
         name="cpu",
-        description="the study on the 2-core CPU machine (at most 75 minutes)",
+        description="the study on the 2-core CPU machine (about 80-90 minutes, an estimate)",
         config="configs/study-cpu.yaml",
-        overrides=(),
+        # 512 validation sequences and 4 probe cuts each (2,048 predictions per k): sized from the measured
+        # per-sequence spread of two seeds on the same sequences (docs/study.md, "Sizing the validation")
+        overrides=("train.eval_iters=32", "logging.probe_min_prefix=24", "logging.probe_cuts=4"),
         # copying a 9-token period is learned by 2 layers; 2,400 steps make it confident (docs/study.md)
         copy_overrides=(
             "model.num_layers=2",
             "train.train_iters=2400",
             "train.eval_interval=400",
             "train.save_interval=400",
+            "train.eval_iters=8",  # its perplexity curve is read alone (no comparison across seeds)
         ),
         corpora={MAIN: CorpusSpec("builtin:python-code", 2048), COPY: CorpusSpec("builtin:synthetic-copy", 1024)},
-        runs=_runs(2, 2, True, ("mdlm", "bd3lm"), ("card", "arm")),
+        runs=_runs(2, 2, 1, ("mdlm", "bd3lm"), ("card", "arm")),
         decode=DecodeSpec(
-            num_prompts=16, prompt_tokens=24, max_new_tokens=48, thresholds=(0.3, 0.5, 0.7, 0.9, 2.0), windows=(4, 8)
+            num_prompts=16,
+            prompt_tokens=24,
+            max_new_tokens=48,
+            thresholds=(0.3, 0.5, 0.7, 0.9, 2.0),
+            windows=(4, 8),
+            families=decode_families(forced_tokens_per_pass=2),
         ),
-        budget_minutes=75,
+        budget_minutes=90,  # estimate from measured costs (docs/study.md); the old plan took 57.5 min
     ),
     "gpu": Plan(
         name="gpu",
         description="the study with a 30M-parameter model on one GPU (four runs at a time)",
         config="configs/study-gpu.yaml",
-        overrides=(),
+        # 512 validation sequences (study-gpu.yaml: 8 x 64), probe after a prompt's 32 tokens, 4 cuts each
+        overrides=("logging.probe_min_prefix=32", "logging.probe_cuts=4"),
         copy_overrides=(),
         corpora={MAIN: CorpusSpec("builtin:python-code", 8192), COPY: CorpusSpec("builtin:synthetic-copy", 1024)},
-        runs=_runs(2, 2, True, ("mdlm", "bd3lm"), ("card", "arm")),
+        runs=_runs(2, 2, 1, ("mdlm", "bd3lm"), ("card", "arm")),
         decode=DecodeSpec(
             num_prompts=64,
             prompt_tokens=32,
@@ -174,6 +254,7 @@ PLANS: dict[str, Plan] = {
             thresholds=(0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 2.0),
             windows=(4, 8, 16),
             copy_prompts=64,
+            families=decode_families(forced_tokens_per_pass=2),
         ),
         jobs=4,
         budget_minutes=10,

@@ -3,12 +3,19 @@
 Every stage is restartable. A corpus whose shard exists is not tokenized again; a run
 whose directory holds ``finished`` is kept; any other run is (re)started with the same
 command, and the trainer resumes it from its newest complete checkpoint; decoding
-results are kept in ``decoding.json`` keyed by the checkpoints they measured. A killed
-study therefore restarts where it stopped.
+results are kept in ``decoding.json`` keyed by the checkpoints they measured and the
+decoding plan. A killed study therefore restarts where it stopped.
+
+Nothing is reused silently (:func:`check_reuse`): a run directory is kept only when its saved
+config equals the one the plan would train now and its data and tokenizer files are the ones
+it was trained on (``study_run.json``); a tokenized corpus only when its input and vocabulary
+size are the plan's (``{prefix}.study.json``). Otherwise the study refuses, naming what differs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -56,6 +63,16 @@ def prepare_corpora(
             continue
         prefix = os.path.join(out, "data", key)
         corpus = Corpus(f"{prefix}_text_document", f"{prefix}.model")
+        record_path, wanted = f"{prefix}.study.json", {"input": spec.input, "vocab_size": spec.vocab_size}
+        if shard_exists(corpus.data_path) and os.path.exists(record_path):
+            with open(record_path) as f:
+                recorded = json.load(f)
+            if recorded != wanted:
+                raise StudyError(
+                    f"corpus {key}: {out}/data holds {recorded['input']} with a {recorded['vocab_size']}-piece "
+                    f"tokenizer, the plan asks for {spec.input} with {spec.vocab_size}: use another --out (or delete "
+                    f"{prefix}* and the runs trained on it)"
+                )
         if not (shard_exists(corpus.data_path) and os.path.exists(corpus.tokenizer)):
             log.info("tokenizing %s (%d-piece tokenizer) -> %s", spec.input, spec.vocab_size, corpus.data_path)
             preprocess(
@@ -68,6 +85,10 @@ def prepare_corpora(
                     overwrite=True,
                 )
             )
+        if not os.path.exists(record_path):
+            from card_megatron.fileio import atomic_write
+
+            atomic_write(record_path, json.dumps(wanted))
         corpora[key] = corpus
     return corpora
 
@@ -82,11 +103,85 @@ def train_command(plan: Plan, run: RunSpec, corpus: Corpus, out: str, python: st
     overrides += list(run.overrides) + [
         f"objective.name={run.objective}",
         f"train.seed={1234 + run.seed}",
+        f"data.valid_seed={plan.valid_seed}",
         f"train.run_dir={run_dir(out, run)}",
         f"data.data_path={corpus.data_path}",
         f"data.tokenizer_model={corpus.tokenizer}",
     ]
     return [python, "-m", "card_megatron.train", "--config", os.path.join(REPO, plan.config), *overrides]
+
+
+RUN_RECORD = "study_run.json"  # in each run directory: the data and tokenizer it was trained on
+
+
+def planned_config(plan: Plan, run: RunSpec, corpus: Corpus, out: str) -> dict:
+    """The resolved config (as a dict) that :func:`train_command` trains, as the trainer saves it."""
+    from card_megatron.config import config_to_dict, load_config
+
+    command = train_command(plan, run, corpus, out)
+    at = command.index("--config")
+    return config_to_dict(load_config(command[at + 1], command[at + 2 :]))
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def inputs_record(corpus: Corpus) -> dict:
+    """What a run was trained on: the shard's fingerprint and the tokenizer file's SHA-256."""
+    from card_megatron.data.shards import shard_fingerprint
+
+    return {"data_fingerprint": shard_fingerprint(corpus.data_path), "tokenizer_sha256": _file_sha256(corpus.tokenizer)}
+
+
+def _config_changes(saved: dict, wanted: dict) -> list[str]:
+    from card_megatron.config import ConfigError, config_from_dict, config_to_dict
+
+    try:
+        saved = config_to_dict(config_from_dict(saved))  # keys added since then take their defaults
+    except ConfigError as e:
+        return [str(e)]
+    return [
+        f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+        for section, values in wanted.items()
+        for key, value in values.items()
+        if saved.get(section, {}).get(key) != value
+    ]
+
+
+def check_reuse(plan: Plan, corpora: dict[str, Corpus], out: str) -> None:
+    """Raises StudyError naming every existing run of ``plan`` under ``out`` that was trained (or
+    started) with another config, data or tokenizer than the plan's now (e.g. another ``--data``):
+    reusing it would report old results under the new settings. Runs never started pass."""
+    import yaml
+
+    differ = []
+    for run in plan.runs:
+        path = os.path.join(run_dir(out, run), "config.yaml")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            saved = yaml.safe_load(f) or {}
+        changes = _config_changes(saved, planned_config(plan, run, corpora[run.corpus], out))
+        record = os.path.join(run_dir(out, run), RUN_RECORD)
+        if not changes and os.path.exists(record):
+            with open(record) as f:
+                trained_on = json.load(f)
+            now = inputs_record(corpora[run.corpus])
+            changes = [f"{k}: {trained_on.get(k)} -> {v}" for k, v in now.items() if trained_on.get(k) != v]
+        if changes:
+            more = f"; {len(changes) - 2} more" if len(changes) > 2 else ""
+            differ.append(f"{run.name} ({'; '.join(changes[:2])}{more})")
+    if differ:
+        raise StudyError(
+            f"{len(differ)} run(s) under {out}/runs were trained with other settings than this plan's and "
+            f"would be reported as its results: {', '.join(differ)}. Use another --out, or delete those run "
+            "directories to train them again"
+        )
 
 
 def is_finished(out: str, run: RunSpec) -> bool:
@@ -130,6 +225,11 @@ def train_all(
             while queue and len(running) < jobs:
                 run = queue.pop(0)
                 os.makedirs(run_dir(out, run), exist_ok=True)
+                record = os.path.join(run_dir(out, run), RUN_RECORD)
+                if not os.path.exists(record):
+                    from card_megatron.fileio import atomic_write
+
+                    atomic_write(record, json.dumps(inputs_record(corpora[run.corpus])))
                 logf = open(os.path.join(run_dir(out, run), "train.log"), "a")
                 state = "resuming" if os.path.isdir(os.path.join(run_dir(out, run), "checkpoints")) else "training"
                 log.info("%s %s (%s)", state, run.name, run.label)

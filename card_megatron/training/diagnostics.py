@@ -13,8 +13,12 @@ reduces the sums over ranks and turns them into ratios with :func:`ratios`).
   at a position n; the input is the clean prefix ``x_0..x_{n-1}`` followed by K-1
   ``[MASK]`` (positions n..n+K-2). Because attention is causal, the output at n-1+k
   predicts position n+k having seen exactly the clean prefix and k masks, so one
-  forward pass measures k = 0..K-1 at once. Per k: count, top-1 correct, and top-1
-  probability above :data:`CONFIDENT` (what commits a token at tau = 0.9).
+  forward pass measures k = 0..K-1 at once. Per k: count, top-1 correct, and how often the
+  top-1 probability exceeds each of :data:`PROBE_THRESHOLDS` (what commits a token at that
+  tau; ``probe_conf_k{k}`` is the one at :data:`CONFIDENT` = 0.9). ``logging.probe_min_prefix``
+  keeps cuts at least that far into the sequence (a prompt's length: what decoding sees), and
+  ``logging.probe_cuts`` probes each validation sample at that many cuts (one pass each), so
+  the probe's count is validation samples x cuts per k.
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ from card_megatron import noise
 
 CONTEXT_WINDOW = 4  # input positions j-3..j read by the prediction of position j+1
 CONTEXT_GROUPS = ("0", "1", "2", "3+")
-CONFIDENT = 0.9  # top-1 probability counted as confident by the probe
-# Cut of sample k: n = 1 + floor(frac(0.5 + (k + PROBE_OFFSET) * golden) * (L - K + 1)),
-# a low-discrepancy spread of cuts that is a pure function of the sample id.
+CONFIDENT = 0.9  # top-1 probability counted as confident by probe_conf_k{k}
+# Every tau the study's decoding sweeps use (and a few more): the probe counts top-1 > tau for each.
+PROBE_THRESHOLDS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+# Cut c of C of sample k: n = P + floor(frac(0.5 + (k * C + c + PROBE_OFFSET) * golden) * (L - K + 2 - P)),
+# P the minimum prefix: a low-discrepancy spread of cuts that is a pure function of the sample id
+# (C = 1, P = 1 is the original single cut).
 PROBE_OFFSET = 7919
 
 
@@ -69,16 +76,33 @@ def context_metrics(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def probe_cuts(sample_ids: torch.Tensor, seq_length: int, window: int) -> torch.Tensor:
-    """Cut n of each sample: int64 [B] in [1, L - K + 1] (so n + K - 1 <= L), from its id."""
+def probe_cuts(
+    sample_ids: torch.Tensor, seq_length: int, window: int, cut: int = 0, num_cuts: int = 1, min_prefix: int = 1
+) -> torch.Tensor:
+    """Cut n of each sample (its ``cut``-th of ``num_cuts``): int64 [B] in [min_prefix, L - K + 1]
+    (so n + K - 1 <= L), from its id."""
     if not 1 <= window <= seq_length:
         raise ValueError(f"probe window ({window}) must lie in [1, seq_length={seq_length}]")
-    u = noise.weyl_uniform(sample_ids + PROBE_OFFSET)
-    return 1 + torch.floor(u * (seq_length - window + 1)).to(torch.int64)
+    if not 1 <= min_prefix <= seq_length - window + 1:
+        raise ValueError(
+            f"probe min prefix ({min_prefix}) must lie in [1, seq_length - window + 1 = {seq_length - window + 1}]"
+        )
+    if not 0 <= cut < num_cuts:
+        raise ValueError(f"probe cut ({cut}) must lie in [0, {num_cuts})")
+    u = noise.weyl_uniform(sample_ids * num_cuts + cut + PROBE_OFFSET)
+    return min_prefix + torch.floor(u * (seq_length - window + 2 - min_prefix)).to(torch.int64)
 
 
-def probe_batch(tokens: torch.Tensor, sample_ids: torch.Tensor, window: int, mask_id: int):
-    """The probe's causal pass over tokens [B, L+1].
+def probe_batch(
+    tokens: torch.Tensor,
+    sample_ids: torch.Tensor,
+    window: int,
+    mask_id: int,
+    cut: int = 0,
+    num_cuts: int = 1,
+    min_prefix: int = 1,
+):
+    """The probe's causal pass over tokens [B, L+1] at cut ``cut`` of ``num_cuts`` (:func:`probe_cuts`).
 
     Returns (input_ids [B, L], position_ids [B, L], targets [B, L], gather [B, K]):
     inputs are the clean tokens with positions n..n+K-2 set to [MASK]; ``gather[b, k]``
@@ -86,7 +110,7 @@ def probe_batch(tokens: torch.Tensor, sample_ids: torch.Tensor, window: int, mas
     shifted tokens, so ``targets[b, gather[b, k]] = x[n+k]``).
     """
     B, L = tokens.shape[0], tokens.shape[1] - 1
-    cuts = probe_cuts(sample_ids.to(tokens.device), L, window)
+    cuts = probe_cuts(sample_ids.to(tokens.device), L, window, cut, num_cuts, min_prefix)
     pos = torch.arange(L, device=tokens.device)
     masked = (pos[None, :] >= cuts[:, None]) & (pos[None, :] < (cuts + window - 1)[:, None])
     input_ids = tokens[:, :-1].masked_fill(masked, mask_id)
@@ -95,27 +119,34 @@ def probe_batch(tokens: torch.Tensor, sample_ids: torch.Tensor, window: int, mas
 
 
 def probe_sums(nll: torch.Tensor, top1_logprob: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
-    """Per k: float64 [K, 3] = (count, top-1 correct, top-1 probability > CONFIDENT).
+    """Per k: float64 [K, 2 + len(PROBE_THRESHOLDS)] = (count, top-1 correct, then for each tau of
+    :data:`PROBE_THRESHOLDS` the number with top-1 probability > tau).
 
     nll, top1_logprob float [B, L] from the probe pass; gather int64 [B, K] from
     :func:`probe_batch`.
     """
     nll_k = nll.detach().double().gather(1, gather)
     lp_k = top1_logprob.detach().double().gather(1, gather)
-    out = torch.zeros(gather.shape[1], 3, dtype=torch.float64, device=nll.device)
+    out = torch.zeros(gather.shape[1], 2 + len(PROBE_THRESHOLDS), dtype=torch.float64, device=nll.device)
     out[:, 0] = gather.shape[0]
     out[:, 1] = _is_top1(nll_k, lp_k).sum(0)
-    out[:, 2] = (lp_k > math.log(CONFIDENT)).double().sum(0)
+    for i, tau in enumerate(PROBE_THRESHOLDS):
+        out[:, 2 + i] = (lp_k > math.log(tau)).double().sum(0)
     return out
 
 
 def probe_metrics(sums: torch.Tensor) -> dict[str, float]:
-    """``probe_acc_k{k}`` and ``probe_conf_k{k}`` (fractions of the probed samples) per k."""
+    """Fractions of the probed predictions per k: ``probe_acc_k{k}``, ``probe_conf_k{k}`` (top-1
+    probability > 0.9), ``probe_conf{tau}_k{k}`` for each tau of :data:`PROBE_THRESHOLDS`, and
+    ``probe_n_k{k}`` (the count)."""
     out: dict[str, float] = {}
     for k in range(sums.shape[0]):
         count = float(sums[k, 0])
+        out[f"probe_n_k{k}"] = count
         out[f"probe_acc_k{k}"] = float(sums[k, 1]) / count if count else None
-        out[f"probe_conf_k{k}"] = float(sums[k, 2]) / count if count else None
+        for i, tau in enumerate(PROBE_THRESHOLDS):
+            out[f"probe_conf{tau:g}_k{k}"] = float(sums[k, 2 + i]) / count if count else None
+        out[f"probe_conf_k{k}"] = out[f"probe_conf{CONFIDENT:g}_k{k}"]
     return out
 
 

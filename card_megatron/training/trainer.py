@@ -247,6 +247,7 @@ class Trainer:
             t.seed,
             {"train": t.train_iters * t.global_batch_size, "valid": self.valid_samples, "test": 0},
             tokenizer=self.tokenizer,
+            valid_seed=cfg.data.valid_seed,
         )
 
     # ------------------------------------------------------------------ batches
@@ -434,10 +435,12 @@ class Trainer:
             top1 = self._top1_logprob(logits, li)  # before the NLL, which overwrites the logits
             sums = diagnostics.context_sums(self._nll(logits, li), top1, li.is_masked)
             context = sums if context is None else context + sums
-            if K:
+            lg = self.cfg.logging
+            for cut in range(lg.probe_cuts if K else 0):
                 ids, pos, targets, gather = diagnostics.probe_batch(
-                    batch["tokens"], batch["sample_ids"], K, self.tokenizer.mask_id
-                )
+                    batch["tokens"], batch["sample_ids"], K, self.tokenizer.mask_id, cut, lg.probe_cuts,
+                    lg.probe_min_prefix,
+                )  # fmt: skip
                 logits = self.engine(ids, pos, None)
                 li = LossInputs(targets=targets, weights=None, normaliser=None, suppress_mask_logit=False)
                 top1 = self._top1_logprob(logits, li)
