@@ -74,6 +74,7 @@ def test_structure_checks_refuse_sharing_cycles_depth_and_overlapping_tensors(tm
     ckpt.check_structure({"betas": (0.9, 0.95), "groups": [{"b": 1}, {"b": 2}]}, path)  # ordinary: passes
     shared = (0.9, 0.95)
     ckpt.check_structure([{"betas": shared}, {"betas": shared}], path)  # DeepSpeed shares betas: passes
+    ckpt.check_structure({"ids": list(range(200_000)), "names": [str(i) for i in range(50_000)]}, path)  # big, flat
     with pytest.raises(ckpt.CheckpointContentError, match=r"refusing .*x\.pt: containers shared so often"):
         ckpt.check_structure({"state": _shared_nest(22)}, path)
     cyclic: list = [1]

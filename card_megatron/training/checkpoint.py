@@ -488,7 +488,7 @@ _DEEPSPEED_STATE_CLASSES = [ZeroStageEnum, fragment_address, LossScaler, Dynamic
 # share one container at every level, so that a 2 KB file unfolds into millions of nodes when
 # DeepSpeed copies it (issue 21: resume hung, 7.5 GB at depth 22).
 MAX_DEPTH = 32
-MAX_SHARING_NODES = 10_000  # unfolded nodes allowed beyond twice the distinct ones
+MAX_SHARING_NODES = 10_000  # unfolded nodes allowed beyond twice the distinct ones (containers and slots)
 _SCALARS = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size)
 _TENSOR_DTYPES = frozenset(
     {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
@@ -533,7 +533,7 @@ def check_structure(obj: Any, path: str, allowed_classes: tuple = ()) -> None:
     it holds, holds a type other than containers, scalars, tensors and ``allowed_classes`` (their
     attributes are checked alike), or a tensor :func:`check_tensor` refuses. Linear in the file's size."""
     unfolded: dict[int, int] = {}  # id -> nodes under it when unfolded (-1: being visited)
-    distinct = 0
+    distinct = 0  # containers and their slots, each counted once
 
     def visit(o: Any, keys: list) -> int:
         nonlocal distinct
@@ -561,14 +561,14 @@ def check_structure(obj: Any, path: str, allowed_classes: tuple = ()) -> None:
         if len(keys) >= MAX_DEPTH:
             raise _refuse(path, _where(keys), f"containers nested deeper than {MAX_DEPTH} levels")
         unfolded[key] = -1
-        distinct += 1
+        distinct += 1 + len(children)  # every slot of a container is counted once, on its first visit
         total = 1 + sum(visit(v, keys + [k]) for k, v in children)
         unfolded[key] = total
         if total > 2 * distinct + MAX_SHARING_NODES:
             raise _refuse(
                 path,
                 _where(keys),
-                f"containers shared so often that {distinct} of them unfold into {total} or more (copying the "
+                f"containers shared so often that {distinct} entries unfold into {total} or more (copying the "
                 "state would take exponential time and memory)",
             )
         return total

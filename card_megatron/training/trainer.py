@@ -635,6 +635,8 @@ class Trainer:
                     "dropped and later checkpoints have none"
                 )
             return
+        if self.cfg.train.drop_ema:
+            self._log_line(f"train.drop_ema has no effect: optim.ema_decay is {self.ema.decay}, the EMA is kept")
         ema_file, layout_files = self._ema_files()
         saved = ckpt.load_ema_state(path, ema_file, layout_files)
         if saved is None:
