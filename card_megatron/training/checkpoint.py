@@ -459,7 +459,7 @@ def load_ema_state(path: str, ema_file: str, layout_files: set[str]) -> Optional
             f"{', ...' if len(names) > 3 else ''}; this layout needs {len(layout_files)}). The EMA is not resharded: "
             "resume with the tensor and pipeline sizes (and, under ZeRO-3, the data-parallel size) that saved it"
         )
-    return torch.load(os.path.join(path, ema_file), map_location="cpu", weights_only=True)
+    return safe_load(os.path.join(path, ema_file), map_location="cpu")  # checked like every resume file
 
 
 def saved_config(path: str) -> Optional[Config]:
