@@ -594,7 +594,9 @@ class Trainer:
             if saved is not None
             else []
         )
-        if "tokenizer_sha256" in meta:
+        # Files that cannot be read are left to the builders below, which name them; the config's own
+        # changes (another data_path, say) are listed first.
+        if "tokenizer_sha256" in meta and os.path.isfile(self.cfg.data.tokenizer_model):
             now = Tokenizer.load(self.cfg.data.tokenizer_model).sha256
             if now != meta["tokenizer_sha256"]:
                 changes.append(
@@ -602,7 +604,8 @@ class Trainer:
                     f"{now[:16]}... (another file under the same path)"
                 )
         if "data" in meta:
-            changes += data_identity_changes(meta["data"], data_identity(self.cfg.data.data_path))
+            with contextlib.suppress(ValueError):
+                changes += data_identity_changes(meta["data"], data_identity(self.cfg.data.data_path))
         if self.cfg.optim.ema_decay == 0.0 and ckpt.has_ema(path) and not self.cfg.train.drop_ema:
             changes.append(
                 "optim.ema_decay: the checkpoint holds an EMA of the weights and optim.ema_decay is 0, which "
