@@ -132,6 +132,17 @@ def test_crafted_files_are_refused_naming_file_and_key(saved_run, tiny_corpus, t
     assert "have no use for at ['optimizer']['state'][99]['exp_avg']" in text, text
     text = crafted(lambda s: s["module"].pop(emb))
     assert f"no tensor for {emb}" in text
+    # Another model-parallel rank's file (DeepSpeed reads mp_rank_00 on every rank for its metadata; a
+    # pipeline stage's shapes differ): structure checks only, its own rank compares the shapes.
+    other = os.path.join(checkpoint, "mp_rank_01_model_states.pt")
+    state = torch.load(file + ".orig", weights_only=False)
+    state["module"][emb] = torch.zeros(7, 3)
+    torch.save(state, other)
+    assert tuple(load(other)["module"][emb].shape) == (7, 3)
+    state["module"][emb] = torch.zeros(1).expand(7, 3)
+    torch.save(state, other)
+    with pytest.raises(ValueError, match="a non-contiguous tensor"):
+        load(other)
     trainer.close()
 
 
