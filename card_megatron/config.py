@@ -117,6 +117,9 @@ class DataConfig:
     """DataLoader worker processes per rank (0 = read in the training process)."""
     valid_seed: Optional[int] = None
     """Seed of the valid/test samples (which sequences, noise seeds); none = train.seed; shared = same validation."""
+    allow_missing_sidecar: bool = False
+    """Train on a shard without its tokenizer sidecar ({output prefix}.tokenizer.json); nothing then checks
+    that data.tokenizer_model made it."""
 
 
 @dataclass
@@ -199,6 +202,8 @@ class TrainConfig:
     """Consecutive steps with a non-finite loss (each skipped) before the run stops."""
     trust_checkpoint: bool = False
     """Resume with torch.load(weights_only=False): only for run directories you trust."""
+    drop_ema: bool = False
+    """Resume a checkpoint that holds an EMA with optim.ema_decay=0, dropping the EMA (refused without it)."""
 
 
 @dataclass
@@ -690,6 +695,11 @@ RESUMABLE = frozenset(
         "train.eval_ema",
         "train.max_nonfinite_steps",
         "train.trust_checkpoint",
+        "train.drop_ema",
+        "model.recompute_activations",
+        "model.fused_kernels",
+        "objective.eval_t_samples",
+        "data.allow_missing_sidecar",
         "optim.lr",
         "optim.min_lr",
         "optim.lr_warmup_iters",
@@ -707,17 +717,35 @@ RESUMABLE = frozenset(
 ) | {f"logging.{f.name}" for f in dataclasses.fields(LoggingConfig)}
 
 
-def resume_changes(saved: Config, cfg: Config, saved_dp: Optional[int] = None, dp: Optional[int] = None) -> list[str]:
+def resume_changes(
+    saved: Config,
+    cfg: Config,
+    saved_dp: Optional[int] = None,
+    dp: Optional[int] = None,
+    saved_resolved: Optional[dict[str, str]] = None,
+    resolved: Optional[dict[str, str]] = None,
+) -> list[str]:
     """Every change from the checkpoint's config ``saved`` to ``cfg`` that a resume may not make,
     as "section.key: saved -> new"; also a data-parallel size change (``saved_dp`` -> ``dp``)
-    under ZeRO, whose optimizer state is partitioned by data-parallel rank. [] when none."""
+    under ZeRO, whose optimizer state is partitioned by data-parallel rank. [] when none.
+
+    ``saved_resolved`` and ``resolved`` ({"train.precision": "fp32", ...}: what a value such as
+    ``auto`` or none became on the saving and on this machine) make those keys compare by what they
+    resolve to: ``auto`` saved on a GPU (bf16) and resumed on a CPU (fp32) is a change, ``auto`` and
+    ``fp32`` on a CPU are not. A checkpoint without the record compares the values as written."""
     old, new = config_to_dict(saved), config_to_dict(cfg)
-    changes = [
-        f"{section}.{key}: {old[section][key]!r} -> {value!r}"
-        for section, values in new.items()
-        for key, value in values.items()
-        if value != old[section][key] and f"{section}.{key}" not in RESUMABLE
-    ]
+    saved_resolved, resolved = saved_resolved or {}, resolved or {}
+    changes = []
+    for section, values in new.items():
+        for key, value in values.items():
+            name, before = f"{section}.{key}", old[section][key]
+            if name in RESUMABLE:
+                continue
+            if name in saved_resolved and name in resolved:
+                if saved_resolved[name] != resolved[name]:
+                    changes.append(f"{name}: {before!r} ({saved_resolved[name]}) -> {value!r} ({resolved[name]})")
+            elif value != before:
+                changes.append(f"{name}: {before!r} -> {value!r}")
     if saved_dp is not None and dp is not None and saved_dp != dp and cfg.parallel.zero_stage > 0:
         changes.append(
             f"data-parallel size: {saved_dp} -> {dp} under parallel.zero_stage {cfg.parallel.zero_stage} "

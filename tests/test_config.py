@@ -212,6 +212,34 @@ def test_resume_changes_lists_what_may_not_change():
     assert got[-1].startswith("data-parallel size: 2 -> 1 under parallel.zero_stage 1")
 
 
+def test_resume_allows_what_does_not_change_the_maths_and_compares_resolved_values():
+    """Activation recomputation, fused kernels and the ELBO's sample count may change on resume;
+    train.precision compares by what it resolved to on each machine (issue 21)."""
+    from card_megatron.config import resume_changes
+
+    saved = load_config(None, ["data.data_path=a"])
+    same_maths = load_config(
+        None,
+        [
+            "data.data_path=a",
+            "model.recompute_activations=true",
+            "model.fused_kernels=false",
+            "objective.eval_t_samples=8",
+            "train.drop_ema=true",
+            "data.allow_missing_sidecar=true",
+        ],
+    )
+    assert resume_changes(saved, same_maths) == []
+    fp32 = load_config(None, ["data.data_path=a", "train.precision=fp32"])
+    cpu = {"train.precision": "fp32", "parallel.distributed_backend": "gloo"}
+    gpu = {"train.precision": "bf16", "parallel.distributed_backend": "nccl"}
+    assert resume_changes(saved, fp32) == ["train.precision: 'auto' -> 'fp32'"]  # without the record: as written
+    assert resume_changes(saved, fp32, saved_resolved=cpu, resolved=cpu) == []  # auto was fp32 here
+    assert resume_changes(saved, saved, saved_resolved=gpu, resolved=cpu) == [
+        "train.precision: 'auto' (bf16) -> 'auto' (fp32)"  # auto on a GPU, resumed on a CPU
+    ]
+
+
 def test_every_key_has_a_description_and_the_docs_list_them():
     """Each config field has a one-line docstring; --help-config and docs/config.md show every key."""
     import dataclasses

@@ -325,14 +325,42 @@ def test_token_ids_outside_the_vocabulary_are_refused(shard, tmp_path, caplog):
     prefix, docs = shard
     top = max(max(d) for d in docs)
     cfg = cfg_for(prefix, tmp_path / "cache")
+    cfg.allow_missing_sidecar = True  # the shard has no sidecar (the next test refuses that)
     with pytest.raises(ValueError) as e:
         build_datasets(cfg, 16, 1, {"train": 10}, tokenizer=_tokenizer(500))
     assert f"{prefix}.bin holds token id {top}, outside the vocabulary" in str(e.value)
     assert "/models/tok.model (500 ids, 0..499)" in str(e.value)
-    assert "no tokenizer sidecar" in caplog.text  # no sidecar: a warning, not an error
+    assert "no tokenizer sidecar" in caplog.text  # accepted by data.allow_missing_sidecar: a warning
     cached = [d for d in os.listdir(tmp_path / "cache") if d.startswith("tokens_") and not d.endswith(".lock")]
     assert len(cached) == 1  # the maximum is cached beside the sample index
     build_datasets(cfg, 16, 1, {"train": 10}, tokenizer=_tokenizer(top + 1))
+
+
+def test_shard_without_a_sidecar_is_refused_unless_accepted(shard, tmp_path, caplog):
+    """No sidecar: nothing says which tokenizer made the shard; refused naming the shard and the flag (issue 21)."""
+    prefix, docs = shard
+    cfg = cfg_for(prefix, tmp_path / "cache")
+    with pytest.raises(ValueError) as e:
+        build_datasets(cfg, 16, 1, {"train": 10}, tokenizer=_tokenizer(1024))
+    assert f"{prefix} has no tokenizer sidecar" in str(e.value) and "data.allow_missing_sidecar=true" in str(e.value)
+    cfg.allow_missing_sidecar = True
+    with caplog.at_level(logging.WARNING):
+        assert len(build_datasets(cfg, 16, 1, {"train": 10}, tokenizer=_tokenizer(1024))["train"]) == 10
+    assert f"{prefix} has no tokenizer sidecar" in caplog.text
+
+
+def test_split_smaller_than_one_sample_is_refused_naming_both_sizes(shard, tmp_path):
+    """A validation split shorter than seq_length + 1 tokens would repeat its few tokens epoch after
+    epoch (minutes of index building and a meaningless validation): refused with both sizes (issue 21)."""
+    prefix, docs = shard
+    cfg = cfg_for(prefix, tmp_path / "cache", split="298,2,0")  # the valid split: the last 2 documents
+    tokens = sum(len(d) for d in docs[298:])
+    with pytest.raises(ValueError) as e:
+        build_datasets(cfg, tokens, 1, {"train": 4, "valid": 4})
+    text = str(e.value)
+    assert f"the valid split (documents 298..300 under data.split) holds {tokens} tokens" in text
+    assert f"model.seq_length + 1 = {tokens + 1} tokens" in text
+    assert len(build_datasets(cfg, tokens - 1, 1, {"train": 4, "valid": 4})["valid"]) == 4  # one sample fits
 
 
 def test_shard_of_another_tokenizer_is_refused(shard, tmp_path, caplog):

@@ -163,11 +163,16 @@ def test_ema_switched_on_and_off_between_runs(tiny_corpus, tmp_path, caplog):
     checkpoint = os.path.join(run, "checkpoints", "step_00000002")
     assert "ema_state_dict" in torch.load(os.path.join(checkpoint, "export", "model.pt"), weights_only=True)
 
+    # optim.ema_decay=0 would drop the trained EMA: refused unless train.drop_ema says so (issue 21).
+    from card_megatron.config import ConfigError
+
+    with pytest.raises(ConfigError, match="the checkpoint holds an EMA .* or train.drop_ema=true to drop it"):
+        trainer()
     caplog.clear()
-    dropped = trainer()
+    dropped = trainer("train.drop_ema=true")
     assert dropped.ema is None
     dropped.close()
-    assert "holds an EMA, but optim.ema_decay is 0: the EMA is dropped" in caplog.text
+    assert "holds an EMA, but optim.ema_decay is 0 and train.drop_ema is true: the EMA is dropped" in caplog.text
 
     # An EMA saved with TP=2 (two files) cannot resume on one process: refused, with the reason.
     shutil.copyfile(

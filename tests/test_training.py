@@ -6,6 +6,7 @@ Multi-process tests run under torchrun on gloo (2 ranks) with timeouts.
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -406,8 +407,11 @@ def test_second_trainer_on_a_run_dir_is_refused(tiny_corpus, tmp_path):
     assert not os.path.exists(run / "metrics.jsonl")
 
 
-def test_disk_full_during_a_save_says_so_and_keeps_the_last_checkpoint(tiny_corpus, tmp_path):
-    import errno
+def test_disk_full_during_a_save_says_so_and_keeps_the_last_checkpoint(tiny_corpus, tmp_path, monkeypatch):
+    """A full disk during a save (torch.save's own error on a full disk: a short write reported as
+    "unexpected pos", no errno) is named with the file, the previous checkpoint stays `latest`, the
+    unfinished directory is removed, and the error is an OSError (train.py prints it, no traceback)."""
+    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
 
     from card_megatron.config import load_config
     from card_megatron.training import checkpoint as ckpt
@@ -418,37 +422,92 @@ def test_disk_full_during_a_save_says_so_and_keeps_the_last_checkpoint(tiny_corp
     trainer.train_step()
     first = trainer.save()
 
-    def full(state_dict, path):
-        open(path, "wb").close()
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    def full_disk_save(obj, path, **kwargs):  # what torch.save raised on a full tmpfs (measured, issue 21)
+        with open(path, "wb") as f:
+            f.write(b"PK" * 100)
+        try:
+            raise RuntimeError("basic_ios::clear: iostream error")
+        except RuntimeError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")  # noqa: B904
 
-    trainer.engine.checkpoint_engine.save = full
+    monkeypatch.setattr(torch_checkpoint_engine.torch, "save", full_disk_save)
+    monkeypatch.setattr(ckpt, "_free_bytes", lambda root: 4096)
     trainer.train_step()
-    with pytest.raises(
-        OSError, match=r"the disk is full: saving checkpoint .*step_00000002 failed .*step_00000001 is intact"
-    ):
+    second = os.path.join(cfg.train.run_dir, "checkpoints", "step_00000002")
+    with pytest.raises(OSError) as e:
         trainer.save()
-    assert ckpt.latest_checkpoint(cfg.train.run_dir) == first
+    text = str(e.value)
+    assert f"No space left on device while writing {second}/mp_rank_00_model_states.pt" in text
+    assert "unexpected pos 576 vs 534" in text and f"the previous checkpoint {first} stays intact" in text
+    assert ckpt.latest_checkpoint(cfg.train.run_dir) == first and not os.path.exists(second)
+
+    monkeypatch.setattr(ckpt, "_free_bytes", lambda root: 2**30)  # the same short write with room left
+    with pytest.raises(OSError, match=r"writing .*mp_rank_00_model_states.pt failed \(\[enforce fail"):
+        trainer.save()
     trainer.close()
+
+
+def test_disk_full_on_a_real_small_filesystem(tiny_corpus, tmp_path):
+    """The same on a real full disk: a 16 MiB tmpfs (needs root and mount; skipped elsewhere)."""
+    import subprocess as sp
+
+    from card_megatron.config import load_config
+    from card_megatron.training import checkpoint as ckpt
+    from card_megatron.training.trainer import Trainer
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or sp.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("needs root and mount to make a small filesystem")
+    try:
+        cfg = load_config(os.path.join(REPO, "configs", "tiny-cpu.yaml"), overrides(tiny_corpus, str(mnt / "run"), 4))
+        trainer = Trainer(cfg)
+        trainer.train_step()
+        first = trainer.save()
+        free = shutil.disk_usage(mnt).free
+        with open(mnt / "filler", "wb") as f:  # leave a third of what one checkpoint needs
+            f.write(b"\0" * max(0, free - ckpt_size(first) // 3))
+        trainer.train_step()
+        with pytest.raises(OSError, match=r"No space left on device while writing .*step_00000002/") as e:
+            trainer.save()
+        assert f"the previous checkpoint {first} stays intact" in str(e.value)
+        assert ckpt.latest_checkpoint(cfg.train.run_dir) == first
+        trainer.close()
+    finally:
+        sp.run(["umount", "-l", str(mnt)])
+
+
+def ckpt_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(path) for f in names)
 
 
 def test_stale_extension_build_lock_is_removed_with_a_warning(tmp_path, monkeypatch, caplog):
     """A torch-extension build killed midway leaves `lock`, on which every later start would wait in
-    silence: an old one is removed with a warning naming it, a young one is named (issue 14)."""
+    silence. A lock is stale when no process holds it open (the builder does, for the whole build),
+    whatever its age: removed with a warning naming the op; a held one is kept, naming the op and the
+    process building it (issue 21)."""
     from card_megatron.parallel import cpu_adapter
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
     young = tmp_path / "py311_cpu" / "other_op" / "lock"
-    for lock in (stale, young):
+    held = tmp_path / "py311_cpu" / "building_op" / "lock"
+    for lock in (stale, young, held):
         lock.parent.mkdir(parents=True)
         lock.touch()
     old = time.time() - 2 * cpu_adapter.STALE_BUILD_LOCK_S
     os.utime(stale, (old, old))
-    with caplog.at_level("WARNING"):
-        assert cpu_adapter.clear_stale_build_locks() == [str(stale)]
-    assert not stale.exists() and young.exists()
-    assert f"removed {stale}" in caplog.text and f"{young} exists" in caplog.text
+    os.utime(held, (old, old))  # old but held: kept
+    fd = os.open(held, os.O_RDONLY)  # this process is "building" building_op, as torch's FileBaton holds it
+    try:
+        assert cpu_adapter.lock_holders(str(held)) == [os.getpid()] and cpu_adapter.lock_holders(str(young)) == []
+        with caplog.at_level("WARNING"):
+            assert cpu_adapter.clear_stale_build_locks() == [str(stale), str(young)]
+    finally:
+        os.close(fd)
+    assert not stale.exists() and not young.exists() and held.exists()
+    assert f"removed {stale}" in caplog.text and "a build of deepspeed_shm_comm was interrupted" in caplog.text
+    assert f"{held} is held by pid {os.getpid()} (" in caplog.text and "building building_op" in caplog.text
 
 
 @pytest.mark.slow

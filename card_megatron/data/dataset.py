@@ -207,13 +207,21 @@ def _warn_without_eod(prefix: str, shard_sizes: np.ndarray, read: Callable, eod:
         )  # fmt: skip
 
 
-def _check_same_tokenizer(prefix: str, tokenizer: Any) -> None:
+def _check_same_tokenizer(prefix: str, tokenizer: Any, allow_missing: bool = True) -> None:
     """Raises ValueError if the shard's sidecar names another tokenizer than ``tokenizer``
-    (their sha256 differ); warns when there is no sidecar or it predates the hash."""
+    (their sha256 differ); warns when the sidecar predates the hash. Without a sidecar it warns
+    when ``allow_missing`` (evaluation), else raises naming the file and data.allow_missing_sidecar."""
     from card_megatron.data.preprocess import sidecar_for
 
     sidecar = sidecar_for(prefix)
     if sidecar is None:
+        if not allow_missing:
+            raise ValueError(
+                f"{prefix} has no tokenizer sidecar ({{output prefix}}.tokenizer.json, written by "
+                f"tools/preprocess_data.py): nothing says that data.tokenizer_model ({tokenizer.source}) made it, and "
+                "any tokenizer of the same size would train on it. Put the sidecar back beside the shard, or accept "
+                "the shard as it is with data.allow_missing_sidecar=true"
+            )
         logger.warning(
             "%s has no tokenizer sidecar ({output prefix}.tokenizer.json): cannot check that "
             "data.tokenizer_model (%s) is the tokenizer that made it",
@@ -312,7 +320,7 @@ def build_datasets(
     cache_dir = data_cache.default_cache_dir(prefixes[0], data_cfg.cache_dir)
     if tokenizer is not None:
         for prefix, fingerprint in zip(prefixes, fingerprints):
-            _check_same_tokenizer(prefix, tokenizer)
+            _check_same_tokenizer(prefix, tokenizer, data_cfg.allow_missing_sidecar)
             _check_token_ids(prefix, fingerprint, tokenizer, cache_dir, lock_timeout_s)
 
     datasets: dict[str, PackedDataset] = {}
@@ -339,3 +347,58 @@ def build_datasets(
         logger.info("%s split: %d samples of %d+1 tokens ready in %.2f s", split, n, seq_length, seconds)
         datasets[split] = PackedDataset(shards, entry, seq_length, n, split, arrays)
     return datasets
+
+
+def data_identity(data_path: str) -> dict[str, dict[str, Any]]:
+    """What identifies the data of ``data.data_path`` by content, per shard prefix: the ``.bin`` size,
+    the ``.idx``'s sha256 (every document's length) and the sha256 of the inputs the sidecar records
+    (None without a sidecar). A checkpoint stores it and a resume compares it
+    (:func:`data_identity_changes`): other files under the same paths are refused, a copy is not."""
+    import hashlib
+
+    from card_megatron.data.preprocess import sidecar_for
+    from card_megatron.data.shards import bin_path, idx_path
+
+    out: dict[str, dict[str, Any]] = {}
+    for _, prefix in parse_data_path(data_path):
+        try:
+            size = os.path.getsize(bin_path(prefix))
+            h = hashlib.sha256()
+            with open(idx_path(prefix), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as e:
+            raise ValueError(f"token shard {prefix}: cannot read it ({e})") from None
+        inputs = None
+        sidecar = sidecar_for(prefix)
+        if sidecar is not None:
+            try:
+                with open(sidecar) as f:
+                    inputs = [i.get("sha256") for i in json.load(f).get("inputs", [])]
+            except (OSError, ValueError, AttributeError) as e:
+                raise ValueError(f"{sidecar}: cannot read the tokenizer sidecar of {prefix} ({e})") from None
+        out[prefix] = {"bin_bytes": size, "idx_sha256": h.hexdigest(), "inputs_sha256": inputs}
+    return out
+
+
+def data_identity_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """One line per shard prefix whose :func:`data_identity` differs from the saved one, naming what differs."""
+    names = {"bin_bytes": ".bin size", "idx_sha256": ".idx sha256", "inputs_sha256": "sha256 of its inputs (sidecar)"}
+    changes = []
+    for prefix in sorted(set(saved) & set(now)):
+        diffs = [
+            f"{names.get(k, k)} {_short(saved[prefix].get(k))} -> {_short(now[prefix].get(k))}"
+            for k in names
+            if saved[prefix].get(k) != now[prefix].get(k)
+        ]
+        if diffs:
+            changes.append(f"the data {prefix} holds other files under the same path: {'; '.join(diffs)}")
+    return changes
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str) and len(value) > 16:
+        return value[:16] + "..."
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return repr(value)

@@ -196,6 +196,12 @@ def build_split_arrays(
                 f"{shard.name}: the {split} split (documents {shard.doc_begin}..{shard.doc_end} under "
                 f"data.split) holds no tokens, but {count} {split} samples were requested from it"
             )
+        if tokens < seq_length + 1:  # every sample would repeat the split's few tokens, epoch after epoch
+            raise ValueError(
+                f"{shard.name}: the {split} split (documents {shard.doc_begin}..{shard.doc_end} under data.split) "
+                f"holds {tokens} tokens, fewer than one sample of model.seq_length + 1 = {seq_length + 1} tokens: "
+                f"lower model.seq_length, or give the {split} split more documents (data.split)"
+            )
         num_epochs = num_epochs_for(tokens, seq_length, count)
         starts = epoch_sample_starts(tokens, seq_length, num_epochs)
         doc_key = shuffle_key(seed, split_id, d, _PURPOSE_DOCUMENTS)

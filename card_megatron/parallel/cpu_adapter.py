@@ -13,9 +13,11 @@ megatron-core 0.16.1, see shared/PLATFORM.md):
   DeepSpeed is imported.
 * On its first start DeepSpeed builds its CPU communication op (``deepspeed_shm_comm``) with
   torch's JIT extension loader, which waits for as long as a ``lock`` file exists in the build
-  directory. A build killed midway leaves that file and every later start would hang in
-  silence: :func:`clear_stale_build_locks` removes locks older than
-  :data:`STALE_BUILD_LOCK_S` with a warning naming them, and warns about younger ones.
+  directory. The builder keeps that file open for the whole build (torch's ``FileBaton``); a
+  build killed midway leaves it with no process holding it, and every later start would wait
+  in silence: :func:`clear_stale_build_locks` removes every lock that no process on this
+  machine holds open (whatever its age), and names the op being built and the process building
+  it for the others.
 
 The GPU path is untouched: NCCL, CUDA RNG tracker, bf16.
 """
@@ -26,40 +28,90 @@ import glob
 import logging
 import os
 import time
+from typing import Optional
 
 import torch
 
 log = logging.getLogger(__name__)
 _applied = False
-STALE_BUILD_LOCK_S = 600.0  # a build of DeepSpeed's CPU op takes about a minute
+STALE_BUILD_LOCK_S = 600.0  # without /proc (not Linux), a lock this old is taken as stale
+
+
+def lock_holders(path: str) -> Optional[list[int]]:
+    """The ids of the processes on this machine that hold ``path`` open (from ``/proc/*/fd``), or None
+    when ``/proc`` cannot tell (not Linux). Processes whose descriptors this user cannot read are not
+    counted: they belong to another user, who cannot build into this user's extension directory."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        target = os.stat(path)
+    except OSError:
+        return []
+    holders = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # exited, or another user's
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                holders.append(int(pid))
+                break
+    return holders
+
+
+def _describe_process(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        cmd = ""
+    return f"pid {pid}" + (f" ({cmd[:120]})" if cmd else "")
 
 
 def clear_stale_build_locks(now: float | None = None) -> list[str]:
-    """Removes torch-extension build locks (``{TORCH_EXTENSIONS_DIR}/*/*/lock``) older than
-    STALE_BUILD_LOCK_S, warning about each, and warns naming younger ones (a build in progress,
-    or one killed a moment ago: the start waits for it). Returns the removed paths."""
+    """Removes torch-extension build locks (``{TORCH_EXTENSIONS_DIR}/*/*/lock``) that no process holds
+    open (:func:`lock_holders`; without ``/proc``, those older than STALE_BUILD_LOCK_S), warning about
+    each and naming the op whose build was interrupted; warns naming the op and the building process
+    for a lock that is held (the start waits for that build). Returns the removed paths."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     now = time.time() if now is None else now
     removed = []
     for lock in sorted(glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock"))):
+        op = os.path.basename(os.path.dirname(lock))
         try:
             age = now - os.path.getmtime(lock)
         except OSError:
             continue  # released meanwhile
-        if age > STALE_BUILD_LOCK_S:
+        holders = lock_holders(lock)
+        stale = not holders if holders is not None else age > STALE_BUILD_LOCK_S
+        if stale:
             try:
                 os.remove(lock)
             except FileNotFoundError:
                 continue  # another rank removed it
             removed.append(lock)
             log.warning(
-                "removed %s, a torch-extension build lock %.0f min old: a build of %s was interrupted "
-                "(it is rebuilt now)",
+                "removed %s, a torch-extension build lock (%.0f s old) that no process holds: a build of %s was "
+                "interrupted (it is rebuilt now)",
                 lock,
-                age / 60,
-                os.path.basename(os.path.dirname(lock)),
+                age,
+                op,
+            )
+        elif holders:
+            log.warning(
+                "%s is held by %s, building %s: startup waits until that build ends",
+                lock,
+                ", ".join(_describe_process(p) for p in holders),
+                op,
             )
         else:
             log.warning(
@@ -68,7 +120,7 @@ def clear_stale_build_locks(now: float | None = None) -> list[str]:
                 "the file",
                 lock,
                 age,
-                os.path.basename(os.path.dirname(lock)),
+                op,
             )
     return removed
 

@@ -31,7 +31,16 @@ Loading runs no code from the files: every file is read with ``torch.load(weight
 (DeepSpeed's own loader, ``TorchCheckpointEngine.load``, uses ``weights_only=False``; it is
 replaced by :class:`SafeCheckpointEngine`), the RNG states are stored as tensors and numbers,
 and only DeepSpeed's plain state classes are allowlisted. ``train.trust_checkpoint=true``
-loads with ``weights_only=False`` (checkpoints from elsewhere that hold other objects).
+loads with ``weights_only=False`` (checkpoints from elsewhere that hold other objects). Whatever
+loads is checked before DeepSpeed uses it (:func:`check_structure`: depth, sharing, types, dense
+tensors; :func:`check_layout`: every tensor's shape and dtype against :func:`expected_layout` of
+the live engine) and refused naming the file and the key.
+
+A write that fails during a save is raised on every rank as one :class:`CheckpointSaveError`
+naming the file ("No space left on device while writing ..." for a full disk) and saying that the
+previous checkpoint stays intact; the unfinished directory is removed. ``meta.json`` also records
+what a resume compares beyond the config: the resolved precision and backend, the tokenizer's
+sha256 and the data's identity (``data.dataset.data_identity``).
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ import pickle
 import random
 import re
 import shutil
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -58,6 +67,14 @@ from deepspeed.utils.tensor_fragment import fragment_address
 
 from card_megatron.config import Config, config_from_dict
 from card_megatron.fileio import atomic_open, atomic_write
+from card_megatron.training.checkpoint_checks import (  # noqa: F401 (re-exported: the checks of safe_load)
+    MAX_DEPTH,
+    CheckpointContentError,
+    check_layout,
+    check_structure,
+    check_tensor,
+    expected_layout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +243,7 @@ def save_checkpoint(
     export_ema_state: Optional[dict] = None,
     ema_state: Optional[dict] = None,
     ema_file: Optional[str] = None,
+    meta_extra: Optional[dict] = None,
 ) -> str:
     """Saves a checkpoint collectively (every rank calls it); returns its directory.
 
@@ -233,6 +251,10 @@ def save_checkpoint(
     with ``export_writer`` True (data- and tensor-parallel rank 0 of each pipeline stage),
     and ``export_ema_state`` the same for the EMA weights (None without EMA). ``ema_state``
     is the EMA state that this rank writes to ``ema_file`` (None on ranks that write none).
+    ``meta_extra`` goes into ``meta.json`` as well (the resolved precision and backend, the tokenizer's
+    sha256 and the data's fingerprints: a resume compares them). A failed write raises
+    :class:`CheckpointSaveError` on every rank, naming the file; ``latest`` then still names the
+    previous checkpoint, and the unfinished directory is removed.
     """
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
@@ -245,53 +267,71 @@ def save_checkpoint(
         return path  # every rank decides alike: latest was written before the last barrier
 
     def write_files() -> None:
-        """Writes every file of the checkpoint (collective); the caller turns a failure into one clear error."""
+        """Writes every file of the checkpoint (collective). A failed write on any rank is raised on
+        every rank (:func:`_agree_on_failure`), after the collectives it would have skipped."""
+        failure = getattr(engine, "_card_save_failure", None) or _SaveFailure()
+        failure.file, failure.error = None, None
         engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
-        if ema_state is not None:
-            with atomic_open(os.path.join(path, ema_file), "wb") as f:
-                torch.save(ema_state, f)
+        failed: Optional[tuple[str, BaseException]] = (failure.file, failure.error) if failure.error else None
         export_dir = os.path.join(path, "export")
-        if export_writer and export_state is not None:
-            os.makedirs(export_dir, exist_ok=True)
-            part = os.path.join(export_dir, f"stage_{stage_index:03d}.pt")
-            with atomic_open(part, "wb") as f:
-                torch.save({"state_dict": export_state, "ema_state_dict": export_ema_state}, f)
-        dist.barrier()
+        if failed is None:
+            file = ""
+            try:
+                if ema_state is not None:
+                    file = os.path.join(path, ema_file)
+                    with atomic_open(file, "wb") as f:
+                        torch.save(ema_state, f)
+                if export_writer and export_state is not None:
+                    os.makedirs(export_dir, exist_ok=True)
+                    file = os.path.join(export_dir, f"stage_{stage_index:03d}.pt")
+                    with atomic_open(file, "wb") as f:
+                        torch.save({"state_dict": export_state, "ema_state_dict": export_ema_state}, f)
+            except (OSError, RuntimeError) as e:
+                failed = (file, e)
+        _agree_on_failure(failed, path, root, previous)
         if rank == 0:
-            merged: dict[str, torch.Tensor] = {}
-            merged_ema: dict[str, torch.Tensor] = {}
-            for i in range(num_stages):
-                part = torch.load(os.path.join(export_dir, f"stage_{i:03d}.pt"), weights_only=True)
-                merged.update(part["state_dict"])
-                merged_ema.update(part["ema_state_dict"] or {})
-            blob = {"state_dict": merged, "step": step}
-            if merged_ema:
-                blob["ema_state_dict"] = merged_ema
-            with atomic_open(os.path.join(export_dir, "model.pt"), "wb") as f:
-                torch.save(blob, f)
-            for i in range(num_stages):
-                os.remove(os.path.join(export_dir, f"stage_{i:03d}.pt"))
-            atomic_write(os.path.join(path, "config.yaml"), config_yaml)
-            atomic_write(os.path.join(export_dir, "config.yaml"), config_yaml)
-            if tokenizer_model and os.path.exists(tokenizer_model):
-                for dst in (path, export_dir):
-                    shutil.copyfile(tokenizer_model, os.path.join(dst, "tokenizer.model"))
-                    sidecar = os.path.splitext(tokenizer_model)[0] + ".tokenizer.json"
-                    if os.path.exists(sidecar):
-                        shutil.copyfile(sidecar, os.path.join(dst, "tokenizer.tokenizer.json"))
-            files = {
-                os.path.relpath(os.path.join(d, f), path): os.path.getsize(os.path.join(d, f))
-                for d, _, names in os.walk(path)
-                for f in names
-            }
-            meta = {
-                "step": step,
-                "consumed_samples": client_state["consumed_samples"],
-                "data_parallel_size": client_state.get("data_parallel_size"),
-                "files": files,
-            }
-            atomic_write(os.path.join(path, "meta.json"), json.dumps(meta, indent=1, sort_keys=True))
-        dist.barrier()
+            file = os.path.join(export_dir, "model.pt")
+            try:
+                merged: dict[str, torch.Tensor] = {}
+                merged_ema: dict[str, torch.Tensor] = {}
+                for i in range(num_stages):
+                    part = torch.load(os.path.join(export_dir, f"stage_{i:03d}.pt"), weights_only=True)
+                    merged.update(part["state_dict"])
+                    merged_ema.update(part["ema_state_dict"] or {})
+                blob = {"state_dict": merged, "step": step}
+                if merged_ema:
+                    blob["ema_state_dict"] = merged_ema
+                with atomic_open(file, "wb") as f:
+                    torch.save(blob, f)
+                for i in range(num_stages):
+                    os.remove(os.path.join(export_dir, f"stage_{i:03d}.pt"))
+                for file in (os.path.join(path, "config.yaml"), os.path.join(export_dir, "config.yaml")):
+                    atomic_write(file, config_yaml)
+                if tokenizer_model and os.path.exists(tokenizer_model):
+                    for dst in (path, export_dir):
+                        file = os.path.join(dst, "tokenizer.model")
+                        shutil.copyfile(tokenizer_model, file)
+                        sidecar = os.path.splitext(tokenizer_model)[0] + ".tokenizer.json"
+                        if os.path.exists(sidecar):
+                            file = os.path.join(dst, "tokenizer.tokenizer.json")
+                            shutil.copyfile(sidecar, file)
+                files = {
+                    os.path.relpath(os.path.join(d, f), path): os.path.getsize(os.path.join(d, f))
+                    for d, _, names in os.walk(path)
+                    for f in names
+                }
+                meta = {
+                    "step": step,
+                    "consumed_samples": client_state["consumed_samples"],
+                    "data_parallel_size": client_state.get("data_parallel_size"),
+                    **(meta_extra or {}),
+                    "files": files,
+                }
+                file = os.path.join(path, "meta.json")
+                atomic_write(file, json.dumps(meta, indent=1, sort_keys=True))
+            except (OSError, RuntimeError) as e:
+                failed = (file, e)
+        _agree_on_failure(failed, path, root, previous)
 
     try:
         if rank == 0:
@@ -300,8 +340,12 @@ def save_checkpoint(
                 shutil.rmtree(path)
         dist.barrier()
         write_files()
+    except CheckpointSaveError:
+        if rank == 0:  # never the directory `latest` names: a save never writes into that one
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     except (OSError, RuntimeError) as e:
-        raise _save_error(e, path, root, previous) from e
+        raise _save_error((path, e), path, root, previous) from e
     if rank == 0:
         atomic_write(pointer, tag)
         _prune(root, keep_last)
@@ -309,22 +353,88 @@ def save_checkpoint(
     return path
 
 
-def _save_error(e: BaseException, path: str, root: str, previous: str) -> BaseException:
-    """The error of a failed save, saying whether the disk is full and what is intact."""
-    free = shutil.disk_usage(root).free if os.path.isdir(root) else -1
-    full = getattr(e, "errno", None) == errno.ENOSPC or "write failed" in str(e) and 0 <= free < 2**20
+class CheckpointSaveError(OSError):
+    """A checkpoint save failed on some rank; the message names the file and what is intact."""
+
+
+def _agree_on_failure(failed: Optional[tuple[str, BaseException]], path: str, root: str, previous: str) -> None:
+    """Collective: raises :class:`CheckpointSaveError` on every rank when any rank's write failed
+    (``failed``: its file and error), with the first failing rank's file and error."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    flag = torch.tensor([1.0 if failed else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() == 0:
+        return
+    mine = None
+    if failed:
+        file, e = failed
+        mine = (file, _error_text(e), _is_disk_full(e, root))
+    reports: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, mine)
+    file, text, full = next(r for r in reports if r)
+    raise _save_error_text(file, text, full, path, root, previous)
+
+
+def _error_chain(e: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def _error_text(e: BaseException) -> str:
+    return " / ".join(str(x).splitlines()[0] if str(x) else type(x).__name__ for x in _error_chain(e))
+
+
+# torch's zip writer reports a short write (a full disk) as "unexpected pos N vs M" or "file write failed".
+_SHORT_WRITE = ("unexpected pos", "write failed", "iostream error")
+_NEARLY_FULL_BYTES = 16 * 2**20
+
+
+def _is_disk_full(e: BaseException, root: str) -> bool:
+    """Whether error ``e`` of a write under ``root`` means the disk (or quota) is full: ENOSPC or EDQUOT
+    anywhere in its chain, or torch's short-write error with less than 16 MiB left on ``root``."""
+    chain = _error_chain(e)
+    if any(getattr(x, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for x in chain):
+        return True
+    text = _error_text(e)
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+        return True
+    return any(m in text for m in _SHORT_WRITE) and 0 <= _free_bytes(root) < _NEARLY_FULL_BYTES
+
+
+def _free_bytes(root: str) -> int:
+    try:
+        return shutil.disk_usage(root).free
+    except OSError:
+        return -1
+
+
+def _save_error(failed: tuple[str, BaseException], path: str, root: str, previous: str) -> CheckpointSaveError:
+    file, e = failed
+    return _save_error_text(file, _error_text(e), _is_disk_full(e, root), path, root, previous)
+
+
+def _save_error_text(file: str, text: str, full: bool, path: str, root: str, previous: str) -> CheckpointSaveError:
+    """The error of a failed save: the file, whether the disk is full, and what is intact."""
     intact = (
-        f"{os.path.join(root, previous)} is intact and a restart resumes from it"
+        f"the previous checkpoint {os.path.join(root, previous)} stays intact and a restart resumes from it"
         if previous
         else "there is no earlier checkpoint"
     )
     if full:
-        return OSError(
+        free = _free_bytes(root)
+        return CheckpointSaveError(
             errno.ENOSPC,
-            f"the disk is full: saving checkpoint {path} failed ({e}); {intact}. Free space "
-            f"on {root} ({free / 2**20:.1f} MiB left) or lower train.keep_last_checkpoints",
+            f"No space left on device while writing {file} ({text}): checkpoint {path} was not saved and is "
+            f"removed; {intact}. Free space on {root} ({max(free, 0) / 2**20:.1f} MiB left) or lower "
+            "train.keep_last_checkpoints",
         )
-    return RuntimeError(f"saving checkpoint {path} failed ({e}); {intact}")
+    return CheckpointSaveError(
+        errno.EIO, f"writing {file} failed ({text}): checkpoint {path} was not saved and is removed; {intact}"
+    )
 
 
 def _prune(root: str, keep_last: int) -> None:
@@ -357,7 +467,7 @@ def load_ema_state(path: str, ema_file: str, layout_files: set[str]) -> Optional
             f"{', ...' if len(names) > 3 else ''}; this layout needs {len(layout_files)}). The EMA is not resharded: "
             "resume with the tensor and pipeline sizes (and, under ZeRO-3, the data-parallel size) that saved it"
         )
-    return torch.load(os.path.join(path, ema_file), map_location="cpu", weights_only=True)
+    return safe_load(os.path.join(path, ema_file), map_location="cpu")  # checked like every resume file
 
 
 def saved_config(path: str) -> Optional[Config]:
@@ -382,15 +492,28 @@ def saved_meta(path: str) -> dict:
 _DEEPSPEED_STATE_CLASSES = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
 
 
-def safe_load(path: str, map_location=None, trust: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` with DeepSpeed's state classes allowlisted.
+def safe_load(path: str, map_location=None, trust: bool = False, expected: Optional[Callable] = None) -> Any:
+    """``torch.load(path, weights_only=True)`` with DeepSpeed's state classes allowlisted, then checked.
 
     Raises ValueError naming the file when it holds anything else (a planted payload, or an
     object this code never saves): the file is refused, nothing in it runs. ``trust`` loads with
     ``weights_only=False`` instead (train.trust_checkpoint=true: run directories you trust).
+    Whatever loads is then checked by :func:`check_structure` (with ``trust``, other types pass) and,
+    with ``expected`` (``expected(path, obj)``, e.g. :func:`check_against_engine`), against the layout
+    the current model and optimizer need.
     """
     if trust:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+        check_structure(obj, path, (object,))
+    else:
+        obj = _load_weights_only(path, map_location)
+        check_structure(obj, path, tuple(_DEEPSPEED_STATE_CLASSES))
+    if expected is not None:
+        expected(path, obj)
+    return obj
+
+
+def _load_weights_only(path: str, map_location) -> Any:
     try:
         with torch.serialization.safe_globals(_DEEPSPEED_STATE_CLASSES):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -415,20 +538,57 @@ def safe_load(path: str, map_location=None, trust: bool = False) -> Any:
         ) from None
 
 
-def install_safe_loading(engine, trust: bool) -> None:
-    """Makes ``engine`` (a DeepSpeed engine) read checkpoint files with :func:`safe_load`."""
+class _SaveFailure:
+    """Records the first file whose write failed during a DeepSpeed save, so that the save runs its
+    collectives to the end on every rank and the failure is raised once, everywhere, naming the file."""
+
+    def __init__(self) -> None:
+        self.file: Optional[str] = None
+        self.error: Optional[BaseException] = None
+
+
+def install_safe_io(engine, trust: bool) -> _SaveFailure:
+    """Makes ``engine`` (a DeepSpeed engine) read checkpoint files with :func:`safe_load` (checked
+    against :func:`expected_layout`) and record, instead of raising, a failed write (:func:`save_checkpoint`
+    turns it into one error naming the file). Returns the failure record."""
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise ValueError(
             f"checkpoint loading is only made safe for DeepSpeed's TorchCheckpointEngine, this engine "
             f"uses {type(engine.checkpoint_engine).__name__}"
         )
-    engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location, trust)
+    layout: dict = {}
+    own = f"_mp_rank_{engine.checkpoint_mp_rank:02d}_"  # this rank's model-parallel files
+
+    def expected(path: str, obj: Any) -> None:
+        # DeepSpeed also reads other model-parallel ranks' files (the first one, for its metadata; a
+        # pipeline stage's differs in shape): those get the structure checks only.
+        if own not in "_" + os.path.basename(path):
+            return
+        if not layout:
+            layout.update(expected_layout(engine))
+        check_layout(path, obj, layout)
+
+    engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location, trust, expected)
+    failure = _SaveFailure()
+    save = engine.checkpoint_engine.save
+
+    def guarded_save(state_dict, path: str) -> None:
+        if failure.error is not None:
+            return  # the checkpoint is lost already: write nothing more, let the other ranks finish
+        try:
+            save(state_dict, path)
+        except (OSError, RuntimeError) as e:
+            failure.file, failure.error = path, e
+
+    engine.checkpoint_engine.save = guarded_save
+    engine._card_save_failure = failure
+    return failure
 
 
 def load_checkpoint(engine, path: str) -> dict:
     """Loads a DeepSpeed checkpoint directory saved by :func:`save_checkpoint`; returns the client state.
 
-    The engine must read files through :func:`install_safe_loading`."""
+    The engine must read files through :func:`install_safe_io`."""
     root, tag = os.path.split(path.rstrip("/"))
     load_path, client_state = engine.load_checkpoint(
         root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True

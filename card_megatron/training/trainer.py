@@ -33,6 +33,7 @@ from deepspeed.runtime.utils import clip_grad_norm_
 
 from card_megatron.config import Config, ConfigError, config_to_dict, resume_changes, save_config, validate
 from card_megatron.data import MicroBatchSampler, build_datasets, collate
+from card_megatron.data.dataset import data_identity, data_identity_changes
 from card_megatron.lock import ExclusiveLock, LockHeldError
 from card_megatron.model.export import gather_canonical_state
 from card_megatron.model.gpt import CardGPT, no_attention_mask, padded_vocab_size, per_token_nll, per_token_top1_logprob
@@ -201,7 +202,7 @@ class Trainer:
             config=self.ds_config,
             mpu=MegatronMPU(info) if info.pp_size == 1 else None,
         )
-        ckpt.install_safe_loading(self.engine, cfg.train.trust_checkpoint)
+        ckpt.install_safe_io(self.engine, cfg.train.trust_checkpoint)
         pipelined = info.pp_size > 1
         # (micro-batches, whether the step is logged) -> (loss, metrics, whether a loss was non-finite, grad norm)
         self._forward_backward_step: Callable[[Iterator[dict], bool], tuple[float, dict, bool, Optional[float]]] = (
@@ -561,16 +562,58 @@ class Trainer:
             export_ema_state=ema_export if writer else None,
             ema_state=ema_state,
             ema_file=ema_file,
+            meta_extra={
+                "resolved": self._resolved_settings(),
+                "tokenizer_sha256": self.tokenizer.sha256,
+                "data": data_identity(self.cfg.data.data_path),
+            },
         )
         if self.is_rank0:
             log.info("saved checkpoint %s", path)
         return path
 
+    def _resolved_settings(self) -> dict[str, str]:
+        """What the settings that resolve by machine became here (a resume compares them, not ``auto``)."""
+        return {
+            "train.precision": resolve_dtype(self.cfg.train.precision, self.info.device.type == "cuda"),
+            "parallel.distributed_backend": self.info.backend,
+        }
+
     def _check_resume(self, path: str) -> None:
-        """Raises ConfigError listing what this config changes that a resume of ``path`` may not
-        (config.RESUMABLE says what may change)."""
-        saved, saved_dp = ckpt.saved_config(path), ckpt.saved_meta(path).get("data_parallel_size")
-        changes = resume_changes(saved, self.cfg, saved_dp, self.info.dp_size) if saved is not None else []
+        """Raises ConfigError listing what this run changes that a resume of ``path`` may not: the config
+        (config.RESUMABLE says what may change; settings such as ``auto`` compare by what they resolve
+        to), the tokenizer's sha256 and the data's identity (the same paths holding other files), and an
+        EMA dropped without train.drop_ema."""
+        saved, meta = ckpt.saved_config(path), ckpt.saved_meta(path)
+        changes = (
+            resume_changes(
+                saved,
+                self.cfg,
+                meta.get("data_parallel_size"),
+                self.info.dp_size,
+                meta.get("resolved"),
+                self._resolved_settings(),
+            )  # fmt: skip
+            if saved is not None
+            else []
+        )
+        # Files that cannot be read are left to the builders below, which name them; the config's own
+        # changes (another data_path, say) are listed first.
+        if "tokenizer_sha256" in meta and os.path.isfile(self.cfg.data.tokenizer_model):
+            now = Tokenizer.load(self.cfg.data.tokenizer_model).sha256
+            if now != meta["tokenizer_sha256"]:
+                changes.append(
+                    f"the tokenizer {self.cfg.data.tokenizer_model}: sha256 {meta['tokenizer_sha256'][:16]}... -> "
+                    f"{now[:16]}... (another file under the same path)"
+                )
+        if "data" in meta:
+            with contextlib.suppress(ValueError):
+                changes += data_identity_changes(meta["data"], data_identity(self.cfg.data.data_path))
+        if self.cfg.optim.ema_decay == 0.0 and ckpt.has_ema(path) and not self.cfg.train.drop_ema:
+            changes.append(
+                "optim.ema_decay: the checkpoint holds an EMA of the weights and optim.ema_decay is 0, which "
+                "would drop it: set optim.ema_decay to continue it, or train.drop_ema=true to drop it"
+            )
         if changes:
             raise ConfigError(
                 f"cannot resume {path} with this config; it changes what a resume may not change:\n  - "
@@ -592,11 +635,14 @@ class Trainer:
 
     def _resume_ema(self, path: str) -> None:
         if self.ema is None:
-            if ckpt.has_ema(path):
+            if ckpt.has_ema(path):  # _check_resume refused this unless train.drop_ema
                 self._log_line(
-                    f"{path} holds an EMA, but optim.ema_decay is 0: the EMA is dropped and later checkpoints have none"
+                    f"{path} holds an EMA, but optim.ema_decay is 0 and train.drop_ema is true: the EMA is "
+                    "dropped and later checkpoints have none"
                 )
             return
+        if self.cfg.train.drop_ema:
+            self._log_line(f"train.drop_ema has no effect: optim.ema_decay is {self.ema.decay}, the EMA is kept")
         ema_file, layout_files = self._ema_files()
         saved = ckpt.load_ema_state(path, ema_file, layout_files)
         if saved is None:
