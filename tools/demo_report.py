@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The end of `make demo`: perplexity and mask probe before/after, then CARD against AR decoding.
+"""The end of `make demo`: perplexity and mask probe before/after, then CARD (threshold and lossless
+verify) against AR decoding.
 
   python tools/demo_report.py RUN_DIR [--prompts N] [--threshold TAU] [--window K]
 
@@ -62,13 +63,17 @@ def main(argv=None) -> int:
     if not prompts:
         print("no held-out prompt with a period: nothing to decode")
         return 0
-    rows = sweep(model, None, prompts, spec, greedy=True)
-    ar, card = rows
+    rows = sweep(model, None, prompts, spec, greedy=True, verify=True)
+    ar, card, verify = rows
     print(f"== {len(prompts)} held-out prompts, greedy, {args.max_new_tokens} new tokens at most, KV cache:")
     print(f"   AR:   {ar['tokens_per_forward']:.2f} tokens per forward pass")
     print(
         f"   CARD: {card['tokens_per_forward']:.2f} tokens per forward pass (tau {args.threshold:g}, K {args.window}), "
         f"{card['speedup']:.2f}x AR's tokens/s; same text as AR for {card['same_as_first']:.0%} of the prompts"
+    )
+    print(
+        f"   CARD verify (lossless): {verify['tokens_per_forward']:.2f} tokens per forward pass (K {args.window}), "
+        f"{verify['speedup']:.2f}x AR's tokens/s; same text as AR for {verify['same_as_first']:.0%} of the prompts"
     )
     from card_megatron.inference.causal import CausalDecodeConfig
     from card_megatron.inference.generate import GenerationConfig, generate

@@ -59,8 +59,10 @@ def sweep(
     thresholds=None,
     max_new_tokens: Optional[int] = None,
     seed: int = 0,
+    verify: bool = False,
 ) -> list[dict]:
-    """AR, then CARD at every (K, tau): one row each (see ``inference/sweep.run_sweep``)."""
+    """AR, then CARD at every (K, tau), then (``verify``) lossless verify decoding at every K: one row
+    each (see ``inference/sweep.run_sweep``; verify rows have ``commit_policy`` "verify", threshold None)."""
     from card_megatron.inference.causal import CausalDecodeConfig
     from card_megatron.inference.generate import GenerationConfig
     from card_megatron.inference.sampling import SamplingConfig
@@ -79,6 +81,18 @@ def sweep(
                     {"window": K, "threshold": tau},
                 )
             )
+    if verify:
+        for K in windows or spec.windows:
+            settings.append(
+                Setting(
+                    f"card K={K} verify",
+                    model,
+                    GenerationConfig(
+                        decoding="card", causal=CausalDecodeConfig(window=K, commit_policy="verify"), **base
+                    ),
+                    {"window": K, "threshold": None, "commit_policy": "verify"},
+                )
+            )
     rows, _ = run_sweep(settings, prompts, judge, repeats=1)
     for r in rows:
         r["mode"] = "greedy" if greedy else f"sampled (T={spec.temperature:g}, top-p={spec.top_p:g})"
@@ -86,12 +100,16 @@ def sweep(
 
 
 def best_within(rows: list[dict], tolerance: float = 0.05) -> Optional[dict]:
-    """The CARD row with the most tokens per forward whose judge perplexity is within
-    ``tolerance`` of the AR row's (None without a judge)."""
+    """The threshold-CARD row with the most tokens per forward whose judge perplexity is within
+    ``tolerance`` of the AR row's (None without a judge; verify rows are exact, not candidates)."""
     ar = rows[0]
     if ar.get("judge_ppl") is None:
         return None
-    ok = [r for r in rows[1:] if r["judge_ppl"] <= ar["judge_ppl"] * (1 + tolerance)]
+    ok = [
+        r
+        for r in rows[1:]
+        if r.get("commit_policy") != "verify" and r["judge_ppl"] <= ar["judge_ppl"] * (1 + tolerance)
+    ]
     return max(ok, key=lambda r: (r["tokens_per_forward"], r["threshold"]), default=ar)
 
 
