@@ -105,6 +105,8 @@ def decode_causal(
         raise ValueError("every prompt needs at least one token (the document-boundary token)")
     if cfg.commit_policy == "verify":
         return _decode_verify(model, prompts, max_new_tokens, special, banned, sampling_cfg, seeds, cfg)
+    if cfg.window == 1 and cfg.max_steps is None:
+        return _decode_ar(model, prompts, max_new_tokens, special, banned, sampling_cfg, seeds, cfg)
     device = next(model.parameters()).device
     num = len(prompts)
     prompt_len = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
@@ -155,7 +157,10 @@ def decode_causal(
                 confident = torch.cumprod(confident.long(), dim=1).bool()
             commit = undecided & (confident | forced[:, None])
             # draw only where a token is committed (the decision reads the confidence, never the draw)
-            u = noise.uniform(seeds, sampling.TOKEN_STREAM + position)
+            if sampling_cfg.is_greedy:  # argmax: no uniforms to compute
+                u = torch.zeros(position.shape, dtype=torch.float64, device=device)
+            else:
+                u = noise.uniform(seeds, sampling.TOKEN_STREAM + position)
             drawn = torch.zeros_like(position)
             drawn[commit] = sampling.draw_from_logits(scaled[commit], u[commit], sampling_cfg)
             tokens.scatter_(1, pos_c, torch.where(commit, drawn, tokens.gather(1, pos_c)))
@@ -270,5 +275,65 @@ def _decode_verify(
                 rows, tokens, prefix, steps, seeds = rows[keep], tokens[keep], prefix[keep], steps[keep], seeds[keep]
                 drafts, num_drafts, prompt_len, limit = drafts[keep], num_drafts[keep], prompt_len[keep], limit[keep]
                 draft_q = None if draft_q is None else draft_q[keep]
+    assert all(o is not None for o in outputs)
+    return outputs, num_calls
+
+
+def _decode_ar(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    special: SpecialTokenIds,
+    banned: torch.Tensor,
+    sampling_cfg: sampling.SamplingConfig,
+    seeds: torch.Tensor,
+    cfg: CausalDecodeConfig,
+) -> tuple[list[SequenceOutput], int]:
+    """:func:`decode_causal` with K = 1 (AR), without the window bookkeeping: the first pass reads
+    the prompts (right padded) and predicts from each one's last token, every later pass reads the
+    token just committed. The same passes, positions and uniforms as the general loop (tested)."""
+    device = next(model.parameters()).device
+    num = len(prompts)
+    prompt_len = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+    limit = prompt_len + max_new_tokens
+    capacity = int(limit.max()) + 1
+    tokens = torch.full((num, capacity), special.pad, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+    prefix = prompt_len.clone()
+    steps = torch.zeros(num, dtype=torch.long, device=device)
+    seeds = seeds.to(device)
+    rows = torch.arange(num, device=device)
+    outputs: list[Optional[SequenceOutput]] = [None] * num
+    ids = tokens[:, : int(prompt_len.max())]
+    gather = (prompt_len - 1)[:, None]
+    uncached = prompt_len
+    num_calls = 0
+    with ModelCache(model, num, capacity, lean=cfg.lean) as cache:
+        while rows.numel() > 0:
+            logits = cache.forward(ids, gather=gather)[:, 0]  # [A, V]
+            num_calls += 1
+            scaled, _ = sampling.scaled_logits(logits, banned, sampling_cfg, confidence=False)
+            if sampling_cfg.is_greedy:
+                token = scaled.argmax(dim=-1)
+            else:
+                u = noise.uniform(seeds, (sampling.TOKEN_STREAM + prefix)[:, None])[:, 0]
+                token = sampling.draw_from_logits(scaled, u, sampling_cfg)
+            tokens[torch.arange(rows.numel(), device=device), prefix] = token
+            cache.advance(uncached)
+            prefix = prefix + 1
+            steps += 1
+            finished = (token == special.eos) | (prefix >= limit)
+            ids = token[:, None]
+            if bool(finished.any()):
+                _record_finished(
+                    finished, tokens, prompt_len, prefix, steps, rows, outputs, special.eos, max_new_tokens
+                )
+                keep = torch.nonzero(~finished).flatten()
+                cache.select(keep)
+                rows, tokens, prefix, steps, seeds = rows[keep], tokens[keep], prefix[keep], steps[keep], seeds[keep]
+                prompt_len, limit, ids = prompt_len[keep], limit[keep], ids[keep]
+            gather = torch.zeros(rows.numel(), 1, dtype=torch.long, device=device)
+            uncached = torch.ones(rows.numel(), dtype=torch.long, device=device)
     assert all(o is not None for o in outputs)
     return outputs, num_calls
