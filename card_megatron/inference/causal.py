@@ -21,6 +21,10 @@ K = 1 is autoregressive decoding (one token per forward, nothing masked). With t
 only the leftmost position commits each step; since its prediction reads only clean
 committed tokens (attention is causal, the masks lie to its right) it is the AR
 prediction, so CARD decoding then equals AR decoding token for token.
+
+``commit_policy="verify"`` (:func:`_decode_verify`, rule in ``inference/verify.py``) reads the
+previous pass's drafts instead of [MASK]s and commits only verified tokens: lossless. K = 1
+without a step limit runs :func:`_decode_ar`, the same passes without the window bookkeeping.
 """
 
 from __future__ import annotations
