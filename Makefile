@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 
-.PHONY: setup test test-fast lint demo bench clean
+.PHONY: setup test test-fast lint demo bench bench-generate clean
 
 setup: $(STAMP) card_megatron/_indexer.stamp
 
@@ -43,6 +43,12 @@ bench: setup
 	$(PY) tools/benchmark_index.py
 	$(PY) tools/benchmark_objectives.py
 	$(PY) tools/benchmark_train.py
+
+# Decoding against transformers' generate on the same exported weights (needs runs/demo: make demo);
+# writes the table to runs/anchor/table.md (docs/benchmarks.md quotes it).
+bench-generate: setup
+	$(PY) tools/benchmark_generate.py --anchor --checkpoint runs/demo --random-model configs/gpt-125m.yaml \
+		--threads 1 --repeats 3 --max-new-tokens 48 --markdown runs/anchor/table.md --json runs/anchor/table.json
 
 clean:
 	rm -rf build *.egg-info card_megatron/*.so card_megatron/_indexer.stamp

@@ -165,6 +165,34 @@ def test_exported_logits_and_greedy_decoding_match(single_process, tmp_path, sp_
 
 
 @pytest.mark.slow
+def test_anchor_generate_on_a_ragged_batch_equals_ours(single_process, tmp_path, sp_tokenizer):
+    """The benchmark's anchor (inference/anchor.py): transformers' generate on the export, left padded
+    in one batch, gives our AR tokens, and verify mode gives them too; random_export loads back."""
+    from card_megatron.inference.anchor import hf_generate, hf_model, random_export
+    from card_megatron.inference.causal import CausalDecodeConfig
+    from card_megatron.inference.generate import GenerationConfig, generate
+    from card_megatron.inference.loading import load_model
+    from card_megatron.inference.sampling import SamplingConfig
+
+    ckpt = write_export(tmp_path / "ckpt", sp_tokenizer, num_query_groups=2)
+    ours = load_model(ckpt, device="cpu")
+    hf = hf_model(ckpt, str(tmp_path / "hf"), torch.device("cpu"), torch.float32)
+    tok = ours.tokenizer
+    banned = [tok.mask_id, tok.pad_id, tok.bos_id, *range(tok.vocab_size, ours.vocab_size)]
+    prompts = ["def main", "The default value of the argument", ""]
+    greedy = SamplingConfig(greedy=True)
+    for causal in (CausalDecodeConfig(window=1), CausalDecodeConfig(window=5, commit_policy="verify")):
+        gens, _ = generate(
+            ours, prompts, GenerationConfig(decoding="card", max_new_tokens=10, sampling=greedy, causal=causal)
+        )
+        theirs, seconds = hf_generate(
+            hf, [g.prompt_token_ids for g in gens], 10, 3, tok.eos_id, tok.pad_id, suppress=banned
+        )
+        assert theirs == [g.token_ids for g in gens] and seconds > 0
+    rand = load_model(random_export(ckpt, str(tmp_path / "rand"), {"hidden_size": 32}, 640), device="cpu")
+    assert rand.config.model.hidden_size == 32 and rand.vocab_size == 640
+
+
 def test_refusals_and_nothing_left_behind(single_process, tmp_path, sp_tokenizer):
     from card_megatron.model.hf_export import export_llama
 

@@ -21,7 +21,7 @@ def single_process():
     init_single_process()
 
 
-def _model(kind="causal", layers=2, groups=None, seed=5):
+def _model(kind="causal", layers=2, groups=None, seed=5, untied=True):
     from card_megatron.model.gpt import CardGPT
 
     cfg = ModelConfig(
@@ -31,6 +31,7 @@ def _model(kind="causal", layers=2, groups=None, seed=5):
         num_query_groups=groups,
         ffn_hidden_size=64,
         seq_length=32,
+        untie_embeddings_and_output_weights=untied,
     )
     return CardGPT(cfg, kind, vocab_size=V, seed=seed).eval()
 
@@ -73,18 +74,21 @@ def test_overflow_is_an_error():
         cache.plan(2)
 
 
-@pytest.mark.parametrize("groups", [None, 2])
-def test_cached_logits_equal_uncached_ragged(single_process, groups):
-    """Ragged prompts fed in uneven chunks through the cache give the full-forward logits."""
+@pytest.mark.parametrize(
+    "groups,lean,untied", [(None, False, True), (2, False, True), (None, True, False), (2, True, True)]
+)
+def test_cached_logits_equal_uncached_ragged(single_process, groups, lean, untied):
+    """Ragged prompts fed in uneven chunks through the cache give the full-forward logits (of
+    Megatron's modules), through the model's forward and through the lean path (inference/lean.py)."""
     from card_megatron.inference.cache import ModelCache
 
-    model = _model(groups=groups)
+    model = _model(groups=groups, untied=untied)
     lengths = [5, 11, 1, 8]
     seqs = [_ids(1, n, seed=n)[0] for n in lengths]
     ref = [model(s[None], torch.arange(len(s))[None])[:, 0] for s in seqs]  # [n, V] each
     chunks = [[3, 2], [4, 4, 3], [1], [1, 6, 1]]  # per sequence, fed one chunk per forward
     got = [[] for _ in seqs]
-    with torch.no_grad(), ModelCache(model, len(seqs), 40) as cache:
+    with torch.inference_mode(), ModelCache(model, len(seqs), 40, lean=lean) as cache:
         for step in range(3):
             sizes = [c[step] if step < len(c) else 0 for c in chunks]
             S = max(max(sizes), 1)

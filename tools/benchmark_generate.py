@@ -3,6 +3,15 @@
 
   python tools/benchmark_generate.py --checkpoint runs/demo --judge runs/demo-arm --plot docs/generation_sweep.png
   python tools/benchmark_generate.py --checkpoint RUN --judge ARM_RUN --device cuda --batch-size 16
+  python tools/benchmark_generate.py --anchor --checkpoint runs/demo --random-model configs/gpt-125m.yaml \
+      --markdown runs/anchor.md        # the transformers anchor table (make bench-generate)
+
+--anchor: instead of the sweep, the checkpoint is exported with tools/export_hf.py's exporter and
+decoded greedily by transformers' generate (KV cache) and by ours (AR, threshold CARD, verify CARD,
+and AR through Megatron's modules), on the same prompt ids, device, dtype and threads, round-robin
+in one process, at each --batch-sizes; the table gives tokens/s ratios against transformers.
+--random-model CONFIG adds a randomly initialised model of that config's shape (sequence length
+--random-seq-length, vocabulary --random-vocab-size), exported and decoded the same way.
 
 For every setting (``--decoding ar``, then ``--decoding card`` at each threshold, and any
 ``--also`` checkpoint with its own decoder) it generates from the same prompts and seeds,
@@ -80,6 +89,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON here")
+    a = p.add_argument_group("--anchor: against transformers' generate on the same exported weights")
+    a.add_argument("--anchor", action="store_true", help="run the transformers anchor table instead of the sweep")
+    a.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="batch sizes (default 1 16)")
+    a.add_argument(
+        "--num-prompts",
+        type=int,
+        default=16,
+        help="prompts per batch size (default 16; a trained model's are held-out documents cut after their "
+        "first period, the random model's the fixed text prompts)",
+    )
+    a.add_argument(
+        "--random-model",
+        metavar="CONFIG",
+        help="also a random model with the model section of this YAML (e.g. configs/gpt-125m.yaml)",
+    )
+    a.add_argument("--random-seq-length", type=int, default=128, help="its sequence length (default 128)")
+    a.add_argument("--random-vocab-size", type=int, default=50304, help="its vocabulary rows (default 50304)")
+    a.add_argument("--random-max-new-tokens", type=int, default=32, help="new tokens for the random model (default 32)")
+    a.add_argument(
+        "--random-num-prompts", type=int, default=4, help="prompts per batch size of 1 for the random model (default 4)"
+    )
+    a.add_argument(
+        "--work-dir",
+        default="runs/anchor",
+        help="exports (HF and the random model) are written here and reused (default runs/anchor)",
+    )
+    a.add_argument("--markdown", metavar="FILE", help="write the table (markdown) here")
     p.add_argument("--plot", metavar="PNG", help="draw judge perplexity vs tokens per forward and speed-up vs tau")
     return p
 
@@ -146,6 +182,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    if args.anchor:
+        return _anchor(args, dtype)
     with contextlib.redirect_stdout(sys.stderr):
         model = load_model(args.checkpoint, device=args.device, dtype=dtype)
         judge = load_model(args.judge, device=args.device, dtype=dtype)
@@ -200,6 +238,116 @@ def main(argv=None) -> int:
         atomic_write(args.json, json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.plot:
         _plot(rows, args.plot)
+    return 0
+
+
+def _anchor_models(args, dtype):
+    """(label, loaded model, transformers model, prompts, max new tokens) for the checkpoint and the random model."""
+    import yaml
+
+    from card_megatron.inference.anchor import hf_model, random_export
+    from card_megatron.inference.loading import load_model
+    from card_megatron.study.decoding import copy_prompts
+    from card_megatron.study.plans import DecodeSpec
+
+    os.makedirs(args.work_dir, exist_ok=True)
+    out = []
+    loaded = load_model(args.checkpoint, device=args.device, dtype=dtype)
+    spec = DecodeSpec(0, 0, args.max_new_tokens, (), (), copy_prompts=args.num_prompts)
+    prompts = []
+    if loaded.config.data.data_path and os.path.exists(loaded.config.data.data_path + ".idx"):
+        prompts = copy_prompts(loaded.config.data.data_path, loaded.config.data.split, loaded.tokenizer, spec)
+    if len(prompts) < args.num_prompts:  # no corpus here: the fixed text prompts
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.num_prompts)]
+    hf = hf_model(args.checkpoint, os.path.join(args.work_dir, "checkpoint-hf"), loaded.device, dtype)
+    name = os.path.basename(os.path.normpath(args.checkpoint))
+    out.append((f"{name} ({_num_params(loaded.model) / 1e6:.1f}M)", loaded, hf, prompts, args.max_new_tokens))
+    if args.random_model:
+        with open(args.random_model) as f:
+            shape = dict(yaml.safe_load(f).get("model") or {})
+        shape["seq_length"] = args.random_seq_length
+        base = os.path.splitext(os.path.basename(args.random_model))[0]
+        export = random_export(
+            args.checkpoint, os.path.join(args.work_dir, f"random-{base}"), shape, args.random_vocab_size
+        )
+        rand = load_model(export, device=args.device, dtype=dtype)
+        rand_hf = hf_model(export, os.path.join(args.work_dir, f"random-{base}-hf"), rand.device, dtype)
+        text = [PROMPTS[1 + i % (len(PROMPTS) - 1)] for i in range(args.num_prompts)]
+        label = f"random {base} shape, seq {args.random_seq_length} ({_num_params(rand.model) / 1e6:.0f}M)"
+        out.append((label, rand, rand_hf, text, args.random_max_new_tokens))
+    return out
+
+
+def _num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _anchor(args, dtype) -> int:
+    import dataclasses
+
+    import torch
+
+    from card_megatron.inference.anchor import run_anchor
+    from card_megatron.inference.causal import CausalDecodeConfig
+    from card_megatron.inference.generate import GenerationConfig
+    from card_megatron.inference.sampling import SamplingConfig
+
+    with contextlib.redirect_stdout(sys.stderr):
+        models = _anchor_models(args, dtype)
+    greedy = SamplingConfig(greedy=True)
+    header = (
+        "| model | batch | setting | tokens/forward | tokens/s | vs transformers (wall) | vs transformers (CPU time) "
+        "| same tokens as transformers |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
+    lines = [header]
+    print(header, flush=True)
+    all_rows = []
+    for label, loaded, hf, prompts, max_new in models:
+        for batch in args.batch_sizes:
+            n = args.num_prompts if batch > 1 or label == models[0][0] else args.random_num_prompts
+            use = prompts[: max(n, batch)] if len(prompts) >= batch else prompts
+            base = GenerationConfig(max_new_tokens=max_new, batch_size=batch, sampling=greedy)
+            settings = [
+                ("ours AR", dataclasses.replace(base, decoding="ar")),
+                (
+                    "ours AR, Megatron modules",
+                    dataclasses.replace(base, decoding="ar", causal=CausalDecodeConfig(lean=False)),
+                ),
+                (
+                    f"ours CARD tau 0.9, K {args.window}",
+                    dataclasses.replace(base, decoding="card", causal=CausalDecodeConfig(window=args.window)),
+                ),
+                (
+                    f"ours CARD verify, K {args.window}",
+                    dataclasses.replace(
+                        base, decoding="card", causal=CausalDecodeConfig(window=args.window, commit_policy="verify")
+                    ),
+                ),
+            ]
+            rows = run_anchor(loaded, hf, use, batch, max_new, settings, args.repeats)
+            for r in rows:
+                r["model"] = label
+                line = (
+                    f"| {label} | {batch} | {r['setting']} | {r['tokens_per_forward']:.2f} | "
+                    f"{r['tokens_per_second']:.1f} | {r['vs_transformers']:.2f} | {r['cpu_vs_transformers']:.2f} | "
+                    f"{r['same_as_transformers']:.0%} |"
+                )
+                lines.append(line)
+                print(line, flush=True)
+            all_rows += rows
+    meta = (
+        f"device {models[0][1].device}, {args.dtype}, torch threads {torch.get_num_threads()}, greedy, "
+        f"fastest of {args.repeats} round-robin repeats after a warm-up, {time.strftime('%Y-%m-%d %H:%M %Z')}, "
+        f"load average {os.getloadavg()[0]:.1f} at the end"
+    )
+    print(meta, file=sys.stderr)
+    from card_megatron.fileio import atomic_write
+
+    if args.markdown:
+        atomic_write(args.markdown, "\n".join(lines) + "\n\n" + meta + "\n")
+    if args.json:
+        atomic_write(args.json, json.dumps({"meta": meta, "args": vars(args), "rows": all_rows}, indent=1))
     return 0
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: tokenize the built-in synthetic copy corpus, train CARD (configs/demo.yaml) on CPU
 # with 2 processes for a few minutes, report validation perplexity and the mask probe at start and
-# end, then decode held-out prompts with CARD's parallel decoder and with AR (both greedy, KV cache)
-# and print the tokens committed per forward pass.
+# end, then decode held-out prompts with CARD's parallel decoder (threshold and lossless verify) and
+# with AR (all greedy, KV cache) and print the tokens committed per forward pass and the speed vs AR.
 #   NPROC=2 RUN=runs/demo bash tools/demo.sh [section.key=value ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The end of `make demo`: perplexity and mask probe before/after, then CARD against AR decoding.
+"""The end of `make demo`: perplexity and mask probe before/after, then CARD (threshold and lossless
+verify) against AR decoding.
 
   python tools/demo_report.py RUN_DIR [--prompts N] [--threshold TAU] [--window K]
 
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     quiet_warnings.install()
     from card_megatron.inference.loading import load_model
     from card_megatron.study.decoding import copy_prompts, sweep
-    from card_megatron.study.plans import DecodeSpec
+    from card_megatron.study.plans import DecodeSpec, decode_families
 
     evals = [json.loads(line) for line in open(os.path.join(args.run_dir, "eval.jsonl")) if line.strip()]
     first, last = evals[0], evals[-1]
@@ -57,18 +58,23 @@ def main(argv=None) -> int:
         thresholds=(args.threshold,),
         windows=(args.window,),
         copy_prompts=args.prompts,
+        families=decode_families(),  # threshold decoding, then verify mode
     )
     prompts = copy_prompts(cfg.data.data_path, cfg.data.split, model.tokenizer, spec)
     if not prompts:
         print("no held-out prompt with a period: nothing to decode")
         return 0
     rows = sweep(model, None, prompts, spec, greedy=True)
-    ar, card = rows
+    ar, card, verify = rows
     print(f"== {len(prompts)} held-out prompts, greedy, {args.max_new_tokens} new tokens at most, KV cache:")
     print(f"   AR:   {ar['tokens_per_forward']:.2f} tokens per forward pass")
     print(
         f"   CARD: {card['tokens_per_forward']:.2f} tokens per forward pass (tau {args.threshold:g}, K {args.window}), "
         f"{card['speedup']:.2f}x AR's tokens/s; same text as AR for {card['same_as_first']:.0%} of the prompts"
+    )
+    print(
+        f"   CARD verify (lossless): {verify['tokens_per_forward']:.2f} tokens per forward pass (K {args.window}), "
+        f"{verify['speedup']:.2f}x AR's tokens/s; same text as AR for {verify['same_as_first']:.0%} of the prompts"
     )
     from card_megatron.inference.causal import CausalDecodeConfig
     from card_megatron.inference.generate import GenerationConfig, generate

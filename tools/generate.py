@@ -37,7 +37,15 @@ commit policy (card): 'prefix' (default) commits only the contiguous confident r
   into the KV cache on the next pass, and no token is committed while a position before it is
   still undecided (the order autoregressive decoding would have used). 'any' also commits
   confident positions after an undecided one; they are re-read as clean inputs inside the window
-  until the prefix reaches them.
+  until the prefix reaches them. Both are lossy below tau = 1. 'verify' is lossless: the K-1
+  positions after the committed text are drafted at [MASK] inputs, the next pass reads the drafts
+  as inputs and verifies them (greedy: the longest run equal to the AR argmax, then one more token;
+  sampling: the speculative-sampling rule), so the greedy output equals --decoding ar token for
+  token and the sampled output has AR sampling's distribution; --threshold is not used.
+
+lean path: the causal decoders run the model through an inference-only forward on the same
+  weights (card_megatron/inference/lean.py); --no-lean runs Megatron's modules instead (the
+  reference; same tokens, slower).
 
 prompts: every prompt is preceded by the document-boundary token (eos; the training stream never
   contains bos), so no prompt means unconditional generation. --max-context defaults to the
@@ -145,7 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--commit-policy",
         choices=COMMIT_POLICIES,
         default=causal.commit_policy,
-        help="card: which confident positions may be committed (default %(default)s; see below)",
+        help="card: which confident positions may be committed, or verify for lossless drafting "
+        "(default %(default)s; see below)",
+    )
+    g.add_argument(
+        "--no-lean",
+        dest="lean",
+        action="store_false",
+        help="card/ar: run Megatron's modules instead of the inference-only forward (same tokens, slower)",
     )
     g.add_argument(
         "--max-steps",
@@ -226,7 +241,11 @@ def run(args: argparse.Namespace) -> int:
             greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
         ),
         causal=CausalDecodeConfig(
-            window=args.window, threshold=args.threshold, commit_policy=args.commit_policy, max_steps=args.max_steps
+            window=args.window,
+            threshold=args.threshold,
+            commit_policy=args.commit_policy,
+            max_steps=args.max_steps,
+            lean=args.lean,
         ),
         steps=args.steps,
         max_context=args.max_context,

@@ -96,7 +96,10 @@ class ModelCache:
 
     Use as a context manager (``with ModelCache(model, ...) as cache:``) or call
     :meth:`detach` when done; the model behaves as in training again afterwards.
-    ``block``: the attention rule over absolute positions (1 causal; see KVCache).
+    ``block``: the attention rule over absolute positions (1 causal; see KVCache). ``lean``:
+    run :meth:`forward` through :class:`~card_megatron.inference.lean.LeanForward` (the same
+    function on the same weights without Megatron's training-time module wrappers) instead of
+    the model's own ``forward``.
     """
 
     def __init__(
@@ -107,8 +110,15 @@ class ModelCache:
         block: int = 1,
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
+        lean: bool = False,
     ):
         self.model = model
+        if lean:
+            from card_megatron.inference.lean import LeanForward
+
+            self._forward = LeanForward(model)
+        else:
+            self._forward = model
         param = next(model.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
@@ -177,7 +187,7 @@ class ModelCache:
         for cache in self.layers:
             cache.shared_plan = (positions, mask)
         try:
-            logits = self.model(input_ids, positions, output_positions=gather)  # [G, B, V]
+            logits = self._forward(input_ids, positions, output_positions=gather)  # [G, B, V]
         finally:
             for cache in self.layers:
                 cache.shared_plan = None

@@ -160,7 +160,7 @@ def generate(
         seeds = sampling.sequence_seeds(cfg.sampling.seed, torch.tensor(ids[start : start + len(batch)]))
         _sync(loaded.device)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.inference_mode():
             if decoding in ("card", "ar"):
                 outs, calls = decode_causal(
                     model, batch, cfg.max_new_tokens, special, banned, cfg.sampling, seeds, causal_cfg
@@ -255,7 +255,9 @@ class CheckpointGeneration:
         seconds = max(t["seconds"], 1e-9)
         block = loaded.config.objective.block_size
         detail = {
-            "card": f"tau {cfg.causal.threshold}, K {cfg.causal.window}, {cfg.causal.commit_policy}",
+            "card": f"verify (lossless), K {cfg.causal.window}"
+            if cfg.causal.commit_policy == "verify"
+            else f"tau {cfg.causal.threshold}, K {cfg.causal.window}, {cfg.causal.commit_policy}",
             "ar": "KV cache",
             "mdlm": f"steps {cfg.steps or cfg.max_new_tokens}",
             "bd3lm": f"block {block}, steps/block {cfg.steps or block}",
@@ -281,6 +283,8 @@ def _warn_unused_settings(cfg: GenerationConfig, decoding: str) -> None:
     if decoding != "card":
         default = CausalDecodeConfig()
         for f in dataclasses.fields(CausalDecodeConfig):
+            if decoding == "ar" and f.name == "lean":
+                continue  # AR runs through the same decoder (K = 1)
             if getattr(cfg.causal, f.name) != getattr(default, f.name):
                 log.warning("--%s has no effect with --decoding %s", f.name.replace("_", "-"), decoding)
     if decoding in ("card", "ar") and cfg.steps is not None:

@@ -11,6 +11,7 @@ token per step and AR draw the same tokens from the same distributions).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -20,6 +21,8 @@ from card_megatron import noise
 TOKEN_STREAM = 0  # + position: the token drawn at a position
 UNMASK_STREAM = 1 << 40  # + step * 2^20 + position: MDLM/BD3LM "unmask now?" draws
 DIFFUSION_TOKEN_STREAM = 2 << 40  # + step * 2^20 + position: MDLM/BD3LM token draws
+DRAFT_STREAM = 3 << 40  # + step * 2^20 + position: verify mode's drafts (a position may be drafted again)
+ACCEPT_STREAM = 4 << 40  # + position: verify mode's accept/reject draw (a position is tested at most once)
 STEP_STRIDE = 1 << 20
 
 
@@ -79,16 +82,20 @@ def distribution(logits: torch.Tensor, banned: torch.Tensor, cfg: SamplingConfig
     return torch.softmax(logits, dim=-1)
 
 
-def scaled_logits(logits: torch.Tensor, banned: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float64 logits / T with banned ids at -inf [..., V], top-1 probability [...]).
+def scaled_logits(
+    logits: torch.Tensor, banned: torch.Tensor, cfg: SamplingConfig, confidence: bool = True
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(float64 logits / T with banned ids at -inf [..., V], top-1 probability [...] or None
+    when ``confidence`` is False: decoders that never read it skip a logsumexp over the vocabulary).
 
     The same numbers as :func:`distribution` without materialising it: the confidence is
     exp(max - logsumexp). Feed rows of the first result to :func:`draw_from_logits`.
     """
     temperature = 1.0 if cfg.is_greedy else cfg.temperature
     scaled = (logits.to(torch.float64) / temperature).masked_fill(banned, float("-inf"))
-    confidence = torch.exp(scaled.max(dim=-1).values - torch.logsumexp(scaled, dim=-1))
-    return scaled, confidence
+    if not confidence:
+        return scaled, None
+    return scaled, torch.exp(scaled.max(dim=-1).values - torch.logsumexp(scaled, dim=-1))
 
 
 def draw_from_logits(scaled: torch.Tensor, u: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
@@ -120,7 +127,22 @@ def draw(probs: torch.Tensor, u: torch.Tensor, cfg: SamplingConfig) -> torch.Ten
     """Tokens int64 [...] from float64 probabilities [..., V] and uniforms float64 [...] (inverse CDF)."""
     if cfg.is_greedy:
         return probs.argmax(dim=-1)
-    probs = filter_top_k_top_p(probs, cfg.top_k, cfg.top_p)
+    return inverse_cdf(filter_top_k_top_p(probs, cfg.top_k, cfg.top_p), u)
+
+
+def sampled_distribution(scaled: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The distribution a draw samples from: float64 [..., V], top-k/top-p applied and renormalised.
+
+    scaled: rows of :func:`scaled_logits`; the distribution :func:`draw_from_logits` samples (the
+    speculative-sampling rule of verify decoding compares these probabilities).
+    """
+    probs = filter_top_k_top_p(torch.softmax(scaled, dim=-1), cfg.top_k, cfg.top_p)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Tokens int64 [...] from nonnegative float64 weights [..., V] (not necessarily normalised,
+    no filtering) and uniforms float64 [...] in [0, 1)."""
     cdf = torch.cumsum(probs, dim=-1)
     cdf = cdf / cdf[..., -1:]  # the last nonzero entry's cdf is exactly 1, so zero-mass ids are never hit
     token = torch.searchsorted(cdf, u[..., None].contiguous(), right=True)[..., 0]
