@@ -189,7 +189,7 @@ class TrainConfig:
     eval_ema: bool = False
     """Also validate the EMA weights (needs optim.ema_decay > 0): ema_val_nll, ema_val_ppl."""
     max_nonfinite_steps: int = 10
-    """Consecutive steps with a non-finite loss (each skipped) before the run stops."""
+    """Consecutive steps with a non-finite loss (each skipped) that stop the run; 0 = no check (no sync)."""
     trust_checkpoint: bool = False
     """Resume with torch.load(weights_only=False): only for run directories you trust."""
 
@@ -490,7 +490,7 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "train.log_interval": (1, _INF, True, False, ""),
     "train.eval_interval": (0, _INF, True, False, " (0 = only at the start and the end)"),
     "train.eval_iters": (1, _INF, True, False, ""),
-    "train.max_nonfinite_steps": (1, _INF, True, False, ""),
+    "train.max_nonfinite_steps": (0, _INF, True, False, " (0 = no check)"),
     "logging.probe_window": (0, _INF, True, False, " (0 = off)"),
 }
 
