@@ -68,6 +68,8 @@ class ModelConfig:
     """Activation checkpointing of each layer (recompute in backward)."""
     fused_kernels: Optional[bool] = None
     """Megatron-core's fused SwiGLU and bias-dropout-add (torch.compile'd); none = on with CUDA."""
+    compile_layers: Optional[bool] = None
+    """Training: torch.compile each transformer layer (model/compile.py); none = on with CUDA, off on CPU."""
 
 
 @dataclass
@@ -676,6 +678,7 @@ RESUMABLE = frozenset(
         "data.cache_dir",
         "parallel.distributed_backend",
         "parallel.distributed_timeout_minutes",
+        "model.compile_layers",  # the same function, compiled or not
     }
 ) | {f"logging.{f.name}" for f in dataclasses.fields(LoggingConfig)}
 

@@ -147,3 +147,63 @@ def test_card_loss_and_gradients_equal_megatrons_cross_entropy(single_process):
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def tiny_model(**overrides):
+    from card_megatron.config import ModelConfig
+    from card_megatron.model.gpt import CardGPT
+
+    cfg = ModelConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, seq_length=8, **overrides
+    )
+    return CardGPT(cfg, "causal", 64, seed=3)
+
+
+def test_a_transformer_layer_compiles_into_one_graph(single_process):
+    """torch._dynamo.explain of one layer: one graph, no break (Megatron-core's row-parallel linear
+    broke it twice before model/compile.RowParallelLinear)."""
+    layer = tiny_model().layers[0]
+    hidden = torch.randn(8, 2, 32, requires_grad=True)
+    position_ids = torch.arange(8).expand(2, 8)
+    explained = torch._dynamo.explain(layer.layer)(
+        hidden_states=hidden, attention_mask=None, rotary_pos_emb=layer.rotary_for(position_ids)
+    )
+    assert [b.reason for b in explained.break_reasons] == []
+    assert explained.graph_count == 1
+
+
+def test_compile_layers_setting(single_process):
+    from card_megatron.config import ConfigError, load_config
+    from card_megatron.model.compile import compile_layers, use_compiled_layers
+
+    assert use_compiled_layers(None, cuda=True) and not use_compiled_layers(None, cuda=False)
+    assert use_compiled_layers(True, cuda=False) and not use_compiled_layers(False, cuda=True)
+    with pytest.raises(ConfigError, match="compile_layers"):
+        load_config(os.path.join(REPO, "configs", "tiny-cpu.yaml"), ["model.compile_layers=sometimes"])
+    model = tiny_model()
+    names = list(model.state_dict())
+    assert compile_layers(model) == 2
+    assert list(model.state_dict()) == names  # checkpoints do not change
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_loss_and_gradients_of_eager(single_process):
+    from card_megatron.model.compile import compile_layers
+    from card_megatron.model.gpt import per_token_nll
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (2, 9), generator=g)
+    position_ids = torch.arange(8).expand(2, 8)
+    results = []
+    for compiled in (False, True):
+        model = tiny_model()
+        if compiled:
+            compile_layers(model)
+        loss = per_token_nll(model(ids[:, :-1], position_ids), ids[:, 1:]).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (eager_loss, eager), (compiled_loss, compiled) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=0)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-6, msg=name)

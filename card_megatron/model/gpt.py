@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from card_megatron.config import MASK_KINDS, ModelConfig
 from card_megatron.model.attention import CardCoreAttention
+from card_megatron.model.compile import RowParallelLinear
 from card_megatron.model.cross_entropy import chunked_vocab_parallel_nll
 from card_megatron.parallel.cpu_adapter import activation_checkpoint
 
@@ -91,6 +92,8 @@ def layer_spec(mask_kind: str, ffn_hidden_size: Optional[int] = None) -> ModuleS
     attention = spec.submodules.self_attention
     attention.params = {**attention.params, "attn_mask_type": _MEGATRON_MASK_TYPE[mask_kind]}
     attention.submodules.core_attention = ModuleSpec(module=CardCoreAttention, params={"mask_kind": mask_kind})
+    attention.submodules.linear_proj = RowParallelLinear  # passes its group: no graph break when compiled
+    spec.submodules.mlp.submodules.linear_fc2 = RowParallelLinear
     if ffn_hidden_size is not None:
         spec.submodules.mlp.params = {**spec.submodules.mlp.params, "ffn_hidden_size": ffn_hidden_size}
     return spec

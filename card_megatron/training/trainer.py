@@ -34,6 +34,7 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from card_megatron.config import Config, ConfigError, config_to_dict, resume_changes, save_config, validate
 from card_megatron.data import MicroBatchSampler, build_datasets, collate
 from card_megatron.lock import ExclusiveLock, LockHeldError
+from card_megatron.model.compile import compile_layers, use_compiled_layers
 from card_megatron.model.export import gather_canonical_state
 from card_megatron.model.gpt import CardGPT, no_attention_mask, padded_vocab_size, per_token_nll, per_token_top1_logprob
 from card_megatron.model.pipeline import build_pipeline_model
@@ -166,6 +167,8 @@ class Trainer:
                 tp_group=info.tp_group,
             )
         self.num_params = self._count_parameters()
+        if use_compiled_layers(cfg.model.compile_layers, info.device.type == "cuda"):
+            compile_layers(self.model)
 
     def _count_parameters(self) -> int:
         """Parameters of the whole model (tensor-parallel shards counted once, all pipeline stages)."""
