@@ -207,3 +207,29 @@ def test_compiled_layers_give_the_loss_and_gradients_of_eager(single_process):
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=0)
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gpu_checks_script_fits_8_minutes_skips_done_steps_and_cleans_up(tmp_path):
+    """tools/gpu_checks.sh, dry run: every step listed with its command, a step done in an earlier
+    call skipped, its own temporary directory removed at the end, no fixed /tmp path; the steps'
+    timeouts (with the optional decoding table) add up to under 8 minutes."""
+    import re
+    import subprocess
+
+    script = os.path.join(REPO, "tools", "gpu_checks.sh")
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "out" / "done").mkdir(parents=True)
+    (tmp_path / "out" / "done" / "gpu_tests").touch()
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DRY_RUN": "1", "TMPDIR": str(tmp_path / "tmp")}
+    env["GEN_ARGS"] = "--checkpoint runs/demo"
+    proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "== gpu_tests: done in an earlier call, skipped" in proc.stdout
+    assert "== anchor_350m (at most 150 s):" in proc.stdout and "configs/gpt-350m.yaml --seq-length 1024" in proc.stdout
+    assert "== anchor_card1b (at most 150 s):" in proc.stdout and "configs/card-1b.yaml --seq-length 128" in proc.stdout
+    assert "--batch-size 64 --checkpoint runs/demo" in proc.stdout
+    assert os.listdir(tmp_path / "tmp") == []
+    text = open(script).read()
+    assert "/tmp/" not in text.replace("${TMPDIR:-/tmp}", "")
+    limits = [int(s) for s in re.findall(r"\(at most (\d+) s\)", proc.stdout)]
+    assert len(limits) == 5 and sum(limits) + 100 < 8 * 60  # + the skipped gpu_tests step's 100 s
