@@ -193,7 +193,7 @@ class Trainer:
             lr=cfg.optim.lr,
             betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
             eps=cfg.optim.adam_eps,
-            fused=info.device.type == "cuda",
+            fused=True,  # one kernel per step, on CPUs too (the for-loop AdamW cost 2-3x the time on the CPU)
         )
         self.ds_config = deepspeed_config(
             cfg.train, cfg.optim, cfg.parallel.zero_stage, info.dp_size, info.device.type == "cuda"
