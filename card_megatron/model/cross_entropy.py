@@ -6,14 +6,15 @@ a float32 gradient that autograd casts back (another copy), and runs three all-r
 without tensor parallelism. :func:`chunked_vocab_parallel_nll` computes the same numbers
 chunk by chunk of rows:
 
-* forward: each chunk is upcast to float32 on its own; only per-row values (log-sum-exp,
-  the target's logit) are kept, of shape [S * B];
-* backward: the softmax is recomputed chunk by chunk from the saved logits and the
-  log-sum-exp, and the gradient is written **in place into the logits** (in their dtype), as
+* forward: each chunk is upcast to float32 on its own; only per-row values (the maximum, the
+  sum of exponentials, the target's logit) are kept, of shape [S * B];
+* backward: the softmax is recomputed chunk by chunk from the saved logits and those, and the
+  gradient is written **in place into the logits** (in their dtype), as
   Megatron does with its float32 copy. The logits are unchanged until then, so anything may
   read them after the loss (diagnostics); nothing may read them after backward;
-* the collectives (max and sum over the tensor-parallel group) run only when the group has
-  more than one rank, on [S * B] vectors.
+* the collectives (max and sums over the tensor-parallel group) run only when the group has
+  more than one rank, on [S * B] vectors; then the logits are read twice (the sum of
+  exponentials needs the global maximum), once otherwise.
 
 Peak memory of the loss is thus the logits in their own dtype plus one float32 chunk, instead
 of the logits plus two full float32 tensors (bf16), ``tools/benchmark_loss.py`` measures it.
@@ -35,48 +36,57 @@ def _rows_per_chunk(vocab: int, chunk_bytes: int) -> int:
 
 
 class _ChunkedNLL(torch.autograd.Function):
+    """Megatron-core's arithmetic (global row max M, sum of exp(x - M), nll = log(sum) - (x_target - M),
+    softmax = exp(x - M) / sum), so one and several tensor-parallel ranks round alike, row chunk by
+    row chunk."""
+
     @staticmethod
     def forward(ctx, logits, targets, vocab_start, suppress_local, tp_group, rows):
         # logits [N, V/TP] (any float dtype), targets [N] global ids -> nll [N] float32
         n, vocab = logits.shape
+        sharded = tp_group is not None and dist.get_world_size(tp_group) > 1
         local = targets - vocab_start
         in_shard = (local >= 0) & (local < vocab)
         local = torch.where(in_shard, local, torch.zeros_like(local))
-        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        top = torch.empty(n, dtype=torch.float32, device=logits.device)
+        sum_exp = torch.empty(n, dtype=torch.float32, device=logits.device)
         picked = torch.empty(n, dtype=torch.float32, device=logits.device)
-        for r in range(0, n, rows):
+
+        def chunk(r):
             x = logits[r : r + rows].float()
-            if suppress_local is not None:
-                x = x.index_fill(1, suppress_local, float("-inf"))
-            lse[r : r + rows] = torch.logsumexp(x, dim=-1)
+            return x.index_fill(1, suppress_local, float("-inf")) if suppress_local is not None else x
+
+        for r in range(0, n, rows):
+            x = chunk(r)
+            top[r : r + rows] = x.amax(dim=-1)
             picked[r : r + rows] = x.gather(1, local[r : r + rows, None]).squeeze(1)
+            if not sharded:  # the max is final: sum in the same pass
+                sum_exp[r : r + rows] = torch.exp(x - top[r : r + rows, None]).sum(dim=-1)
         picked = torch.where(in_shard, picked, torch.zeros_like(picked))
-        if tp_group is not None and dist.get_world_size(tp_group) > 1:
-            # log sum over shards of exp(lse_shard), stably: max, then the sum of the rescaled terms
-            top = lse.clone()
+        if sharded:
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
-            total = torch.exp(lse - top)
-            dist.all_reduce(total, group=tp_group)
-            lse = top + torch.log(total)
+            for r in range(0, n, rows):
+                sum_exp[r : r + rows] = torch.exp(chunk(r) - top[r : r + rows, None]).sum(dim=-1)
+            dist.all_reduce(sum_exp, group=tp_group)
             dist.all_reduce(picked, group=tp_group)
-        ctx.save_for_backward(logits, lse, local, in_shard, suppress_local)
+        ctx.save_for_backward(logits, top, sum_exp, local, in_shard, suppress_local)
         ctx.rows = rows
         ctx.used = False
-        return lse - picked
+        return torch.log(sum_exp) - (picked - top)
 
     @staticmethod
     def backward(ctx, grad_nll):
         if ctx.used:
             raise RuntimeError("chunked_vocab_parallel_nll: backward overwrites the logits and runs once")
         ctx.used = True
-        logits, lse, local, in_shard, suppress_local = ctx.saved_tensors
+        logits, top, sum_exp, local, in_shard, suppress_local = ctx.saved_tensors
         rows = ctx.rows
         grad_nll = grad_nll.float()
         onehot = in_shard.to(torch.float32)
         for r in range(0, logits.shape[0], rows):
             x = logits[r : r + rows]
             g = x.float()  # float32 logits: x itself (the softmax is computed in place)
-            g.sub_(lse[r : r + rows, None]).exp_()  # softmax of the chunk
+            g.sub_(top[r : r + rows, None]).exp_().div_(sum_exp[r : r + rows, None])  # softmax of the chunk
             if suppress_local is not None:
                 g.index_fill_(1, suppress_local, 0.0)
             g.scatter_add_(1, local[r : r + rows, None], -onehot[r : r + rows, None])
