@@ -68,6 +68,8 @@ class ModelConfig:
     """Activation checkpointing of each layer (recompute in backward)."""
     fused_kernels: Optional[bool] = None
     """Megatron-core's fused SwiGLU and bias-dropout-add (torch.compile'd); none = on with CUDA."""
+    compile_layers: Optional[bool] = None
+    """Training: torch.compile each transformer layer (model/compile.py); none = on with CUDA, off on CPU."""
 
 
 @dataclass
@@ -199,7 +201,7 @@ class TrainConfig:
     eval_ema: bool = False
     """Also validate the EMA weights (needs optim.ema_decay > 0): ema_val_nll, ema_val_ppl."""
     max_nonfinite_steps: int = 10
-    """Consecutive steps with a non-finite loss (each skipped) before the run stops."""
+    """Consecutive steps with a non-finite loss (each skipped) that stop the run; 0 = no check (no sync)."""
     trust_checkpoint: bool = False
     """Resume with torch.load(weights_only=False): only for run directories you trust."""
     drop_ema: bool = False
@@ -507,7 +509,7 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "train.log_interval": (1, _INF, True, False, ""),
     "train.eval_interval": (0, _INF, True, False, " (0 = only at the start and the end)"),
     "train.eval_iters": (1, _INF, True, False, ""),
-    "train.max_nonfinite_steps": (1, _INF, True, False, ""),
+    "train.max_nonfinite_steps": (0, _INF, True, False, " (0 = no check)"),
     "logging.probe_window": (0, _INF, True, False, " (0 = off)"),
     "logging.probe_min_prefix": (1, _INF, True, False, ""),
     "logging.probe_cuts": (1, _INF, True, False, ""),
@@ -713,6 +715,7 @@ RESUMABLE = frozenset(
         "data.valid_seed",  # which sequences validate, like train.eval_iters: not the training maths
         "parallel.distributed_backend",
         "parallel.distributed_timeout_minutes",
+        "model.compile_layers",  # the same function, compiled or not
     }
 ) | {f"logging.{f.name}" for f in dataclasses.fields(LoggingConfig)}
 

@@ -1,41 +1,89 @@
 #!/usr/bin/env bash
-# The GPU checks, in one script: GPU tests (bf16, NCCL, CUDA corruption == CPU), the per-objective
-# training benchmark on the 350M config, a short real training run of the 350M config (tokens/s, MFU),
-# and the generation benchmark when a trained demo model exists. Writes logs to ${OUT:-gpu_out}/.
-#   bash tools/gpu_checks.sh
+# The GPU checks of the speed issue (23) in one call, in under 8 minutes (the steps' timeouts add
+# up to 460 s): device and versions; the GPU tests (bf16, NCCL, CUDA corruption == CPU, compiled
+# layers); our training step against the plain-PyTorch anchor with MFU and a profile by category,
+# for the 350M config at sequence 1024 and card-1b at sequence 128 (one GPU); and, with GEN_ARGS,
+# the decoding table at batch 1, 16 and 64. The study's plan is tools/gpu_study.sh (9 minutes).
+#
+# Restartable: a step that succeeded leaves ${OUT}/done/<step>, and a second call skips it, so a
+# call cut short by the device's time limit continues where it stopped. Logs: ${OUT}/<step>.log.
+# Scratch files (the tokenized corpus, run directories) go to a temporary directory of this
+# call's own, removed when it ends.
+#
+#   bash tools/gpu_checks.sh              # OUT=gpu_out
+#   DRY_RUN=1 bash tools/gpu_checks.sh    # prints each step and its command, runs nothing
+#   CPU=1 bash tools/gpu_checks.sh        # the same steps on the CPU at tiny sizes: checks the script
+#   GEN_ARGS="--checkpoint runs/demo --judge runs/demo-arm" bash tools/gpu_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 PY=${PY:-python3}
-mkdir -p "$OUT"
+mkdir -p "$OUT/done"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_checks.XXXXXX")
+trap 'rm -rf -- "$WORK"' EXIT
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=offline
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-"$PY" -c "from card_megatron import quiet_warnings; quiet_warnings.install()
-import torch, deepspeed, megatron.core
-print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'megatron-core', megatron.core.__version__)" \
-  2>&1 | tee -a "$OUT/device.txt"
-compgen -G 'card_megatron/_indexer*.so' >/dev/null || "$PY" setup.py build_ext --inplace -q
+failed=0
 
-echo "== GPU tests"
-"$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_objectives.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+# step NAME TIMEOUT_S COMMAND...: runs COMMAND (output in $OUT/NAME.log) unless $OUT/done/NAME exists.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  if [ -e "$OUT/done/$name" ]; then
+    echo "== $name: done in an earlier call, skipped (rm $OUT/done/$name to rerun it)"
+    return 0
+  fi
+  echo "== $name (at most ${limit} s): $*"
+  [ -n "${DRY_RUN:-}" ] && return 0
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 20 "$OUT/$name.log"
+  if [ $rc -eq 0 ]; then
+    touch "$OUT/done/$name"
+  else
+    echo "== $name FAILED (exit $rc$([ $rc -eq 124 ] && echo ', timed out')): call the script again to retry it"
+    failed=1
+  fi
+}
 
-echo "== per-objective step time, 350M config, bf16"
-timeout 240 "$PY" tools/benchmark_train.py --config configs/gpt-350m.yaml --device cuda --steps 10 --warmup 3 \
-  --rounds 1 --micro-batch-size 16 --vocab-size 32000 2>&1 | tee "$OUT/benchmark_train_gpu.log"
-
-echo "== 350M training run (DeepSpeed, bf16): tokens/s and MFU"
-D=/tmp/gpu_data; mkdir -p $D
-[ -f $D/docs_text_document.idx ] || "$PY" tools/preprocess_data.py --input builtin:python-docs --train-tokenizer \
-  --vocab-size 8192 --output-prefix $D/docs --workers 8 > "$OUT/preprocess.log" 2>&1
-rm -rf /tmp/run350
-timeout 240 "$PY" -m card_megatron.train --config configs/gpt-350m.yaml data.data_path=$D/docs_text_document \
-  data.tokenizer_model=$D/docs.model train.train_iters=40 train.micro_batch_size=16 train.global_batch_size=64 \
-  train.log_interval=10 train.eval_iters=1 train.eval_interval=0 logging.wandb=false train.run_dir=/tmp/run350 \
-  2>&1 | tee "$OUT/train_350m.log"
-cp /tmp/run350/metrics.jsonl "$OUT/metrics_350m.jsonl" 2>/dev/null
-
-# GEN_ARGS: e.g. "--checkpoint runs/demo --judge runs/demo-arm --batch-size 16" (trained demo runs).
-if [ -n "${GEN_ARGS:-}" ]; then
-  echo "== generation benchmark on GPU"
-  timeout 180 "$PY" tools/benchmark_generate.py --device cuda $GEN_ARGS 2>&1 | tail -30 | tee "$OUT/benchmark_generate_gpu.log"
+if [ -n "${CPU:-}" ]; then
+  DEVICE=cpu
+  # tiny sizes: the point is that every step runs, not the numbers
+  ANCHOR_350M=(--config configs/tiny-cpu.yaml --seq-length 32 --micro-batch-size 2 --steps 2 --warmup 1 --profile 1)
+  ANCHOR_1B=(--config configs/demo.yaml --seq-length 32 --micro-batch-size 2 --steps 2 --warmup 1 --profile 1 --anchors plain)
+  GPU_TESTS=(tests/test_gpu.py -m gpu)
+else
+  DEVICE=cuda
+  ANCHOR_350M=(--config configs/gpt-350m.yaml --seq-length 1024 --micro-batch-size 16 --vocab-size 32000
+    --precision bf16 --steps 8 --warmup 3 --profile 2)
+  # card-1b on one GPU: TP=1, no ZeRO; one anchor (two 1B models and their AdamW states fit in 80 GB, three may not)
+  ANCHOR_1B=(--config configs/card-1b.yaml --seq-length 128 --micro-batch-size 64 --vocab-size 32000 --precision bf16
+    --steps 6 --warmup 3 --profile 2 --anchors plain
+    --override parallel.tensor_model_parallel_size=1 --override parallel.zero_stage=0)
+  GPU_TESTS=(-m gpu tests/test_gpu.py tests/test_objectives.py)
 fi
+
+if [ -z "${DRY_RUN:-}" ]; then
+  {
+    if [ "$DEVICE" = cuda ]; then
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    else
+      echo "CPU mode: $(nproc) cores"
+    fi
+    "$PY" -c "from card_megatron import quiet_warnings; quiet_warnings.install()
+import torch, deepspeed, megatron.core
+print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'megatron-core', megatron.core.__version__)"
+  } 2>&1 | tee "$OUT/device.txt"
+  compgen -G 'card_megatron/_indexer*.so' >/dev/null || "$PY" setup.py build_ext --inplace -q
+fi
+
+step gpu_tests 100 "$PY" -m pytest -q -p no:cacheprovider "${GPU_TESTS[@]}"
+step anchor_350m 150 "$PY" tools/benchmark_train.py --anchor --device "$DEVICE" "${ANCHOR_350M[@]}"
+step anchor_card1b 150 "$PY" tools/benchmark_train.py --anchor --device "$DEVICE" "${ANCHOR_1B[@]}"
+if [ -n "${GEN_ARGS:-}" ]; then
+  # shellcheck disable=SC2086  # GEN_ARGS is a list of arguments
+  for b in 1 16 64; do
+    step "generate_batch$b" 20 "$PY" tools/benchmark_generate.py --device "$DEVICE" --batch-size "$b" $GEN_ARGS
+  done
+fi
+echo "== logs in $OUT/ ($(ls "$OUT"/done | wc -l) steps done)"
+exit $failed

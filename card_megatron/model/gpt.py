@@ -31,6 +31,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from card_megatron.config import MASK_KINDS, ModelConfig
 from card_megatron.model.attention import CardCoreAttention
+from card_megatron.model.compile import RowParallelLinear
+from card_megatron.model.cross_entropy import chunked_vocab_parallel_nll
 from card_megatron.parallel.cpu_adapter import activation_checkpoint
 
 _MEGATRON_MASK_TYPE = {"causal": AttnMaskType.causal, "full": AttnMaskType.no_mask, "block": AttnMaskType.arbitrary}
@@ -90,6 +92,8 @@ def layer_spec(mask_kind: str, ffn_hidden_size: Optional[int] = None) -> ModuleS
     attention = spec.submodules.self_attention
     attention.params = {**attention.params, "attn_mask_type": _MEGATRON_MASK_TYPE[mask_kind]}
     attention.submodules.core_attention = ModuleSpec(module=CardCoreAttention, params={"mask_kind": mask_kind})
+    attention.submodules.linear_proj = RowParallelLinear  # passes its group: no graph break when compiled
+    spec.submodules.mlp.submodules.linear_fc2 = RowParallelLinear
     if ffn_hidden_size is not None:
         spec.submodules.mlp.params = {**spec.submodules.mlp.params, "ffn_hidden_size": ffn_hidden_size}
     return spec
@@ -316,20 +320,23 @@ def suppress_token_logit(logits: torch.Tensor, token_id: int, vocab_start: int) 
 
 
 def per_token_nll(
-    logits: torch.Tensor, targets: torch.Tensor, suppress_id: Optional[int] = None, vocab_start: int = 0
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    suppress_id: Optional[int] = None,
+    vocab_start: int = 0,
+    tp_group=None,
 ) -> torch.Tensor:
     """Per-token negative log-likelihood from vocab-sharded logits, without gathering them.
 
-    logits: [S, B, V/TP]; targets: [B, S] (global ids). Returns [B, S] float32.
-    Uses Megatron-core's vocab-parallel cross entropy (works for TP = 1 too), which
-    overwrites float32 ``logits`` in place (with the softmax): read anything else from
-    the logits (e.g. :func:`per_token_top1_logprob`) before calling this.
+    logits: [S, B, V/TP] (any float dtype); targets: [B, S] (global ids); ``tp_group``: the group
+    the vocabulary is sharded over (None: Megatron's tensor-parallel group). Returns [B, S] float32.
+    Chunked cross entropy (``model/cross_entropy.py``): no float32 copy of the logits; backward
+    overwrites ``logits`` with their gradient, so read anything else from them (e.g.
+    :func:`per_token_top1_logprob`) before backward.
     """
-    logits = logits.float()
-    if suppress_id is not None:
-        logits = suppress_token_logit(logits, suppress_id, vocab_start)
-    nll = tensor_parallel.vocab_parallel_cross_entropy(logits.contiguous(), targets.t().contiguous())
-    return nll.t()
+    if tp_group is None:
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    return chunked_vocab_parallel_nll(logits, targets.t(), vocab_start, suppress_id, tp_group).t()
 
 
 @torch.no_grad()

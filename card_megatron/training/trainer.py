@@ -35,6 +35,7 @@ from card_megatron.config import Config, ConfigError, config_to_dict, resume_cha
 from card_megatron.data import MicroBatchSampler, build_datasets, collate
 from card_megatron.data.dataset import data_identity, data_identity_changes
 from card_megatron.lock import ExclusiveLock, LockHeldError
+from card_megatron.model.compile import compile_layers, use_compiled_layers
 from card_megatron.model.export import gather_canonical_state
 from card_megatron.model.gpt import CardGPT, no_attention_mask, padded_vocab_size, per_token_nll, per_token_top1_logprob
 from card_megatron.model.pipeline import build_pipeline_model
@@ -80,6 +81,7 @@ class Trainer:
         """Everything after the run directory is locked: model, engine, EMA, data, resume, metrics."""
         cfg = self.cfg
         self._stop_requested = False
+        self._stop_flag: Optional[bool] = None  # the stop request, when the last step read it
         self._install_signal_handlers()
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest:
@@ -125,7 +127,7 @@ class Trainer:
                 ).acquire()
             except LockHeldError as e:
                 refused = str(e)
-        if self._all_max(1.0 if refused else 0.0) > 0:
+        if self._rank_flags(bool(refused))[0]:
             raise LockHeldError(refused or f"{os.path.join(self.run_dir, RUN_LOCK)} is held by another trainer")
         return lock
 
@@ -166,6 +168,8 @@ class Trainer:
                 tp_group=info.tp_group,
             )
         self.num_params = self._count_parameters()
+        if use_compiled_layers(cfg.model.compile_layers, info.device.type == "cuda"):
+            compile_layers(self.model)
 
     def _count_parameters(self) -> int:
         """Parameters of the whole model (tensor-parallel shards counted once, all pipeline stages)."""
@@ -190,7 +194,7 @@ class Trainer:
             lr=cfg.optim.lr,
             betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
             eps=cfg.optim.adam_eps,
-            fused=info.device.type == "cuda",
+            fused=True,  # one kernel per step, on CPUs too (the for-loop AdamW cost 2-3x the time on the CPU)
         )
         self.ds_config = deepspeed_config(
             cfg.train, cfg.optim, cfg.parallel.zero_stage, info.dp_size, info.device.type == "cuda"
@@ -283,7 +287,7 @@ class Trainer:
 
     def _nll(self, logits, loss_inputs):
         suppress = self.tokenizer.mask_id if loss_inputs.suppress_mask_logit else None
-        return per_token_nll(logits, loss_inputs.targets, suppress, self.vocab_start)
+        return per_token_nll(logits, loss_inputs.targets, suppress, self.vocab_start, self.info.tp_group)
 
     def _pipeline_loss(self, logits, labels):
         targets, weights, normaliser, suppress = labels
@@ -303,24 +307,24 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def _all_max(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.info.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
-
     def _zero_loss(self) -> torch.Tensor:
         """A finite loss whose gradient is zero everywhere (stands in for a non-finite micro-batch)."""
         return sum((p.reshape(-1)[:1] * 0.0).sum() for p in self.model.parameters() if p.requires_grad)
 
     def train_step(self) -> dict:
-        """One optimizer step over the global batch; returns the step's metrics (on every rank)."""
+        """One optimizer step over the global batch; returns the step's metrics (on every rank).
+
+        Only a logged step (``train.log_interval``) reads its loss, metrics and gradient norm to the
+        host; the others return them as None and sync with the device only for the non-finite-loss
+        policy (one flag per micro-batch; none with ``train.max_nonfinite_steps=0``).
+        """
         cfg = self.cfg
         lr = learning_rate(self.step, cfg.optim, cfg.train.train_iters)
         self._set_lr(lr)
         if self._train_stream is None:  # one stream (and one DataLoader) for the whole run
             self._train_stream = self._micro_batches("train", self.consumed_samples)
         batches = itertools.islice(self._train_stream, self.accumulation)
-        step_logged = (self.step + 1) % cfg.train.log_interval == 0 or self.step + 1 == cfg.train.train_iters
+        step_logged = self._is_logged(self.step + 1)
         loss_value, metrics, bad, grad_norm = self._forward_backward_step(batches, step_logged)
         if self.ema is not None and not bad and self.engine.was_step_applied():
             self.ema.update()  # skipped steps (non-finite loss, fp16 overflow) leave the EMA alone
@@ -330,47 +334,73 @@ class Trainer:
         metrics.update({"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None})
         return metrics
 
-    def _engine_step(self, batches: Iterator[dict], step_logged: bool) -> tuple[float, dict, bool, Optional[float]]:
+    def _is_logged(self, step: int) -> bool:
+        """Whether ``step`` (counted from 1) writes a metrics line: the only steps that read scalars."""
+        t = self.cfg.train
+        return step % t.log_interval == 0 or step == t.train_iters
+
+    def _rank_flags(self, *flags: torch.Tensor | bool) -> list[bool]:
+        """Each flag (a bool tensor or bool) OR-ed over all ranks, with one all-reduce and one host read."""
+        t = torch.stack([torch.as_tensor(f, device=self.info.device).reshape(()) for f in flags]).to(torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [v > 0 for v in t.tolist()]
+
+    def _engine_step(
+        self, batches: Iterator[dict], step_logged: bool
+    ) -> tuple[Optional[float], dict, bool, Optional[float]]:
         """Forward and backward of each micro-batch through the DeepSpeed engine, then its optimizer step.
 
         Returns (loss: mean over micro-batches and data-parallel ranks, NaN when a micro-batch had a
-        non-finite loss; metrics; whether one had; the gradient norm before clipping).
+        non-finite loss; metrics; whether one had; the gradient norm before clipping). Loss, metrics
+        and gradient norm are read only when ``step_logged`` (None and {} otherwise). The non-finite
+        check (``train.max_nonfinite_steps`` > 0) reads one flag per micro-batch before its backward,
+        together, on the last one, with the stop request (:meth:`_should_stop`).
         """
         cfg = self.cfg
-        metrics: dict[str, float] = {}
+        check = cfg.train.max_nonfinite_steps > 0
+        metrics: dict = {}
         bad = False
         grad_norm = None
         context = None  # per-corruption sums of this step (CARD, logged steps only)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.info.device)  # sum of the finite losses
         for m, batch in enumerate(batches):
+            last = m == self.accumulation - 1
             model_inputs, loss_inputs = self._prepare(batch)
             logits = self.engine(model_inputs.input_ids, model_inputs.position_ids, model_inputs.attention_mask)
-            # before the NLL: Megatron's cross entropy overwrites fp32 logits in place
             top1 = self._top1_logprob(logits, loss_inputs) if step_logged and self._diagnose else None
             nll = self._nll(logits, loss_inputs)
             loss, micro_metrics = self.objective.loss(nll, loss_inputs)
-            micro_bad = self._all_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0
+            micro_bad = False
+            if check:
+                stop_asked = self._stop_asked_here() if last else False
+                micro_bad, stop = self._rank_flags(~torch.isfinite(loss.detach()), stop_asked)
+                if last:
+                    self._stop_flag = stop
             if micro_bad:
                 bad = True
                 self.engine.backward(self._nonfinite_micro_batch())
             else:
-                total += loss.item()
+                total += loss.detach()
                 if top1 is not None:
                     sums = diagnostics.context_sums(nll, top1, loss_inputs.is_masked)
                     context = sums if context is None else context + sums
                 self.engine.backward(loss)
-                for k, v in micro_metrics.items():
-                    metrics[k] = metrics.get(k, 0.0) + float(v) / self.accumulation
-            if m == self.accumulation - 1:
+                if step_logged:
+                    for k, v in micro_metrics.items():
+                        metrics[k] = metrics.get(k, 0.0) + v.detach() / self.accumulation
+            if last:
                 if bad:
                     self._set_lr(0.0)  # parameters stay unchanged: the step is skipped
-                if cfg.parallel.zero_stage == 0:
+                if cfg.parallel.zero_stage == 0 and step_logged:
                     grad_norm = self._grad_norm()
             self.engine.step()
+        if not step_logged:
+            return None, {}, bad, None
         if cfg.parallel.zero_stage > 0:
             grad_norm = self.engine.get_global_grad_norm()
+        metrics = {k: float(v) for k, v in metrics.items()}
         # Mean over micro-batches, then over data-parallel ranks.
-        t = torch.tensor([total / self.accumulation], dtype=torch.float64, device=self.info.device)
+        t = total / self.accumulation
         dist.all_reduce(t, group=self.info.dp_group)
         loss_value = float(t.item()) / self.info.dp_size if not bad else float("nan")
         if context is not None:
@@ -382,7 +412,8 @@ class Trainer:
         """The whole step through DeepSpeed's pipeline engine (``train_batch``); same returns as
         :meth:`_engine_step` (no per-micro-batch metrics; the gradient norm comes from the engine)."""
         items = (self._pipeline_item(*self._prepare(b)) for b in batches)
-        loss_value = float(self.engine.train_batch(data_iter=items))
+        loss_value = float(self.engine.train_batch(data_iter=items))  # the pipeline engine reads it anyway
+        self._stop_flag = self._should_stop()
         # Under pipeline parallelism the pipeline engine owns the step: whether a non-finite
         # loss skips the update is DeepSpeed's decision (ZeRO-1 in fp32/fp16 skips on an
         # invalid gradient norm). It is counted here all the same.
@@ -402,7 +433,7 @@ class Trainer:
     def _count_step(self, bad: bool) -> None:
         """Counts a step whose loss was non-finite (``bad``) and stops the run after
         train.max_nonfinite_steps of them in a row; a finite step resets the count."""
-        if not bad:
+        if not bad or self.cfg.train.max_nonfinite_steps == 0:  # 0: no check
             self.consecutive_nonfinite = 0
             return
         self.skipped_steps += 1
@@ -664,9 +695,22 @@ class Trainer:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, handler)
 
+    def _stop_asked_here(self) -> bool:
+        """Whether this rank was asked to stop (a signal, or the stop file); no collective."""
+        return self._stop_requested or ckpt.stop_file_exists(self.run_dir)
+
     def _should_stop(self) -> bool:
-        local = self._stop_requested or ckpt.stop_file_exists(self.run_dir)
-        return self._all_max(1.0 if local else 0.0) > 0
+        """Whether any rank was asked to stop (a collective: every rank calls it)."""
+        return self._rank_flags(self._stop_asked_here())[0]
+
+    def _stop_after_step(self, logged: bool) -> bool:
+        """Whether to stop after this step. The step's own flag read carries the stop request when it
+        made one (the non-finite check, the pipeline engine); otherwise it is read at logged steps only,
+        so that other steps never wait for the host."""
+        stop, self._stop_flag = self._stop_flag, None
+        if stop is None and logged:
+            stop = self._should_stop()
+        return bool(stop)
 
     # ------------------------------------------------------------------ loop
 
@@ -711,7 +755,8 @@ class Trainer:
             metrics = self.train_step()
             steps_this_run += 1
             window_steps += 1
-            if self.step % t.log_interval == 0 or self.step == t.train_iters:
+            logged = self._is_logged(self.step)
+            if logged:
                 elapsed = time.perf_counter() - window_start
                 tps = tokens_per_step * window_steps / max(elapsed, 1e-9)
                 record = {
@@ -729,7 +774,7 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_iters:
                 self._log_eval(self.evaluate())
-            if self._should_stop():
+            if self._stop_after_step(logged):
                 stopped_by = "signal"
                 break
             if t.exit_interval and steps_this_run >= t.exit_interval and self.step < t.train_iters:
