@@ -198,3 +198,21 @@ def test_cli(single_process, setup, tmp_path):  # noqa: F811
     ):
         r = subprocess.run([*tool, *args], capture_output=True, text=True, env=env, timeout=180)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_shard_without_sidecar_is_refused_unless_accepted(single_process, setup, tmp_path, capsys):  # noqa: F811
+    """Issue 21: a shard without its tokenizer sidecar was evaluated with any same-size tokenizer after a
+    warning. It is refused before the checkpoint loads, naming the shard and the flag that accepts it."""
+    import shutil
+
+    root, tok, prefixes = setup
+    bare = str(tmp_path / "bare_text_document")
+    for ext in (".bin", ".idx"):
+        shutil.copyfile(prefixes[0] + ext, bare + ext)
+    ckpt = write_export(root / "ckpt_sidecar", tok, "arm", seed=3)
+    args = ["--checkpoint", ckpt, "--data", bare, "--max-windows", "2"]
+    assert evaluate_main()(args) == 1
+    err = capsys.readouterr().err
+    assert f"{bare} has no tokenizer sidecar" in err and "--allow-missing-sidecar" in err and "Traceback" not in err
+    assert evaluate_main()([*args, "--allow-missing-sidecar"]) == 0
+    assert "| bare_text_document |" in capsys.readouterr().out

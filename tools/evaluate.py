@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     p.add_argument(
+        "--allow-missing-sidecar",
+        action="store_true",
+        help="evaluate a shard that has no tokenizer sidecar ({prefix}.tokenizer.json); nothing then checks that "
+        "the checkpoint's tokenizer made it (default: refused)",
+    )
+    p.add_argument(
         "--output-json",
         metavar="FILE",
         help="write the results as JSON (atomically; checked to be writable before anything is loaded)",
@@ -74,7 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--max-windows ({args.max_windows}) must be >= 1")
         check_outputs(args.output_json, args.output_markdown)  # before loading and evaluating, not after
         result = evaluate_checkpoint(
-            args.checkpoint, args.data, args.names, args.batch_size, args.max_windows, args.device, args.ema
+            args.checkpoint,
+            args.data,
+            args.names,
+            args.batch_size,
+            args.max_windows,
+            args.device,
+            args.ema,
+            args.allow_missing_sidecar,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -207,28 +207,39 @@ def _warn_without_eod(prefix: str, shard_sizes: np.ndarray, read: Callable, eod:
         )  # fmt: skip
 
 
-def _check_same_tokenizer(prefix: str, tokenizer: Any, allow_missing: bool = True) -> None:
-    """Raises ValueError if the shard's sidecar names another tokenizer than ``tokenizer``
-    (their sha256 differ); warns when the sidecar predates the hash. Without a sidecar it warns
-    when ``allow_missing`` (evaluation), else raises naming the file and data.allow_missing_sidecar."""
+def require_sidecar(prefix: str, allow_missing: bool, flag: str, tokenizer_source: str = "the tokenizer") -> bool:
+    """True when shard ``prefix`` has its tokenizer sidecar. Without one: a warning when ``allow_missing``,
+    else ValueError naming the shard and ``flag``, the setting that accepts it."""
     from card_megatron.data.preprocess import sidecar_for
 
-    sidecar = sidecar_for(prefix)
-    if sidecar is None:
-        if not allow_missing:
-            raise ValueError(
-                f"{prefix} has no tokenizer sidecar ({{output prefix}}.tokenizer.json, written by "
-                f"tools/preprocess_data.py): nothing says that data.tokenizer_model ({tokenizer.source}) made it, and "
-                "any tokenizer of the same size would train on it. Put the sidecar back beside the shard, or accept "
-                "the shard as it is with data.allow_missing_sidecar=true"
-            )
-        logger.warning(
-            "%s has no tokenizer sidecar ({output prefix}.tokenizer.json): cannot check that "
-            "data.tokenizer_model (%s) is the tokenizer that made it",
-            prefix,
-            tokenizer.source,
+    if sidecar_for(prefix) is not None:
+        return True
+    if not allow_missing:
+        raise ValueError(
+            f"{prefix} has no tokenizer sidecar ({{output prefix}}.tokenizer.json, written by "
+            f"tools/preprocess_data.py): nothing says that {tokenizer_source} made it, and any tokenizer of the "
+            f"same size would read it. Put the sidecar back beside the shard, or accept the shard as it is "
+            f"with {flag}"
         )
+    logger.warning(
+        "%s has no tokenizer sidecar ({output prefix}.tokenizer.json): cannot check that %s made it (accepted by %s)",
+        prefix,
+        tokenizer_source,
+        flag,
+    )
+    return False
+
+
+def check_same_tokenizer(
+    prefix: str, tokenizer: Any, allow_missing: bool = False, flag: str = "data.allow_missing_sidecar=true"
+) -> None:
+    """Raises ValueError if the shard's sidecar names another tokenizer than ``tokenizer`` (their sha256
+    differ); warns when the sidecar predates the hash. Without a sidecar, :func:`require_sidecar`."""
+    from card_megatron.data.preprocess import sidecar_for
+
+    if not require_sidecar(prefix, allow_missing, flag, f"data.tokenizer_model ({tokenizer.source})"):
         return
+    sidecar = sidecar_for(prefix)
     try:
         with open(sidecar) as f:
             meta = json.load(f)
@@ -320,7 +331,7 @@ def build_datasets(
     cache_dir = data_cache.default_cache_dir(prefixes[0], data_cfg.cache_dir)
     if tokenizer is not None:
         for prefix, fingerprint in zip(prefixes, fingerprints):
-            _check_same_tokenizer(prefix, tokenizer, data_cfg.allow_missing_sidecar)
+            check_same_tokenizer(prefix, tokenizer, data_cfg.allow_missing_sidecar)
             _check_token_ids(prefix, fingerprint, tokenizer, cache_dir, lock_timeout_s)
 
     datasets: dict[str, PackedDataset] = {}

@@ -63,12 +63,15 @@ def window_batches(tokens: np.ndarray, seq_length: int, n: int, batch_size: int)
         yield start, np.asarray(tokens[rows + offsets], dtype=np.int64)
 
 
-def check_shard_tokenizer(prefix: str, tokenizer) -> None:
-    """ValueError when the shard's sidecar names another tokenizer than the checkpoint's, or the
-    shard holds ids outside its vocabulary."""
-    from card_megatron.data.dataset import _check_same_tokenizer, open_shard
+MISSING_SIDECAR_FLAG = "--allow-missing-sidecar"
 
-    _check_same_tokenizer(prefix, tokenizer)
+
+def check_shard_tokenizer(prefix: str, tokenizer, allow_missing_sidecar: bool = False) -> None:
+    """ValueError when the shard's sidecar names another tokenizer than the checkpoint's, when it has no
+    sidecar (unless ``allow_missing_sidecar``), or when the shard holds ids outside its vocabulary."""
+    from card_megatron.data.dataset import check_same_tokenizer, open_shard
+
+    check_same_tokenizer(prefix, tokenizer, allow_missing_sidecar, MISSING_SIDECAR_FLAG)
     tokens = open_shard(prefix).tokens
     top = int(tokens.max()) if len(tokens) else -1
     if top >= tokenizer.vocab_size:
@@ -80,7 +83,12 @@ def check_shard_tokenizer(prefix: str, tokenizer) -> None:
 
 @torch.no_grad()
 def shard_perplexity(
-    loaded, prefix: str, batch_size: int = 8, max_windows: Optional[int] = None, name: Optional[str] = None
+    loaded,
+    prefix: str,
+    batch_size: int = 8,
+    max_windows: Optional[int] = None,
+    name: Optional[str] = None,
+    allow_missing_sidecar: bool = False,
 ) -> PerplexityRow:
     """Perplexity of ``loaded`` (a :class:`~card_megatron.inference.loading.LoadedModel`) on shard ``prefix``."""
     from card_megatron.data.dataset import open_shard
@@ -88,7 +96,7 @@ def shard_perplexity(
     from card_megatron.objectives import build_objective
 
     cfg, tok = loaded.config, loaded.tokenizer
-    check_shard_tokenizer(prefix, tok)
+    check_shard_tokenizer(prefix, tok, allow_missing_sidecar)
     objective = build_objective(cfg.objective, cfg.model.seq_length, tok.mask_id, tok.vocab_size)
     n = num_windows(prefix, cfg.model.seq_length, max_windows)
     total, count = 0.0, 0.0
@@ -122,19 +130,21 @@ def evaluate_checkpoint(
     max_windows: Optional[int] = None,
     device: Optional[str] = None,
     ema: bool = False,
+    allow_missing_sidecar: bool = False,
 ) -> dict:
     """Loads ``checkpoint`` and scores every shard; returns the JSON record (see :func:`markdown_table`).
     The arguments and every shard (present, readable) are checked before the checkpoint is loaded."""
-    from card_megatron.data.dataset import open_shard
+    from card_megatron.data.dataset import open_shard, require_sidecar
     from card_megatron.inference.loading import load_model
 
     if names is not None and len(names) != len(prefixes):
         raise ValueError(f"--names gives {len(names)} names for {len(prefixes)} --data prefixes")
     for p in prefixes:
         open_shard(p)
+        require_sidecar(p, allow_missing_sidecar, MISSING_SIDECAR_FLAG, "the checkpoint's tokenizer")
     loaded = load_model(checkpoint, device=device, ema=ema)
     rows = [
-        shard_perplexity(loaded, p, batch_size, max_windows, names[i] if names else None)
+        shard_perplexity(loaded, p, batch_size, max_windows, names[i] if names else None, allow_missing_sidecar)
         for i, p in enumerate(prefixes)
     ]
     return {
