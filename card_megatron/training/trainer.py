@@ -16,6 +16,7 @@ from ``self.info`` (``parallel/state.py``), never from Megatron's globals.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -34,7 +35,7 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from card_megatron.config import Config, ConfigError, config_to_dict, resume_changes, save_config, validate
 from card_megatron.data import MicroBatchSampler, build_datasets, collate
 from card_megatron.lock import ExclusiveLock, LockHeldError
-from card_megatron.model.export import gather_canonical_state
+from card_megatron.model.export import gather_canonical_state, load_canonical_state
 from card_megatron.model.gpt import CardGPT, no_attention_mask, padded_vocab_size, per_token_nll, per_token_top1_logprob
 from card_megatron.model.pipeline import build_pipeline_model
 from card_megatron.objectives import LossInputs, build_objective
@@ -44,6 +45,7 @@ from card_megatron.tokenizer import Tokenizer
 from card_megatron.training import checkpoint as ckpt
 from card_megatron.training import diagnostics
 from card_megatron.training.ema import EMA
+from card_megatron.training.init_from import InitWeights, read_init_weights
 from card_megatron.training.metrics import MetricsWriter, format_step, model_flops_per_token, peak_flops
 from card_megatron.training.schedule import learning_rate
 
@@ -81,10 +83,15 @@ class Trainer:
         self._stop_requested = False
         self._install_signal_handlers()
         latest = ckpt.latest_checkpoint(self.run_dir)
+        self._init_weights: Optional[InitWeights] = None
         if latest:
             self._check_resume(latest)  # before anything is built: a changed layout fails here, not in DeepSpeed
+        elif cfg.train.init_from:
+            self._init_weights = read_init_weights(cfg)  # refuses a different architecture or tokenizer
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer_model)
         self._build_objective_and_model()
+        if self._init_weights is not None:  # before DeepSpeed copies the weights into its optimizer state
+            self._load_init_weights()
         self._build_engine()
         self.ema = self._build_ema()
         self._build_data()
@@ -136,6 +143,8 @@ class Trainer:
                 f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({self.tokenizer.vocab_size})"
             )
         self.vocab_size = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, info.tp_size)
+        if self._init_weights is not None:  # the checkpoint's rows, whatever the padding rule would give
+            self.vocab_size = self._init_weights.vocab_rows(self.tokenizer, cfg.model.vocab_size, info.tp_size)
         self.vocab_start = info.tp_rank * (self.vocab_size // info.tp_size)
         self.objective = build_objective(
             cfg.objective, cfg.model.seq_length, self.tokenizer.mask_id, self.tokenizer.vocab_size
@@ -165,6 +174,13 @@ class Trainer:
                 tp_group=info.tp_group,
             )
         self.num_params = self._count_parameters()
+
+    def _load_init_weights(self) -> None:
+        """Copies train.init_from's weights into this rank's shard of the model (any TP/PP layout)."""
+        init, info = self._init_weights, self.info
+        load_canonical_state(self.model, init.state, self.cfg.model.num_layers, info.tp_rank, info.tp_size)
+        self._log_line(f"initialised from {init.path} (step {init.step} of its run); step 0, a fresh optimizer")
+        self._init_weights = dataclasses.replace(init, state={})  # the copy is in the model now
 
     def _count_parameters(self) -> int:
         """Parameters of the whole model (tensor-parallel shards counted once, all pipeline stages)."""
