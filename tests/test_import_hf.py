@@ -232,6 +232,109 @@ def test_preprocessing_with_the_imported_tokenizer_gives_the_models_ids(tmp_path
     assert open_shard(str(tmp_path / "d_text_document")).tokens[:].tolist() == expected
 
 
+def write_gguf(path, hf, tokenizer_json, quantize=()):
+    """``hf`` (a LlamaForCausalLM) as a llama.cpp GGUF file written with the gguf package: Q and K
+    permuted as llama.cpp's converter does, the tensors named in ``quantize`` stored as Q8_0, the
+    byte-level BPE tokenizer as tokens, types and merges."""
+    import gguf
+    import numpy as np
+
+    cfg = hf.config
+    tj = json.load(open(tokenizer_json))
+    added = {t["content"]: t["id"] for t in tj["added_tokens"]}
+    tokens = [None] * cfg.vocab_size
+    for text, i in {**tj["model"]["vocab"], **added}.items():
+        tokens[i] = text
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in added else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    w.add_eos_token_id(added["<|endoftext|>"])
+    w.add_bos_token_id(added["<|endoftext|>"])
+
+    def permute(x, heads):  # llama.cpp's convert_hf_to_gguf.py (interleaved RoPE pairs)
+        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    names = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        names["output.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        names[b + "attn_q.weight"] = permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads)
+        names[b + "attn_k.weight"] = permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads)
+        for ours, theirs in (
+            ("attn_v", "self_attn.v_proj"),
+            ("attn_output", "self_attn.o_proj"),
+            ("attn_norm", "input_layernorm"),
+            ("ffn_norm", "post_attention_layernorm"),
+            ("ffn_gate", "mlp.gate_proj"),
+            ("ffn_up", "mlp.up_proj"),
+            ("ffn_down", "mlp.down_proj"),
+        ):
+            names[f"{b}{ours}.weight"] = sd[f"{p}{theirs}.weight"]
+    for name, array in names.items():
+        if name in quantize:
+            q = gguf.quants.quantize(np.ascontiguousarray(array), gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(array))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def test_gguf_import_equals_transformers_on_the_same_file(single_process, tmp_path, bpe):
+    """A GGUF file written here (Q/K permuted as llama.cpp does, two tensors in Q8_0): our logits equal
+    transformers' on the same file, the unquantized tensors equal the source model's, and the
+    tokenizer transformers reconstructs from the file encodes like the original tokenizer.json."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    from tokenizers import Tokenizer as RustTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from card_megatron.inference.loading import load_model
+    from card_megatron.model.hf_import import import_hf
+
+    _, hf = llama_dir(tmp_path / "hf", bpe, seed=6, num_key_value_heads=2, tie_word_embeddings=False)
+    gguf_dir = tmp_path / "g"
+    gguf_dir.mkdir()
+    quantized = ("blk.0.ffn_up.weight", "blk.1.attn_q.weight")
+    path = write_gguf(gguf_dir / "tiny.gguf", hf, bpe, quantize=quantized)
+    record = import_hf(path, str(tmp_path / "imported"))
+    assert record["format"] == "gguf" and record["dequantization"]["tensor_types"] == {"F32": 19, "Q8_0": 2}
+    assert record["architectures"] == ["LlamaForCausalLM"] and list(record["sha256"]) == ["tiny.gguf"]
+    loaded = load_model(str(tmp_path / "imported"), device="cpu")
+    theirs_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file="tiny.gguf", dtype=torch.float32)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = theirs_model(input_ids=ids).logits.double()
+    mine = our_logits(loaded.model, ids)[..., : hf.config.vocab_size]
+    assert theirs.std() > 0.5 and torch.allclose(mine, theirs, atol=1e-4, rtol=0), float((mine - theirs).abs().max())
+    state = torch.load(tmp_path / "imported" / "model.pt")["state_dict"]
+    q = hf.model.layers[0].self_attn.q_proj.weight  # unquantized, un-permuted back: equal to the source
+    assert torch.equal(
+        state["layers.0.layer.self_attention.linear_qkv.weight"][: q.shape[0] // 2], q[: q.shape[0] // 2]
+    )
+    fc1 = state["layers.1.layer.mlp.linear_fc1.weight"]
+    assert torch.equal(fc1, torch.cat([hf.model.layers[1].mlp.gate_proj.weight, hf.model.layers[1].mlp.up_proj.weight]))
+    text = "def main(argv):\n    return os.path.join(argv[0], 'x')\n"
+    assert loaded.tokenizer.encode(text) == RustTokenizer.from_file(bpe).encode(text, add_special_tokens=False).ids
+
+
 REFUSALS = [
     (dict(attention_bias=True), "attention_bias = true"),
     (dict(mlp_bias=True), "mlp_bias = true"),

@@ -59,6 +59,7 @@ class Source:
     dequantization: Optional[dict[str, Any]] = None
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # GGUF: already loaded
     weight_files: list[str] = field(default_factory=list)  # safetensors: read by load_safetensors_weights
+    tokenizer_name: str = ""  # where the tokenizer came from, for messages and the sidecar
 
 
 # --------------------------------------------------------------------------- config
@@ -276,7 +277,9 @@ def read_safetensors_dir(path: str) -> Source:
     with open(tok_path, "rb") as f:
         tokenizer_json = f.read()
     config = _read_json(config_path)
-    return Source(path, "safetensors", config, config_path, tokenizer_json, files, weight_files=weights)
+    return Source(
+        path, "safetensors", config, config_path, tokenizer_json, files, weight_files=weights, tokenizer_name=tok_path
+    )
 
 
 def load_safetensors_weights(src: Source) -> dict[str, torch.Tensor]:
@@ -321,6 +324,7 @@ def read_gguf(path: str) -> Source:
     except (ValueError, KeyError, RuntimeError) as e:
         raise ImportRefused(f"{path}: transformers cannot load this GGUF file ({type(e).__name__}: {e})") from None
     config = model.config.to_dict()
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
     config.pop("quantization_config", None)  # the weights are dequantized in memory (recorded below)
     src = Source(
         path,
@@ -330,6 +334,7 @@ def read_gguf(path: str) -> Source:
         tok.backend_tokenizer.to_str().encode("utf-8"),
         [path],
         dequantization={"to": "float32", "by": "transformers GGUF loader", "tensor_types": quant},
+        tokenizer_name=f"{path} (tokenizer.json as transformers reconstructs it)",
     )
     src.state = {k: v.detach() for k, v in model.state_dict().items()}
     return src
@@ -368,7 +373,7 @@ def import_hf(input_path: str, output: str, objective: str = "card") -> dict[str
     if problems:
         raise ImportRefused("cannot import exactly:\n  - " + "\n  - ".join(problems))
     m = model_section(src.config)
-    tokenizer = HuggingFaceTokenizer(src.tokenizer_json, os.path.join(src.path, "tokenizer.json"))
+    tokenizer = HuggingFaceTokenizer(src.tokenizer_json, src.tokenizer_name)
     source_rows = src.config["vocab_size"]
     if tokenizer.num_pieces > source_rows:
         raise ImportRefused(
@@ -392,7 +397,8 @@ def import_hf(input_path: str, output: str, objective: str = "card") -> dict[str
         "source_vocab_size": source_rows,
         "vocab_rows": rows,
         "new_rows": {
-            "ids": new_ids + list(range(max(source_rows, tokenizer.vocab_size), rows)),
+            "reserved_ids": new_ids,
+            "padding_ids": [max(source_rows, tokenizer.vocab_size), rows],  # [first, end)
             "init": f"mean of the embedding (and untied output) rows 0..{tokenizer.num_pieces - 1}",
         },
         "tokenizer": tokenizer.metadata(),
