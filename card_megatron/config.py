@@ -154,6 +154,9 @@ class OptimConfig:
     """Shape of the decay from lr to min_lr after warmup."""
     lr_decay_iters: Optional[int] = None
     """Steps of warmup + decay; none = train.train_iters."""
+    freeze_layers: int = 0
+    """The first N transformer layers keep their weights (no gradient, no optimizer state); the
+    embedding (with the mask row), the later layers and the output train; 0 = everything trains."""
     ema_decay: float = 0.0
     """Weight EMA after every applied step: ema = decay * ema + (1 - decay) * weights; 0 = off (MDLM, BD3LM: 0.9999)."""
 
@@ -532,6 +535,7 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "optim.lr_warmup_iters": (0, _INF, True, False, ""),
     "optim.lr_decay_iters": (1, _INF, True, False, " (or none: train.train_iters)"),
     "optim.ema_decay": (0, 1, True, False, " (0 = off, e.g. 0.9999)"),
+    "optim.freeze_layers": (0, _INF, True, False, " (0 = everything trains)"),
     "train.train_iters": (1, _INF, True, False, ""),
     "train.micro_batch_size": (1, _INF, True, False, ""),
     "train.global_batch_size": (1, _INF, True, False, ""),
@@ -664,6 +668,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         )
     if cfg.logging.probe_window > m.seq_length:
         p.append(f"logging.probe_window ({cfg.logging.probe_window}) must lie in [0, model.seq_length={m.seq_length}]")
+    if opt.freeze_layers > m.num_layers:
+        p.append(f"optim.freeze_layers ({opt.freeze_layers}) must be <= model.num_layers ({m.num_layers})")
     if opt.min_lr > opt.lr:
         p.append(f"optim.min_lr ({opt.min_lr}) must be <= optim.lr ({opt.lr})")
     if t.eval_ema and opt.ema_decay == 0.0:

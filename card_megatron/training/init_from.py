@@ -41,20 +41,40 @@ class InitWeights:
     rows: int  # vocabulary rows of the embedding
 
     def vocab_rows(self, tokenizer, vocab_size: Optional[int], tp_size: int) -> int:
-        """The run's vocabulary: the checkpoint's rows; ConfigError when they cannot serve this run."""
+        """The run's vocabulary: the checkpoint's rows, or the next multiple of ``tp_size`` when the
+        tensor-parallel size does not divide them (the extra rows, like the import's padding, are the
+        mean of the tokenizer's rows). ConfigError when the checkpoint cannot serve this run."""
         p = []
         if self.rows < tokenizer.vocab_size:
             p.append(f"the tokenizer has {tokenizer.vocab_size} ids, {self.path} only {self.rows} embedding rows")
         if vocab_size is not None and vocab_size > self.rows:
             p.append(f"model.vocab_size ({vocab_size}) exceeds the {self.rows} rows of {self.path}; leave it unset")
-        if self.rows % tp_size:
-            p.append(
-                f"the {self.rows} vocabulary rows of {self.path} are not divisible by "
-                f"parallel.tensor_model_parallel_size ({tp_size})"
-            )
         if p:
             raise ConfigError("train.init_from cannot start this run:\n  - " + "\n  - ".join(p))
+        if self.rows % tp_size:
+            from card_megatron.model.hf_import import extend_vocab_rows
+
+            rows = -(-self.rows // tp_size) * tp_size
+            self.state = extend_vocab_rows(self.state, rows, tokenizer.num_pieces, [])
+            self.rows = rows
         return self.rows
+
+
+def freeze_first_layers(model: torch.nn.Module, num_layers: int, count: int) -> int:
+    """Turns off ``requires_grad`` of the parameters of transformer layers ``0 .. count-1`` (a CardGPT or
+    a pipeline stage set; names mapped by ``model.export.canonical_name``). Returns the number of this
+    rank's parameters that still train."""
+    from card_megatron.model.export import canonical_name
+
+    frozen = {f"layers.{i}." for i in range(count)}
+    trainable = 0
+    for name, p in model.named_parameters():
+        key = canonical_name(name, num_layers)
+        if any(key.startswith(f) for f in frozen):
+            p.requires_grad_(False)
+        else:
+            trainable += p.numel()
+    return trainable
 
 
 def _sha256(path: str) -> str:

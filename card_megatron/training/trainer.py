@@ -45,7 +45,7 @@ from card_megatron.tokenizer import Tokenizer
 from card_megatron.training import checkpoint as ckpt
 from card_megatron.training import diagnostics
 from card_megatron.training.ema import EMA
-from card_megatron.training.init_from import InitWeights, read_init_weights
+from card_megatron.training.init_from import InitWeights, freeze_first_layers, read_init_weights
 from card_megatron.training.metrics import MetricsWriter, format_step, model_flops_per_token, peak_flops
 from card_megatron.training.schedule import learning_rate
 
@@ -84,14 +84,18 @@ class Trainer:
         self._install_signal_handlers()
         latest = ckpt.latest_checkpoint(self.run_dir)
         self._init_weights: Optional[InitWeights] = None
+        self._resumed_vocab: Optional[int] = None  # a run begun with init_from keeps its checkpoint's rows
         if latest:
             self._check_resume(latest)  # before anything is built: a changed layout fails here, not in DeepSpeed
+            if cfg.train.init_from:
+                self._resumed_vocab = ckpt.saved_meta(latest).get("vocab_size")
         elif cfg.train.init_from:
             self._init_weights = read_init_weights(cfg)  # refuses a different architecture or tokenizer
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer_model)
         self._build_objective_and_model()
         if self._init_weights is not None:  # before DeepSpeed copies the weights into its optimizer state
             self._load_init_weights()
+        self.num_trainable = freeze_first_layers(self.model, cfg.model.num_layers, cfg.optim.freeze_layers)
         self._build_engine()
         self.ema = self._build_ema()
         self._build_data()
@@ -113,6 +117,7 @@ class Trainer:
             f"| world {info.world_size} = tp {info.tp_size} x pp {info.pp_size} "
             f"x dp {info.dp_size} | zero {cfg.parallel.zero_stage} | precision {self.precision} | device {info.device}"
             f" | accumulation {self.accumulation}"
+            + (f" | first {cfg.optim.freeze_layers} layers frozen" if cfg.optim.freeze_layers else "")
         )
 
     # ------------------------------------------------------------------ construction
@@ -145,6 +150,8 @@ class Trainer:
         self.vocab_size = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, info.tp_size)
         if self._init_weights is not None:  # the checkpoint's rows, whatever the padding rule would give
             self.vocab_size = self._init_weights.vocab_rows(self.tokenizer, cfg.model.vocab_size, info.tp_size)
+        elif self._resumed_vocab:
+            self.vocab_size = self._resumed_vocab
         self.vocab_start = info.tp_rank * (self.vocab_size // info.tp_size)
         self.objective = build_objective(
             cfg.objective, cfg.model.seq_length, self.tokenizer.mask_id, self.tokenizer.vocab_size
@@ -198,7 +205,8 @@ class Trainer:
         cfg, info = self.cfg, self.info
         decay, no_decay = [], []
         for p in self.model.parameters():
-            (no_decay if p.ndim < 2 else decay).append(p)
+            if p.requires_grad:  # optim.freeze_layers: frozen layers get no optimizer state
+                (no_decay if p.ndim < 2 else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(
             groups,
@@ -534,6 +542,7 @@ class Trainer:
             "consumed_samples": self.consumed_samples,
             "skipped_steps": self.skipped_steps,
             "data_parallel_size": self.info.dp_size,
+            "vocab_size": self.vocab_size,
             "rng": ckpt.rng_state(),
         }
 
