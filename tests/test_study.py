@@ -78,3 +78,44 @@ def test_smoke_plan_end_to_end_and_restart(tmp_path, tiny_corpus):
     report = json.load(open(out / "study.json"))
     assert report["meta"]["runs_trained_now"] == 1
     assert "resumed from" in (out / "runs" / "arm-s0" / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_adapt_plan_end_to_end_with_a_tiny_llama_and_restart(tmp_path):
+    """The adapt stages (import, tokenize with its tokenizer, CARD and ARM from train.init_from,
+    decoding at every checkpoint, report) on a random 2-layer Llama instead of SmolLM2; a rerun
+    keeps everything."""
+    import itertools
+
+    from card_megatron.data.corpus import builtin_documents
+    from card_megatron.study.adapt import ADAPT_PLANS, AdaptPlan, run_adapt
+    from tests.test_hf_tokenizer import train_bpe
+    from tests.test_import_hf import llama_dir
+
+    bpe = train_bpe(list(itertools.islice(builtin_documents(), 150)), tmp_path / "bpe.json", vocab_size=300)
+    src, _ = llama_dir(tmp_path / "hf", bpe, seed=2)
+    smoke = ADAPT_PLANS["adapt-smoke"]
+    plan = AdaptPlan(
+        name="tiny",
+        description="test",
+        overrides=tuple(o for o in smoke.overrides if not o.startswith("optim.freeze_layers"))
+        + ("optim.freeze_layers=1",),
+        decode=smoke.decode,
+        max_files=30,
+    )
+    out = str(tmp_path / "adapt")
+    report = run_adapt(plan, out, source=src)
+    steps = [p["step"] for p in report["points"]]
+    assert steps == [0, 1, 2]
+    start = report["points"][0]
+    assert start["card_ppl"] == pytest.approx(start["arm_ppl"], rel=1e-6)  # both are the imported model
+    assert start["card_retention"] == pytest.approx(1.0)
+    later = report["points"][-1]
+    assert later["best_tokens_per_forward"] >= 1.0 and later["ar_judge_ppl"] > 0
+    assert later["lossless"] is None  # the issue-19 hook, not built yet
+    md = open(os.path.join(out, "adapt.md")).read()
+    assert "| 2 |" in md and "not measured" in md
+    decoded = json.load(open(os.path.join(out, "adapt_decoding.json")))
+    assert len(decoded) == 2  # checkpoints of steps 1 and 2
+    again = run_adapt(plan, out, source=src)  # restart: nothing is trained or decoded again
+    assert again["meta"]["train_seconds"] == {} and again["points"] == report["points"]
