@@ -116,6 +116,7 @@ def test_adapt_plan_end_to_end_with_a_tiny_llama_and_restart(tmp_path):
     md = open(os.path.join(out, "adapt.md")).read()
     assert "| 2 |" in md and "not measured" in md
     decoded = json.load(open(os.path.join(out, "adapt_decoding.json")))
-    assert len(decoded) == 2  # checkpoints of steps 1 and 2
+    assert len(decoded) == 3  # the import (step 0) and the checkpoints of steps 1 and 2
+    assert report["points"][0]["best_tokens_per_forward"] >= 1.0
     again = run_adapt(plan, out, source=src)  # restart: nothing is trained or decoded again
     assert again["meta"]["train_seconds"] == {} and again["points"] == report["points"]

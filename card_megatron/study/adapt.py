@@ -9,7 +9,7 @@ Stages, each restartable (a rerun of the same command skips what is done):
    ``train.init_from=OUT/import`` (the runner resumes an interrupted one). Their step-0 validation
    is the imported model's exact AR perplexity on the held-out files (the validation split);
    every ``save_interval`` steps a checkpoint and a validation (exact perplexity, the mask probe);
-4. **decode** at every checkpoint of the CARD run: AR and CARD threshold decoding on prompts from
+4. **decode** the import (step 0) and every checkpoint of the CARD run: AR and CARD threshold decoding on prompts from
    held-out files, judged by the imported model (judge perplexity), kept in ``OUT/adapt_decoding.json``
    keyed by checkpoint; :func:`lossless_decoding` is the hook for the verify mode of issue 19;
 5. **report** ``OUT/adapt.json`` and ``OUT/adapt.md``: per checkpoint the exact perplexity of CARD and
@@ -80,14 +80,15 @@ ADAPT_PLANS: dict[str, AdaptPlan] = {
         name="adapt",
         description="SmolLM2-135M continued as CARD (ARM control) on Python code, one 3-hour session on 2 CPU cores",
         overrides=(
+            # budget: docs/study.md "Adapting a pretrained model" (measured CPU seconds per step x steps)
             "model.seq_length=128",
-            "train.train_iters=240",
-            "train.micro_batch_size=4",
+            "train.train_iters=120",
+            "train.micro_batch_size=8",
             "train.global_batch_size=8",
             "train.eval_iters=4",
-            "train.eval_interval=60",
-            "train.save_interval=60",
-            "train.keep_last_checkpoints=5",
+            "train.eval_interval=40",
+            "train.save_interval=40",
+            "train.keep_last_checkpoints=4",
             "train.log_interval=5",
             "optim.lr=1e-4",
             "optim.min_lr=1e-5",
@@ -101,7 +102,7 @@ ADAPT_PLANS: dict[str, AdaptPlan] = {
             num_prompts=8, prompt_tokens=32, max_new_tokens=48, thresholds=(0.5, 0.7, 0.9, 2.0), windows=(8,)
         ),
         budget_minutes=180,
-        notes=("budget: docs/study.md 'Adapting a pretrained model' (measured step times x steps)",),
+        notes=("budget: docs/study.md 'Adapting a pretrained model' (measured CPU seconds per step x steps)",),
     ),
 }
 
@@ -177,13 +178,14 @@ def _load(path: str):
 
 
 def measure_checkpoints(plan: AdaptPlan, out: str, corpus: Corpus, split: str) -> dict:
-    """Stage 4: decoding at every checkpoint of the CARD run (cached per checkpoint)."""
+    """Stage 4: decoding of the import (step 0: the mask row never trained) and at every checkpoint of
+    the CARD run (cached per checkpoint)."""
     from card_megatron.study import decoding as dec
 
     path = os.path.join(out, "adapt_decoding.json")
     cached = json.load(open(path)) if os.path.exists(path) else {}
     judge = None
-    for ck in dec.checkpoints_of(os.path.join(out, "runs", "card")):
+    for ck in [os.path.join(out, "import")] + dec.checkpoints_of(os.path.join(out, "runs", "card")):
         if ck in cached:
             continue
         judge = judge or _load(os.path.join(out, "import"))
