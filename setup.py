@@ -48,7 +48,8 @@ setup(
         "test": ["pytest"],
         # Parquet and .zst inputs, Hugging Face tokenizer.json (pip install -e .[data])
         "data": ["pyarrow", "zstandard", "tokenizers"],
-        # tools/export_hf.py, tools/evaluate.py and the lm-eval-harness adapter (pip install -e .[eval])
-        "eval": ["tokenizers", "transformers", "safetensors", "lm_eval"],
+        # tools/export_hf.py, tools/import_hf.py (gguf, accelerate: GGUF input), tools/evaluate.py and the
+        # lm-eval-harness adapter (pip install -e .[eval])
+        "eval": ["tokenizers", "transformers", "safetensors", "lm_eval", "gguf", "accelerate"],
     },
 )

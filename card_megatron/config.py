@@ -164,6 +164,9 @@ class OptimConfig:
     """Shape of the decay from lr to min_lr after warmup."""
     lr_decay_iters: Optional[int] = None
     """Steps of warmup + decay; none = train.train_iters."""
+    freeze_layers: int = 0
+    """The first N transformer layers keep their weights (no gradient, no optimizer state); the
+    embedding (with the mask row), the later layers and the output train; 0 = everything trains."""
     ema_decay: float = 0.0
     """Weight EMA after every applied step: ema = decay * ema + (1 - decay) * weights; 0 = off (MDLM, BD3LM: 0.9999)."""
     ema_warmup: bool = True
@@ -206,6 +209,10 @@ class TrainConfig:
     """Resume with torch.load(weights_only=False): only for run directories you trust."""
     drop_ema: bool = False
     """Resume a checkpoint that holds an EMA with optim.ema_decay=0, dropping the EMA (refused without it)."""
+    init_from: Optional[str] = None
+    """Start a new run from these weights (tools/import_hf.py output, an export, checkpoint or run
+    directory) at step 0 with a fresh optimizer and schedule; the model architecture keys and
+    data.tokenizer_model default to the checkpoint's; ignored once train.run_dir has a checkpoint."""
 
 
 @dataclass
@@ -405,12 +412,61 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None
     setattr(sub, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
 
 
+# The model keys a run started with train.init_from takes from that checkpoint (its architecture);
+# a YAML or command-line value that differs is refused by the trainer with the list of differences.
+INIT_FROM_MODEL_KEYS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "rotary_base",
+    "norm_epsilon",
+    "untie_embeddings_and_output_weights",
+)
+
+
+def init_from_defaults(init_from: str) -> dict[str, dict[str, Any]]:
+    """The sections' defaults that ``train.init_from`` supplies: the checkpoint's architecture keys
+    (:data:`INIT_FROM_MODEL_KEYS`) and its tokenizer as ``data.tokenizer_model``. ConfigError naming
+    the path when it is not a checkpoint or export."""
+    from card_megatron.inference.loading import resolve_export_dir
+
+    try:
+        export = resolve_export_dir(init_from)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"train.init_from: {e}") from None
+    cfg_path = os.path.join(export, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"train.init_from: {cfg_path} is missing (not a card_megatron export)")
+    with open(cfg_path) as f:
+        saved = config_from_dict(yaml.safe_load(f) or {})
+    return {
+        "model": {k: getattr(saved.model, k) for k in INIT_FROM_MODEL_KEYS},
+        "data": {"tokenizer_model": os.path.join(export, "tokenizer.model")},
+    }
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Builds a Config from defaults, an optional YAML file and ``section.key=value`` overrides.
 
-    Returns the validated Config; raises ConfigError naming the file, key or value at fault.
+    With ``train.init_from`` the checkpoint's :func:`init_from_defaults` replace the defaults
+    (the YAML file and the overrides still apply over them). Returns the validated Config;
+    raises ConfigError naming the file, key or value at fault.
     """
+    cfg = _load_layers(path, overrides, {})
+    if cfg.train.init_from:
+        cfg = _load_layers(path, overrides, init_from_defaults(cfg.train.init_from))
+    validate(cfg)
+    return cfg
+
+
+def _load_layers(path: Optional[str], overrides: Optional[list[str]], base: dict[str, dict[str, Any]]) -> Config:
+    """Defaults, then ``base`` ({section: {key: value}}), the YAML file and the overrides (unvalidated)."""
     cfg = Config()
+    for section, values in base.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
     if path:
         if not os.path.exists(path):
             raise ConfigError(f"config file not found: {path}")
@@ -434,7 +490,6 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         # The text goes to _coerce as given: it parses by the key's declared type, so a string key
         # keeps "on", "0123" or "0x1F" verbatim and a number is read in decimal (never as YAML).
         _apply(cfg, section, key, value, "command line")
-    validate(cfg)
     return cfg
 
 
@@ -499,6 +554,7 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "optim.lr_warmup_iters": (0, _INF, True, False, ""),
     "optim.lr_decay_iters": (1, _INF, True, False, " (or none: train.train_iters)"),
     "optim.ema_decay": (0, 1, True, False, " (0 = off, e.g. 0.9999)"),
+    "optim.freeze_layers": (0, _INF, True, False, " (0 = everything trains)"),
     "train.train_iters": (1, _INF, True, False, ""),
     "train.micro_batch_size": (1, _INF, True, False, ""),
     "train.global_batch_size": (1, _INF, True, False, ""),
@@ -644,6 +700,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             f"logging.probe_min_prefix ({cfg.logging.probe_min_prefix}) must be <= model.seq_length - "
             f"logging.probe_window + 1 = {m.seq_length - cfg.logging.probe_window + 1}"
         )
+    if opt.freeze_layers > m.num_layers:
+        p.append(f"optim.freeze_layers ({opt.freeze_layers}) must be <= model.num_layers ({m.num_layers})")
     if opt.min_lr > opt.lr:
         p.append(f"optim.min_lr ({opt.min_lr}) must be <= optim.lr ({opt.lr})")
     if t.eval_ema and opt.ema_decay == 0.0:

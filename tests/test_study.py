@@ -187,3 +187,45 @@ def test_runs_are_reused_only_with_the_plans_config_and_inputs(tmp_path):
     write_shard(a.data_path, b"shard two")  # other data under the same path
     with pytest.raises(StudyError, match="data_fingerprint"):
         check_reuse(plan, {MAIN: a, COPY: a}, out)
+
+
+@pytest.mark.slow
+def test_adapt_plan_end_to_end_with_a_tiny_llama_and_restart(tmp_path):
+    """The adapt stages (import, tokenize with its tokenizer, CARD and ARM from train.init_from,
+    decoding at every checkpoint, report) on a random 2-layer Llama instead of SmolLM2; a rerun
+    keeps everything."""
+    import itertools
+
+    from card_megatron.data.corpus import builtin_documents
+    from card_megatron.study.adapt import ADAPT_PLANS, AdaptPlan, run_adapt
+    from tests.test_hf_tokenizer import train_bpe
+    from tests.test_import_hf import llama_dir
+
+    bpe = train_bpe(list(itertools.islice(builtin_documents(), 150)), tmp_path / "bpe.json", vocab_size=300)
+    src, _ = llama_dir(tmp_path / "hf", bpe, seed=2)
+    smoke = ADAPT_PLANS["adapt-smoke"]
+    plan = AdaptPlan(
+        name="tiny",
+        description="test",
+        overrides=tuple(o for o in smoke.overrides if not o.startswith("optim.freeze_layers"))
+        + ("optim.freeze_layers=1",),
+        decode=smoke.decode,
+        max_files=30,
+    )
+    out = str(tmp_path / "adapt")
+    report = run_adapt(plan, out, source=src)
+    steps = [p["step"] for p in report["points"]]
+    assert steps == [0, 1, 2]
+    start = report["points"][0]
+    assert start["card_ppl"] == pytest.approx(start["arm_ppl"], rel=1e-6)  # both are the imported model
+    assert start["card_retention"] == pytest.approx(1.0)
+    later = report["points"][-1]
+    assert later["best_tokens_per_forward"] >= 1.0 and later["ar_judge_ppl"] > 0
+    assert later["lossless"]["tokens_per_forward"] >= 1.0 and later["lossless"]["same_as_ar"] == 1.0  # verify mode
+    md = open(os.path.join(out, "adapt.md")).read()
+    assert "| 2 |" in md and "= AR)" in md
+    decoded = json.load(open(os.path.join(out, "adapt_decoding.json")))
+    assert len(decoded) == 3  # the import (step 0) and the checkpoints of steps 1 and 2
+    assert report["points"][0]["best_tokens_per_forward"] >= 1.0
+    again = run_adapt(plan, out, source=src)  # restart: nothing is trained or decoded again
+    assert again["meta"]["train_seconds"] == {} and again["points"] == report["points"]

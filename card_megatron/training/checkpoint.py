@@ -17,7 +17,8 @@ Layout of ``{run_dir}/checkpoints``::
                                 (with an EMA, also ``ema_state_dict``: the EMA weights, gathered alike)
         ema_tp*_pp*_dp*.pt      with an EMA: the fp32 EMA of one rank's local parameters, one file
                                 per (tensor, pipeline) rank; per data-parallel rank only under ZeRO-3
-        meta.json               step, consumed samples and the manifest: every file's size, written last
+        meta.json               step, consumed samples, vocabulary rows and the manifest (every
+                                file's size), written last
     latest                    names the newest *complete* checkpoint
 
 ``latest`` is replaced atomically only after every rank has finished writing, so a job
@@ -324,6 +325,7 @@ def save_checkpoint(
                     "step": step,
                     "consumed_samples": client_state["consumed_samples"],
                     "data_parallel_size": client_state.get("data_parallel_size"),
+                    "vocab_size": client_state.get("vocab_size"),  # the model's rows (train.init_from keeps its own)
                     **(meta_extra or {}),
                     "files": files,
                 }
@@ -480,7 +482,7 @@ def saved_config(path: str) -> Optional[Config]:
 
 
 def saved_meta(path: str) -> dict:
-    """Checkpoint ``path``'s ``meta.json`` (step, consumed_samples, data_parallel_size); {} without one."""
+    """Checkpoint ``path``'s ``meta.json`` (step, consumed_samples, data_parallel_size, vocab_size); {} without one."""
     file = os.path.join(path, "meta.json")
     if not os.path.exists(file):
         return {}

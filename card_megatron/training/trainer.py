@@ -16,6 +16,7 @@ from ``self.info`` (``parallel/state.py``), never from Megatron's globals.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -36,7 +37,7 @@ from card_megatron.data import MicroBatchSampler, build_datasets, collate
 from card_megatron.data.dataset import data_identity, data_identity_changes
 from card_megatron.lock import ExclusiveLock, LockHeldError
 from card_megatron.model.compile import compile_layers, use_compiled_layers
-from card_megatron.model.export import gather_canonical_state
+from card_megatron.model.export import gather_canonical_state, load_canonical_state
 from card_megatron.model.gpt import CardGPT, no_attention_mask, padded_vocab_size, per_token_nll, per_token_top1_logprob
 from card_megatron.model.pipeline import build_pipeline_model
 from card_megatron.objectives import LossInputs, build_objective
@@ -46,6 +47,7 @@ from card_megatron.tokenizer import Tokenizer
 from card_megatron.training import checkpoint as ckpt
 from card_megatron.training import diagnostics
 from card_megatron.training.ema import EMA
+from card_megatron.training.init_from import InitWeights, freeze_first_layers, read_init_weights
 from card_megatron.training.metrics import MetricsWriter, format_step, model_flops_per_token, peak_flops
 from card_megatron.training.schedule import learning_rate
 
@@ -84,10 +86,19 @@ class Trainer:
         self._stop_flag: Optional[bool] = None  # the stop request, when the last step read it
         self._install_signal_handlers()
         latest = ckpt.latest_checkpoint(self.run_dir)
+        self._init_weights: Optional[InitWeights] = None
+        self._resumed_vocab: Optional[int] = None  # a run begun with init_from keeps its checkpoint's rows
         if latest:
             self._check_resume(latest)  # before anything is built: a changed layout fails here, not in DeepSpeed
+            if cfg.train.init_from:
+                self._resumed_vocab = ckpt.saved_meta(latest).get("vocab_size")
+        elif cfg.train.init_from:
+            self._init_weights = read_init_weights(cfg)  # refuses a different architecture or tokenizer
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer_model)
         self._build_objective_and_model()
+        if self._init_weights is not None:  # before DeepSpeed copies the weights into its optimizer state
+            self._load_init_weights()
+        self.num_trainable = freeze_first_layers(self.model, cfg.model.num_layers, cfg.optim.freeze_layers)
         self._build_engine()
         self.ema = self._build_ema()
         self._build_data()
@@ -109,6 +120,7 @@ class Trainer:
             f"| world {info.world_size} = tp {info.tp_size} x pp {info.pp_size} "
             f"x dp {info.dp_size} | zero {cfg.parallel.zero_stage} | precision {self.precision} | device {info.device}"
             f" | accumulation {self.accumulation}"
+            + (f" | first {cfg.optim.freeze_layers} layers frozen" if cfg.optim.freeze_layers else "")
         )
 
     # ------------------------------------------------------------------ construction
@@ -139,6 +151,10 @@ class Trainer:
                 f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({self.tokenizer.vocab_size})"
             )
         self.vocab_size = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, info.tp_size)
+        if self._init_weights is not None:  # the checkpoint's rows, whatever the padding rule would give
+            self.vocab_size = self._init_weights.vocab_rows(self.tokenizer, cfg.model.vocab_size, info.tp_size)
+        elif self._resumed_vocab:
+            self.vocab_size = self._resumed_vocab
         self.vocab_start = info.tp_rank * (self.vocab_size // info.tp_size)
         self.objective = build_objective(
             cfg.objective, cfg.model.seq_length, self.tokenizer.mask_id, self.tokenizer.vocab_size
@@ -171,6 +187,13 @@ class Trainer:
         if use_compiled_layers(cfg.model.compile_layers, info.device.type == "cuda"):
             compile_layers(self.model)
 
+    def _load_init_weights(self) -> None:
+        """Copies train.init_from's weights into this rank's shard of the model (any TP/PP layout)."""
+        init, info = self._init_weights, self.info
+        load_canonical_state(self.model, init.state, self.cfg.model.num_layers, info.tp_rank, info.tp_size)
+        self._log_line(f"initialised from {init.path} (step {init.step} of its run); step 0, a fresh optimizer")
+        self._init_weights = dataclasses.replace(init, state={})  # the copy is in the model now
+
     def _count_parameters(self) -> int:
         """Parameters of the whole model (tensor-parallel shards counted once, all pipeline stages)."""
         local = sum(
@@ -187,7 +210,8 @@ class Trainer:
         cfg, info = self.cfg, self.info
         decay, no_decay = [], []
         for p in self.model.parameters():
-            (no_decay if p.ndim < 2 else decay).append(p)
+            if p.requires_grad:  # optim.freeze_layers: frozen layers get no optimizer state
+                (no_decay if p.ndim < 2 else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(
             groups,
@@ -553,6 +577,7 @@ class Trainer:
             "consumed_samples": self.consumed_samples,
             "skipped_steps": self.skipped_steps,
             "data_parallel_size": self.info.dp_size,
+            "vocab_size": self.vocab_size,
             "rng": ckpt.rng_state(),
         }
 

@@ -1,0 +1,131 @@
+"""``train.init_from``: a new run that starts from the weights of an export (``tools/import_hf.py``,
+a checkpoint's ``export/``, a run directory) instead of random ones.
+
+Step 0, a fresh optimizer and learning-rate schedule, any TP/PP/ZeRO layout: the canonical
+weights are loaded into each rank's shard of the model before DeepSpeed builds its optimizer
+state from them. What must agree, checked before anything is built (every difference listed):
+
+* the architecture (``config.INIT_FROM_MODEL_KEYS``; ``load_config`` takes them from the
+  checkpoint unless the YAML file or the command line sets them);
+* the tokenizer (``data.tokenizer_model`` must be the checkpoint's file, byte for byte: the
+  shards' ids mean its tokens);
+* the vocabulary: the run uses the checkpoint's rows (the import pads them for tensor
+  parallelism); they must divide by the tensor-parallel size.
+
+A restart of the same run directory resumes from its own checkpoints; ``init_from`` is then
+not read again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import yaml
+
+from card_megatron.config import INIT_FROM_MODEL_KEYS, Config, ConfigError, config_from_dict
+
+EMBEDDING = "embedding.embedding.word_embeddings.weight"
+
+
+@dataclass
+class InitWeights:
+    """The canonical weights a run starts from, and where they came from."""
+
+    path: str  # the export directory
+    step: int  # the step of the run that wrote them (0 for an import)
+    state: dict[str, torch.Tensor]
+    rows: int  # vocabulary rows of the embedding
+
+    def vocab_rows(self, tokenizer, vocab_size: Optional[int], tp_size: int) -> int:
+        """The run's vocabulary: the checkpoint's rows, or the next multiple of ``tp_size`` when the
+        tensor-parallel size does not divide them (the extra rows, like the import's padding, are the
+        mean of the tokenizer's rows). ConfigError when the checkpoint cannot serve this run."""
+        p = []
+        if self.rows < tokenizer.vocab_size:
+            p.append(f"the tokenizer has {tokenizer.vocab_size} ids, {self.path} only {self.rows} embedding rows")
+        if vocab_size is not None and vocab_size > self.rows:
+            p.append(f"model.vocab_size ({vocab_size}) exceeds the {self.rows} rows of {self.path}; leave it unset")
+        if p:
+            raise ConfigError("train.init_from cannot start this run:\n  - " + "\n  - ".join(p))
+        if self.rows % tp_size:
+            from card_megatron.model.hf_import import extend_vocab_rows
+
+            rows = -(-self.rows // tp_size) * tp_size
+            self.state = extend_vocab_rows(self.state, rows, tokenizer.num_pieces, [])
+            self.rows = rows
+        return self.rows
+
+
+def freeze_first_layers(model: torch.nn.Module, num_layers: int, count: int) -> int:
+    """Turns off ``requires_grad`` of the parameters of transformer layers ``0 .. count-1`` (a CardGPT or
+    a pipeline stage set; names mapped by ``model.export.canonical_name``). Returns the number of this
+    rank's parameters that still train."""
+    from card_megatron.model.export import canonical_name
+
+    frozen = {f"layers.{i}." for i in range(count)}
+    trainable = 0
+    for name, p in model.named_parameters():
+        key = canonical_name(name, num_layers)
+        if any(key.startswith(f) for f in frozen):
+            p.requires_grad_(False)
+        else:
+            trainable += p.numel()
+    return trainable
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def architecture_differences(saved: Config, cfg: Config) -> list[str]:
+    """Every architecture key that differs, as "model.key: checkpoint X, this run Y"; [] when none."""
+    return [
+        f"model.{k}: checkpoint {getattr(saved.model, k)!r}, this run {getattr(cfg.model, k)!r}"
+        for k in INIT_FROM_MODEL_KEYS
+        if getattr(saved.model, k) != getattr(cfg.model, k)
+    ]
+
+
+def read_init_weights(cfg: Config) -> InitWeights:
+    """Checks ``cfg`` against ``cfg.train.init_from`` and reads its weights (CPU, float32).
+    ConfigError listing every difference; FileNotFoundError / ValueError naming a missing or
+    unreadable file."""
+    from card_megatron.inference.loading import resolve_export_dir
+
+    export = resolve_export_dir(cfg.train.init_from)
+    cfg_path, weights_path = os.path.join(export, "config.yaml"), os.path.join(export, "model.pt")
+    tok_path = os.path.join(export, "tokenizer.model")
+    for needed in (cfg_path, weights_path, tok_path):
+        if not os.path.exists(needed):
+            raise FileNotFoundError(f"train.init_from: {needed} is missing (not a complete export)")
+    with open(cfg_path) as f:
+        saved = config_from_dict(yaml.safe_load(f) or {})
+    problems = architecture_differences(saved, cfg)
+    if cfg.data.tokenizer_model and os.path.isfile(cfg.data.tokenizer_model):
+        if _sha256(cfg.data.tokenizer_model) != _sha256(tok_path):
+            problems.append(
+                f"data.tokenizer_model {cfg.data.tokenizer_model} is not the checkpoint's tokenizer {tok_path} "
+                "(tokenize the corpus with the checkpoint's tokenizer.json)"
+            )
+    if problems:
+        raise ConfigError(
+            f"train.init_from={cfg.train.init_from} does not fit this config:\n  - "
+            + "\n  - ".join(problems)
+            + "\nRemove these keys from the YAML file and the command line (they default to the checkpoint's)."
+        )
+    try:
+        blob = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        raise ValueError(
+            f"train.init_from: {weights_path} is not a card_megatron export ({type(e).__name__}: {e})"
+        ) from None
+    state = blob.get("state_dict") if isinstance(blob, dict) else None
+    if not isinstance(state, dict) or EMBEDDING not in state:
+        raise ValueError(f"train.init_from: {weights_path} is not a card_megatron export (no embedding weights)")
+    state = {k: v.float() for k, v in state.items()}
+    return InitWeights(path=export, step=int(blob.get("step", 0)), state=state, rows=state[EMBEDDING].shape[0])
