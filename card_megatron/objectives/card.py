@@ -41,9 +41,11 @@ def soft_tail_mask(
     one uniform key per position (``keys`` float [B, seq_len] if given, else drawn from
     ``generator``): keys outside the window are +inf, and the N smallest are masked.
     """
-    factors = torch.as_tensor(tail_factor, dtype=torch.float64, device=t.device)
-    if bool((factors < 1.0).any()) or bool(factors.isnan().any()):
+    # A number is checked here; a [B] tensor comes from CardObjective (tail_factor or 1 per sample) and is
+    # not read back: a check of its values would be a host synchronisation in every training step.
+    if not isinstance(tail_factor, torch.Tensor) and not tail_factor >= 1.0:
         raise ValueError(f"soft_tail_mask: tail_factor ({tail_factor}) must be >= 1 (objective.tail_factor)")
+    factors = torch.as_tensor(tail_factor, dtype=torch.float64, device=t.device)
     if factors.dim() > 1 or (factors.dim() == 1 and factors.shape != t.shape):
         raise ValueError(f"soft_tail_mask: tail_factor must be a number or [B] like t, got {tuple(factors.shape)}")
     if t.dim() != 1:
