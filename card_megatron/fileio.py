@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 from typing import IO, Iterator
@@ -71,6 +72,15 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = None) -> Iter
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: str, data: str | bytes) -> None:

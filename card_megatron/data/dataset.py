@@ -27,6 +27,7 @@ from card_megatron.config import DataConfig, parse_split
 from card_megatron.data import cache as data_cache
 from card_megatron.data import index as idx
 from card_megatron.data.shards import TokenShard, shard_fingerprint
+from card_megatron.fileio import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +366,6 @@ def data_identity(data_path: str) -> dict[str, dict[str, Any]]:
     the ``.idx``'s sha256 (every document's length) and the sha256 of the inputs the sidecar records
     (None without a sidecar). A checkpoint stores it and a resume compares it
     (:func:`data_identity_changes`): other files under the same paths are refused, a copy is not."""
-    import hashlib
 
     from card_megatron.data.preprocess import sidecar_for
     from card_megatron.data.shards import bin_path, idx_path
@@ -374,10 +374,7 @@ def data_identity(data_path: str) -> dict[str, dict[str, Any]]:
     for _, prefix in parse_data_path(data_path):
         try:
             size = os.path.getsize(bin_path(prefix))
-            h = hashlib.sha256()
-            with open(idx_path(prefix), "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            idx_sha256 = file_sha256(idx_path(prefix))
         except OSError as e:
             raise ValueError(f"token shard {prefix}: cannot read it ({e})") from None
         inputs = None
@@ -388,7 +385,7 @@ def data_identity(data_path: str) -> dict[str, dict[str, Any]]:
                     inputs = [i.get("sha256") for i in json.load(f).get("inputs", [])]
             except (OSError, ValueError, AttributeError) as e:
                 raise ValueError(f"{sidecar}: cannot read the tokenizer sidecar of {prefix} ({e})") from None
-        out[prefix] = {"bin_bytes": size, "idx_sha256": h.hexdigest(), "inputs_sha256": inputs}
+        out[prefix] = {"bin_bytes": size, "idx_sha256": idx_sha256, "inputs_sha256": inputs}
     return out
 
 

@@ -17,7 +17,6 @@ that are renamed only once the shard is complete.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from card_megatron.fileio import fsync_path, temp_path
+from card_megatron.fileio import file_sha256, fsync_path, temp_path
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -187,11 +186,7 @@ def shard_fingerprint(prefix: str) -> str:
         except OSError:
             raise ValueError(f"token shard file not found: {p}") from None
         parts.append(f"{st.st_size}:{st.st_mtime_ns}")
-    h = hashlib.sha256()
-    with open(idx_path(prefix), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "-".join(parts) + "-" + h.hexdigest()[:32]
+    return "-".join(parts) + "-" + file_sha256(idx_path(prefix))[:32]
 
 
 @dataclass

@@ -25,7 +25,6 @@ naming the ``config.json`` key and its value (:func:`config_problems`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from typing import Any, Optional
 
 import torch
 
-from card_megatron.fileio import temp_path
+from card_megatron.fileio import file_sha256, temp_path
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")  # the same tensors (Mistral without a window)
 MODEL_TYPES = ("llama", "mistral")
@@ -231,14 +230,6 @@ def extend_vocab_rows(
 # --------------------------------------------------------------------------- reading
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read_json(path: str) -> dict:
     try:
         with open(path) as f:
@@ -392,7 +383,7 @@ def import_hf(input_path: str, output: str, objective: str = "card") -> dict[str
         "format": src.kind,
         "architectures": src.config.get("architectures") or [src.config.get("model_type")],
         "source_dtype": str(src.config.get("dtype") or src.config.get("torch_dtype") or "unknown"),
-        "sha256": {os.path.basename(f): _sha256(f) for f in src.files},
+        "sha256": {os.path.basename(f): file_sha256(f) for f in src.files},
         "dequantization": src.dequantization,
         "source_vocab_size": source_rows,
         "vocab_rows": rows,

@@ -14,7 +14,6 @@ size are the plan's (``{prefix}.study.json``). Otherwise the study refuses, nami
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from card_megatron.fileio import file_sha256
 from card_megatron.study.plans import COPY, MAIN, Plan, RunSpec
 
 log = logging.getLogger("card_megatron.study")
@@ -123,19 +123,11 @@ def planned_config(plan: Plan, run: RunSpec, corpus: Corpus, out: str) -> dict:
     return config_to_dict(load_config(command[at + 1], command[at + 2 :]))
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def inputs_record(corpus: Corpus) -> dict:
     """What a run was trained on: the shard's fingerprint and the tokenizer file's SHA-256."""
     from card_megatron.data.shards import shard_fingerprint
 
-    return {"data_fingerprint": shard_fingerprint(corpus.data_path), "tokenizer_sha256": _file_sha256(corpus.tokenizer)}
+    return {"data_fingerprint": shard_fingerprint(corpus.data_path), "tokenizer_sha256": file_sha256(corpus.tokenizer)}
 
 
 def _config_changes(saved: dict, wanted: dict) -> list[str]:

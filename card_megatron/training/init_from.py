@@ -18,7 +18,6 @@ not read again.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -27,6 +26,7 @@ import torch
 import yaml
 
 from card_megatron.config import INIT_FROM_MODEL_KEYS, Config, ConfigError, config_from_dict
+from card_megatron.fileio import file_sha256
 
 EMBEDDING = "embedding.embedding.word_embeddings.weight"
 
@@ -77,11 +77,6 @@ def freeze_first_layers(model: torch.nn.Module, num_layers: int, count: int) -> 
     return trainable
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def architecture_differences(saved: Config, cfg: Config) -> list[str]:
     """Every architecture key that differs, as "model.key: checkpoint X, this run Y"; [] when none."""
     return [
@@ -107,7 +102,7 @@ def read_init_weights(cfg: Config) -> InitWeights:
         saved = config_from_dict(yaml.safe_load(f) or {})
     problems = architecture_differences(saved, cfg)
     if cfg.data.tokenizer_model and os.path.isfile(cfg.data.tokenizer_model):
-        if _sha256(cfg.data.tokenizer_model) != _sha256(tok_path):
+        if file_sha256(cfg.data.tokenizer_model) != file_sha256(tok_path):
             problems.append(
                 f"data.tokenizer_model {cfg.data.tokenizer_model} is not the checkpoint's tokenizer {tok_path} "
                 "(tokenize the corpus with the checkpoint's tokenizer.json)"
