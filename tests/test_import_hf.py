@@ -1,5 +1,10 @@
 """tools/import_hf.py: Hugging Face Llama checkpoints (safetensors, GGUF) as card_megatron exports,
-checked against transformers running the same checkpoint."""
+checked against transformers running the same checkpoint.
+
+Tolerances: logits within atol 1e-4 on values of about 5, as in tests/test_export_hf.py (one fp32 pass
+through two implementations; measured gap 0 at TP=1). The mean-row check (atol 1e-6 on rows of about
+0.02) measured 0.
+"""
 
 import itertools
 import json

@@ -1,4 +1,9 @@
-"""objectives/: masking, weights, losses and batch construction against the definitions."""
+"""objectives/: masking, weights, losses and batch construction against the definitions.
+
+Tolerances: fp32 results against float64 or loop references of the same formulas, no training. Measured
+gaps: 0 for masks, weights and normalisers (the same operations), at most 4.8e-7 on losses of about 2.6 and
+4.3e-8 on values of about 1 (rtol 1e-6 and torch's fp32 default of 1.3e-6 are a few ulps above them).
+"""
 
 import dataclasses
 import math

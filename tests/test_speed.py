@@ -1,5 +1,11 @@
 """Training speed (issue 23): no host synchronisation on steps that log nothing, the chunked
-cross entropy against Megatron-core's, the compiled layers against eager."""
+cross entropy against Megatron-core's, the compiled layers against eager.
+
+Tolerances: the chunked cross entropy against Megatron-core's on the same logits measured gaps of 0 (the
+same arithmetic by construction), so rtol 1e-6 and 1e-5 only leave room for another chunking order; the
+compiled layers against eager (rtol 1e-5 on the loss, 1e-4 on gradients) allow inductor's fused kernels to
+round differently in one fp32 pass.
+"""
 
 import os
 import sys
