@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 from typing import IO, Iterator
 
 
@@ -71,6 +72,23 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = None) -> Iter
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str) -> Iterator[str]:
+    """Yields a fresh temporary directory beside ``path`` to fill; when the block ends without error it is
+    renamed to ``path`` (FileExistsError if ``path`` appeared meanwhile), otherwise removed."""
+    tmp = temp_path(os.path.abspath(path))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.lexists(path):  # appeared meanwhile
+            raise FileExistsError(f"--output {path} already exists: choose a new directory (nothing was written)")
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -22,12 +22,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from typing import Any
 
 import torch
 
-from card_megatron.fileio import temp_path
+from card_megatron.fileio import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -175,10 +174,7 @@ def export_llama(checkpoint: str, output: str, ema: bool = False) -> dict[str, A
     if config.tie_word_embeddings:
         hf.tie_weights()
     hf = hf.float().eval()
-    tmp = temp_path(os.path.abspath(output))  # a directory, renamed to output when complete
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_directory(output) as tmp:  # renamed to output when complete
         hf.save_pretrained(tmp, safe_serialization=True)
         tokenizer_files = _save_tokenizer(loaded.tokenizer, tmp)
         record = {
@@ -193,10 +189,4 @@ def export_llama(checkpoint: str, output: str, ema: bool = False) -> dict[str, A
         }
         with open(os.path.join(tmp, "card_megatron.json"), "w") as f:
             json.dump(record, f, indent=2, sort_keys=True)
-        if os.path.lexists(output):  # appeared meanwhile
-            raise FileExistsError(f"--output {output} already exists: choose a new directory (nothing was written)")
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
-from card_megatron.fileio import file_sha256, temp_path
+from card_megatron.fileio import atomic_directory, file_sha256
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")  # the same tensors (Mistral without a window)
 MODEL_TYPES = ("llama", "mistral")
@@ -394,10 +393,7 @@ def import_hf(input_path: str, output: str, objective: str = "card") -> dict[str
         },
         "tokenizer": tokenizer.metadata(),
     }
-    tmp = temp_path(os.path.abspath(output))
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_directory(output) as tmp:  # renamed to output when complete
         torch.save({"state_dict": canonical, "step": 0}, os.path.join(tmp, "model.pt"))
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
@@ -406,10 +402,4 @@ def import_hf(input_path: str, output: str, objective: str = "card") -> dict[str
                 f.write(src.tokenizer_json)
         with open(os.path.join(tmp, IMPORT_RECORD), "w") as f:
             json.dump(record, f, indent=2, sort_keys=True)
-        if os.path.lexists(output):
-            raise FileExistsError(f"--output {output} already exists: choose a new directory (nothing was written)")
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record
