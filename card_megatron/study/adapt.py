@@ -85,16 +85,16 @@ ADAPT_PLANS: dict[str, AdaptPlan] = {
     ),
     "adapt": AdaptPlan(
         name="adapt",
-        description="SmolLM2-135M continued as CARD (ARM control) on Python code, one 3-hour session on 2 CPU cores",
+        description="SmolLM2-135M continued as CARD (ARM control) on Python code, about 90 minutes on 2 idle CPU cores",
         overrides=(
             # budget: docs/study.md "Adapting a pretrained model" (measured CPU seconds per step x steps)
             "model.seq_length=128",
-            "train.train_iters=600",
+            "train.train_iters=400",
             "train.micro_batch_size=8",
             "train.global_batch_size=8",
             "train.eval_iters=4",
-            "train.eval_interval=150",
-            "train.save_interval=150",
+            "train.eval_interval=100",
+            "train.save_interval=100",
             "train.keep_last_checkpoints=5",
             "train.log_interval=5",
             "optim.lr=1e-4",
@@ -113,7 +113,7 @@ ADAPT_PLANS: dict[str, AdaptPlan] = {
             windows=(8,),
             families=decode_families(),  # threshold decoding and verify mode (output identical to AR)
         ),
-        budget_minutes=180,
+        budget_minutes=120,
         notes=("budget: docs/study.md 'Adapting a pretrained model' (measured CPU seconds per step x steps)",),
     ),
 }
