@@ -1,5 +1,6 @@
 """GPU path (NCCL, bf16, fused SDPA): skipped without CUDA. Run on a GPU machine with `pytest -m gpu`."""
 
+import dataclasses
 import math
 
 import pytest
@@ -43,3 +44,46 @@ def test_training_on_gpu_with_nccl_and_bf16(tiny_corpus, tmp_path):
     assert "mfu" in records(run)[-1]
     startup = proc.stdout + proc.stderr
     assert "backend nccl" in startup and "precision bf16" in startup, startup[-2000:]
+
+
+def test_cuda_graphs_decode_like_the_dynamic_path(monkeypatch):
+    """--cuda-graphs on CUDA: each decode captures its step shape once and replays it, and commits the
+    tokens of the dynamic path in the same passes (AR, threshold CARD, verify; ragged batch, greedy)."""
+    from card_megatron.config import ModelConfig
+    from card_megatron.inference import graphs, sampling
+    from card_megatron.inference.causal import CausalDecodeConfig, SpecialTokenIds, decode_causal
+    from card_megatron.model.gpt import CardGPT
+    from card_megatron.parallel.state import init_single_process
+
+    init_single_process()
+    runners = []
+
+    class Recording(graphs.CudaGraphForward):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            runners.append(self)
+
+    monkeypatch.setattr(graphs, "CudaGraphForward", Recording)
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq_length=64)
+    model = CardGPT(cfg, "causal", 96, seed=11).cuda().eval()
+    with torch.no_grad():
+        model.output.output_layer.weight.mul_(30.0)
+    special = SpecialTokenIds(eos=3, mask=4, pad=0)
+    banned = torch.zeros(96, dtype=torch.bool, device="cuda")
+    banned[[4, 0, 2]] = True
+    prompts = [[3, 17, 40, 8, 9, 55], [3], [3, 60, 61], [3] + list(range(10, 30))]
+    greedy = sampling.SamplingConfig(greedy=True)
+    seeds = sampling.sequence_seeds(0, torch.arange(len(prompts)))
+    for causal in (
+        CausalDecodeConfig(window=1),
+        CausalDecodeConfig(window=4, threshold=0.6),
+        CausalDecodeConfig(window=6, commit_policy="verify"),
+    ):
+        with torch.inference_mode():
+            ref = decode_causal(model, prompts, 24, special, banned, greedy, seeds, causal)[0]
+            runners.clear()
+            graphed = dataclasses.replace(causal, cuda_graphs=True)
+            got = decode_causal(model, prompts, 24, special, banned, greedy, seeds, graphed)[0]
+        assert [(o.token_ids, o.num_forward_passes) for o in got] == [(o.token_ids, o.num_forward_passes) for o in ref]
+        (runner,) = runners
+        assert runner.use_graphs and runner.counts["captured"] >= 1 and runner.counts["replayed"] >= 10, runner.counts

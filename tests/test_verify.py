@@ -279,3 +279,32 @@ def test_lean_path_equals_megatron_modules(single_process, trained):
             assert [(o.token_ids, o.num_forward_passes) for o in lean] == [
                 (o.token_ids, o.num_forward_passes) for o in ref
             ]
+
+
+def test_static_shapes_equal_dynamic(single_process, trained):
+    """Static shapes (``cuda_graphs=True``: on the CPU the static-shape path runs eagerly; whole-capacity
+    attention, passes padded to 2K - 1 positions, finished rows kept) and the dynamic path decode the same
+    tokens in the same passes: AR, threshold CARD (prefix policy) and verify, greedy and sampled, random
+    and trained models, a ragged batch with a prompt that ends at the context limit, and an eos inside a
+    window (the 4th token of sequence 0 made the eos id; other sequences stop at eos or at the length)."""
+    long_prompt = [3] + [10 + (i % 3) for i in range(SEQ - 13)]  # len + max_new = SEQ
+    prompts = PROMPTS + [long_prompt]
+    samp = sampling.SamplingConfig(temperature=1.0, top_k=20, seed=2)
+    length_stops = 0
+    for model in (_random_model(), trained):
+        for cfg in (
+            CausalDecodeConfig(window=1),
+            CausalDecodeConfig(window=4, threshold=0.6),
+            CausalDecodeConfig(window=6, commit_policy="verify"),
+        ):
+            for s in (GREEDY, samp):
+                free = _decode(model, prompts, 12, cfg, s)
+                eos = SpecialTokenIds(eos=free[0].token_ids[3], mask=SPECIAL.mask, pad=SPECIAL.pad)
+                ref = _decode(model, prompts, 12, cfg, s, special=eos)  # the other sequences stop at eos or length
+                got = _decode(model, prompts, 12, dataclasses.replace(cfg, cuda_graphs=True), s, special=eos)
+                assert [(o.token_ids, o.num_forward_passes, o.stopped) for o in got] == [
+                    (o.token_ids, o.num_forward_passes, o.stopped) for o in ref
+                ], (cfg, s)
+                assert ref[0].stopped == "eos" and len(ref[0].token_ids) <= 4
+                length_stops += any(o.stopped == "length" for o in ref)
+    assert length_stops == 12

@@ -13,6 +13,10 @@ in one process, at each --batch-sizes; the table gives tokens/s ratios against t
 --random-model CONFIG adds a randomly initialised model of that config's shape (sequence length
 --random-seq-length, vocabulary --random-vocab-size), exported and decoded the same way.
 
+--cuda-graphs adds, after each of our AR and CARD settings (sweep and anchor), the same setting
+with static shapes and CUDA graphs (``CausalDecodeConfig(cuda_graphs=True)``), so graphs on and
+off are timed side by side in one run; on a CPU the twin runs the static-shape path eagerly.
+
 For every setting (``--decoding ar``, then ``--decoding card`` at each threshold, and any
 ``--also`` checkpoint with its own decoder) it generates from the same prompts and seeds,
 and reports tokens per forward pass, wall-clock tokens/s (best of ``--repeats``, after a
@@ -77,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=["prefix"],
         help="commit policies to sweep (default prefix)",
     )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="also run every AR/CARD setting with static shapes and CUDA graphs (a twin row named '... graphs'); "
+        "on a CPU the twin runs the static-shape path eagerly",
+    )
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--num-samples", type=int, default=2, help="sequences per prompt (default 2)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default 1: latency)")
@@ -132,7 +142,9 @@ def _plot(rows, path):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     ar = next(r for r in rows if r["setting"] == "ar")
     for policy in sorted({r.get("commit_policy") for r in rows if r["decoding"] == "card"}):
-        card = [r for r in rows if r["decoding"] == "card" and r["commit_policy"] == policy]
+        card = [
+            r for r in rows if r["decoding"] == "card" and r["commit_policy"] == policy and not r.get("cuda_graphs")
+        ]
         left.plot(
             [r["tokens_per_forward"] for r in card], [r["judge_ppl"] for r in card], "o-", label=f"CARD ({policy})"
         )
@@ -147,7 +159,7 @@ def _plot(rows, path):
         )
     left.scatter([1.0], [ar["judge_ppl"]], marker="*", s=120, color="k", label="AR (KV cache)")
     for r in rows:
-        if r["decoding"] in ("mdlm", "bd3lm", "ar") and r["setting"] != "ar":
+        if r["decoding"] in ("mdlm", "bd3lm", "ar") and r["setting"] != "ar" and not r.get("cuda_graphs"):
             left.scatter([r["tokens_per_forward"]], [r["judge_ppl"]], marker="x", label=r["setting"])
     left.axhline(ar["judge_ppl"] * 1.05, color="grey", lw=0.8, ls=":", label="AR perplexity + 5 %")
     left.set_xlabel("tokens per forward pass")
@@ -200,12 +212,15 @@ def main(argv=None) -> int:
                 **base,
             )
             settings.append((f"card tau={tau:g} {policy}", model, cfg, {"threshold": tau, "commit_policy": policy}))
+    if args.cuda_graphs:
+        settings = [twin for s in settings for twin in (s, _graphs_twin(s))]
     for other in others:
         name = f"{other.config.objective.name} ({os.path.basename(os.path.normpath(args.also[others.index(other)]))})"
         settings.append((name, other, GenerationConfig(causal=CausalDecodeConfig(window=args.window), **base), {}))
     print(
         f"device {model.device}, {len(prompts)} sequences x {args.max_new_tokens} new tokens, batch {args.batch_size}, "
-        f"{'greedy' if samp.is_greedy else f'sampling T={args.temperature} top-p={args.top_p}'}, K={args.window}; "
+        f"{'greedy' if samp.is_greedy else f'sampling T={args.temperature} top-p={args.top_p}'}, K={args.window}"
+        f"{', CUDA graphs on and off' if args.cuda_graphs else ''}; "
         f"judge {judge.path}",
         file=sys.stderr,
     )
@@ -239,6 +254,19 @@ def main(argv=None) -> int:
     if args.plot:
         _plot(rows, args.plot)
     return 0
+
+
+def _graphs_config(cfg):
+    """A GenerationConfig -> the same with static shapes and CUDA graphs (``CausalDecodeConfig.cuda_graphs``)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, causal=dataclasses.replace(cfg.causal, cuda_graphs=True))
+
+
+def _graphs_twin(setting: tuple) -> tuple:
+    """A sweep setting (name, model, GenerationConfig, extra) -> its twin with CUDA graphs."""
+    name, loaded, cfg, extra = setting
+    return (f"{name} graphs", loaded, _graphs_config(cfg), {**extra, "cuda_graphs": True})
 
 
 def _anchor_models(args, dtype):
@@ -325,6 +353,13 @@ def _anchor(args, dtype) -> int:
                     ),
                 ),
             ]
+            if args.cuda_graphs:  # each lean setting followed by its twin with static shapes and CUDA graphs
+                twins = []
+                for name, cfg in settings:
+                    twins.append((name, cfg))
+                    if cfg.causal.lean:
+                        twins.append((f"{name}, CUDA graphs", _graphs_config(cfg)))
+                settings = twins
             rows = run_anchor(loaded, hf, use, batch, max_new, settings, args.repeats)
             for r in rows:
                 r["model"] = label

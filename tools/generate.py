@@ -47,6 +47,12 @@ lean path: the causal decoders run the model through an inference-only forward o
   weights (card_megatron/inference/lean.py); --no-lean runs Megatron's modules instead (the
   reference; same tokens, slower).
 
+CUDA graphs (--cuda-graphs, card/ar): static shapes (attention over the whole preallocated KV
+  cache, each pass padded to a fixed width, finished sequences kept in the batch and ignored) and,
+  on a GPU, one CUDA graph captured per pass shape and replayed (the first pass of a shape runs
+  eagerly, so a one-off prefill is never captured). The same tokens as without (tested on CPU, up
+  to floating-point ties); on a CPU the static-shape path runs eagerly, which is slower.
+
 prompts: every prompt is preceded by the document-boundary token (eos; the training stream never
   contains bos), so no prompt means unconditional generation. --max-context defaults to the
   training context (model.seq_length): RoPE can extrapolate beyond it, but quality is untested,
@@ -163,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="card/ar: run Megatron's modules instead of the inference-only forward (same tokens, slower)",
     )
     g.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="card/ar: static shapes and one captured CUDA graph per pass shape on a GPU; on a CPU the "
+        "static-shape path runs eagerly (same tokens, slower; see below)",
+    )
+    g.add_argument(
         "--max-steps",
         type=int,
         default=causal.max_steps,
@@ -246,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
             commit_policy=args.commit_policy,
             max_steps=args.max_steps,
             lean=args.lean,
+            cuda_graphs=args.cuda_graphs,
         ),
         steps=args.steps,
         max_context=args.max_context,

@@ -36,7 +36,7 @@ import torch
 
 from card_megatron import noise
 from card_megatron.inference import sampling, verify
-from card_megatron.inference.cache import ModelCache
+from card_megatron.inference.cache import ModelCache, StaticShapes
 
 COMMIT_POLICIES = ("prefix", "any", "verify")
 
@@ -47,14 +47,19 @@ class CausalDecodeConfig:
     sets 1); threshold: tau (> 0; > 1 = one token per step); commit_policy: ``prefix`` or ``any``
     (commit confident positions, lossy below tau = 1) or ``verify`` (lossless: K - 1 drafts verified
     by the next pass, ``inference/verify.py``; tau is not used); max_steps: forward passes per
-    sequence before the last one commits everything left (None = no limit; not with ``verify``).
-    These defaults are the only ones: ``GenerationConfig`` and ``tools/generate.py`` use them."""
+    sequence before the last one commits everything left (None = no limit; not with ``verify``);
+    cuda_graphs: static shapes (``ModelCache`` with :class:`StaticShapes`: attention over the whole
+    cache, passes padded to fixed widths, finished sequences kept in the batch) and, on CUDA, one
+    captured graph per pass shape (``inference/graphs.py``); on a CPU the static-shape path runs
+    eagerly (same tokens, slower). These defaults are the only ones: ``GenerationConfig`` and
+    ``tools/generate.py`` use them."""
 
     window: int = 8
     threshold: float = 0.9
     commit_policy: str = "prefix"
     max_steps: Optional[int] = None
     lean: bool = True  # run the model through inference/lean.py (False: Megatron's modules, the reference)
+    cuda_graphs: bool = False  # static shapes, captured as CUDA graphs on a GPU (needs lean)
 
     def __post_init__(self):
         if self.window < 1:
@@ -70,6 +75,13 @@ class CausalDecodeConfig:
                 f"--max-steps ({self.max_steps}) cannot be combined with --commit-policy verify: verify mode is "
                 "lossless and commits only verified tokens, so it cannot force-fill the rest (drop --max-steps)"
             )
+        if self.cuda_graphs and not self.lean:
+            raise ValueError("--cuda-graphs captures the lean forward (inference/lean.py): drop --no-lean")
+
+    def static_shapes(self, new: int, gather: int) -> Optional[StaticShapes]:
+        """The cache's static-shape mode for passes padded to ``new`` positions and ``gather`` rows
+        (None: dynamic shapes)."""
+        return StaticShapes(new=new, gather=gather) if self.cuda_graphs else None
 
 
 @dataclass
@@ -117,6 +129,11 @@ def decode_causal(
     limit = prompt_len + max_new_tokens
     max_limit = int(limit.max())
     capacity = 2 * max_limit + cfg.window + 2  # room for the right padding of ragged forwards
+    # static shapes: a pass reads at most 2K - 1 new positions (K - 1 masks after at most K committed
+    # tokens not yet cached) and predicts at most K (the step limit's last pass may need more: its own shape)
+    static = cfg.static_shapes(new=2 * cfg.window - 1, gather=cfg.window)
+    if static is not None:  # a finished row keeps its length and is padded on like the others
+        capacity = max(capacity, max_limit + 2 * cfg.window)
     tokens = torch.full((num, capacity), special.mask, dtype=torch.long, device=device)
     decided = torch.zeros(num, capacity, dtype=torch.bool, device=device)
     for b, p in enumerate(prompts):
@@ -129,7 +146,7 @@ def decode_causal(
     outputs: list[Optional[SequenceOutput]] = [None] * num
     num_calls = 0
     K = cfg.window
-    with ModelCache(model, num, capacity, lean=cfg.lean) as cache:
+    with ModelCache(model, num, capacity, lean=cfg.lean, static=static) as cache:
         while rows.numel() > 0:
             lengths = cache.lengths
             uncached = prefix - lengths  # >= 1
@@ -235,7 +252,9 @@ def _decode_verify(
     num_drafts = torch.zeros(num, dtype=torch.long, device=device)
     outputs: list[Optional[SequenceOutput]] = [None] * num
     num_calls = 0
-    with ModelCache(model, num, capacity, lean=cfg.lean) as cache:
+    # static shapes: after the first pass a pass reads 1 + D + M <= 2K - 1 new positions, all window rows
+    static = cfg.static_shapes(new=2 * K - 1, gather=2 * K - 1)
+    with ModelCache(model, num, capacity, lean=cfg.lean, static=static) as cache:
         while rows.numel() > 0:
             lengths = cache.lengths
             uncached = prefix - lengths  # >= 1
@@ -313,7 +332,7 @@ def _decode_ar(
     gather = (prompt_len - 1)[:, None]
     uncached = prompt_len
     num_calls = 0
-    with ModelCache(model, num, capacity, lean=cfg.lean) as cache:
+    with ModelCache(model, num, capacity, lean=cfg.lean, static=cfg.static_shapes(new=1, gather=1)) as cache:
         while rows.numel() > 0:
             logits = cache.forward(ids, gather=gather)[:, 0]  # [A, V]
             num_calls += 1

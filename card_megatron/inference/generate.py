@@ -262,12 +262,16 @@ class CheckpointGeneration:
             "mdlm": f"steps {cfg.steps or cfg.max_new_tokens}",
             "bd3lm": f"block {block}, steps/block {cfg.steps or block}",
         }[cfg.decoding]
+        graphs = ""
+        if cfg.causal.cuda_graphs and cfg.decoding in ("card", "ar"):
+            graphs = "; CUDA graphs" if loaded.device.type == "cuda" else "; static shapes (eager: no CUDA)"
         speed = (
             f"{len(self.records)} sequences, {t['new_tokens']} new tokens in {t['seconds']:.2f} s: "
             f"{t['new_tokens'] / seconds:.1f} tokens/s, "
             f"{t['new_tokens'] / max(t['forward_passes'], 1):.2f} tokens per forward "
             f"({t['forward_passes']} forward passes over the sequences, {t['model_calls']} batched model calls; "
-            f"decoding {cfg.decoding}: {detail}; device {loaded.device}{'; EMA weights' if loaded.ema else ''})"
+            f"decoding {cfg.decoding}: {detail}; device {loaded.device}{'; EMA weights' if loaded.ema else ''}"
+            f"{graphs})"
         )
         s = self.summary
         quality_line = f"quality: unigram entropy {s['entropy']:.3f} nats, repeated 4-grams {s['repetition_4gram']:.3f}"
@@ -283,7 +287,7 @@ def _warn_unused_settings(cfg: GenerationConfig, decoding: str) -> None:
     if decoding != "card":
         default = CausalDecodeConfig()
         for f in dataclasses.fields(CausalDecodeConfig):
-            if decoding == "ar" and f.name == "lean":
+            if decoding == "ar" and f.name in ("lean", "cuda_graphs"):
                 continue  # AR runs through the same decoder (K = 1)
             if getattr(cfg.causal, f.name) != getattr(default, f.name):
                 log.warning("--%s has no effect with --decoding %s", f.name.replace("_", "-"), decoding)

@@ -41,7 +41,9 @@ class LeanForward:
         self.hidden = cfg.hidden_size
         self.eps = cfg.layernorm_epsilon
         self.embed = model.embedding.embedding.word_embeddings.weight
-        self.inv_freq = model.layers[0].rotary.inv_freq
+        # Megatron keeps the RoPE frequencies on the CPU (a plain attribute, not a buffer): copied to the
+        # weights' device once here, not in every pass (a host-to-device copy cannot be captured in a CUDA graph)
+        self.inv_freq = model.layers[0].rotary.inv_freq.to(self.embed.device)
         self.layers = []
         for stage in model.layers:
             layer = stage.layer
@@ -62,7 +64,7 @@ class LeanForward:
 
     def _rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B, S, 1, head_dim] (Megatron's non-interleaved halves; computed in float32)."""
-        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq.to(position_ids.device)
+        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq
         freqs = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
