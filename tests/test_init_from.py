@@ -123,6 +123,7 @@ def test_first_validation_is_the_imported_models_perplexity(imported, tmp_path, 
     ev = first_eval(run_dir)
     assert ev["step"] == 0
     ref = reference_nll(args)
+    # rel 1e-5: TP=2 / DP=2 against one process, fp32 (measured 3.6e-9 and 1.5e-9 on nll 6.81: 2,800x margin)
     assert math.isclose(ev["val_nll"], ref, rel_tol=1e-5), (ev["val_nll"], ref)
     assert abs(ref - math.log(384)) > 0.5  # far from a uniform model: the comparison has teeth
     trained = torch.load(os.path.join(run_dir, "checkpoints", "step_00000002", "export", "model.pt"))["state_dict"]

@@ -435,9 +435,16 @@ def test_time_limit_signal_requeues_and_scancel_does_not(slurm, small_config, tm
         cwd=ROOT,
     )
     log = str(out).replace("%j", str(job))
-    _wait_for(lambda: os.path.exists(log) and "resuming    from" in _read(log), 100, "the requeued attempt to resume")
+    # Cancel once the requeued attempt's trainer runs, not when the batch script announces it: a scancel that
+    # lands while srun is still launching the step (12 s on a loaded machine) leaves the step's I/O to
+    # slurmstepd's 60 s abandon timeout, and the job COMPLETING for that long (seen once under load).
+    _wait_for(
+        lambda: os.path.exists(log) and "fake_trainer rank 0: resuming from" in _read(log),
+        100,
+        "the requeued attempt's trainer to resume",
+    )
     slurm.run(["scancel", str(job)])
-    info = slurm.wait_job(job, timeout=60)
+    info = slurm.wait_job(job, timeout=100)  # KillWait (10 s), plus slurmstepd's 60 s I/O timeout if it applies
     text = _read(log)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1", (info, text)
     saved = int(re.search(r"checkpoint saved at step (\d+); requeueing job", text).group(1))

@@ -217,7 +217,9 @@ def test_adapt_plan_end_to_end_with_a_tiny_llama_and_restart(tmp_path):
     steps = [p["step"] for p in report["points"]]
     assert steps == [0, 1, 2]
     start = report["points"][0]
-    assert start["card_ppl"] == pytest.approx(start["arm_ppl"], rel=1e-6)  # both are the imported model
+    # both are the imported model on the same sequences (measured identical); rel 1e-6 leaves room for the two
+    # objectives' validation to sum the same per-token nlls in another order
+    assert start["card_ppl"] == pytest.approx(start["arm_ppl"], rel=1e-6)
     assert start["card_retention"] == 1.0  # the start's perplexity divided by itself
     later = report["points"][-1]
     assert later["best_tokens_per_forward"] >= 1.0 and later["ar_judge_ppl"] > 0
