@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from card_megatron.config import Config, ModelConfig, ObjectiveConfig, save_config
-from card_megatron.tokenizer import train_tokenizer
+from card_megatron.tokenizers import train_tokenizer
 from tests.distributed import REPO
 
 pytest.importorskip("transformers")

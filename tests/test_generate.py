@@ -409,7 +409,7 @@ def test_cli_end_to_end(runs, tmp_path):
 
 
 def test_cli_bad_input(runs, tmp_path, capsys):
-    from card_megatron.tokenizer import train_tokenizer
+    from card_megatron.tokenizers import train_tokenizer
 
     tool = _cli()
     ckpt = runs["tp1"]

@@ -203,7 +203,7 @@ def test_round_trip_through_export_reproduces_weights_and_tokenizer(single_proce
 def test_preprocessing_with_the_imported_tokenizer_gives_the_models_ids(tmp_path, bpe):
     from card_megatron.data.dataset import open_shard
     from card_megatron.model.hf_import import import_hf
-    from card_megatron.tokenizer import Tokenizer
+    from card_megatron.tokenizers import load_tokenizer
 
     src, _ = llama_dir(tmp_path / "hf", bpe)
     import_hf(src, str(tmp_path / "imported"))
@@ -232,7 +232,7 @@ def test_preprocessing_with_the_imported_tokenizer_gives_the_models_ids(tmp_path
     from tokenizers import Tokenizer as RustTokenizer
 
     rust = RustTokenizer.from_file(bpe)
-    eos = Tokenizer.load(str(tmp_path / "imported" / "tokenizer.model")).eos_id
+    eos = load_tokenizer(str(tmp_path / "imported" / "tokenizer.model")).eos_id
     expected = [i for t in texts for i in rust.encode(t, add_special_tokens=False).ids + [eos]]
     assert open_shard(str(tmp_path / "d_text_document")).tokens[:].tolist() == expected
 

@@ -72,7 +72,7 @@ def reference_nll(args) -> float:
     one process with plain log-softmax over the whole (padded) vocabulary."""
     from card_megatron.data import build_datasets
     from card_megatron.inference.loading import load_model
-    from card_megatron.tokenizer import Tokenizer
+    from card_megatron.tokenizers import load_tokenizer
 
     cfg = load_config(None, args)
     loaded = load_model(cfg.train.init_from, device="cpu")
@@ -83,7 +83,7 @@ def reference_nll(args) -> float:
         cfg.model.seq_length,
         t.seed,
         {"train": t.train_iters * t.global_batch_size, "valid": n, "test": 0},
-        tokenizer=Tokenizer.load(cfg.data.tokenizer_model),
+        tokenizer=load_tokenizer(cfg.data.tokenizer_model),
     )
     tokens = torch.stack([torch.as_tensor(datasets["valid"][i]["tokens"]) for i in range(n)]).long()
     with torch.no_grad():

@@ -247,7 +247,7 @@ def test_resume_with_a_changed_config_is_refused(tiny_corpus, tmp_path):
 @pytest.mark.slow
 def test_data_of_another_tokenizer_is_refused(tiny_corpus, tmp_path):
     """data.tokenizer_model must be the tokenizer that made the shard (its sidecar says which)."""
-    from card_megatron.tokenizer import train_tokenizer
+    from card_megatron.tokenizers import train_tokenizer
 
     other = str(tmp_path / "other.model")
     train_tokenizer(["a different tiny corpus of words and more words"] * 50, other, 300)

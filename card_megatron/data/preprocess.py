@@ -75,7 +75,7 @@ from card_megatron.data.readers import (  # noqa: F401 (_parse_*: the parsers' t
 from card_megatron.data.shards import ShardStats, ShardWriter, shard_exists, token_dtype
 from card_megatron.fileio import temp_path, write_error_message
 from card_megatron.lock import ExclusiveLock, LockHeldError
-from card_megatron.tokenizer import load_any_tokenizer, train_tokenizer, write_tokenizer_sidecar
+from card_megatron.tokenizers import load_tokenizer, train_tokenizer, write_tokenizer_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def _prepare_tokenizer(opts: PreprocessOptions, sources: Sequence[InputSource], 
         return tok
     if not opts.tokenizer_model:
         raise PreprocessError("no tokenizer: give --tokenizer-model PATH or --train-tokenizer --vocab-size N")
-    return load_any_tokenizer(opts.tokenizer_model, opts.tokenizer_kind)
+    return load_tokenizer(opts.tokenizer_model, opts.tokenizer_kind)
 
 
 def _staged_model(opts: PreprocessOptions) -> str:

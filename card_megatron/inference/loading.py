@@ -23,7 +23,7 @@ from card_megatron.config import Config, config_from_dict
 class LoadedModel:
     model: torch.nn.Module  # CardGPT, eval mode
     config: Config
-    tokenizer: object  # card_megatron.tokenizer.Tokenizer
+    tokenizer: object  # card_megatron.tokenizers.Tokenizer
     vocab_size: int  # padded model vocabulary
     device: torch.device
     step: int
@@ -65,7 +65,7 @@ def load_model(
     from card_megatron.model.gpt import CardGPT
     from card_megatron.objectives import build_objective
     from card_megatron.parallel.state import init_single_process
-    from card_megatron.tokenizer import Tokenizer
+    from card_megatron.tokenizers import load_tokenizer
 
     export = resolve_export_dir(path)
     cfg_path, weights_path = os.path.join(export, "config.yaml"), os.path.join(export, "model.pt")
@@ -88,7 +88,7 @@ def load_model(
                 f"{weights_path} has no EMA weights (the run was trained with optim.ema_decay=0); load it without EMA"
             )
         state = blob["ema_state_dict"]
-    tokenizer = Tokenizer.load(tok_path)
+    tokenizer = load_tokenizer(tok_path)
     init_single_process()
     embed = state.get("embedding.embedding.word_embeddings.weight")
     if embed is None:

@@ -100,7 +100,7 @@ def check_exportable(objective: str, path: str) -> None:
 
 def _save_tokenizer(tokenizer, out_dir: str) -> list[str]:
     """Writes the tokenizer files ``AutoTokenizer.from_pretrained(out_dir)`` reads; returns their names."""
-    from card_megatron.hf_tokenizer import HuggingFaceTokenizer
+    from card_megatron.tokenizers import HuggingFaceTokenizer
 
     names = {
         "eos_token": tokenizer.eos_id,

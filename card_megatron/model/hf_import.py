@@ -11,7 +11,7 @@ The weight mapping is the inverse of :mod:`card_megatron.model.hf_export`: ``q_p
 ``k_proj``, ``v_proj`` are interleaved per query group into ``linear_qkv``, ``[gate_proj;
 up_proj]`` is ``linear_fc1``; RoPE needs no permutation (both use ``rotate_half`` halves).
 
-New rows: the reserved ids :mod:`card_megatron.hf_tokenizer` appends after the tokenizer's
+New rows: the reserved ids :mod:`card_megatron.tokenizers.huggingface` appends after the tokenizer's
 vocabulary (``<mask>``, and eos/bos/pad when the tokenizer has none) and the padding rows that
 make the vocabulary a multiple of ``model.make_vocab_size_divisible_by`` (128) are set to the
 **mean of the embedding rows of the tokenizer's own ids** (and, when the output layer is
@@ -341,8 +341,8 @@ def import_hf(input_path: str, output: str, objective: str = "card") -> dict[str
     import yaml
 
     from card_megatron.config import Config, ModelConfig, ObjectiveConfig, config_to_dict, validate
-    from card_megatron.hf_tokenizer import HuggingFaceTokenizer
     from card_megatron.model.gpt import padded_vocab_size
+    from card_megatron.tokenizers import HuggingFaceTokenizer
 
     if os.path.lexists(output):
         raise FileExistsError(f"--output {output} already exists: choose a new directory (nothing was written)")
