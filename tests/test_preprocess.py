@@ -19,6 +19,7 @@ import pytest
 import sentencepiece as spm
 
 from card_megatron.data import preprocess as pp
+from card_megatron.data import readers
 from card_megatron.data.builtin import (
     SyntheticCopySpec,
     python_code_files,
@@ -739,8 +740,8 @@ def test_fast_parser_matches_line_by_line_reference():
         lines = [pool[i] for i in rng.integers(0, len(pool), size=rng.integers(1, 12))]
         data = b"\n".join(lines) + b"\n"
         for kind, keys in (("jsonl", ("text",)), ("jsonl", ("text", "body")), ("txt", ("text",))):
-            ref_texts, ref_skipped, ref_lines, ref_error = pp._parse_lines(data, kind, keys, True)
-            fast = pp._parse_clean_chunk(data, kind, keys)
+            ref_texts, ref_skipped, ref_lines, ref_error = readers._parse_lines(data, kind, keys, True)
+            fast = readers._parse_clean_chunk(data, kind, keys)
             if fast is None:
                 fallbacks += 1
                 continue

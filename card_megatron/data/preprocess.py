@@ -66,12 +66,7 @@ from card_megatron.data.corpus import (
 )
 from card_megatron.data.pool import EncodedChunk, EncodePool
 from card_megatron.data.progress import Progress
-from card_megatron.data.readers import (  # noqa: F401 (_parse_*: the parsers' tests reach them here)
-    _parse_clean_chunk,
-    _parse_lines,
-    describe_location,
-    parse_chunk,
-)
+from card_megatron.data.readers import describe_location, parse_chunk
 from card_megatron.data.shards import ShardStats, ShardWriter, shard_exists, token_dtype
 from card_megatron.fileio import temp_path, write_error_message
 from card_megatron.lock import ExclusiveLock, LockHeldError

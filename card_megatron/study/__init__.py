@@ -27,7 +27,8 @@ __all__ = ["PLANS", "Plan", "StudyError", "get_plan", "run_study"]
 log = logging.getLogger("card_megatron.study")
 
 
-def _machine() -> str:
+def machine_description() -> str:
+    """This machine for the report: the GPU and CPU cores, or the processor and cores without a GPU."""
     import torch
 
     if torch.cuda.is_available():
@@ -154,7 +155,7 @@ def run_study(
         runs[r.name] = report.collect_run(run_dir(out, r), r)
     decoding = _measure_decoding(plan, out, corpora, runs)
     meta = {
-        "machine": _machine(),
+        "machine": machine_description(),
         "elapsed_min": (time.monotonic() - t0) / 60,
         "runs_trained_now": len(trained),
         "train_seconds": trained,

@@ -225,9 +225,9 @@ def measure_checkpoints(plan: AdaptPlan, out: str, corpus: Corpus, split: str) -
 
 
 def _evals(run_directory: str) -> dict[int, dict]:
-    from card_megatron.study.report import _jsonl
+    from card_megatron.study.report import read_step_records
 
-    return {e["step"]: e for e in _jsonl(os.path.join(run_directory, "eval.jsonl"))}
+    return {e["step"]: e for e in read_step_records(os.path.join(run_directory, "eval.jsonl"))}
 
 
 def report(plan: AdaptPlan, out: str, decoding: dict, meta: dict) -> dict:
@@ -294,7 +294,7 @@ def report(plan: AdaptPlan, out: str, decoding: dict, meta: dict) -> dict:
 
 def run_adapt(plan: AdaptPlan, out: str, source: Optional[str] = None, python: str = sys.executable) -> dict:
     """Runs (or resumes) an adapt plan into ``out``; returns the report."""
-    from card_megatron.study import _machine
+    from card_megatron.study import machine_description
 
     t0 = time.monotonic()
     os.makedirs(out, exist_ok=True)
@@ -318,7 +318,7 @@ def run_adapt(plan: AdaptPlan, out: str, source: Optional[str] = None, python: s
     split = next(o.split("=", 1)[1] for o in plan.overrides if o.startswith("data.split="))
     decoding = measure_checkpoints(plan, out, corpus, split)
     meta = {
-        "machine": _machine(),
+        "machine": machine_description(),
         "elapsed_min": (time.monotonic() - t0) / 60,
         "train_seconds": trained,
         "written": time.strftime("%Y-%m-%d %H:%M"),

@@ -21,7 +21,8 @@ PROBE_KS = (0, 1, 2, 3, 5, 7)
 SEQ_MULTIPLIER = {"bd3lm": 2}  # BD3LM's model reads concat(xt, x0): 2L positions per sample
 
 
-def _jsonl(path: str) -> list[dict]:
+def read_step_records(path: str) -> list[dict]:
+    """The records of a run's ``eval.jsonl`` or ``metrics.jsonl``, one per step in step order ([] without the file)."""
     if not os.path.exists(path):
         return []
     records = {}
@@ -38,10 +39,10 @@ def collect_run(run_dir: str, run: RunSpec) -> dict:
     with open(os.path.join(run_dir, "config.yaml")) as f:
         cfg = yaml.safe_load(f)
     L, gbs = cfg["model"]["seq_length"], cfg["train"]["global_batch_size"]
-    evals = _jsonl(os.path.join(run_dir, "eval.jsonl"))
+    evals = read_step_records(os.path.join(run_dir, "eval.jsonl"))
     for e in evals:
         e["tokens"] = e["step"] * gbs * L
-    metrics = _jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    metrics = read_step_records(os.path.join(run_dir, "metrics.jsonl"))
     positions = gbs * L * SEQ_MULTIPLIER.get(run.objective, 1)  # what tokens_per_sec counts
     step_times = [positions / m["tokens_per_sec"] for m in metrics[1:] if m.get("tokens_per_sec")]
     return {
