@@ -430,7 +430,7 @@ def init_from_defaults(init_from: str) -> dict[str, dict[str, Any]]:
     """The sections' defaults that ``train.init_from`` supplies: the checkpoint's architecture keys
     (:data:`INIT_FROM_MODEL_KEYS`) and its tokenizer as ``data.tokenizer_model``. ConfigError naming
     the path when it is not a checkpoint or export."""
-    from card_megatron.inference.loading import resolve_export_dir
+    from card_megatron.rundir import resolve_export_dir
 
     try:
         export = resolve_export_dir(init_from)

@@ -444,7 +444,7 @@ def test_cli_bad_input(runs, tmp_path, capsys):
 
 
 def _export(run_dir):
-    from card_megatron.inference.loading import resolve_export_dir
+    from card_megatron.rundir import resolve_export_dir
 
     return resolve_export_dir(run_dir)
 

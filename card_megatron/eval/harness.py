@@ -136,7 +136,7 @@ def check_model_arg_dict(model_args: dict[str, Any]) -> None:
     """``--model_args`` as lm-eval parsed them, checked before lm-eval indexes its tasks (which takes
     minutes on a loaded machine): :class:`ModelArgsError` listing every problem, a missing
     ``checkpoint`` or one that is not found included."""
-    from card_megatron.inference.loading import resolve_export_dir
+    from card_megatron.rundir import resolve_export_dir
 
     values = {k: v for k, v in model_args.items() if k in MODEL_ARGS and k not in ("checkpoint", "device")}
     unknown = {k: v for k, v in model_args.items() if k not in MODEL_ARGS + LM_EVAL_ARGS}

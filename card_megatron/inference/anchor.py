@@ -92,9 +92,9 @@ def random_export(template: str, out_dir: str, model_overrides: dict, vocab_size
     """
     from card_megatron.config import ModelConfig, config_from_dict
     from card_megatron.fileio import temp_path
-    from card_megatron.inference.loading import resolve_export_dir
     from card_megatron.model.gpt import CardGPT
     from card_megatron.parallel.state import init_single_process
+    from card_megatron.rundir import resolve_export_dir
 
     if os.path.exists(out_dir):
         return out_dir

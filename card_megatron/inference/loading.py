@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from card_megatron.config import Config, config_from_dict
+from card_megatron.rundir import resolve_export_dir
 
 
 @dataclass
@@ -29,28 +30,6 @@ class LoadedModel:
     step: int
     path: str
     ema: bool = False  # the model holds the EMA weights
-
-
-def resolve_export_dir(path: str) -> str:
-    """The export directory for a run dir, checkpoint dir, export dir or model.pt path."""
-    from card_megatron.training.checkpoint import latest_checkpoint
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isfile(path):
-        return os.path.dirname(os.path.abspath(path))
-    if os.path.exists(os.path.join(path, "model.pt")):
-        return path
-    if os.path.exists(os.path.join(path, "export", "model.pt")):
-        return os.path.join(path, "export")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise FileNotFoundError(f"{path} is a run directory without a complete checkpoint (no checkpoints/latest)")
-        return resolve_export_dir(latest)
-    raise FileNotFoundError(
-        f"{path} is neither a run directory, a checkpoint directory nor an export (no model.pt found)"
-    )
 
 
 def load_model(

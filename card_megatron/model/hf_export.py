@@ -152,7 +152,8 @@ def export_llama(checkpoint: str, output: str, ema: bool = False) -> dict[str, A
             "exporting needs transformers and safetensors: pip install -e .[eval] (or make setup)"
         ) from None
 
-    from card_megatron.inference.loading import load_model, resolve_export_dir
+    from card_megatron.inference.loading import load_model
+    from card_megatron.rundir import resolve_export_dir
 
     if os.path.lexists(output):
         raise FileExistsError(f"--output {output} already exists: choose a new directory (nothing was written)")

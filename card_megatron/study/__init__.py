@@ -46,7 +46,7 @@ def _load(path: str):
 def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]) -> dict:
     """Runs the decoding stage, reusing ``decoding.json`` for parts whose checkpoints are unchanged."""
     from card_megatron.fileio import atomic_write
-    from card_megatron.training.checkpoint import latest_checkpoint
+    from card_megatron.rundir import latest_checkpoint
 
     path = os.path.join(out, "decoding.json")
     cached = json.load(open(path)) if os.path.exists(path) else {}

@@ -43,6 +43,7 @@ from card_megatron.model.pipeline import build_pipeline_model
 from card_megatron.objectives import LossInputs, build_objective
 from card_megatron.parallel.deepspeed_glue import MegatronMPU, deepspeed_config, resolve_dtype
 from card_megatron.parallel.state import ParallelInfo, init_distributed
+from card_megatron.rundir import latest_checkpoint
 from card_megatron.tokenizers import load_tokenizer
 from card_megatron.training import checkpoint as ckpt
 from card_megatron.training import diagnostics
@@ -85,7 +86,7 @@ class Trainer:
         self._stop_requested = False
         self._stop_flag: Optional[bool] = None  # the stop request, when the last step read it
         self._install_signal_handlers()
-        latest = ckpt.latest_checkpoint(self.run_dir)
+        latest = latest_checkpoint(self.run_dir)
         self._init_weights: Optional[InitWeights] = None
         self._resumed_vocab: Optional[int] = None  # a run begun with init_from keeps its checkpoint's rows
         if latest:
