@@ -34,7 +34,7 @@ def imported(tmp_path_factory):
     """(export dir, shard prefix): a random Llama imported, and Python docs tokenized with its tokenizer.json."""
     from card_megatron.data.corpus import builtin_documents
     from card_megatron.data.preprocess import PreprocessOptions, preprocess
-    from card_megatron.model.hf_import import import_hf
+    from card_megatron.interop.hf_import import import_hf
     from tests.test_hf_tokenizer import train_bpe
 
     root = tmp_path_factory.mktemp("init_from")

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from card_megatron import quiet_warnings
 
     quiet_warnings.install()
-    from card_megatron.model.hf_import import import_hf
+    from card_megatron.interop.hf_import import import_hf
 
     try:
         record = import_hf(args.input, args.output, objective=args.objective)

@@ -3,7 +3,7 @@ CARD, with ARM continued on the same tokens as the control (issue 18).
 
 Stages, each restartable (a rerun of the same command skips what is done):
 
-1. **import** the GGUF file (``model/hf_import.py``) into ``OUT/import`` (kept once written);
+1. **import** the GGUF file (``interop/hf_import.py``) into ``OUT/import`` (kept once written);
 2. **tokenize** ``builtin:python-code`` with the import's ``tokenizer.json`` into ``OUT/data``;
 3. **train** ``card`` and ``arm``: ordinary run directories under ``OUT/runs`` started with
    ``train.init_from=OUT/import`` (the runner resumes an interrupted one). Their step-0 validation
@@ -158,7 +158,7 @@ def prepare(plan: AdaptPlan, out: str, source: Optional[str]) -> Corpus:
     from card_megatron.data.builtin import python_code_documents
     from card_megatron.data.preprocess import PreprocessOptions, preprocess
     from card_megatron.data.shards import shard_exists
-    from card_megatron.model.hf_import import import_hf
+    from card_megatron.interop.hf_import import import_hf
 
     imported = os.path.join(out, "import")
     if not os.path.exists(os.path.join(imported, "model.pt")):

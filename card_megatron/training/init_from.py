@@ -52,7 +52,7 @@ class InitWeights:
         if p:
             raise ConfigError("train.init_from cannot start this run:\n  - " + "\n  - ".join(p))
         if self.rows % tp_size:
-            from card_megatron.model.hf_import import extend_vocab_rows
+            from card_megatron.model.export import extend_vocab_rows
 
             rows = -(-self.rows // tp_size) * tp_size
             self.state = extend_vocab_rows(self.state, rows, tokenizer.num_pieces, [])

@@ -27,7 +27,7 @@ def hf_model(checkpoint: str, out_dir: str, device, dtype: torch.dtype):
     """``LlamaForCausalLM`` of ``checkpoint`` exported to ``out_dir`` (reused when it exists), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from card_megatron.model.hf_export import export_llama
+    from card_megatron.interop.hf_export import export_llama
 
     if not os.path.exists(out_dir):
         export_llama(checkpoint, out_dir)

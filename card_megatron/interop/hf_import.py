@@ -7,7 +7,7 @@ bytes) and ``import.json`` (provenance). So ``tools/generate.py``, ``tools/evalu
 ``tools/export_hf.py``, ``tools/run_lm_eval.py`` and ``train.init_from`` take it like any export.
 A copy of the tokenizer is written as ``tokenizer.json`` for ``tools/preprocess_data.py``.
 
-The weight mapping is the inverse of :mod:`card_megatron.model.hf_export`: ``q_proj``,
+The weight mapping is the inverse of :mod:`card_megatron.interop.hf_export`: ``q_proj``,
 ``k_proj``, ``v_proj`` are interleaved per query group into ``linear_qkv``, ``[gate_proj;
 up_proj]`` is ``linear_fc1``; RoPE needs no permutation (both use ``rotate_half`` halves).
 
@@ -207,25 +207,6 @@ def canonical_from_llama(hf: dict[str, torch.Tensor], m: dict[str, Any], where: 
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def extend_vocab_rows(
-    state: dict[str, torch.Tensor], num_rows: int, mean_of: int, new_ids: list[int]
-) -> dict[str, torch.Tensor]:
-    """Grows the embedding (and untied output) to ``num_rows`` rows; the added rows and the rows of
-    ``new_ids`` become the mean of rows ``[0, mean_of)`` (module docstring). Returns a new dict."""
-    out = dict(state)
-    for key in ("embedding.embedding.word_embeddings.weight", "output.output_layer.weight"):
-        if key not in state:
-            continue
-        old = state[key]
-        mean = old[:mean_of].mean(dim=0)
-        grown = mean.expand(num_rows, old.shape[1]).clone()
-        grown[: old.shape[0]] = old
-        for i in new_ids:
-            grown[i] = mean
-        out[key] = grown
-    return out
-
-
 # --------------------------------------------------------------------------- reading
 
 
@@ -341,6 +322,7 @@ def import_hf(input_path: str, output: str, objective: str = "card") -> dict[str
     import yaml
 
     from card_megatron.config import Config, ModelConfig, ObjectiveConfig, config_to_dict, validate
+    from card_megatron.model.export import extend_vocab_rows
     from card_megatron.model.gpt import padded_vocab_size
     from card_megatron.tokenizers import HuggingFaceTokenizer
 
