@@ -314,11 +314,19 @@ def read_gguf(path: str) -> Source:
 # --------------------------------------------------------------------------- the import
 
 
+def importable_objectives() -> tuple[str, ...]:
+    """The objectives a Llama's weights can start (their traits' ``causal_lm``: the same function)."""
+    from card_megatron.objectives import objective_names, objective_traits
+
+    return tuple(n for n in objective_names() if objective_traits(n).causal_lm)
+
+
 def import_hf(input_path: str, output: str, objective: str = "card") -> dict[str, Any]:
     """Writes the checkpoint at ``input_path`` (a model directory or a ``.gguf`` file) as a
-    card_megatron export at ``output``; returns the provenance record (``import.json``).
-    ImportRefused (a ValueError) for what cannot be imported exactly, FileExistsError for an
-    existing ``output``; nothing is written in either case."""
+    card_megatron export at ``output``, recording ``objective`` (one of :func:`importable_objectives`)
+    in its config; returns the provenance record (``import.json``). ImportRefused (a ValueError) for
+    what cannot be imported exactly, FileExistsError for an existing ``output``; nothing is written in
+    either case."""
     import yaml
 
     from card_megatron.config import Config, ModelConfig, ObjectiveConfig, config_to_dict, validate
@@ -326,6 +334,11 @@ def import_hf(input_path: str, output: str, objective: str = "card") -> dict[str
     from card_megatron.model.gpt import padded_vocab_size
     from card_megatron.tokenizers import HuggingFaceTokenizer
 
+    if objective not in importable_objectives():
+        raise ImportRefused(
+            f"--objective {objective}: a Llama is a causal LM, which only {', '.join(importable_objectives())} "
+            "models compute"
+        )
     if os.path.lexists(output):
         raise FileExistsError(f"--output {output} already exists: choose a new directory (nothing was written)")
     parent = os.path.dirname(os.path.abspath(output))

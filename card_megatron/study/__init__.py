@@ -19,7 +19,7 @@ from typing import Optional
 
 from card_megatron.study import decoding as dec
 from card_megatron.study import report
-from card_megatron.study.plans import COPY, MAIN, PLANS, Plan, get_plan
+from card_megatron.study.plans import COPY, MAIN, PLANS, STUDIED, Plan, get_plan
 from card_megatron.study.runner import StudyError, check_reuse, is_finished, prepare_corpora, run_dir, train_all
 
 __all__ = ["PLANS", "Plan", "StudyError", "get_plan", "run_study"]
@@ -115,7 +115,7 @@ def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]
 
     part("curve", ckpts + [arm_ckpt], curve_part)
 
-    copy_card = [r for r in plan.runs if r.corpus == COPY and r.objective == "card"]
+    copy_card = [r for r in plan.runs if r.corpus == COPY and r.objective == STUDIED]
     if copy_card:
         ck = latest_checkpoint(run_dir(out, copy_card[0]))
 

@@ -473,8 +473,9 @@ class Trainer:
 
     @property
     def _diagnose(self) -> bool:
-        """Per-corruption metrics apply to CARD (masked inputs, causal) outside the pipeline engine."""
-        return self.cfg.logging.corruption_metrics and self.objective.name == "card" and self.info.pp_size == 1
+        """Per-corruption metrics apply to CARD (masked inputs, causal: ``traits.mask_diagnostics``) outside
+        the pipeline engine."""
+        return self.cfg.logging.corruption_metrics and self.objective.traits.mask_diagnostics and self.info.pp_size == 1
 
     def _top1_logprob(self, logits, loss_inputs):
         suppress = self.tokenizer.mask_id if loss_inputs.suppress_mask_logit else None
