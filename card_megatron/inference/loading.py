@@ -42,7 +42,7 @@ def load_model(
     """
     from card_megatron.model.export import load_canonical_state
     from card_megatron.model.gpt import CardGPT
-    from card_megatron.objectives import build_objective
+    from card_megatron.objectives import objective_traits
     from card_megatron.parallel.state import init_single_process
     from card_megatron.tokenizers import load_tokenizer
 
@@ -77,8 +77,9 @@ def load_model(
         raise ValueError(
             f"tokenizer mismatch: {tok_path} has {tokenizer.vocab_size} tokens but the model only {vocab_size}"
         )
-    mask_kind = build_objective(cfg.objective, cfg.model.seq_length, tokenizer.mask_id, tokenizer.vocab_size).mask_kind
-    model = CardGPT(cfg.model, mask_kind, vocab_size, tp_size=1, seed=cfg.train.seed)
+    model = CardGPT(
+        cfg.model, objective_traits(cfg.objective.name).mask_kind, vocab_size, tp_size=1, seed=cfg.train.seed
+    )
     load_canonical_state(model, state, cfg.model.num_layers)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device=dev, dtype=dtype).eval()
