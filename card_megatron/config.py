@@ -5,7 +5,10 @@ arguments on the command line override both. Unknown keys are errors, and
 :func:`validate` collects every problem before raising once.
 
 Each component receives only its own section (``cfg.model``, ``cfg.objective``, ...),
-never the whole tree. Names follow Megatron-LM where it has one.
+never the whole tree. Names follow Megatron-LM where it has one. The objective's section,
+its ranges and its rules belong to the objectives package (``objectives/config.py``: the
+objective plug-ins decide which names and rules exist); this tree composes it, and
+``config_checks.py`` holds what every section shares (ConfigError, choices, ranges).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-ObjectiveName = Literal["card", "arm", "mdlm", "bd3lm"]
-MaskKind = Literal["causal", "full", "block"]
-OBJECTIVES: tuple[str, ...] = typing.get_args(ObjectiveName)  # the objectives package registers one class each
-MASK_KINDS: tuple[str, ...] = typing.get_args(MaskKind)  # the attention rules an objective may ask the model for
+from card_megatron.config_checks import ConfigError, choice_problems, field_choices, field_types, range_problems
+from card_megatron.objectives.config import RANGES as OBJECTIVE_RANGES
+from card_megatron.objectives.config import ObjectiveConfig, objective_problems
 
-# Every field below has a one-line docstring under it: `python -m card_megatron.train --help-config`
-# and docs/config.md show them (field_docs). Enumerated values are Literal types: validate() checks them.
+# Every field below (and of objectives/config.ObjectiveConfig, the objective's section, which the
+# objectives package owns) has a one-line docstring under it: `python -m card_megatron.train
+# --help-config` and docs/config.md show them (field_docs). Enumerated values are Literal types, or
+# come from a registry (objective.name: the registered objectives): validate() checks them.
 
 
 @dataclass
@@ -70,37 +74,6 @@ class ModelConfig:
     """Megatron-core's fused SwiGLU and bias-dropout-add (torch.compile'd); none = on with CUDA."""
     compile_layers: Optional[bool] = None
     """Training: torch.compile each transformer layer (model/compile.py); none = on with CUDA, off on CPU."""
-
-
-@dataclass
-class ObjectiveConfig:
-    """The training objective; see ``card_megatron/objectives`` and CARD.md."""
-
-    name: ObjectiveName = "card"
-    """Objective: CARD or one of its baselines (ARM, MDLM, BD3LM)."""
-    masking: Literal["tail", "uniform"] = "tail"
-    """CARD: where masks go: soft tail (a window at the end of the sequence) or uniform."""
-    tail_factor: float = 1.5
-    """CARD: lambda, the tail window's size relative to the masked count; 1 = strict (solid) tail."""
-    strict_tail_fraction: float = 0.0
-    """CARD: fraction of samples masked with a strict tail (lambda = 1) instead, chosen per sample from its
-    noise seed: the decoder-aware ablation (the decoder reads a clean prefix and a solid run of masks); 0 = off."""
-    reweighting: Literal["context", "none"] = "context"
-    """CARD: context-aware loss weights (down-weight targets behind many masks) or none."""
-    reweight_decay: float = 0.5
-    """CARD: p, the decay of the context-aware weights."""
-    reweight_beta: float = 1.0
-    """CARD: beta, the strength of the context-aware weights."""
-    normaliser: Literal["weights", "tokens"] = "weights"
-    """CARD: the loss is divided by the sum of the weights or by the token count."""
-    t_eps: float = 1e-3
-    """MDLM/BD3LM: t is drawn from [t_eps, 1] so that 1/t stays bounded."""
-    low_discrepancy: bool = True
-    """Noise levels t from a Weyl sequence over the global sample id (else independent draws)."""
-    block_size: int = 4
-    """BD3LM: block size (must divide model.seq_length; e.g. 4, 8, 16 or seq_length)."""
-    eval_t_samples: int = 4
-    """MDLM/BD3LM: Monte-Carlo t samples of the validation ELBO."""
 
 
 @dataclass
@@ -248,16 +221,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message lists every problem."""
-
-
 # --------------------------------------------------------------------------- loading
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -297,13 +261,6 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _choices(tp: Any) -> Optional[tuple[str, ...]]:
-    """The choices of a Literal (or Optional[Literal]) type, else None."""
-    if typing.get_origin(tp) is typing.Union:
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
-
-
 @functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
     """The one-line docstring under each field of a config dataclass: {field name: text}."""
@@ -322,8 +279,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _type_text(tp: Any) -> str:
-    choices = _choices(tp)
+def _type_text(tp: Any, choices: Optional[tuple[str, ...]]) -> str:
     optional = typing.get_origin(tp) is typing.Union
     if choices:
         text = " | ".join(choices)
@@ -339,13 +295,13 @@ def describe_config() -> list[tuple[str, str, str, str]]:
     defaults = Config()
     for section in dataclasses.fields(Config):
         sub = getattr(defaults, section.name)
-        docs, types = field_docs(type(sub)), _field_types(type(sub))
+        docs, types = field_docs(type(sub)), field_types(type(sub))
         for f in dataclasses.fields(sub):
             default = getattr(sub, f.name)
             rows.append(
                 (
                     f"{section.name}.{f.name}",
-                    _type_text(types[f.name]),
+                    _type_text(types[f.name], field_choices(type(sub), f.name)),
                     "none"
                     if default is None
                     else str(default).lower()
@@ -377,7 +333,8 @@ def config_markdown() -> str:
     out = [
         "# Configuration keys",
         "",
-        "Generated from the field docstrings of `card_megatron/config.py` (`python -m card_megatron.train "
+        "Generated from the field docstrings of `card_megatron/config.py` and, for the objective section, "
+        "`card_megatron/objectives/config.py` (`python -m card_megatron.train "
         "--help-config` prints the same). Override any key as `section.key=value`; numeric ranges are in "
         "`config.RANGES`.",
         "",
@@ -406,7 +363,7 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None
     if section not in sections:
         raise ConfigError(f"{source}: unknown section {section!r} (known: {', '.join(sorted(sections))})")
     sub = getattr(cfg, section)
-    types = _field_types(type(sub))
+    types = field_types(type(sub))
     if key not in types:
         raise ConfigError(f"{source}: unknown key {section}.{key} (known in {section}: {', '.join(sorted(types))})")
     setattr(sub, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
@@ -430,7 +387,7 @@ def init_from_defaults(init_from: str) -> dict[str, dict[str, Any]]:
     """The sections' defaults that ``train.init_from`` supplies: the checkpoint's architecture keys
     (:data:`INIT_FROM_MODEL_KEYS`) and its tokenizer as ``data.tokenizer_model``. ConfigError naming
     the path when it is not a checkpoint or export."""
-    from card_megatron.inference.loading import resolve_export_dir
+    from card_megatron.rundir import resolve_export_dir
 
     try:
         export = resolve_export_dir(init_from)
@@ -532,13 +489,7 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "model.init_method_std": (0, _INF, False, False, " (e.g. 0.02)"),
     "model.hidden_dropout": (0, 1, True, False, ""),
     "model.attention_dropout": (0, 1, True, False, ""),
-    "objective.tail_factor": (1, _INF, True, False, " (1 = strict tail)"),
-    "objective.strict_tail_fraction": (0, 1, True, True, " (0 = off)"),
-    "objective.reweight_decay": (0, 1, True, True, ""),
-    "objective.reweight_beta": (0, _INF, False, False, ""),
-    "objective.t_eps": (0, 1, False, False, ""),
-    "objective.block_size": (1, _INF, True, False, ""),
-    "objective.eval_t_samples": (1, _INF, True, False, ""),
+    **OBJECTIVE_RANGES,  # objectives/config.py
     "data.num_workers": (0, _INF, True, False, ""),
     "parallel.tensor_model_parallel_size": (1, _INF, True, False, ""),
     "parallel.pipeline_model_parallel_size": (1, _INF, True, False, ""),
@@ -573,61 +524,6 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
 }
 
 
-def _range_text(low: float, high: float, low_in: bool, high_in: bool) -> str:
-    if high == _INF:
-        return f">= {low}" if low_in else ("positive" if low == 0 else f"> {low}")
-    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
-
-
-def _range_problems_of(section_name: str, sub: Any) -> list[str]:
-    """A problem for every numeric key of one section outside its RANGES entry (NaN and infinity included)."""
-    p = []
-    for name, (low, high, low_in, high_in, note) in RANGES.items():
-        section, key = name.split(".")
-        if section != section_name:
-            continue
-        value = getattr(sub, key)
-        if value is None:
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            p.append(f"{name} ({value}) must be a finite number")
-        elif not ((low <= value if low_in else low < value) and (value <= high if high_in else value < high)):
-            p.append(f"{name} ({value}) must be {_range_text(low, high, low_in, high_in)}{note}")
-    return p
-
-
-def _choice_problems(section: str, sub: Any) -> list[str]:
-    """A problem for every Literal-typed key of one section whose value is not one of its choices."""
-    p = []
-    for name, tp in _field_types(type(sub)).items():
-        choices, value = _choices(tp), getattr(sub, name)
-        if choices and value is not None and value not in choices:
-            optional = " (or none)" if typing.get_origin(tp) is typing.Union else ""
-            p.append(f"{section}.{name} ({value!r}) must be one of {', '.join(choices)}{optional}")
-    return p
-
-
-def _objective_rules(o: ObjectiveConfig, seq_length: int) -> list[str]:
-    """The rules of the objective section: its choices, its ranges, and BD3LM's block size."""
-    p = _choice_problems("objective", o) + _range_problems_of("objective", o)
-    if o.name != "card" and o.strict_tail_fraction:
-        p.append(
-            f"objective.strict_tail_fraction ({o.strict_tail_fraction}) applies to CARD only "
-            f"(objective.name is {o.name})"
-        )
-    if o.name == "bd3lm" and o.block_size >= 1 and seq_length % o.block_size:
-        p.append(f"objective.block_size ({o.block_size}) must divide model.seq_length ({seq_length})")
-    return p
-
-
-def check_objective(o: ObjectiveConfig, seq_length: int) -> None:
-    """Raises ConfigError listing every problem of the objective section (``objectives.build_objective``
-    calls it, so an objective built without :func:`load_config` is checked by the same rules)."""
-    p = _objective_rules(o, seq_length)
-    if p:
-        raise ConfigError("invalid objective configuration:\n  - " + "\n  - ".join(p))
-
-
 def parse_split(split: str) -> tuple[float, float, float]:
     """The train/valid/test weights of ``data.split`` ("969,30,1"); ValueError naming the setting if malformed."""
     try:
@@ -647,9 +543,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """
     p: list[str] = []
     for section in dataclasses.fields(Config):
-        if section.name != "objective":  # _objective_rules, below, checks that section
-            p += _choice_problems(section.name, getattr(cfg, section.name))
-            p += _range_problems_of(section.name, getattr(cfg, section.name))
+        if section.name != "objective":  # objective_problems, below, checks that section
+            p += choice_problems(section.name, getattr(cfg, section.name))
+            p += range_problems(section.name, getattr(cfg, section.name), RANGES)
     m, o, par, t, opt = cfg.model, cfg.objective, cfg.parallel, cfg.train, cfg.optim
     if m.num_attention_heads > 0 and m.hidden_size % m.num_attention_heads:
         p.append(
@@ -687,7 +583,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             f"parallel.zero_stage ({par.zero_stage}) with pipeline_model_parallel_size ({pp}) is not "
             "supported: DeepSpeed's pipeline engine allows ZeRO 0 or 1 only"
         )
-    p += _objective_rules(o, m.seq_length)
+    p += objective_problems(o, m.seq_length)
     if t.micro_batch_size >= 1 and t.global_batch_size % t.micro_batch_size:
         p.append(
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "

@@ -12,7 +12,7 @@ import torch
 
 from card_megatron.data import preprocess as pp
 from card_megatron.data.corpus import builtin_documents
-from card_megatron.tokenizer import train_tokenizer
+from card_megatron.tokenizers import train_tokenizer
 from tests.distributed import REPO
 from tests.test_export_hf import single_process, write_export  # noqa: F401 (fixture)
 

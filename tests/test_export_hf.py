@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from card_megatron.config import Config, ModelConfig, ObjectiveConfig, save_config
-from card_megatron.tokenizer import train_tokenizer
+from card_megatron.tokenizers import train_tokenizer
 from tests.distributed import REPO
 
 pytest.importorskip("transformers")
@@ -101,7 +101,7 @@ def check_tokenizer(hf_dir, tokenizer):
 
 
 def export(ckpt, out):
-    from card_megatron.model.hf_export import export_llama
+    from card_megatron.interop.hf_export import export_llama
 
     return export_llama(ckpt, str(out))
 
@@ -166,13 +166,13 @@ def test_exported_logits_and_greedy_decoding_match(single_process, tmp_path, sp_
 
 @pytest.mark.slow
 def test_anchor_generate_on_a_ragged_batch_equals_ours(single_process, tmp_path, sp_tokenizer):
-    """The benchmark's anchor (inference/anchor.py): transformers' generate on the export, left padded
+    """The benchmark's anchor (interop/anchor.py): transformers' generate on the export, left padded
     in one batch, gives our AR tokens, and verify mode gives them too; random_export loads back."""
-    from card_megatron.inference.anchor import hf_generate, hf_model, random_export
     from card_megatron.inference.causal import CausalDecodeConfig
     from card_megatron.inference.generate import GenerationConfig, generate
     from card_megatron.inference.loading import load_model
     from card_megatron.inference.sampling import SamplingConfig
+    from card_megatron.interop.anchor import hf_generate, hf_model, random_export
 
     ckpt = write_export(tmp_path / "ckpt", sp_tokenizer, num_query_groups=2)
     ours = load_model(ckpt, device="cpu")
@@ -194,7 +194,7 @@ def test_anchor_generate_on_a_ragged_batch_equals_ours(single_process, tmp_path,
 
 
 def test_refusals_and_nothing_left_behind(single_process, tmp_path, sp_tokenizer):
-    from card_megatron.model.hf_export import export_llama
+    from card_megatron.interop.hf_export import export_llama
 
     for objective in ("mdlm", "bd3lm"):
         ckpt = write_export(tmp_path / objective, sp_tokenizer, objective)

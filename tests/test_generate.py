@@ -410,7 +410,7 @@ def test_cli_end_to_end(runs, tmp_path):
 
 
 def test_cli_bad_input(runs, tmp_path, capsys):
-    from card_megatron.tokenizer import train_tokenizer
+    from card_megatron.tokenizers import train_tokenizer
 
     tool = _cli()
     ckpt = runs["tp1"]
@@ -445,7 +445,7 @@ def test_cli_bad_input(runs, tmp_path, capsys):
 
 
 def _export(run_dir):
-    from card_megatron.inference.loading import resolve_export_dir
+    from card_megatron.rundir import resolve_export_dir
 
     return resolve_export_dir(run_dir)
 

@@ -61,7 +61,7 @@ def sp_tokenizer(tmp_path_factory):
     import itertools
 
     from card_megatron.data.corpus import builtin_documents
-    from card_megatron.tokenizer import train_tokenizer
+    from card_megatron.tokenizers import train_tokenizer
 
     docs = list(itertools.islice(builtin_documents(), 150))
     return train_tokenizer(docs, str(tmp_path_factory.mktemp("tok") / "tok.model"), vocab_size=500)

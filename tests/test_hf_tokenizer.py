@@ -14,8 +14,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from card_megatron.data import preprocess as pp
 from card_megatron.data.corpus import builtin_documents
 from card_megatron.data.shards import TokenShard
-from card_megatron.hf_tokenizer import HuggingFaceTokenizer
-from card_megatron.tokenizer import Tokenizer, load_any_tokenizer, train_tokenizer
+from card_megatron.tokenizers import HuggingFaceTokenizer, load_tokenizer, train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "preprocess_data.py")
@@ -48,7 +47,7 @@ def bpe_path(tmp_path_factory, docs):
 
 
 def test_reserved_ids_appended_reproducibly(bpe_path, docs):
-    tok = Tokenizer.load(bpe_path)
+    tok = load_tokenizer(bpe_path)
     assert isinstance(tok, HuggingFaceTokenizer)
     raw = HFTokenizer.from_file(bpe_path)
     n = raw.get_vocab_size(with_added_tokens=True)
@@ -56,7 +55,7 @@ def test_reserved_ids_appended_reproducibly(bpe_path, docs):
     assert tok.eos_id == raw.token_to_id("<|endoftext|>") and tok.num_pieces == n
     assert (tok.mask_id, tok.bos_id, tok.pad_id, tok.vocab_size) == (n, n + 1, n + 2, n + 3)
     assert tok.appended == ("mask", "bos", "pad")
-    again = Tokenizer.load(bpe_path)
+    again = load_tokenizer(bpe_path)
     assert again.hf_json() == tok.hf_json() and again.sha256 == tok.sha256 and again.metadata() == tok.metadata()
     exported = HFTokenizer.from_str(tok.hf_json())  # the added tokens travel with the exported file
     assert [exported.token_to_id(t) for t in ("<mask>", "<s>", "<pad>")] == [n, n + 1, n + 2]
@@ -68,7 +67,7 @@ def test_reserved_ids_appended_reproducibly(bpe_path, docs):
     batch = tok.encode_batch([docs[0], docs[1]], add_eos=True)
     assert [b.tolist() for b in batch] == [tok.encode(docs[0]) + [tok.eos_id], tok.encode(docs[1]) + [tok.eos_id]]
     # a tokenizer that has <mask> keeps its id
-    with_mask = Tokenizer.load(
+    with_mask = load_tokenizer(
         train_bpe(
             docs[:50],
             os.path.join(os.path.dirname(bpe_path), "m.json"),
@@ -91,7 +90,7 @@ def test_text_never_makes_a_reserved_id(tmp_path, bpe_path, docs):
     hf.add_tokens([AddedToken("<pad>", special=False)])  # id 6
     hf.add_special_tokens([AddedToken("[PAD]", special=True)])  # id 7
     hf.save(str(tmp_path / "words.json"))
-    tok = Tokenizer.load(str(tmp_path / "words.json"))
+    tok = load_tokenizer(str(tmp_path / "words.json"))
     assert tok.pad_id == 7 and (tok.mask_id, tok.eos_id, tok.bos_id, tok.vocab_size) == (8, 9, 10, 11)
     assert tok.appended == ("mask", "eos", "bos")
     exported = HFTokenizer.from_str(tok.hf_json())
@@ -107,7 +106,7 @@ def test_text_never_makes_a_reserved_id(tmp_path, bpe_path, docs):
     )
     spec["added_tokens"][-1]["special"] = False
     (tmp_path / "bpe_mask.json").write_text(json.dumps(spec))
-    bpe = Tokenizer.load(str(tmp_path / "bpe_mask.json"))
+    bpe = load_tokenizer(str(tmp_path / "bpe_mask.json"))
     assert bpe.appended[0] == "mask" and bpe.mask_id == bpe.num_pieces
     text = "hello <mask> world </s> <s> <|endoftext|>"
     assert not {bpe.mask_id, bpe.eos_id, bpe.bos_id, bpe.pad_id} & set(bpe.encode(text))
@@ -145,7 +144,7 @@ def test_bad_tokenizer_json_is_a_clear_error(tmp_path, bpe_path, docs):
     (tmp_path / "foreign.json").write_text(json.dumps({"model": {"type": "NoSuchModel"}}))
     for name in ("cut.json", "foreign.json"):
         with pytest.raises(ValueError, match=f"{name} is not a valid Hugging Face tokenizer.json"):
-            Tokenizer.load(str(tmp_path / name))
+            load_tokenizer(str(tmp_path / name))
         (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:20]))
         r = subprocess.run(
             [
@@ -172,9 +171,9 @@ def test_bad_tokenizer_json_is_a_clear_error(tmp_path, bpe_path, docs):
         assert [p for p in os.listdir(tmp_path) if p.startswith("out")] in ([], ["out.lock"])
     sp = train_tokenizer(docs, str(tmp_path / "sp.model"), 400)
     with pytest.raises(ValueError, match="--tokenizer-type HuggingFaceTokenizer, but .*sp.model is a SentencePiece"):
-        load_any_tokenizer(sp.source, "HuggingFaceTokenizer")
+        load_tokenizer(sp.source, "HuggingFaceTokenizer")
     with pytest.raises(ValueError, match="--tokenizer-type SentencePieceTokenizer, but .* is a Hugging Face"):
-        load_any_tokenizer(bpe_path, "SentencePieceTokenizer")
+        load_tokenizer(bpe_path, "SentencePieceTokenizer")
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -201,7 +200,7 @@ def test_preprocess_with_tokenizer_json(tmp_path, bpe_path, docs, workers):
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
-    tok = Tokenizer.load(bpe_path)
+    tok = load_tokenizer(bpe_path)
     shard = TokenShard(str(tmp_path / "o_text_document"))
     assert shard.dtype == np.uint16
     assert [shard[i].tolist() for i in range(len(shard))] == [tok.encode(d) + [tok.eos_id] for d in docs]
@@ -230,7 +229,7 @@ def test_vocabulary_over_65535_is_stored_as_int32(tmp_path):
             workers=2,
         )
     )
-    tok = Tokenizer.load(str(tmp_path / "big.json"))
+    tok = load_tokenizer(str(tmp_path / "big.json"))
     assert tok.vocab_size == 70_005 and stats.outputs["text"].dtype == np.int32
     expect = [[int(w[1:]) for w in t.split()] + [tok.eos_id] for t in texts]
     assert max(max(e) for e in expect) > 65_535

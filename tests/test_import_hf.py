@@ -96,7 +96,7 @@ def test_imported_logits_and_greedy_decoding_equal_transformers(single_process, 
     from card_megatron.inference.generate import GenerationConfig, generate
     from card_megatron.inference.loading import load_model
     from card_megatron.inference.sampling import SamplingConfig
-    from card_megatron.model.hf_import import import_hf
+    from card_megatron.interop.hf_import import import_hf
 
     src, hf = llama_dir(tmp_path / "hf", bpe, **kw)
     record = import_hf(src, str(tmp_path / "imported"))
@@ -142,7 +142,7 @@ def test_imported_logits_and_greedy_decoding_equal_transformers(single_process, 
 def test_tensor_parallel_logits_equal_transformers(tmp_path, bpe):
     """The imported weights loaded under TP=2 (vocabulary and heads sharded) give transformers' logits."""
     src, hf = llama_dir(tmp_path / "hf", bpe, seed=3, num_key_value_heads=2)
-    from card_megatron.model.hf_import import import_hf
+    from card_megatron.interop.hf_import import import_hf
 
     import_hf(src, str(tmp_path / "imported"))
     ids = torch.randint(0, hf.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
@@ -163,8 +163,8 @@ def test_round_trip_through_export_reproduces_weights_and_tokenizer(single_proce
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from card_megatron.model.hf_export import export_llama
-    from card_megatron.model.hf_import import import_hf
+    from card_megatron.interop.hf_export import export_llama
+    from card_megatron.interop.hf_import import import_hf
 
     src, hf = llama_dir(tmp_path / "hf", bpe, seed=5, tie_word_embeddings=False, extra_vocab=9)
     import_hf(src, str(tmp_path / "imported"))
@@ -202,8 +202,8 @@ def test_round_trip_through_export_reproduces_weights_and_tokenizer(single_proce
 
 def test_preprocessing_with_the_imported_tokenizer_gives_the_models_ids(tmp_path, bpe):
     from card_megatron.data.dataset import open_shard
-    from card_megatron.model.hf_import import import_hf
-    from card_megatron.tokenizer import Tokenizer
+    from card_megatron.interop.hf_import import import_hf
+    from card_megatron.tokenizers import load_tokenizer
 
     src, _ = llama_dir(tmp_path / "hf", bpe)
     import_hf(src, str(tmp_path / "imported"))
@@ -232,7 +232,7 @@ def test_preprocessing_with_the_imported_tokenizer_gives_the_models_ids(tmp_path
     from tokenizers import Tokenizer as RustTokenizer
 
     rust = RustTokenizer.from_file(bpe)
-    eos = Tokenizer.load(str(tmp_path / "imported" / "tokenizer.model")).eos_id
+    eos = load_tokenizer(str(tmp_path / "imported" / "tokenizer.model")).eos_id
     expected = [i for t in texts for i in rust.encode(t, add_special_tokens=False).ids + [eos]]
     assert open_shard(str(tmp_path / "d_text_document")).tokens[:].tolist() == expected
 
@@ -312,7 +312,7 @@ def test_gguf_import_equals_transformers_on_the_same_file(single_process, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from card_megatron.inference.loading import load_model
-    from card_megatron.model.hf_import import import_hf
+    from card_megatron.interop.hf_import import import_hf
 
     _, hf = llama_dir(tmp_path / "hf", bpe, seed=6, num_key_value_heads=2, tie_word_embeddings=False)
     gguf_dir = tmp_path / "g"
@@ -357,7 +357,7 @@ REFUSALS = [
 
 
 def test_refusals_name_the_key_and_write_nothing(tmp_path, bpe):
-    from card_megatron.model.hf_import import import_hf
+    from card_megatron.interop.hf_import import import_hf
 
     src, _ = llama_dir(tmp_path / "hf", bpe)
     with open(os.path.join(src, "config.json")) as f:

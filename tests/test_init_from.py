@@ -34,7 +34,7 @@ def imported(tmp_path_factory):
     """(export dir, shard prefix): a random Llama imported, and Python docs tokenized with its tokenizer.json."""
     from card_megatron.data.corpus import builtin_documents
     from card_megatron.data.preprocess import PreprocessOptions, preprocess
-    from card_megatron.model.hf_import import import_hf
+    from card_megatron.interop.hf_import import import_hf
     from tests.test_hf_tokenizer import train_bpe
 
     root = tmp_path_factory.mktemp("init_from")
@@ -72,7 +72,7 @@ def reference_nll(args) -> float:
     one process with plain log-softmax over the whole (padded) vocabulary."""
     from card_megatron.data import build_datasets
     from card_megatron.inference.loading import load_model
-    from card_megatron.tokenizer import Tokenizer
+    from card_megatron.tokenizers import load_tokenizer
 
     cfg = load_config(None, args)
     loaded = load_model(cfg.train.init_from, device="cpu")
@@ -83,7 +83,7 @@ def reference_nll(args) -> float:
         cfg.model.seq_length,
         t.seed,
         {"train": t.train_iters * t.global_batch_size, "valid": n, "test": 0},
-        tokenizer=Tokenizer.load(cfg.data.tokenizer_model),
+        tokenizer=load_tokenizer(cfg.data.tokenizer_model),
     )
     tokens = torch.stack([torch.as_tensor(datasets["valid"][i]["tokens"]) for i in range(n)]).long()
     with torch.no_grad():

@@ -16,7 +16,7 @@ import zstandard
 from card_megatron.data import preprocess as pp
 from card_megatron.data.corpus import builtin_documents
 from card_megatron.data.shards import TokenShard
-from card_megatron.tokenizer import train_tokenizer
+from card_megatron.tokenizers import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "preprocess_data.py")

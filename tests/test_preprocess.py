@@ -19,6 +19,7 @@ import pytest
 import sentencepiece as spm
 
 from card_megatron.data import preprocess as pp
+from card_megatron.data import readers
 from card_megatron.data.builtin import (
     SyntheticCopySpec,
     python_code_files,
@@ -27,7 +28,7 @@ from card_megatron.data.builtin import (
 )
 from card_megatron.data.corpus import builtin_documents, builtin_parameters, builtin_source, fingerprint_documents
 from card_megatron.data.shards import TokenShard
-from card_megatron.tokenizer import MASK_PIECE, Tokenizer, train_tokenizer
+from card_megatron.tokenizers import MASK_PIECE, load_tokenizer, train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "preprocess_data.py")
@@ -54,7 +55,7 @@ def tok_path(tmp_path_factory, docs):
 
 @pytest.fixture(scope="module")
 def tok(tok_path):
-    return Tokenizer.load(tok_path)
+    return load_tokenizer(tok_path)
 
 
 def write_jsonl(path, records, raw_lines=()):
@@ -105,7 +106,7 @@ def test_tokenizer_without_mask_appends_it(tmp_path, docs):
         minloglevel=2,
         hard_vocab_limit=False,
     )
-    t = Tokenizer.load(prefix + ".model")
+    t = load_tokenizer(prefix + ".model")
     n = t.sp.get_piece_size()
     assert t.mask_id == n and t.pad_id == n + 1 and t.vocab_size == n + 2
     assert t.eos_id == t.sp.eos_id() and t.bos_id == t.sp.bos_id()
@@ -114,11 +115,11 @@ def test_tokenizer_without_mask_appends_it(tmp_path, docs):
 
 def test_tokenizer_missing_or_corrupt(tmp_path):
     with pytest.raises(ValueError, match="not found: .*nope.model"):
-        Tokenizer.load(tmp_path / "nope.model")
+        load_tokenizer(tmp_path / "nope.model")
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"this is not a protobuf" * 10)
     with pytest.raises(ValueError, match="bad.model is not a valid SentencePiece model"):
-        Tokenizer.load(bad)
+        load_tokenizer(bad)
 
 
 # -- built-in corpus -------------------------------------------------------------------
@@ -394,7 +395,7 @@ def test_cli_train_tokenizer(tmp_path, docs):
     out = tmp_path / "tr"
     r = run_tool("--input", inp, "--train-tokenizer", "--vocab-size", 500, "--output-prefix", out, "--workers", 2)
     assert r.returncode == 0, r.stderr
-    t = Tokenizer.load(f"{out}.model")
+    t = load_tokenizer(f"{out}.model")
     assert t.mask_id == 4 and t.vocab_size <= 500
     assert_shard(f"{out}_text_document", t, docs[:100])
     r = run_tool("--input", inp, "--train-tokenizer", "--vocab-size", 500, "--output-prefix", out)
@@ -739,8 +740,8 @@ def test_fast_parser_matches_line_by_line_reference():
         lines = [pool[i] for i in rng.integers(0, len(pool), size=rng.integers(1, 12))]
         data = b"\n".join(lines) + b"\n"
         for kind, keys in (("jsonl", ("text",)), ("jsonl", ("text", "body")), ("txt", ("text",))):
-            ref_texts, ref_skipped, ref_lines, ref_error = pp._parse_lines(data, kind, keys, True)
-            fast = pp._parse_clean_chunk(data, kind, keys)
+            ref_texts, ref_skipped, ref_lines, ref_error = readers._parse_lines(data, kind, keys, True)
+            fast = readers._parse_clean_chunk(data, kind, keys)
             if fast is None:
                 fallbacks += 1
                 continue

@@ -165,7 +165,7 @@ def test_data_and_tokenizer_replaced_under_the_same_paths_are_refused(tiny_corpu
     the same paths are refused with the differences, a copy of the same files is not."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-    from card_megatron.tokenizer import train_tokenizer
+    from card_megatron.tokenizers import train_tokenizer
 
     src_prefix, src_tokenizer = tiny_corpus
     data = tmp_path / "data"
@@ -211,11 +211,11 @@ def test_data_and_tokenizer_replaced_under_the_same_paths_are_refused(tiny_corpu
     # And another tokenizer under the same name, its sidecar rewritten as preprocessing would: both named.
     train_tokenizer(["a different tiny corpus of words and more words"] * 50, str(tmp_path / "other.model"), 300)
     shutil.copyfile(tmp_path / "other.model", corpus[1])
-    from card_megatron.tokenizer import Tokenizer
+    from card_megatron.tokenizers import load_tokenizer
 
     sidecar = corpus[1][: -len(".model")] + ".tokenizer.json"
     record = json.load(open(sidecar))
-    record["sha256"] = Tokenizer.load(corpus[1]).sha256
+    record["sha256"] = load_tokenizer(corpus[1]).sha256
     json.dump(record, open(sidecar, "w"))
     with pytest.raises(ConfigError) as e:
         _trainer(corpus, run)

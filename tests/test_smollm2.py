@@ -33,7 +33,7 @@ def test_smollm2_logits_equal_transformers_on_python_code(tmp_path):
 
     from card_megatron.data.builtin import python_code_documents
     from card_megatron.inference.loading import load_model
-    from card_megatron.model.hf_import import import_hf
+    from card_megatron.interop.hf_import import import_hf
 
     torch.set_num_threads(1)
     record = import_hf(gguf_path(), str(tmp_path / "smol"))

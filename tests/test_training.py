@@ -247,7 +247,7 @@ def test_resume_with_a_changed_config_is_refused(tiny_corpus, tmp_path):
 @pytest.mark.slow
 def test_data_of_another_tokenizer_is_refused(tiny_corpus, tmp_path):
     """data.tokenizer_model must be the tokenizer that made the shard (its sidecar says which)."""
-    from card_megatron.tokenizer import train_tokenizer
+    from card_megatron.tokenizers import train_tokenizer
 
     other = str(tmp_path / "other.model")
     train_tokenizer(["a different tiny corpus of words and more words"] * 50, other, 300)
@@ -293,7 +293,7 @@ def _fake_checkpoint(root, step, files):
 def test_latest_checkpoint_falls_back_to_the_newest_complete_one(tmp_path, caplog):
     """A truncated or missing file, an empty or dangling `latest`: warned about by name, the newest
     complete checkpoint is used; with none complete, an error naming every problem."""
-    from card_megatron.training.checkpoint import latest_checkpoint
+    from card_megatron.rundir import latest_checkpoint
 
     run = str(tmp_path)
     root = os.path.join(run, "checkpoints")
@@ -414,6 +414,7 @@ def test_disk_full_during_a_save_says_so_and_keeps_the_last_checkpoint(tiny_corp
     from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
 
     from card_megatron.config import load_config
+    from card_megatron.rundir import latest_checkpoint
     from card_megatron.training import checkpoint as ckpt
     from card_megatron.training.trainer import Trainer
 
@@ -439,7 +440,7 @@ def test_disk_full_during_a_save_says_so_and_keeps_the_last_checkpoint(tiny_corp
     text = str(e.value)
     assert f"No space left on device while writing {second}/mp_rank_00_model_states.pt" in text
     assert "unexpected pos 576 vs 534" in text and f"the previous checkpoint {first} stays intact" in text
-    assert ckpt.latest_checkpoint(cfg.train.run_dir) == first and not os.path.exists(second)
+    assert latest_checkpoint(cfg.train.run_dir) == first and not os.path.exists(second)
 
     monkeypatch.setattr(ckpt, "_free_bytes", lambda root: 2**30)  # the same short write with room left
     with pytest.raises(OSError, match=r"writing .*mp_rank_00_model_states.pt failed \(\[enforce fail"):
@@ -452,7 +453,7 @@ def test_disk_full_on_a_real_small_filesystem(tiny_corpus, tmp_path):
     import subprocess as sp
 
     from card_megatron.config import load_config
-    from card_megatron.training import checkpoint as ckpt
+    from card_megatron.rundir import latest_checkpoint
     from card_megatron.training.trainer import Trainer
 
     mnt = tmp_path / "small"
@@ -471,7 +472,7 @@ def test_disk_full_on_a_real_small_filesystem(tiny_corpus, tmp_path):
         with pytest.raises(OSError, match=r"No space left on device while writing .*step_00000002/") as e:
             trainer.save()
         assert f"the previous checkpoint {first} stays intact" in str(e.value)
-        assert ckpt.latest_checkpoint(cfg.train.run_dir) == first
+        assert latest_checkpoint(cfg.train.run_dir) == first
         trainer.close()
     finally:
         sp.run(["umount", "-l", str(mnt)])

@@ -273,8 +273,8 @@ def _anchor_models(args, dtype):
     """(label, loaded model, transformers model, prompts, max new tokens) for the checkpoint and the random model."""
     import yaml
 
-    from card_megatron.inference.anchor import hf_model, random_export
     from card_megatron.inference.loading import load_model
+    from card_megatron.interop.anchor import hf_model, random_export
     from card_megatron.study.decoding import copy_prompts
     from card_megatron.study.plans import DecodeSpec
 
@@ -315,10 +315,10 @@ def _anchor(args, dtype) -> int:
 
     import torch
 
-    from card_megatron.inference.anchor import run_anchor
     from card_megatron.inference.causal import CausalDecodeConfig
     from card_megatron.inference.generate import GenerationConfig
     from card_megatron.inference.sampling import SamplingConfig
+    from card_megatron.interop.anchor import run_anchor
 
     with contextlib.redirect_stdout(sys.stderr):
         models = _anchor_models(args, dtype)

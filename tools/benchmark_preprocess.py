@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from card_megatron.data.corpus import builtin_documents
 from card_megatron.data.shards import TokenShard
-from card_megatron.tokenizer import Tokenizer, train_tokenizer
+from card_megatron.tokenizers import load_tokenizer, tokenizer_from_serialized, train_tokenizer
 
 _SP = {}
 _TEXTS: list[str] = []  # inherited by the forked workers: the raw side ships no text at all
@@ -37,7 +37,7 @@ _TEXTS: list[str] = []  # inherited by the forked workers: the raw side ships no
 
 def _init(model_bytes: bytes) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process, as the tool's workers
-    _SP["tok"] = Tokenizer.from_serialized(model_bytes)
+    _SP["tok"] = tokenizer_from_serialized(model_bytes)
 
 
 def _encode_only(span: tuple[int, int]) -> int:
@@ -134,7 +134,7 @@ def main() -> None:
                     break
         path = _write_corpus(tmp, texts, args.format)
         if args.tokenizer_model:
-            tok = Tokenizer.load(args.tokenizer_model)
+            tok = load_tokenizer(args.tokenizer_model)
             model = args.tokenizer_model
         else:
             model = os.path.join(tmp, "tok.model")

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from card_megatron.model.hf_export import export_llama
+    from card_megatron.interop.hf_export import export_llama
 
     try:
         record = export_llama(args.checkpoint, args.output, ema=args.ema)

@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from card_megatron.interop.hf_import import importable_objectives
+
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--objective",
         default="card",
-        choices=("card", "arm"),
+        choices=importable_objectives(),
         help="objective recorded in config.yaml (what generate/evaluate assume; train.init_from uses the run's)",
     )
     return p
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from card_megatron import quiet_warnings
 
     quiet_warnings.install()
-    from card_megatron.model.hf_import import import_hf
+    from card_megatron.interop.hf_import import import_hf
 
     try:
         record = import_hf(args.input, args.output, objective=args.objective)

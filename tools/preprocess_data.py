@@ -30,7 +30,7 @@ from card_megatron.data.corpus import DEFAULT_MAX_LINE_BYTES
 from card_megatron.data.preprocess import PreprocessOptions, preprocess
 from card_megatron.data.shards import merge_shards
 from card_megatron.fileio import write_error_message
-from card_megatron.tokenizer import TOKENIZER_TYPES
+from card_megatron.tokenizers import TOKENIZER_TYPES
 
 
 def _builtin_help() -> str:
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="an existing SentencePiece .model file or a local Hugging Face tokenizer.json "
         "(told apart by content; <mask> and any missing eos/bos/pad are appended after the "
-        "vocabulary, see card_megatron/hf_tokenizer.py)",
+        "vocabulary, see card_megatron/tokenizers/huggingface.py)",
     )
     g.add_argument(
         "--train-tokenizer",

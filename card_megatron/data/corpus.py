@@ -411,11 +411,24 @@ def _zstd_blocks(name: str, counter: _CountingReader) -> Iterator[bytes]:
         )
 
 
+def open_parquet(path: str):
+    """``pyarrow.parquet.ParquetFile`` of ``path``; ValueError naming the file when it is not Parquet
+    or pyarrow is missing."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"input {path}: reading Parquet needs pyarrow (pip install pyarrow, or make setup)") from None
+    try:
+        return pq.ParquetFile(path)
+    except OSError as e:
+        raise ValueError(f"input {path}: cannot open ({e.strerror})") from None
+    except Exception as e:  # pyarrow.ArrowInvalid and friends: not Parquet, truncated footer
+        raise ValueError(f"input {path}: not a readable Parquet file ({e})") from None
+
+
 def _parquet_chunks(source: InputSource) -> Iterator[Chunk]:
     """One chunk per row group; ``input_pos``: where the row group's data ends in the file (the
     file's size after the last), for progress and the fingerprint."""
-    from card_megatron.data.readers import open_parquet
-
     pf = open_parquet(source.name)
     meta = pf.metadata
     size = os.path.getsize(source.name)

@@ -309,7 +309,7 @@ def build_datasets(
     cached in ``data_cfg.cache_dir`` (None = ``{first prefix}_index_cache``); every process
     may call this at once: one builds, the others wait up to ``lock_timeout_s`` and load.
     With ``tokenizer_eod`` given, warns if the shards' documents do not end with it. With
-    ``tokenizer`` (a :class:`~card_megatron.tokenizer.Tokenizer`) given, raises ValueError naming
+    ``tokenizer`` (a :class:`~card_megatron.tokenizers.Tokenizer`) given, raises ValueError naming
     the shard when it holds ids outside the vocabulary or its sidecar names another tokenizer.
     ``valid_seed`` (none = ``seed``) seeds the valid and test splits (shuffles and noise seeds), so
     runs of different seeds can validate on the same samples.

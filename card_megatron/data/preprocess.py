@@ -66,16 +66,11 @@ from card_megatron.data.corpus import (
 )
 from card_megatron.data.pool import EncodedChunk, EncodePool
 from card_megatron.data.progress import Progress
-from card_megatron.data.readers import (  # noqa: F401 (_parse_*: the parsers' tests reach them here)
-    _parse_clean_chunk,
-    _parse_lines,
-    describe_location,
-    parse_chunk,
-)
+from card_megatron.data.readers import describe_location, parse_chunk
 from card_megatron.data.shards import ShardStats, ShardWriter, shard_exists, token_dtype
 from card_megatron.fileio import temp_path, write_error_message
 from card_megatron.lock import ExclusiveLock, LockHeldError
-from card_megatron.tokenizer import load_any_tokenizer, train_tokenizer, write_tokenizer_sidecar
+from card_megatron.tokenizers import load_tokenizer, train_tokenizer, write_tokenizer_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +191,7 @@ def _prepare_tokenizer(opts: PreprocessOptions, sources: Sequence[InputSource], 
         return tok
     if not opts.tokenizer_model:
         raise PreprocessError("no tokenizer: give --tokenizer-model PATH or --train-tokenizer --vocab-size N")
-    return load_any_tokenizer(opts.tokenizer_model, opts.tokenizer_kind)
+    return load_tokenizer(opts.tokenizer_model, opts.tokenizer_kind)
 
 
 def _staged_model(opts: PreprocessOptions) -> str:

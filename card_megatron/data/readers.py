@@ -16,7 +16,8 @@ The formats:
   (each distinct value stored once) is text like any other.
 * ``builtin``: the texts themselves.
 
-Decompression (gzip, zstd) and cutting files into chunks live in :mod:`card_megatron.data.corpus`.
+Decompression (gzip, zstd), opening a Parquet file (:func:`~card_megatron.data.corpus.open_parquet`) and
+cutting files into chunks live in :mod:`card_megatron.data.corpus`, which never imports this module.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
-from card_megatron.data.corpus import DEFAULT_MAX_LINE_BYTES, Chunk
+from card_megatron.data.corpus import DEFAULT_MAX_LINE_BYTES, Chunk, open_parquet
 
 
 @dataclass
@@ -263,21 +264,6 @@ def _parse_lines(
 
 # -- Parquet ----------------------------------------------------------------------------
 _OPEN_PARQUET: dict = {}  # this process's one open file: (path, pyarrow.parquet.ParquetFile)
-
-
-def open_parquet(path: str):
-    """``pyarrow.parquet.ParquetFile`` of ``path``; ValueError naming the file when it is not Parquet
-    or pyarrow is missing."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError(f"input {path}: reading Parquet needs pyarrow (pip install pyarrow, or make setup)") from None
-    try:
-        return pq.ParquetFile(path)
-    except OSError as e:
-        raise ValueError(f"input {path}: cannot open ({e.strerror})") from None
-    except Exception as e:  # pyarrow.ArrowInvalid and friends: not Parquet, truncated footer
-        raise ValueError(f"input {path}: not a readable Parquet file ({e})") from None
 
 
 def _cached_parquet(path: str):

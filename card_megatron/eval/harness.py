@@ -46,8 +46,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from card_megatron.inference.causal import CausalDecodeConfig
+from card_megatron.objectives import objective_traits
+from card_megatron.objectives.traits import MASK_KIND_TEXT
 
-CAUSAL = ("arm", "card")
 logger = logging.getLogger(__name__)
 # The model args a user may give (--model_args), and the keys lm-eval itself passes to the constructor.
 MODEL_ARGS = ("checkpoint", "decoding", "threshold", "window", "max_gen_toks", "mc_samples", "seed", "device", "ema")
@@ -136,7 +137,7 @@ def check_model_arg_dict(model_args: dict[str, Any]) -> None:
     """``--model_args`` as lm-eval parsed them, checked before lm-eval indexes its tasks (which takes
     minutes on a loaded machine): :class:`ModelArgsError` listing every problem, a missing
     ``checkpoint`` or one that is not found included."""
-    from card_megatron.inference.loading import resolve_export_dir
+    from card_megatron.rundir import resolve_export_dir
 
     values = {k: v for k, v in model_args.items() if k in MODEL_ARGS and k not in ("checkpoint", "device")}
     unknown = {k: v for k, v in model_args.items() if k not in MODEL_ARGS + LM_EVAL_ARGS}
@@ -188,6 +189,7 @@ class CardMegatronLM(TemplateLM):
         except (ValueError, FileNotFoundError) as e:
             raise ModelArgsError(f"model arg checkpoint={checkpoint}: {e}") from None
         self.objective = self.loaded.config.objective.name
+        self.traits = objective_traits(self.objective)  # what lm-eval can do with it
         if decoding is not None:
             try:
                 resolve_decoding(self.objective, decoding)
@@ -225,18 +227,19 @@ class CardMegatronLM(TemplateLM):
         return [self.prefix_token_id] + context_enc, continuation_enc
 
     # -- scoring ---------------------------------------------------------------------
-    def _require_causal(self, what: str) -> None:
-        if self.objective not in CAUSAL + ("mdlm",):
+    def _require_loglikelihood(self, what: str) -> None:
+        if self.traits.lm_eval_loglikelihood == "refused":
             raise NotImplementedError(
-                f"{what}: this {self.objective} checkpoint has block-wise attention and no exact or conditional "
-                "likelihood here; score it with tools/evaluate.py (an upper bound), or evaluate generate_until tasks"
+                f"{what}: this {self.objective} checkpoint has {MASK_KIND_TEXT[self.traits.mask_kind]} attention and "
+                "no exact or conditional likelihood here; score it with tools/evaluate.py (an upper bound), or "
+                "evaluate generate_until tasks"
             )
 
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding gives the continuation)."""
-        self._require_causal("loglikelihood")
-        if self.objective == "mdlm":
+        self._require_loglikelihood("loglikelihood")
+        if self.traits.lm_eval_loglikelihood == "bound":
             return [self._masked_diffusion_loglikelihood(list(ctx), list(cont)) for _, ctx, cont in requests]
         pieces = [self._rolling_pieces(list(ctx), list(cont)) for _, ctx, cont in requests]
         flat = [(None, ctx, cont) for p in pieces for ctx, cont in p]
@@ -337,7 +340,7 @@ class CardMegatronLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """log p(text) from rolling windows of ``seq_length`` tokens (lm-eval's windowing)."""
-        self._require_causal("loglikelihood_rolling")
+        self._require_loglikelihood("loglikelihood_rolling")
         out = []
         for (string,) in [r.args for r in requests]:
             windows = [
@@ -356,6 +359,8 @@ class CardMegatronLM(TemplateLM):
     # -- generation ------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continuations from our decoders, cut at the first ``until`` string."""
+        if not self.traits.lm_eval_generation:
+            raise NotImplementedError(f"generate_until: the lm-eval adapter does not generate from {self.objective}")
         from card_megatron.inference.generate import GenerationConfig, generate
         from card_megatron.inference.sampling import SamplingConfig
 

@@ -1,6 +1,6 @@
 """Generation from a loaded checkpoint: choose the decoder, batch the prompts, time and count.
 
-Decoders per training objective (``DEFAULT_DECODING``): CARD -> ``card`` (dynamic
+Decoders per training objective (its ``traits.decoders``): CARD -> ``card`` (dynamic
 parallel decoding; ``ar`` also works, since a CARD model is an exact AR model on clean
 text), ARM -> ``ar``, MDLM -> ``mdlm``, BD3LM -> ``bd3lm``. Other combinations are
 refused (an ARM never saw [MASK]; MDLM/BD3LM are not causal).
@@ -20,22 +20,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from card_megatron.config import OBJECTIVES
 from card_megatron.inference import sampling
 from card_megatron.inference.causal import CausalDecodeConfig, SpecialTokenIds, decode_causal
 from card_megatron.inference.diffusion import decode_bd3lm, decode_mdlm
+from card_megatron.objectives import objective_names, objective_traits
 
 log = logging.getLogger(__name__)
 
-DECODINGS = ("card", "ar", "mdlm", "bd3lm")
-DEFAULT_DECODING = {"card": "card", "arm": "ar", "mdlm": "mdlm", "bd3lm": "bd3lm"}  # by config.OBJECTIVES
-ALLOWED_DECODING = {"card": ("card", "ar"), "arm": ("ar",), "mdlm": ("mdlm",), "bd3lm": ("bd3lm",)}
-_WHY_NOT = {
-    "arm": "an ARM checkpoint never saw [MASK] inputs, so it can only decode autoregressively (--decoding ar)",
-    "mdlm": "an MDLM checkpoint is bidirectional (no KV cache, no causal shift); use --decoding mdlm",
-    "bd3lm": "a BD3LM checkpoint denoises whole blocks; use --decoding bd3lm",
-    "card": "a CARD checkpoint is causal; use --decoding card (parallel) or ar (one token per forward)",
-}
+DECODINGS = ("card", "ar", "mdlm", "bd3lm")  # which fit a checkpoint: its objective's traits.decoders
 
 
 @dataclass
@@ -98,14 +90,17 @@ class Generation:
 
 def resolve_decoding(objective: str, decoding: Optional[str]) -> str:
     """The decoder for a checkpoint trained with ``objective``; ValueError for a nonsensical choice."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"checkpoint objective {objective!r} is unknown (expected one of {', '.join(OBJECTIVES)})")
+    if objective not in objective_names():
+        raise ValueError(
+            f"checkpoint objective {objective!r} is unknown (expected one of {', '.join(objective_names())})"
+        )
+    traits = objective_traits(objective)
     if decoding is None:
-        return DEFAULT_DECODING[objective]
+        return traits.default_decoder
     if decoding not in DECODINGS:
         raise ValueError(f"--decoding {decoding!r} is unknown (choose one of {', '.join(DECODINGS)})")
-    if decoding not in ALLOWED_DECODING[objective]:
-        raise ValueError(f"--decoding {decoding} does not fit this {objective} checkpoint: {_WHY_NOT[objective]}")
+    if decoding not in traits.decoders:
+        raise ValueError(f"--decoding {decoding} does not fit this {objective} checkpoint: {traits.decoder_note}")
     return decoding
 
 

@@ -17,40 +17,19 @@ import torch
 import yaml
 
 from card_megatron.config import Config, config_from_dict
+from card_megatron.rundir import resolve_export_dir
 
 
 @dataclass
 class LoadedModel:
     model: torch.nn.Module  # CardGPT, eval mode
     config: Config
-    tokenizer: object  # card_megatron.tokenizer.Tokenizer
+    tokenizer: object  # card_megatron.tokenizers.Tokenizer
     vocab_size: int  # padded model vocabulary
     device: torch.device
     step: int
     path: str
     ema: bool = False  # the model holds the EMA weights
-
-
-def resolve_export_dir(path: str) -> str:
-    """The export directory for a run dir, checkpoint dir, export dir or model.pt path."""
-    from card_megatron.training.checkpoint import latest_checkpoint
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isfile(path):
-        return os.path.dirname(os.path.abspath(path))
-    if os.path.exists(os.path.join(path, "model.pt")):
-        return path
-    if os.path.exists(os.path.join(path, "export", "model.pt")):
-        return os.path.join(path, "export")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise FileNotFoundError(f"{path} is a run directory without a complete checkpoint (no checkpoints/latest)")
-        return resolve_export_dir(latest)
-    raise FileNotFoundError(
-        f"{path} is neither a run directory, a checkpoint directory nor an export (no model.pt found)"
-    )
 
 
 def load_model(
@@ -63,9 +42,9 @@ def load_model(
     """
     from card_megatron.model.export import load_canonical_state
     from card_megatron.model.gpt import CardGPT
-    from card_megatron.objectives import build_objective
+    from card_megatron.objectives import objective_traits
     from card_megatron.parallel.state import init_single_process
-    from card_megatron.tokenizer import Tokenizer
+    from card_megatron.tokenizers import load_tokenizer
 
     export = resolve_export_dir(path)
     cfg_path, weights_path = os.path.join(export, "config.yaml"), os.path.join(export, "model.pt")
@@ -88,7 +67,7 @@ def load_model(
                 f"{weights_path} has no EMA weights (the run was trained with optim.ema_decay=0); load it without EMA"
             )
         state = blob["ema_state_dict"]
-    tokenizer = Tokenizer.load(tok_path)
+    tokenizer = load_tokenizer(tok_path)
     init_single_process()
     embed = state.get("embedding.embedding.word_embeddings.weight")
     if embed is None:
@@ -98,8 +77,9 @@ def load_model(
         raise ValueError(
             f"tokenizer mismatch: {tok_path} has {tokenizer.vocab_size} tokens but the model only {vocab_size}"
         )
-    mask_kind = build_objective(cfg.objective, cfg.model.seq_length, tokenizer.mask_id, tokenizer.vocab_size).mask_kind
-    model = CardGPT(cfg.model, mask_kind, vocab_size, tp_size=1, seed=cfg.train.seed)
+    model = CardGPT(
+        cfg.model, objective_traits(cfg.objective.name).mask_kind, vocab_size, tp_size=1, seed=cfg.train.seed
+    )
     load_canonical_state(model, state, cfg.model.num_layers)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device=dev, dtype=dtype).eval()

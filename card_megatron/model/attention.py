@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from card_megatron.config import MASK_KINDS
+from card_megatron.objectives.traits import MASK_KINDS
 
 
 class KVCacheSlot(Protocol):

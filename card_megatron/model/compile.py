@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
@@ -35,12 +36,10 @@ def use_compiled_layers(setting: bool | None, cuda: bool) -> bool:
 
 
 def compile_layers(model: torch.nn.Module) -> int:
-    """Compiles, in place, the Megatron-core layer of every ``DecoderLayerStage`` in ``model`` (a
-    :class:`~card_megatron.model.gpt.CardGPT` or a pipeline stage); returns how many. Parameter
-    names, state dicts and checkpoints are unchanged (``nn.Module.compile``)."""
-    from card_megatron.model.gpt import DecoderLayerStage
-
-    stages = [m for m in model.modules() if isinstance(m, DecoderLayerStage)]
-    for stage in stages:
-        stage.layer.compile()
-    return len(stages)
+    """Compiles, in place, every Megatron-core ``TransformerLayer`` in ``model`` (a
+    :class:`~card_megatron.model.gpt.CardGPT` or a pipeline stage: one per ``DecoderLayerStage``);
+    returns how many. Parameter names, state dicts and checkpoints are unchanged (``nn.Module.compile``)."""
+    layers = [m for m in model.modules() if isinstance(m, TransformerLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)

@@ -111,3 +111,23 @@ def load_canonical_state(
             p.copy_(piece.to(p.dtype))
     if strict and missing:
         raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+
+def extend_vocab_rows(
+    state: dict[str, torch.Tensor], num_rows: int, mean_of: int, new_ids: list[int]
+) -> dict[str, torch.Tensor]:
+    """Grows the embedding (and untied output) of canonical weights to ``num_rows`` rows; the added rows
+    and the rows of ``new_ids`` become the mean of rows ``[0, mean_of)`` (why a mean row:
+    ``interop/hf_import.py``). Returns a new dict; ``train.init_from`` and the import use it."""
+    out = dict(state)
+    for key in ("embedding.embedding.word_embeddings.weight", "output.output_layer.weight"):
+        if key not in state:
+            continue
+        old = state[key]
+        mean = old[:mean_of].mean(dim=0)
+        grown = mean.expand(num_rows, old.shape[1]).clone()
+        grown[: old.shape[0]] = old
+        for i in new_ids:
+            grown[i] = mean
+        out[key] = grown
+    return out

@@ -29,10 +29,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from card_megatron.config import MASK_KINDS, ModelConfig
+from card_megatron.config import ModelConfig
 from card_megatron.model.attention import CardCoreAttention
 from card_megatron.model.compile import RowParallelLinear
 from card_megatron.model.cross_entropy import chunked_vocab_parallel_nll
+from card_megatron.objectives.traits import MASK_KINDS
 from card_megatron.parallel.cpu_adapter import activation_checkpoint
 
 _MEGATRON_MASK_TYPE = {"causal": AttnMaskType.causal, "full": AttnMaskType.no_mask, "block": AttnMaskType.arbitrary}

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from card_megatron.objectives.base import Batch, LossInputs, ModelInputs, Objective, scalar
+from card_megatron.objectives.traits import ObjectiveTraits
 
 
 def next_token_batch(tokens: torch.Tensor) -> Batch:
@@ -31,10 +32,18 @@ def next_token_batch(tokens: torch.Tensor) -> Batch:
 
 
 class ArmObjective(Objective):
-    name = "arm"
-    mask_kind = "causal"
-    is_bound = False
-    sequence_length_multiplier = 1
+    traits = ObjectiveTraits(
+        name="arm",
+        label="ARM",
+        mask_kind="causal",
+        likelihood="exact",
+        decoders=("ar",),
+        decoder_note=(
+            "an ARM checkpoint never saw [MASK] inputs, so it can only decode autoregressively (--decoding ar)"
+        ),
+        causal_lm=True,
+        lm_eval_loglikelihood="exact",
+    )
 
     def prepare(
         self,

@@ -16,12 +16,13 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
 from card_megatron import noise
-from card_megatron.config import ObjectiveConfig
+from card_megatron.objectives.config import ObjectiveConfig
+from card_megatron.objectives.traits import ObjectiveTraits
 
 
 @dataclass
@@ -62,14 +63,35 @@ Batch = tuple[ModelInputs, LossInputs]
 class Objective(abc.ABC):
     """Base class: batch checks, noise draws, the loss and the evaluation sums.
 
-    Subclasses set ``name``, ``mask_kind``, ``is_bound`` and
-    ``sequence_length_multiplier`` and implement :meth:`prepare` and :meth:`eval_passes`.
+    A subclass declares its :class:`~card_megatron.objectives.traits.ObjectiveTraits` (``traits``:
+    its name, attention, exact or bound likelihood, decoders, ...) and implements :meth:`prepare`
+    and :meth:`eval_passes`; its own config rules, if any, go in :meth:`config_problems`.
+    ``objectives/__init__.py`` registers it (``OBJECTIVE_CLASSES``).
     """
 
-    name: str = ""
-    mask_kind: str = "causal"
-    is_bound: bool = False
-    sequence_length_multiplier: int = 1
+    traits: ClassVar[ObjectiveTraits]
+
+    @property
+    def name(self) -> str:
+        return self.traits.name
+
+    @property
+    def mask_kind(self) -> str:
+        return self.traits.mask_kind
+
+    @property
+    def is_bound(self) -> bool:
+        return self.traits.is_bound
+
+    @property
+    def sequence_length_multiplier(self) -> int:
+        return self.traits.sequence_length_multiplier
+
+    @classmethod
+    def config_problems(cls, cfg: ObjectiveConfig, seq_length: int) -> list[str]:
+        """This objective's own rules on the objective section (beyond ranges and choices), one
+        message per problem; [] by default."""
+        return []
 
     def __init__(self, cfg: ObjectiveConfig, seq_length: int, mask_token_id: int, vocab_size: int):
         if seq_length <= 0:

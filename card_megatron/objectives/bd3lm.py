@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 
 from card_megatron import noise
-from card_megatron.config import ObjectiveConfig
 from card_megatron.objectives.base import Batch, LossInputs, ModelInputs, Objective, check_t, scalar
+from card_megatron.objectives.config import ObjectiveConfig
 from card_megatron.objectives.mdlm import masked_diffusion_corruption
+from card_megatron.objectives.traits import ObjectiveTraits
 
 
 def block_diffusion_attention_mask(
@@ -44,13 +45,28 @@ def block_diffusion_attention_mask(
 
 
 class Bd3lmObjective(Objective):
-    name = "bd3lm"
-    mask_kind = "block"
-    is_bound = True
-    sequence_length_multiplier = 2
+    traits = ObjectiveTraits(
+        name="bd3lm",
+        label="BD3LM",
+        mask_kind="block",
+        likelihood="bound",
+        decoders=("bd3lm",),
+        decoder_note="a BD3LM checkpoint denoises whole blocks; use --decoding bd3lm",
+        causal_lm=False,
+        lm_eval_loglikelihood="refused",  # its block structure has no conditional estimate in the adapter
+        sequence_length_multiplier=2,  # the model reads concat(xt, x0)
+    )
+
+    @classmethod
+    def config_problems(cls, cfg: ObjectiveConfig, seq_length: int) -> list[str]:
+        if cfg.block_size >= 1 and seq_length % cfg.block_size:
+            return [f"objective.block_size ({cfg.block_size}) must divide model.seq_length ({seq_length})"]
+        return []
 
     def __init__(self, cfg: ObjectiveConfig, seq_length: int, mask_token_id: int, vocab_size: int):
-        super().__init__(cfg, seq_length, mask_token_id, vocab_size)  # config.check_objective: block_size | L
+        super().__init__(
+            cfg, seq_length, mask_token_id, vocab_size
+        )  # check_objective: block_size | L (config_problems)
         self.block_size = cfg.block_size
         self.num_blocks = seq_length // cfg.block_size
         self._masks: dict[torch.device, torch.Tensor] = {}

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from card_megatron import noise
-from card_megatron.config import ObjectiveConfig
 from card_megatron.objectives.arm import next_token_batch
 from card_megatron.objectives.base import Batch, LossInputs, ModelInputs, Objective, check_t, scalar
+from card_megatron.objectives.config import ObjectiveConfig
+from card_megatron.objectives.traits import ObjectiveTraits
 
 
 def soft_tail_mask(
@@ -97,13 +98,23 @@ def context_aware_weights(is_mask: torch.Tensor, decay: float = 0.5, beta: float
 
 
 class CardObjective(Objective):
-    name = "card"
-    mask_kind = "causal"
-    is_bound = False
-    sequence_length_multiplier = 1
+    traits = ObjectiveTraits(
+        name="card",
+        label="CARD",
+        mask_kind="causal",
+        likelihood="exact",  # a CARD model is an exact AR model on clean text: one clean pass
+        decoders=("card", "ar"),
+        decoder_note="a CARD checkpoint is causal; use --decoding card (parallel) or ar (one token per forward)",
+        causal_lm=True,
+        lm_eval_loglikelihood="exact",
+        mask_diagnostics=True,
+        exclusive_keys=("strict_tail_fraction",),
+    )
 
     def __init__(self, cfg: ObjectiveConfig, seq_length: int, mask_token_id: int, vocab_size: int):
-        super().__init__(cfg, seq_length, mask_token_id, vocab_size)  # cfg is checked by config.check_objective
+        super().__init__(
+            cfg, seq_length, mask_token_id, vocab_size
+        )  # cfg is checked by objectives.config.check_objective
         # Uniform masking is the window covering the whole sequence (tail_factor -> inf).
         self.tail_factor = math.inf if cfg.masking == "uniform" else cfg.tail_factor
 

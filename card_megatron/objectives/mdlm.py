@@ -15,6 +15,7 @@ import torch
 
 from card_megatron import noise
 from card_megatron.objectives.base import Batch, LossInputs, ModelInputs, Objective, check_t, scalar
+from card_megatron.objectives.traits import ObjectiveTraits
 
 
 def masked_diffusion_corruption(
@@ -33,10 +34,16 @@ def masked_diffusion_corruption(
 
 
 class MdlmObjective(Objective):
-    name = "mdlm"
-    mask_kind = "full"
-    is_bound = True
-    sequence_length_multiplier = 1
+    traits = ObjectiveTraits(
+        name="mdlm",
+        label="MDLM",
+        mask_kind="full",
+        likelihood="bound",
+        decoders=("mdlm",),
+        decoder_note="an MDLM checkpoint is bidirectional (no KV cache, no causal shift); use --decoding mdlm",
+        causal_lm=False,
+        lm_eval_loglikelihood="bound",  # the conditional ELBO of the continuation (eval/harness.py)
+    )
 
     def _batch(self, tokens: torch.Tensor, t: torch.Tensor, keys: torch.Tensor) -> Batch:
         """t float64 [B]; keys float64 [B, L]."""

@@ -19,7 +19,7 @@ from typing import Optional
 
 from card_megatron.study import decoding as dec
 from card_megatron.study import report
-from card_megatron.study.plans import COPY, MAIN, PLANS, Plan, get_plan
+from card_megatron.study.plans import COPY, MAIN, PLANS, STUDIED, Plan, get_plan
 from card_megatron.study.runner import StudyError, check_reuse, is_finished, prepare_corpora, run_dir, train_all
 
 __all__ = ["PLANS", "Plan", "StudyError", "get_plan", "run_study"]
@@ -27,7 +27,8 @@ __all__ = ["PLANS", "Plan", "StudyError", "get_plan", "run_study"]
 log = logging.getLogger("card_megatron.study")
 
 
-def _machine() -> str:
+def machine_description() -> str:
+    """This machine for the report: the GPU and CPU cores, or the processor and cores without a GPU."""
     import torch
 
     if torch.cuda.is_available():
@@ -45,7 +46,7 @@ def _load(path: str):
 def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]) -> dict:
     """Runs the decoding stage, reusing ``decoding.json`` for parts whose checkpoints are unchanged."""
     from card_megatron.fileio import atomic_write
-    from card_megatron.training.checkpoint import latest_checkpoint
+    from card_megatron.rundir import latest_checkpoint
 
     path = os.path.join(out, "decoding.json")
     cached = json.load(open(path)) if os.path.exists(path) else {}
@@ -114,7 +115,7 @@ def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]
 
     part("curve", ckpts + [arm_ckpt], curve_part)
 
-    copy_card = [r for r in plan.runs if r.corpus == COPY and r.objective == "card"]
+    copy_card = [r for r in plan.runs if r.corpus == COPY and r.objective == STUDIED]
     if copy_card:
         ck = latest_checkpoint(run_dir(out, copy_card[0]))
 
@@ -154,7 +155,7 @@ def run_study(
         runs[r.name] = report.collect_run(run_dir(out, r), r)
     decoding = _measure_decoding(plan, out, corpora, runs)
     meta = {
-        "machine": _machine(),
+        "machine": machine_description(),
         "elapsed_min": (time.monotonic() - t0) / 60,
         "runs_trained_now": len(trained),
         "train_seconds": trained,

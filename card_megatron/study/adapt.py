@@ -3,7 +3,7 @@ CARD, with ARM continued on the same tokens as the control (issue 18).
 
 Stages, each restartable (a rerun of the same command skips what is done):
 
-1. **import** the GGUF file (``model/hf_import.py``) into ``OUT/import`` (kept once written);
+1. **import** the GGUF file (``interop/hf_import.py``) into ``OUT/import`` (kept once written);
 2. **tokenize** ``builtin:python-code`` with the import's ``tokenizer.json`` into ``OUT/data``;
 3. **train** ``card`` and ``arm``: ordinary run directories under ``OUT/runs`` started with
    ``train.init_from=OUT/import`` (the runner resumes an interrupted one). Their step-0 validation
@@ -158,7 +158,7 @@ def prepare(plan: AdaptPlan, out: str, source: Optional[str]) -> Corpus:
     from card_megatron.data.builtin import python_code_documents
     from card_megatron.data.preprocess import PreprocessOptions, preprocess
     from card_megatron.data.shards import shard_exists
-    from card_megatron.model.hf_import import import_hf
+    from card_megatron.interop.hf_import import import_hf
 
     imported = os.path.join(out, "import")
     if not os.path.exists(os.path.join(imported, "model.pt")):
@@ -225,9 +225,9 @@ def measure_checkpoints(plan: AdaptPlan, out: str, corpus: Corpus, split: str) -
 
 
 def _evals(run_directory: str) -> dict[int, dict]:
-    from card_megatron.study.report import _jsonl
+    from card_megatron.study.report import read_step_records
 
-    return {e["step"]: e for e in _jsonl(os.path.join(run_directory, "eval.jsonl"))}
+    return {e["step"]: e for e in read_step_records(os.path.join(run_directory, "eval.jsonl"))}
 
 
 def report(plan: AdaptPlan, out: str, decoding: dict, meta: dict) -> dict:
@@ -294,7 +294,7 @@ def report(plan: AdaptPlan, out: str, decoding: dict, meta: dict) -> dict:
 
 def run_adapt(plan: AdaptPlan, out: str, source: Optional[str] = None, python: str = sys.executable) -> dict:
     """Runs (or resumes) an adapt plan into ``out``; returns the report."""
-    from card_megatron.study import _machine
+    from card_megatron.study import machine_description
 
     t0 = time.monotonic()
     os.makedirs(out, exist_ok=True)
@@ -318,7 +318,7 @@ def run_adapt(plan: AdaptPlan, out: str, source: Optional[str] = None, python: s
     split = next(o.split("=", 1)[1] for o in plan.overrides if o.startswith("data.split="))
     decoding = measure_checkpoints(plan, out, corpus, split)
     meta = {
-        "machine": _machine(),
+        "machine": machine_description(),
         "elapsed_min": (time.monotonic() - t0) / 60,
         "train_seconds": trained,
         "written": time.strftime("%Y-%m-%d %H:%M"),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from card_megatron.study.plans import DecodeSpec
+from card_megatron.study.plans import THRESHOLD, DecodeSpec
 
 
 def held_out_documents(data_path: str, split: str, count: int) -> list[list[int]]:
@@ -125,7 +125,7 @@ def best_within(rows: list[dict], tolerance: float = 0.05) -> Optional[dict]:
     ok = [
         r
         for r in rows[1:]
-        if r.get("family", "card") == "card"
+        if r.get("family", THRESHOLD.name) == THRESHOLD.name
         and not r.get("forced")
         and r["judge_ppl"] <= ar["judge_ppl"] * (1 + tolerance)
     ]

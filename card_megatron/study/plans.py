@@ -17,8 +17,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from card_megatron.inference.causal import COMMIT_POLICIES
+from card_megatron.objectives import objective_traits
 
 MAIN, COPY = "main", "copy"  # the two corpora of every plan
+# The objective the study is about and its autoregressive reference (run names card-s0, arm-s0): the
+# report reads the other runs against these two. What an objective is comes from its traits.
+STUDIED = "card"
+REFERENCE = "arm"
 VALID_SEED = 1234  # data.valid_seed of every run: all runs of a study validate on the same sequences
 
 
@@ -157,18 +162,19 @@ def _runs(
     the same seeds only (the report's "vs full CARD, same seeds" column)."""
     runs = []
     for objective in copy_objectives:  # first: the end-to-end check of objective + decoder
-        runs.append(RunSpec(f"copy-{objective}-s0", COPY, "synthetic", objective.upper(), objective, 0))
+        runs.append(RunSpec(f"copy-{objective}-s0", COPY, "synthetic", objective_traits(objective).label, objective, 0))
+    reference = objective_traits(REFERENCE).label
     for seed in range(seeds):
-        runs.append(RunSpec(f"arm-s{seed}", MAIN, "efficiency", "ARM", "arm", seed))
-        runs.append(RunSpec(f"card-s{seed}", MAIN, "efficiency", FULL_CARD, "card", seed))
+        runs.append(RunSpec(f"{REFERENCE}-s{seed}", MAIN, "efficiency", reference, REFERENCE, seed))
+        runs.append(RunSpec(f"{STUDIED}-s{seed}", MAIN, "efficiency", FULL_CARD, STUDIED, seed))
     for name in baselines:
-        runs.append(RunSpec(f"{name}-s0", MAIN, "efficiency", name.upper(), name, 0))
+        runs.append(RunSpec(f"{name}-s0", MAIN, "efficiency", objective_traits(name).label, name, 0))
     for name, label, over in ABLATIONS:
         for seed in range(ablation_seeds):
-            runs.append(RunSpec(f"{name}-s{seed}", MAIN, "ablation", label, "card", seed, over))
+            runs.append(RunSpec(f"{name}-s{seed}", MAIN, "ablation", label, STUDIED, seed, over))
     for name, label, over in SWEEPS:
         for seed in range(sweep_seeds):
-            runs.append(RunSpec(f"{name}-s{seed}", MAIN, "sweep", label, "card", seed, over))
+            runs.append(RunSpec(f"{name}-s{seed}", MAIN, "sweep", label, STUDIED, seed, over))
     return tuple(runs)
 
 

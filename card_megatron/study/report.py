@@ -15,13 +15,14 @@ from typing import Optional
 import yaml
 
 from card_megatron.fileio import atomic_open, atomic_write
-from card_megatron.study.plans import FULL_CARD, Plan, RunSpec
+from card_megatron.objectives import objective_names, objective_traits
+from card_megatron.study.plans import FULL_CARD, REFERENCE, STUDIED, Plan, RunSpec
 
 PROBE_KS = (0, 1, 2, 3, 5, 7)
-SEQ_MULTIPLIER = {"bd3lm": 2}  # BD3LM's model reads concat(xt, x0): 2L positions per sample
 
 
-def _jsonl(path: str) -> list[dict]:
+def read_step_records(path: str) -> list[dict]:
+    """The records of a run's ``eval.jsonl`` or ``metrics.jsonl``, one per step in step order ([] without the file)."""
     if not os.path.exists(path):
         return []
     records = {}
@@ -38,11 +39,12 @@ def collect_run(run_dir: str, run: RunSpec) -> dict:
     with open(os.path.join(run_dir, "config.yaml")) as f:
         cfg = yaml.safe_load(f)
     L, gbs = cfg["model"]["seq_length"], cfg["train"]["global_batch_size"]
-    evals = _jsonl(os.path.join(run_dir, "eval.jsonl"))
+    evals = read_step_records(os.path.join(run_dir, "eval.jsonl"))
     for e in evals:
         e["tokens"] = e["step"] * gbs * L
-    metrics = _jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    positions = gbs * L * SEQ_MULTIPLIER.get(run.objective, 1)  # what tokens_per_sec counts
+    metrics = read_step_records(os.path.join(run_dir, "metrics.jsonl"))
+    # what tokens_per_sec counts: the model's positions (BD3LM reads concat(xt, x0), 2L per sample)
+    positions = gbs * L * objective_traits(run.objective).sequence_length_multiplier
     step_times = [positions / m["tokens_per_sec"] for m in metrics[1:] if m.get("tokens_per_sec")]
     return {
         "name": run.name,
@@ -107,9 +109,10 @@ def summarise(plan: Plan, runs: dict[str, dict], decoding: dict) -> dict:
     by_seed = {
         (r["label"], r["seed"]): final(r, "val_ppl") for r in runs.values() if r["corpus"] == "main" and r.get("final")
     }
+    arm_label = objective_traits(REFERENCE).label
     for row in variants:
-        reference = "ARM" if row["group"] == "efficiency" and row["label"] != "ARM" else FULL_CARD
-        if row["label"] in (reference, "ARM") or (row["group"] == "efficiency" and row["objective"] != "card"):
+        reference = arm_label if row["group"] == "efficiency" and row["label"] != arm_label else FULL_CARD
+        if row["label"] in (reference, arm_label) or (row["group"] == "efficiency" and row["objective"] != STUDIED):
             continue
         ratios = []
         for name in row["runs"]:
@@ -118,9 +121,9 @@ def summarise(plan: Plan, runs: dict[str, dict], decoding: dict) -> dict:
             if mine is not None and ref:
                 ratios.append(mine / ref)
         row["vs_reference"] = {"reference": reference, **_spread(ratios)} if ratios else None
-    arm = [r for r in runs.values() if r["objective"] == "arm" and r["corpus"] == "main"]
+    arm = [r for r in runs.values() if r["objective"] == REFERENCE and r["corpus"] == "main"]
     cost = []
-    for objective in ("arm", "card", "mdlm", "bd3lm"):
+    for objective in (REFERENCE, *(name for name in objective_names() if name != REFERENCE)):
         rs = [
             r for r in runs.values() if r["objective"] == objective and r["group"] == "efficiency" and r["step_time_s"]
         ]
@@ -133,7 +136,7 @@ def summarise(plan: Plan, runs: dict[str, dict], decoding: dict) -> dict:
             row["step_time_vs_arm"] = t / statistics.fmean(r["step_time_s"] for r in arm if r["step_time_s"])
             row["memory_vs_arm"] = mem / max(r["peak_memory_gb"] or 0.0 for r in arm)
         cost.append(row)
-    card_time = next((c["step_time_s"] for c in cost if c["objective"] == "card"), None)
+    card_time = next((c["step_time_s"] for c in cost if c["objective"] == STUDIED), None)
     for c in cost:
         if card_time:
             c["step_time_vs_card"] = c["step_time_s"] / card_time
@@ -349,7 +352,7 @@ def plots(out_dir: str, runs: dict[str, dict], summary: dict) -> list[str]:
     ax.legend(fontsize=7)
     save(fig, "perplexity.png")
 
-    variants = [v for v in summary["variants"] if v["objective"] == "card" and v["val_ppl"]]
+    variants = [v for v in summary["variants"] if v["objective"] == STUDIED and v["val_ppl"]]
     if variants:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
         for i, v in enumerate(variants):

@@ -25,8 +25,8 @@ Layout of ``{run_dir}/checkpoints``::
 killed mid-save resumes from the previous checkpoint; a save never writes into the
 directory ``latest`` names (a step already saved is not saved again). On resume, a
 checkpoint whose files disagree with its manifest (truncated, missing; an empty or
-dangling ``latest``) is named in a warning and the newest complete one is used instead.
-Only the last N are kept.
+dangling ``latest``) is named in a warning and the newest complete one is used instead
+(``card_megatron/rundir.py``, which every reader of a run directory uses). Only the last N are kept.
 
 Loading runs no code from the files: every file is read with ``torch.load(weights_only=True)``
 (DeepSpeed's own loader, ``TorchCheckpointEngine.load``, uses ``weights_only=False``; it is
@@ -68,6 +68,7 @@ from deepspeed.utils.tensor_fragment import fragment_address
 
 from card_megatron.config import Config, config_from_dict
 from card_megatron.fileio import atomic_open, atomic_write
+from card_megatron.rundir import checkpoint_problem, checkpoints_dir, is_checkpoint_tag, tag_for
 from card_megatron.training.checkpoint_checks import (  # noqa: F401 (re-exported: the checks of safe_load)
     MAX_DEPTH,
     CheckpointContentError,
@@ -79,7 +80,6 @@ from card_megatron.training.checkpoint_checks import (  # noqa: F401 (re-exporte
 
 log = logging.getLogger(__name__)
 
-_TAG = re.compile(r"^step_(\d{8})$")
 _EMA_FILE = re.compile(r"^ema_tp\d+_pp\d+_dp\d+\.pt$")
 
 
@@ -114,81 +114,6 @@ def clear_end_markers(run_dir: str) -> None:
 def stop_file_exists(run_dir: str) -> bool:
     """Whether ``{run_dir}/SAVE_AND_EXIT`` asks the run to save and exit."""
     return os.path.exists(os.path.join(run_dir, STOP_FILE))
-
-
-def checkpoints_dir(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoints")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def checkpoint_problem(path: str) -> Optional[str]:
-    """None if checkpoint ``path`` is complete, else what is wrong, naming the file.
-
-    Complete: ``meta.json`` (written last) exists and every file of its manifest has the
-    recorded size. Checkpoints older than the manifest are checked for ``meta.json`` only.
-    """
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.isdir(path):
-        return f"{path} does not exist"
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        return f"{meta_path} is missing (the save did not finish)"
-    except (OSError, ValueError) as e:
-        return f"{meta_path} is unreadable ({e})"
-    for name, size in meta.get("files", {}).items():
-        file = os.path.join(path, name)
-        if not os.path.exists(file):
-            return f"{file} is missing"
-        if os.path.getsize(file) != size:
-            return f"{file} holds {os.path.getsize(file)} bytes, the manifest {meta_path} says {size}"
-    return None
-
-
-def latest_checkpoint(run_dir: str) -> Optional[str]:
-    """The path of the newest complete checkpoint of a run directory, or None if it has none.
-
-    Normally the one ``latest`` names. If that one is broken (or ``latest`` is empty or
-    dangling), warns naming the broken file and returns the newest complete older one.
-    Raises ValueError, naming every problem, when checkpoints exist but none is complete.
-    """
-    root = checkpoints_dir(run_dir)
-    pointer = os.path.join(root, "latest")
-    tags = sorted((t for t in os.listdir(root) if _TAG.match(t)), reverse=True) if os.path.isdir(root) else []
-    problems = []
-    named = None
-    if os.path.exists(pointer):
-        named = open(pointer).read().strip()
-        if not _TAG.match(named):
-            problems.append(f"{pointer} is empty or names no checkpoint ({named!r})")
-            named = None
-        else:
-            problem = checkpoint_problem(os.path.join(root, named))
-            if problem is None:
-                return os.path.join(root, named)
-            problems.append(problem)
-    elif not tags:
-        return None
-    for tag in tags:
-        if named is not None and tag >= named:
-            continue  # newer than latest: a save that never finished
-        path = os.path.join(root, tag)
-        problem = checkpoint_problem(path)
-        if problem is None:
-            if problems:
-                log.warning("%s; resuming from the newest complete checkpoint, %s", "; ".join(problems), path)
-            return path
-        problems.append(problem)
-    if not os.path.exists(pointer):
-        return None  # no latest and no complete checkpoint: a first save was interrupted
-    raise ValueError(
-        f"no complete checkpoint in {root}: {'; '.join(problems) or 'none has a meta.json'}. Move the broken "
-        f"checkpoint directories out of {root} (and remove {pointer}) to start over, or restore a copy"
-    )
 
 
 def rng_state() -> dict[str, Any]:
@@ -440,7 +365,7 @@ def _save_error_text(file: str, text: str, full: bool, path: str, root: str, pre
 
 
 def _prune(root: str, keep_last: int) -> None:
-    tags = sorted(t for t in os.listdir(root) if _TAG.match(t))
+    tags = sorted(t for t in os.listdir(root) if is_checkpoint_tag(t))
     latest = open(os.path.join(root, "latest")).read().strip()
     done = [t for t in tags if t <= latest]
     for t in done[:-keep_last]:

@@ -52,7 +52,7 @@ class InitWeights:
         if p:
             raise ConfigError("train.init_from cannot start this run:\n  - " + "\n  - ".join(p))
         if self.rows % tp_size:
-            from card_megatron.model.hf_import import extend_vocab_rows
+            from card_megatron.model.export import extend_vocab_rows
 
             rows = -(-self.rows // tp_size) * tp_size
             self.state = extend_vocab_rows(self.state, rows, tokenizer.num_pieces, [])
@@ -90,7 +90,7 @@ def read_init_weights(cfg: Config) -> InitWeights:
     """Checks ``cfg`` against ``cfg.train.init_from`` and reads its weights (CPU, float32).
     ConfigError listing every difference; FileNotFoundError / ValueError naming a missing or
     unreadable file."""
-    from card_megatron.inference.loading import resolve_export_dir
+    from card_megatron.rundir import resolve_export_dir
 
     export = resolve_export_dir(cfg.train.init_from)
     cfg_path, weights_path = os.path.join(export, "config.yaml"), os.path.join(export, "model.pt")

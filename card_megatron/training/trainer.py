@@ -43,7 +43,8 @@ from card_megatron.model.pipeline import build_pipeline_model
 from card_megatron.objectives import LossInputs, build_objective
 from card_megatron.parallel.deepspeed_glue import MegatronMPU, deepspeed_config, resolve_dtype
 from card_megatron.parallel.state import ParallelInfo, init_distributed
-from card_megatron.tokenizer import Tokenizer
+from card_megatron.rundir import latest_checkpoint
+from card_megatron.tokenizers import load_tokenizer
 from card_megatron.training import checkpoint as ckpt
 from card_megatron.training import diagnostics
 from card_megatron.training.ema import EMA
@@ -85,7 +86,7 @@ class Trainer:
         self._stop_requested = False
         self._stop_flag: Optional[bool] = None  # the stop request, when the last step read it
         self._install_signal_handlers()
-        latest = ckpt.latest_checkpoint(self.run_dir)
+        latest = latest_checkpoint(self.run_dir)
         self._init_weights: Optional[InitWeights] = None
         self._resumed_vocab: Optional[int] = None  # a run begun with init_from keeps its checkpoint's rows
         if latest:
@@ -94,7 +95,7 @@ class Trainer:
                 self._resumed_vocab = ckpt.saved_meta(latest).get("vocab_size")
         elif cfg.train.init_from:
             self._init_weights = read_init_weights(cfg)  # refuses a different architecture or tokenizer
-        self.tokenizer = Tokenizer.load(cfg.data.tokenizer_model)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer_model)
         self._build_objective_and_model()
         if self._init_weights is not None:  # before DeepSpeed copies the weights into its optimizer state
             self._load_init_weights()
@@ -472,8 +473,9 @@ class Trainer:
 
     @property
     def _diagnose(self) -> bool:
-        """Per-corruption metrics apply to CARD (masked inputs, causal) outside the pipeline engine."""
-        return self.cfg.logging.corruption_metrics and self.objective.name == "card" and self.info.pp_size == 1
+        """Per-corruption metrics apply to CARD (masked inputs, causal: ``traits.mask_diagnostics``) outside
+        the pipeline engine."""
+        return self.cfg.logging.corruption_metrics and self.objective.traits.mask_diagnostics and self.info.pp_size == 1
 
     def _top1_logprob(self, logits, loss_inputs):
         suppress = self.tokenizer.mask_id if loss_inputs.suppress_mask_logit else None
@@ -656,7 +658,7 @@ class Trainer:
         # Files that cannot be read are left to the builders below, which name them; the config's own
         # changes (another data_path, say) are listed first.
         if "tokenizer_sha256" in meta and os.path.isfile(self.cfg.data.tokenizer_model):
-            now = Tokenizer.load(self.cfg.data.tokenizer_model).sha256
+            now = load_tokenizer(self.cfg.data.tokenizer_model).sha256
             if now != meta["tokenizer_sha256"]:
                 changes.append(
                     f"the tokenizer {self.cfg.data.tokenizer_model}: sha256 {meta['tokenizer_sha256'][:16]}... -> "

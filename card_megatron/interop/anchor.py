@@ -27,7 +27,7 @@ def hf_model(checkpoint: str, out_dir: str, device, dtype: torch.dtype):
     """``LlamaForCausalLM`` of ``checkpoint`` exported to ``out_dir`` (reused when it exists), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from card_megatron.model.hf_export import export_llama
+    from card_megatron.interop.hf_export import export_llama
 
     if not os.path.exists(out_dir):
         export_llama(checkpoint, out_dir)
@@ -92,9 +92,9 @@ def random_export(template: str, out_dir: str, model_overrides: dict, vocab_size
     """
     from card_megatron.config import ModelConfig, config_from_dict
     from card_megatron.fileio import temp_path
-    from card_megatron.inference.loading import resolve_export_dir
     from card_megatron.model.gpt import CardGPT
     from card_megatron.parallel.state import init_single_process
+    from card_megatron.rundir import resolve_export_dir
 
     if os.path.exists(out_dir):
         return out_dir

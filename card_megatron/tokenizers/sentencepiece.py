@@ -7,26 +7,23 @@ sequence when the diffusion objective puts it there. For an existing model witho
 ``<mask>`` control symbol the mask id is appended after the vocabulary (``mask_id ==
 piece count``) and ``vocab_size`` counts it; a missing pad/bos/eos is appended the same way.
 
-:meth:`Tokenizer.load` and :meth:`Tokenizer.from_serialized` also take a Hugging Face
-``tokenizer.json`` (recognised by its content, a JSON object) and then return a
-:class:`card_megatron.hf_tokenizer.HuggingFaceTokenizer`, which has the same interface; so
-``data.tokenizer_model`` and a checkpoint's ``tokenizer.model`` may hold either format.
+``card_megatron.tokenizers.load_tokenizer`` loads either this or a Hugging Face ``tokenizer.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import sentencepiece as spm
 
 from card_megatron.fileio import atomic_write
+from card_megatron.tokenizers.base import looks_like_json, tokenizer_metadata, tokenizer_repr
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +33,9 @@ MASK_PIECE = "<mask>"
 _MAX_TRAIN_SENTENCE_CHARS = 1024
 
 
-class Tokenizer:
-    """A SentencePiece model plus the pad/bos/eos/mask ids the rest of card_megatron uses.
+class SentencePieceTokenizer:
+    """A SentencePiece model plus the pad/bos/eos/mask ids the rest of card_megatron uses
+    (:class:`card_megatron.tokenizers.base.Tokenizer`).
 
     Use :meth:`load` (a ``.model`` file) or :meth:`from_serialized` (its bytes).
     """
@@ -83,9 +81,8 @@ class Tokenizer:
 
     # -- construction ---------------------------------------------------------------
     @classmethod
-    def load(cls, model_path: str | os.PathLike) -> "Tokenizer":
-        """Loads a SentencePiece ``.model`` file or a Hugging Face ``tokenizer.json``; ValueError naming
-        the file if missing or corrupt."""
+    def load(cls, model_path: str | os.PathLike) -> "SentencePieceTokenizer":
+        """Loads a SentencePiece ``.model`` file; ValueError naming the file if missing or corrupt."""
         path = os.fspath(model_path)
         if not os.path.isfile(path):
             raise ValueError(f"tokenizer model not found: {path}")
@@ -94,13 +91,11 @@ class Tokenizer:
         return cls.from_serialized(data, source=path)
 
     @classmethod
-    def from_serialized(cls, data: bytes, source: str = "<bytes>") -> "Tokenizer":
-        """Builds a tokenizer from the bytes of a ``.model`` file (or of a ``tokenizer.json``:
-        a :class:`~card_megatron.hf_tokenizer.HuggingFaceTokenizer`)."""
-        from card_megatron.hf_tokenizer import HuggingFaceTokenizer, looks_like_json
-
+    def from_serialized(cls, data: bytes, source: str = "<bytes>") -> "SentencePieceTokenizer":
+        """Builds a tokenizer from the bytes of a ``.model`` file; ValueError naming ``source`` for
+        anything else (a ``tokenizer.json`` included: ``tokenizers.tokenizer_from_serialized`` takes both)."""
         if looks_like_json(data):
-            return HuggingFaceTokenizer.from_serialized(data, source)
+            raise ValueError(f"{source} is a Hugging Face tokenizer.json, not a SentencePiece model")
         processor = spm.SentencePieceProcessor()
         try:
             processor.load_from_serialized_proto(data)
@@ -145,41 +140,6 @@ class Tokenizer:
         return tokenizer_repr(self)
 
 
-def tokenizer_metadata(tok) -> dict[str, Any]:
-    """A tokenizer's sidecar record (either kind: the fields their common interface has)."""
-    return {
-        "model": os.path.abspath(tok.source) if os.path.exists(tok.source) else tok.source,
-        "vocab_size": tok.vocab_size,
-        "num_pieces": tok.num_pieces,
-        "pad_id": tok.pad_id,
-        "bos_id": tok.bos_id,
-        "eos_id": tok.eos_id,
-        "mask_id": tok.mask_id,
-        "unk_id": tok.unk_id,
-        "appended": list(tok.appended),
-        "sha256": tok.sha256,
-    }
-
-
-def tokenizer_repr(tok) -> str:
-    return (
-        f"{type(tok).__name__}({tok.source!r}, vocab_size={tok.vocab_size}, pad={tok.pad_id}, bos={tok.bos_id}, "
-        f"eos={tok.eos_id}, mask={tok.mask_id})"
-    )
-
-
-def write_tokenizer_sidecar(tokenizer: Tokenizer, path: str, inputs: Optional[list[dict[str, Any]]] = None) -> None:
-    """Writes ``tokenizer.metadata()`` as JSON to ``path`` (temp name, then rename).
-
-    ``inputs``: what the data was made of (one record per input, see
-    :mod:`card_megatron.data.preprocess`), stored under the key ``"inputs"``.
-    """
-    meta = tokenizer.metadata()
-    if inputs is not None:
-        meta["inputs"] = inputs
-    atomic_write(path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-
 def _training_sentences(texts: Iterable[str]) -> Iterator[str]:
     for text in texts:
         for line in text.splitlines():
@@ -217,7 +177,7 @@ def train_tokenizer(
     model_type: str = "unigram",
     max_sentences: int = 1_000_000,
     seed: int = 0,
-) -> Tokenizer:
+) -> SentencePieceTokenizer:
     """Trains a SentencePiece model on a bounded, deterministic sample of ``texts``; saves it at ``model_path``.
 
     Reserved ids: pad 0, unk 1, bos 2, eos 3, ``<mask>`` 4 (control symbol). Byte fallback keeps
@@ -259,23 +219,6 @@ def train_tokenizer(
         minloglevel=2,
     )
     atomic_write(model_path, model.getvalue())
-    tok = Tokenizer.from_serialized(model.getvalue(), source=model_path)
+    tok = SentencePieceTokenizer.from_serialized(model.getvalue(), source=model_path)
     assert tok.mask_id == 4 and tok.pad_id == 0 and tok.eos_id == 3, tok
-    return tok
-
-
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
-
-
-def load_any_tokenizer(model_path: str, tokenizer_type: Optional[str] = None):
-    """A SentencePiece model or a Hugging Face ``tokenizer.json`` (told apart by content); with
-    ``tokenizer_type`` (Megatron's names, :data:`TOKENIZER_TYPES`) the file must be of that kind."""
-    tok = Tokenizer.load(model_path)
-    if tokenizer_type is not None:
-        if tokenizer_type not in TOKENIZER_TYPES:
-            raise ValueError(f"--tokenizer-type {tokenizer_type!r}: expected one of {', '.join(TOKENIZER_TYPES)}")
-        is_hf = not isinstance(tok, Tokenizer)
-        if is_hf != (tokenizer_type == "HuggingFaceTokenizer"):
-            what = "a Hugging Face tokenizer.json" if is_hf else "a SentencePiece model"
-            raise ValueError(f"--tokenizer-type {tokenizer_type}, but {model_path} is {what}")
     return tok

@@ -1,8 +1,8 @@
 """Hugging Face ``tokenizer.json`` tokenizers (the ``tokenizers`` library, local files only).
 
-:class:`HuggingFaceTokenizer` has the interface of :class:`card_megatron.tokenizer.Tokenizer`
+:class:`HuggingFaceTokenizer` implements :class:`card_megatron.tokenizers.base.Tokenizer`
 (reserved ids, ``encode_batch``, ``decode``, ``metadata``, ``serialized``), so preprocessing,
-training and generation take either; :meth:`card_megatron.tokenizer.Tokenizer.load` returns one
+training and generation take either; :func:`card_megatron.tokenizers.load_tokenizer` returns one
 for a file that holds JSON. Nothing is ever fetched from the hub.
 
 Reserved ids, the same way every time for the same file. They must be ids that no text can
@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from card_megatron.tokenizers.base import tokenizer_metadata, tokenizer_repr
+
 MASK_TOKEN = "<mask>"
 _CANDIDATES = {
     "mask": (MASK_TOKEN,),
@@ -61,11 +63,6 @@ def _fresh_name(role: str, vocab: dict[str, int]) -> str:
         (_ADDED_NAME[role], f"<card_megatron_{role}>"), (f"<card_megatron_{role}_{k}>" for k in itertools.count(1))
     )
     return next(n for n in names if n not in vocab)
-
-
-def looks_like_json(data: bytes) -> bool:
-    """True for the bytes of a ``tokenizer.json`` (a JSON object), False for a SentencePiece model."""
-    return data.lstrip()[:1] == b"{"
 
 
 class HuggingFaceTokenizer:
@@ -159,11 +156,7 @@ class HuggingFaceTokenizer:
 
     def metadata(self) -> dict[str, Any]:
         """The reserved ids and sizes, and the file's ``sha256``, as written to the ``.tokenizer.json`` sidecar."""
-        from card_megatron.tokenizer import tokenizer_metadata
-
         return {"kind": self.kind, **tokenizer_metadata(self)}
 
     def __repr__(self) -> str:
-        from card_megatron.tokenizer import tokenizer_repr
-
         return tokenizer_repr(self)

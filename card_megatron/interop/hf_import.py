@@ -7,11 +7,11 @@ bytes) and ``import.json`` (provenance). So ``tools/generate.py``, ``tools/evalu
 ``tools/export_hf.py``, ``tools/run_lm_eval.py`` and ``train.init_from`` take it like any export.
 A copy of the tokenizer is written as ``tokenizer.json`` for ``tools/preprocess_data.py``.
 
-The weight mapping is the inverse of :mod:`card_megatron.model.hf_export`: ``q_proj``,
+The weight mapping is the inverse of :mod:`card_megatron.interop.hf_export`: ``q_proj``,
 ``k_proj``, ``v_proj`` are interleaved per query group into ``linear_qkv``, ``[gate_proj;
 up_proj]`` is ``linear_fc1``; RoPE needs no permutation (both use ``rotate_half`` halves).
 
-New rows: the reserved ids :mod:`card_megatron.hf_tokenizer` appends after the tokenizer's
+New rows: the reserved ids :mod:`card_megatron.tokenizers.huggingface` appends after the tokenizer's
 vocabulary (``<mask>``, and eos/bos/pad when the tokenizer has none) and the padding rows that
 make the vocabulary a multiple of ``model.make_vocab_size_divisible_by`` (128) are set to the
 **mean of the embedding rows of the tokenizer's own ids** (and, when the output layer is
@@ -207,25 +207,6 @@ def canonical_from_llama(hf: dict[str, torch.Tensor], m: dict[str, Any], where: 
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def extend_vocab_rows(
-    state: dict[str, torch.Tensor], num_rows: int, mean_of: int, new_ids: list[int]
-) -> dict[str, torch.Tensor]:
-    """Grows the embedding (and untied output) to ``num_rows`` rows; the added rows and the rows of
-    ``new_ids`` become the mean of rows ``[0, mean_of)`` (module docstring). Returns a new dict."""
-    out = dict(state)
-    for key in ("embedding.embedding.word_embeddings.weight", "output.output_layer.weight"):
-        if key not in state:
-            continue
-        old = state[key]
-        mean = old[:mean_of].mean(dim=0)
-        grown = mean.expand(num_rows, old.shape[1]).clone()
-        grown[: old.shape[0]] = old
-        for i in new_ids:
-            grown[i] = mean
-        out[key] = grown
-    return out
-
-
 # --------------------------------------------------------------------------- reading
 
 
@@ -333,17 +314,31 @@ def read_gguf(path: str) -> Source:
 # --------------------------------------------------------------------------- the import
 
 
+def importable_objectives() -> tuple[str, ...]:
+    """The objectives a Llama's weights can start (their traits' ``causal_lm``: the same function)."""
+    from card_megatron.objectives import objective_names, objective_traits
+
+    return tuple(n for n in objective_names() if objective_traits(n).causal_lm)
+
+
 def import_hf(input_path: str, output: str, objective: str = "card") -> dict[str, Any]:
     """Writes the checkpoint at ``input_path`` (a model directory or a ``.gguf`` file) as a
-    card_megatron export at ``output``; returns the provenance record (``import.json``).
-    ImportRefused (a ValueError) for what cannot be imported exactly, FileExistsError for an
-    existing ``output``; nothing is written in either case."""
+    card_megatron export at ``output``, recording ``objective`` (one of :func:`importable_objectives`)
+    in its config; returns the provenance record (``import.json``). ImportRefused (a ValueError) for
+    what cannot be imported exactly, FileExistsError for an existing ``output``; nothing is written in
+    either case."""
     import yaml
 
     from card_megatron.config import Config, ModelConfig, ObjectiveConfig, config_to_dict, validate
-    from card_megatron.hf_tokenizer import HuggingFaceTokenizer
+    from card_megatron.model.export import extend_vocab_rows
     from card_megatron.model.gpt import padded_vocab_size
+    from card_megatron.tokenizers import HuggingFaceTokenizer
 
+    if objective not in importable_objectives():
+        raise ImportRefused(
+            f"--objective {objective}: a Llama is a causal LM, which only {', '.join(importable_objectives())} "
+            "models compute"
+        )
     if os.path.lexists(output):
         raise FileExistsError(f"--output {output} already exists: choose a new directory (nothing was written)")
     parent = os.path.dirname(os.path.abspath(output))

@@ -7,8 +7,9 @@ query group ``[q_0 .. q_{n/g-1}, k, v]`` per group; the gated MLP's ``linear_fc1
 ``[gate; up]``. The weights come from :func:`card_megatron.inference.loading.load_model`, so
 any training layout (TP, PP, ZeRO) exports the same way.
 
-MDLM and BD3LM are refused: their attention is bidirectional (full or block), which a
-causal LM class would silently replace by causal attention and give different outputs.
+MDLM and BD3LM are refused (their traits say ``causal_lm=False``): their attention is bidirectional
+(full or block), which a causal LM class would silently replace by causal attention and give
+different outputs.
 
 The output directory holds ``config.json``, ``generation_config.json``, ``model.safetensors``
 (written by ``save_pretrained``), the tokenizer files (a ``tokenizer.json`` with the
@@ -27,10 +28,10 @@ from typing import Any
 import torch
 
 from card_megatron.fileio import atomic_directory
+from card_megatron.objectives import ObjectiveConfig, objective_names, objective_traits
+from card_megatron.objectives.traits import MASK_KIND_TEXT
 
 logger = logging.getLogger(__name__)
-
-CAUSAL_OBJECTIVES = ("arm", "card")
 
 
 def llama_config(loaded) -> Any:
@@ -89,18 +90,20 @@ def llama_state_dict(model: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
 
 
 def check_exportable(objective: str, path: str) -> None:
-    """ValueError unless ``objective`` is causal (ARM or CARD)."""
-    if objective not in CAUSAL_OBJECTIVES:
+    """ValueError unless ``objective`` is a causal LM (its traits' ``causal_lm``: ARM and CARD)."""
+    traits = objective_traits(objective)
+    if not traits.causal_lm:
+        exportable = [objective_traits(n).label for n in objective_names() if objective_traits(n).causal_lm]
         raise ValueError(
             f"{path} was trained with objective {objective!r}, whose attention is bidirectional "
-            f"({'full' if objective == 'mdlm' else 'block-wise'}); a transformers causal LM class would run it with "
-            "causal attention and compute something else. Only ARM and CARD checkpoints export to Llama."
+            f"({MASK_KIND_TEXT[traits.mask_kind]}); a transformers causal LM class would run it with "
+            f"causal attention and compute something else. Only {' and '.join(exportable)} checkpoints export to Llama."
         )
 
 
 def _save_tokenizer(tokenizer, out_dir: str) -> list[str]:
     """Writes the tokenizer files ``AutoTokenizer.from_pretrained(out_dir)`` reads; returns their names."""
-    from card_megatron.hf_tokenizer import HuggingFaceTokenizer
+    from card_megatron.tokenizers import HuggingFaceTokenizer
 
     names = {
         "eos_token": tokenizer.eos_id,
@@ -152,7 +155,8 @@ def export_llama(checkpoint: str, output: str, ema: bool = False) -> dict[str, A
             "exporting needs transformers and safetensors: pip install -e .[eval] (or make setup)"
         ) from None
 
-    from card_megatron.inference.loading import load_model, resolve_export_dir
+    from card_megatron.inference.loading import load_model
+    from card_megatron.rundir import resolve_export_dir
 
     if os.path.lexists(output):
         raise FileExistsError(f"--output {output} already exists: choose a new directory (nothing was written)")
@@ -163,7 +167,7 @@ def export_llama(checkpoint: str, output: str, ema: bool = False) -> dict[str, A
     import yaml
 
     with open(os.path.join(export_dir, "config.yaml")) as f:
-        objective = (yaml.safe_load(f).get("objective") or {}).get("name", "card")
+        objective = (yaml.safe_load(f).get("objective") or {}).get("name", ObjectiveConfig().name)
     check_exportable(objective, checkpoint)
     loaded = load_model(checkpoint, device="cpu", dtype=torch.float32, ema=ema)
     config = llama_config(loaded)

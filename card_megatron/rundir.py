@@ -1,0 +1,127 @@
+"""Where things are in a run directory, for whoever reads one: its checkpoints, the newest complete
+one, and the export that a path names.
+
+``{run_dir}/checkpoints/step_00000100/`` holds one checkpoint (``training/checkpoint.py`` writes it
+and describes its files); ``{run_dir}/checkpoints/latest`` names the newest complete one; a
+checkpoint is *complete* when its ``meta.json`` (written last) exists and every file its manifest
+lists has the recorded size. Every checkpoint holds ``export/`` (``model.pt``, ``config.yaml``,
+``tokenizer.model``): what loading, ``train.init_from`` and the interop tools read.
+
+Nothing here imports torch, DeepSpeed or the config: the config (``train.init_from``), training,
+inference, evaluation and the study all find checkpoints through this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+def is_checkpoint_tag(name: str) -> bool:
+    """Whether ``name`` is a checkpoint directory's name (``step_00000100``)."""
+    return _TAG.match(name) is not None
+
+
+def checkpoints_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """None if checkpoint ``path`` is complete, else what is wrong, naming the file.
+
+    Complete: ``meta.json`` (written last) exists and every file of its manifest has the
+    recorded size. Checkpoints older than the manifest are checked for ``meta.json`` only.
+    """
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isdir(path):
+        return f"{path} does not exist"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        return f"{meta_path} is missing (the save did not finish)"
+    except (OSError, ValueError) as e:
+        return f"{meta_path} is unreadable ({e})"
+    for name, size in meta.get("files", {}).items():
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            return f"{file} is missing"
+        if os.path.getsize(file) != size:
+            return f"{file} holds {os.path.getsize(file)} bytes, the manifest {meta_path} says {size}"
+    return None
+
+
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    """The path of the newest complete checkpoint of a run directory, or None if it has none.
+
+    Normally the one ``latest`` names. If that one is broken (or ``latest`` is empty or
+    dangling), warns naming the broken file and returns the newest complete older one.
+    Raises ValueError, naming every problem, when checkpoints exist but none is complete.
+    """
+    root = checkpoints_dir(run_dir)
+    pointer = os.path.join(root, "latest")
+    tags = sorted((t for t in os.listdir(root) if is_checkpoint_tag(t)), reverse=True) if os.path.isdir(root) else []
+    problems = []
+    named = None
+    if os.path.exists(pointer):
+        named = open(pointer).read().strip()
+        if not is_checkpoint_tag(named):
+            problems.append(f"{pointer} is empty or names no checkpoint ({named!r})")
+            named = None
+        else:
+            problem = checkpoint_problem(os.path.join(root, named))
+            if problem is None:
+                return os.path.join(root, named)
+            problems.append(problem)
+    elif not tags:
+        return None
+    for tag in tags:
+        if named is not None and tag >= named:
+            continue  # newer than latest: a save that never finished
+        path = os.path.join(root, tag)
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if problems:
+                log.warning("%s; resuming from the newest complete checkpoint, %s", "; ".join(problems), path)
+            return path
+        problems.append(problem)
+    if not os.path.exists(pointer):
+        return None  # no latest and no complete checkpoint: a first save was interrupted
+    raise ValueError(
+        f"no complete checkpoint in {root}: {'; '.join(problems) or 'none has a meta.json'}. Move the broken "
+        f"checkpoint directories out of {root} (and remove {pointer}) to start over, or restore a copy"
+    )
+
+
+def resolve_export_dir(path: str) -> str:
+    """The export directory for a run dir, checkpoint dir, export dir or model.pt path.
+
+    FileNotFoundError naming the path when it is none of these (or a run without a complete checkpoint).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isfile(path):
+        return os.path.dirname(os.path.abspath(path))
+    if os.path.exists(os.path.join(path, "model.pt")):
+        return path
+    if os.path.exists(os.path.join(path, "export", "model.pt")):
+        return os.path.join(path, "export")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path} is a run directory without a complete checkpoint (no checkpoints/latest)")
+        return resolve_export_dir(latest)
+    raise FileNotFoundError(
+        f"{path} is neither a run directory, a checkpoint directory nor an export (no model.pt found)"
+    )
