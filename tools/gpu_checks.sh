@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks of the speed issue (23) in one call, in under 10 minutes (the steps' timeouts add
-# up to 550 s): device and versions; the GPU tests (bf16, NCCL, CUDA corruption == CPU, compiled
+# The GPU checks of the speed issue (23) in one call, in under 8 minutes (the steps' timeouts add
+# up to 475 s): device and versions; the GPU tests (bf16, NCCL, CUDA corruption == CPU, compiled
 # layers, CUDA-graph decoding == dynamic); our training step against the plain-PyTorch anchor with
 # MFU and a profile by category, for the 350M config at sequence 1024 and card-1b at sequence 128
-# (one GPU); and, with GEN_ARGS, the decoding table at batch 1, 16 and 64, then CUDA graphs on and
-# off side by side (AR and CARD tau 0.9, each followed by its twin with --cuda-graphs) at the same
-# batch sizes. The study's plan is tools/gpu_study.sh (9 minutes).
+# (one GPU); and, with GEN_ARGS, the decoding table at batch 1, 16 and 64 with CUDA graphs on and
+# off side by side (each AR and CARD row followed by its twin with --cuda-graphs). The study's plan is tools/gpu_study.sh (9 minutes).
 #
 # Restartable: a step that succeeded leaves ${OUT}/done/<step>, and a second call skips it, so a
 # call cut short by the device's time limit continues where it stopped. Logs: ${OUT}/<step>.log.
@@ -83,13 +82,10 @@ step anchor_350m 150 "$PY" tools/benchmark_train.py --anchor --device "$DEVICE" 
 step anchor_card1b 150 "$PY" tools/benchmark_train.py --anchor --device "$DEVICE" "${ANCHOR_1B[@]}"
 if [ -n "${GEN_ARGS:-}" ]; then
   # shellcheck disable=SC2086  # GEN_ARGS is a list of arguments
+  # with CUDA graphs on and off side by side (issue 19): every AR and CARD row followed by its "graphs" twin
   for b in 1 16 64; do
-    step "generate_batch$b" 20 "$PY" tools/benchmark_generate.py --device "$DEVICE" --batch-size "$b" $GEN_ARGS
-  done
-  # CUDA graphs on/off (issue 19): rows "ar" / "ar graphs" and "card tau=0.9 prefix" / "... graphs"
-  for b in 1 16 64; do
-    step "generate_graphs_batch$b" 30 "$PY" tools/benchmark_generate.py --device "$DEVICE" --batch-size "$b" \
-      $GEN_ARGS --thresholds 0.9 --cuda-graphs
+    step "generate_batch$b" 25 "$PY" tools/benchmark_generate.py --device "$DEVICE" --batch-size "$b" $GEN_ARGS \
+      --cuda-graphs
   done
 fi
 echo "== logs in $OUT/ ($(ls "$OUT"/done | wc -l) steps done)"
