@@ -125,3 +125,14 @@ def resolve_export_dir(path: str) -> str:
     raise FileNotFoundError(
         f"{path} is neither a run directory, a checkpoint directory nor an export (no model.pt found)"
     )
+
+
+def export_files(path: str, context: str = "checkpoint") -> tuple[str, str, str, str]:
+    """(export directory, config.yaml, model.pt, tokenizer.model) of the export that ``path`` names
+    (see :func:`resolve_export_dir`); FileNotFoundError naming ``context`` and the first file missing."""
+    export = resolve_export_dir(path)
+    files = tuple(os.path.join(export, name) for name in ("config.yaml", "model.pt", "tokenizer.model"))
+    for needed in files:
+        if not os.path.exists(needed):
+            raise FileNotFoundError(f"{context}: {needed} is missing (not a complete export)")
+    return (export, *files)

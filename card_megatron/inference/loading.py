@@ -9,7 +9,6 @@ with ``optim.ema_decay > 0`` also export the EMA weights, which ``load_model(...
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,7 +16,7 @@ import torch
 import yaml
 
 from card_megatron.config import Config, config_from_dict
-from card_megatron.rundir import resolve_export_dir
+from card_megatron.rundir import export_files
 
 
 @dataclass
@@ -46,12 +45,7 @@ def load_model(
     from card_megatron.parallel.state import init_single_process
     from card_megatron.tokenizers import load_tokenizer
 
-    export = resolve_export_dir(path)
-    cfg_path, weights_path = os.path.join(export, "config.yaml"), os.path.join(export, "model.pt")
-    tok_path = os.path.join(export, "tokenizer.model")
-    for needed in (cfg_path, weights_path, tok_path):
-        if not os.path.exists(needed):
-            raise FileNotFoundError(f"incomplete checkpoint export: {needed} is missing")
+    export, cfg_path, weights_path, tok_path = export_files(path)
     with open(cfg_path) as f:
         cfg = config_from_dict(yaml.safe_load(f))
     try:

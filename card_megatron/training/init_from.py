@@ -90,14 +90,9 @@ def read_init_weights(cfg: Config) -> InitWeights:
     """Checks ``cfg`` against ``cfg.train.init_from`` and reads its weights (CPU, float32).
     ConfigError listing every difference; FileNotFoundError / ValueError naming a missing or
     unreadable file."""
-    from card_megatron.rundir import resolve_export_dir
+    from card_megatron.rundir import export_files
 
-    export = resolve_export_dir(cfg.train.init_from)
-    cfg_path, weights_path = os.path.join(export, "config.yaml"), os.path.join(export, "model.pt")
-    tok_path = os.path.join(export, "tokenizer.model")
-    for needed in (cfg_path, weights_path, tok_path):
-        if not os.path.exists(needed):
-            raise FileNotFoundError(f"train.init_from: {needed} is missing (not a complete export)")
+    export, cfg_path, weights_path, tok_path = export_files(cfg.train.init_from, "train.init_from")
     with open(cfg_path) as f:
         saved = config_from_dict(yaml.safe_load(f) or {})
     problems = architecture_differences(saved, cfg)
