@@ -264,15 +264,19 @@ def test_verify_refuses_max_steps():
         CausalDecodeConfig(commit_policy="verify", max_steps=3)
 
 
+# AR, threshold CARD and verify: the three causal decoders that the alternative paths must reproduce
+AR_THRESHOLD_VERIFY = (
+    CausalDecodeConfig(window=1),
+    CausalDecodeConfig(window=4, threshold=0.6),
+    CausalDecodeConfig(window=6, commit_policy="verify"),
+)
+
+
 def test_lean_path_equals_megatron_modules(single_process, trained):
     """The lean forward (inference/lean.py, the default) and Megatron's modules decode the same tokens
     in the same passes: AR, threshold CARD and verify, greedy and sampled, on a ragged batch."""
     samp = sampling.SamplingConfig(temperature=1.0, top_k=20, seed=1)
-    for cfg in (
-        CausalDecodeConfig(window=1),
-        CausalDecodeConfig(window=4, threshold=0.6),
-        CausalDecodeConfig(window=6, commit_policy="verify"),
-    ):
+    for cfg in AR_THRESHOLD_VERIFY:
         for s in (GREEDY, samp):
             lean = _decode(trained, PROMPTS, 12, cfg, s)
             ref = _decode(trained, PROMPTS, 12, dataclasses.replace(cfg, lean=False), s)
@@ -292,11 +296,7 @@ def test_static_shapes_equal_dynamic(single_process, trained):
     samp = sampling.SamplingConfig(temperature=1.0, top_k=20, seed=2)
     length_stops = 0
     for model in (_random_model(), trained):
-        for cfg in (
-            CausalDecodeConfig(window=1),
-            CausalDecodeConfig(window=4, threshold=0.6),
-            CausalDecodeConfig(window=6, commit_policy="verify"),
-        ):
+        for cfg in AR_THRESHOLD_VERIFY:
             for s in (GREEDY, samp):
                 free = _decode(model, prompts, 12, cfg, s)
                 eos = SpecialTokenIds(eos=free[0].token_ids[3], mask=SPECIAL.mask, pad=SPECIAL.pad)
