@@ -107,6 +107,7 @@ class DecodeSpec:
     copy_prompts: int = 16  # synthetic corpus: prompts = a document's first string and its period
     copy_max_new_tokens: int = 48
     curve_checkpoints: int = 4  # checkpoints of the main CARD run decoded for the curve against tokens
+    ar_sampling_seeds: int = 5  # sampled AR repeated with seeds 0..n-1: the judge perplexity's noise floor
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,7 @@ PLANS: dict[str, Plan] = {
             copy_prompts=2,
             copy_max_new_tokens=8,
             curve_checkpoints=2,
+            ar_sampling_seeds=2,
             families=decode_families(forced_tokens_per_pass=2),
         ),
         budget_minutes=2,
