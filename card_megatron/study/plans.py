@@ -221,7 +221,7 @@ PLANS: dict[str, Plan] = {
     ),
     "cpu": Plan(
         name="cpu",
-        description="the study on the 2-core CPU machine (about 80-90 minutes, an estimate)",
+        description="the study on the 2-core CPU machine (47 minutes measured on 2026-12-07)",
         config="configs/study-cpu.yaml",
         # 512 validation sequences and 4 probe cuts each (2,048 predictions per k): sized from the measured
         # per-sequence spread of two seeds on the same sequences (docs/study.md, "Sizing the validation")
@@ -244,7 +244,7 @@ PLANS: dict[str, Plan] = {
             windows=(4, 8),
             families=decode_families(forced_tokens_per_pass=2),
         ),
-        budget_minutes=90,  # estimate from measured costs (docs/study.md); the old plan took 57.5 min
+        budget_minutes=90,  # what it is sized for; the run of 2026-12-07 took 46.5 min (docs/study.md)
     ),
     "gpu": Plan(
         name="gpu",
