@@ -3,8 +3,8 @@
 A plan is data: corpora to tokenize, training runs (each an ordinary run directory,
 trained by ``python -m card_megatron.train`` with the plan's config and the run's
 overrides), and the decoding measurements. ``smoke`` exercises every part in about a
-minute (the tests run it), ``cpu`` fits the 2-core development machine in at most 75
-minutes, ``gpu`` is the same study at a larger scale for one GPU.
+minute (the tests run it), ``cpu`` fits the 2-core development machine (46.5
+minutes on 2026-12-07), ``gpu`` is the same study at a larger scale for one GPU.
 
 Run names say what they are: ``{variant}-s{seed}`` on the main corpus and
 ``copy-{objective}-s{seed}`` on the synthetic copy corpus.
