@@ -24,14 +24,8 @@ checkpoint whose files disagree with its manifest (truncated, missing; an empty 
 dangling ``latest``) is named in a warning and the newest complete one is used instead
 (``card_megatron/rundir.py``, which every reader of a run directory uses). Only the last N are kept.
 
-Loading runs no code from the files: every file is read with ``torch.load(weights_only=True)``
-(DeepSpeed's own loader, ``TorchCheckpointEngine.load``, uses ``weights_only=False``; it is
-replaced by :class:`SafeCheckpointEngine`), the RNG states are stored as tensors and numbers,
-and only DeepSpeed's plain state classes are allowlisted. ``train.trust_checkpoint=true``
-loads with ``weights_only=False`` (checkpoints from elsewhere that hold other objects). Whatever
-loads is checked before DeepSpeed uses it (:func:`check_structure`: depth, sharing, types, dense
-tensors; :func:`check_layout`: every tensor's shape and dtype against :func:`expected_layout` of
-the live engine) and refused naming the file and the key.
+Reading the files safely (``weights_only``, every file checked before DeepSpeed uses it) is
+``safe_io.py``'s.
 
 A write that fails during a save is raised on every rank as one :class:`CheckpointSaveError`
 naming the file ("No space left on device while writing ..." for a full disk) and saying that the
@@ -46,9 +40,7 @@ import errno
 import json
 import logging
 import os
-import pickle
 import random
-import re
 import shutil
 from typing import Any, Callable, Optional, Protocol
 
@@ -56,10 +48,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
-from deepspeed.utils.tensor_fragment import fragment_address
 
 from card_megatron.config import Config, config_from_dict
 from card_megatron.fileio import atomic_write
@@ -72,10 +60,14 @@ from card_megatron.training.checkpoint_checks import (  # noqa: F401 (re-exporte
     check_tensor,
     expected_layout,
 )
+from card_megatron.training.safe_io import (  # noqa: F401 (install_safe_io, load_checkpoint, safe_load re-exported)
+    SaveFailure,
+    install_safe_io,
+    load_checkpoint,
+    safe_load,
+)
 
 log = logging.getLogger(__name__)
-
-_EMA_FILE = re.compile(r"^ema_tp\d+_pp\d+_dp\d+\.pt$")
 
 
 def rng_state() -> dict[str, Any]:
@@ -167,7 +159,7 @@ def _write_files(engine, root: str, tag: str, contents: CheckpointContents, prev
     """Writes every file of the checkpoint (collective). A failed write on any rank is raised on
     every rank (:func:`_agree_on_failure`), after the collectives it would have skipped."""
     path = os.path.join(root, tag)
-    failure = getattr(engine, "_card_save_failure", None) or _SaveFailure()
+    failure = getattr(engine, "_card_save_failure", None) or SaveFailure()
     failure.file, failure.error = None, None
     engine.save_checkpoint(root, tag=tag, client_state=contents.client_state, save_latest=False)
     failed: Optional[tuple[str, BaseException]] = (failure.file, failure.error) if failure.error else None
@@ -307,113 +299,3 @@ def saved_meta(path: str) -> dict:
         return {}
     with open(file) as f:
         return json.load(f)
-
-
-# DeepSpeed's plain state classes that its checkpoints pickle (values, no behaviour on load).
-_DEEPSPEED_STATE_CLASSES = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
-
-
-def safe_load(path: str, map_location=None, trust: bool = False, expected: Optional[Callable] = None) -> Any:
-    """``torch.load(path, weights_only=True)`` with DeepSpeed's state classes allowlisted, then checked.
-
-    Raises ValueError naming the file when it holds anything else (a planted payload, or an
-    object this code never saves): the file is refused, nothing in it runs. ``trust`` loads with
-    ``weights_only=False`` instead (train.trust_checkpoint=true: run directories you trust).
-    Whatever loads is then checked by :func:`check_structure` (with ``trust``, other types pass) and,
-    with ``expected`` (``expected(path, obj)``, e.g. :func:`check_against_engine`), against the layout
-    the current model and optimizer need.
-    """
-    if trust:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
-        check_structure(obj, path, (object,))
-    else:
-        obj = _load_weights_only(path, map_location)
-        check_structure(obj, path, tuple(_DEEPSPEED_STATE_CLASSES))
-    if expected is not None:
-        expected(path, obj)
-    return obj
-
-
-def _load_weights_only(path: str, map_location) -> Any:
-    try:
-        with torch.serialization.safe_globals(_DEEPSPEED_STATE_CLASSES):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = next((line for line in lines if "GLOBAL" in line), None)
-        if detail is None:  # not a forbidden object: a damaged file
-            what = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
-            raise ValueError(
-                f"{path} is corrupt ({what}); move {os.path.dirname(path)} out "
-                "of the way to resume from the previous checkpoint"
-            ) from None
-        raise ValueError(
-            f"refusing to load {path}: it holds an object outside the allowlist ({detail}), and loading it could "
-            "run code. Checkpoints saved by this code hold none (those saved before the RNG states were stored as "
-            "tensors hold NumPy arrays). If you trust the run directory, resume with train.trust_checkpoint=true"
-        ) from None
-    except (EOFError, RuntimeError) as e:
-        raise ValueError(
-            f"{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"move {os.path.dirname(path)} out of the way to resume from the previous checkpoint"
-        ) from None
-
-
-class _SaveFailure:
-    """Records the first file whose write failed during a DeepSpeed save, so that the save runs its
-    collectives to the end on every rank and the failure is raised once, everywhere, naming the file."""
-
-    def __init__(self) -> None:
-        self.file: Optional[str] = None
-        self.error: Optional[BaseException] = None
-
-
-def install_safe_io(engine, trust: bool) -> _SaveFailure:
-    """Makes ``engine`` (a DeepSpeed engine) read checkpoint files with :func:`safe_load` (checked
-    against :func:`expected_layout`) and record, instead of raising, a failed write (:func:`save_checkpoint`
-    turns it into one error naming the file). Returns the failure record."""
-    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
-        raise ValueError(
-            f"checkpoint loading is only made safe for DeepSpeed's TorchCheckpointEngine, this engine "
-            f"uses {type(engine.checkpoint_engine).__name__}"
-        )
-    layout: dict = {}
-    own = f"_mp_rank_{engine.checkpoint_mp_rank:02d}_"  # this rank's model-parallel files
-
-    def expected(path: str, obj: Any) -> None:
-        # DeepSpeed also reads other model-parallel ranks' files (the first one, for its metadata; a
-        # pipeline stage's differs in shape): those get the structure checks only.
-        if own not in "_" + os.path.basename(path):
-            return
-        if not layout:
-            layout.update(expected_layout(engine))
-        check_layout(path, obj, layout)
-
-    engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location, trust, expected)
-    failure = _SaveFailure()
-    save = engine.checkpoint_engine.save
-
-    def guarded_save(state_dict, path: str) -> None:
-        if failure.error is not None:
-            return  # the checkpoint is lost already: write nothing more, let the other ranks finish
-        try:
-            save(state_dict, path)
-        except (OSError, RuntimeError) as e:
-            failure.file, failure.error = path, e
-
-    engine.checkpoint_engine.save = guarded_save
-    engine._card_save_failure = failure
-    return failure
-
-
-def load_checkpoint(engine, path: str) -> dict:
-    """Loads a DeepSpeed checkpoint directory saved by :func:`save_checkpoint`; returns the client state.
-
-    The engine must read files through :func:`install_safe_io`."""
-    root, tag = os.path.split(path.rstrip("/"))
-    load_path, client_state = engine.load_checkpoint(
-        root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-    return client_state

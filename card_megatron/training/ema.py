@@ -23,7 +23,7 @@ import torch
 
 from card_megatron.config import OptimConfig
 from card_megatron.parallel.state import ParallelInfo
-from card_megatron.training.checkpoint import safe_load
+from card_megatron.training.safe_io import safe_load
 
 _EMA_FILE = re.compile(r"^ema_tp\d+_pp\d+_dp\d+\.pt$")
 

@@ -46,6 +46,7 @@ from card_megatron.training.ema import EMA, RunEMA
 from card_megatron.training.init_from import InitWeights, freeze_first_layers, read_init_weights
 from card_megatron.training.metrics import MetricsWriter, format_step, model_flops_per_token, peak_flops
 from card_megatron.training.run_directory import RunDirectory
+from card_megatron.training.safe_io import install_safe_io, load_checkpoint
 from card_megatron.training.schedule import learning_rate
 from card_megatron.training.step import Losses, NonFiniteLossError, StepRunner, build_engine
 from card_megatron.training.validation import Validator, format_eval
@@ -92,7 +93,7 @@ class Trainer:
         self.num_trainable = freeze_first_layers(self.model, cfg.model.num_layers, cfg.optim.freeze_layers)
         self.engine, self.optimizer, self.ds_config = build_engine(self.model, cfg, info)
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
-        ckpt.install_safe_io(self.engine, cfg.train.trust_checkpoint)
+        install_safe_io(self.engine, cfg.train.trust_checkpoint)
         self.steps = StepRunner(cfg, info, self.engine, self.optimizer, self.losses, self.directory.stop_asked_here)
         self.ema_run = RunEMA(
             list(self.model.named_parameters()), cfg.optim, cfg.parallel.zero_stage, self.optimizer, info
@@ -251,7 +252,7 @@ class Trainer:
         return path
 
     def _resume(self, path: str) -> None:
-        state = ckpt.load_checkpoint(self.engine, path)
+        state = load_checkpoint(self.engine, path)
         self.step = state["step"]
         self.consumed_samples = state["consumed_samples"]
         self.steps.skipped_steps = state.get("skipped_steps", 0)
