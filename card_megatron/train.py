@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="list every config key with its type, default and description, and exit",
     )
-    p.add_argument("--config", help="YAML file overriding the defaults in card_megatron/config.py")
+    p.add_argument("--config", help="YAML file overriding the defaults in card_megatron/config/schema.py")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides applied after the YAML file")
     p.add_argument("--summary-json", help="write a JSON summary (start/end step, evaluations) here (rank 0)")
     return p.parse_args(argv)

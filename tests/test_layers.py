@@ -151,4 +151,4 @@ def test_the_checks_catch_a_cycle_and_an_upward_arrow():
     assert find_cycle({"a": {"b": 1}, "b": {}}) == []
     graph = import_graph(module_files())
     assert "card_megatron.objectives.traits" in graph["card_megatron.objectives"]  # function-level too:
-    assert "card_megatron.rundir" in graph["card_megatron.config"]  # config.init_from_defaults imports it inside
+    assert "card_megatron.rundir" in graph["card_megatron.config.loading"]  # init_from_defaults imports it inside

@@ -433,7 +433,7 @@ def anchor_child(args) -> dict:
         if device.type != args.device:
             raise SystemExit(f"--device {args.device}, but the trainer runs on {device}")
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[trainer.precision]
-        batches = [b["tokens"] for b in trainer._micro_batches("train", 0, 4)]  # already on the device
+        batches = [b["tokens"] for b in trainer.batches.micro_batches("train", 0, 4)]  # already on the device
         counter = itertools.count()
         contenders = {"ours": trainer.train_step}
         params = {"ours": trainer.num_params}
@@ -482,13 +482,13 @@ def anchor_child(args) -> dict:
             flops = model_flops_per_token(trainer.num_params, cfg.model.num_layers, cfg.model.hidden_size, L)
             result["mfu"] = {name: B * L / t * flops / peak for name, t in median.items()}
         if args.profile:
-            real_nll = trainer._nll
+            real_nll = trainer.losses.nll
 
             def nll(*a):
                 with torch.profiler.record_function("loss"):
                     return real_nll(*a)
 
-            trainer._nll = nll
+            trainer.losses.nll = nll
             result["profile_s"] = {
                 name: profile_categories(step, args.profile, device.type == "cuda") for name, step in contenders.items()
             }

@@ -128,3 +128,10 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def any_rank(device: torch.device, *flags: torch.Tensor | bool) -> list[bool]:
+    """Each flag (a bool tensor or bool) OR-ed over all ranks, with one all-reduce and one host read."""
+    t = torch.stack([torch.as_tensor(f, device=device).reshape(()) for f in flags]).to(torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in t.tolist()]

@@ -1,10 +1,6 @@
-"""The run directory's checkpoints and markers: DeepSpeed engine state plus everything needed to
-continue exactly, and the files that say how a run ended or that it should stop.
-
-Markers in ``{run_dir}`` (:func:`mark_finished`, :func:`mark_preempted`, :func:`clear_end_markers`,
-:func:`stop_file_exists`): ``finished`` or ``preempted`` (the step, written by rank 0 when a run
-ends) and ``SAVE_AND_EXIT`` (:data:`STOP_FILE`, touched by ``slurm/pretrain.sh`` when SLURM
-signals the batch shell: save at the next step and exit).
+"""The run directory's checkpoints: how one is written (DeepSpeed engine state, then the files
+``checkpoint_contents.py`` says a checkpoint holds, then the manifest and ``latest``) and how its files
+are read safely.
 
 Layout of ``{run_dir}/checkpoints``::
 
@@ -28,14 +24,8 @@ checkpoint whose files disagree with its manifest (truncated, missing; an empty 
 dangling ``latest``) is named in a warning and the newest complete one is used instead
 (``card_megatron/rundir.py``, which every reader of a run directory uses). Only the last N are kept.
 
-Loading runs no code from the files: every file is read with ``torch.load(weights_only=True)``
-(DeepSpeed's own loader, ``TorchCheckpointEngine.load``, uses ``weights_only=False``; it is
-replaced by :class:`SafeCheckpointEngine`), the RNG states are stored as tensors and numbers,
-and only DeepSpeed's plain state classes are allowlisted. ``train.trust_checkpoint=true``
-loads with ``weights_only=False`` (checkpoints from elsewhere that hold other objects). Whatever
-loads is checked before DeepSpeed uses it (:func:`check_structure`: depth, sharing, types, dense
-tensors; :func:`check_layout`: every tensor's shape and dtype against :func:`expected_layout` of
-the live engine) and refused naming the file and the key.
+Reading the files safely (``weights_only``, every file checked before DeepSpeed uses it) is
+``safe_io.py``'s.
 
 A write that fails during a save is raised on every rank as one :class:`CheckpointSaveError`
 naming the file ("No space left on device while writing ..." for a full disk) and saying that the
@@ -46,28 +36,21 @@ sha256 and the data's identity (``data.dataset.data_identity``).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import os
-import pickle
 import random
-import re
 import shutil
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
-from deepspeed.utils.tensor_fragment import fragment_address
 
 from card_megatron.config import Config, config_from_dict
-from card_megatron.fileio import atomic_open, atomic_write
+from card_megatron.fileio import atomic_write
 from card_megatron.rundir import checkpoint_problem, checkpoints_dir, is_checkpoint_tag, tag_for
 from card_megatron.training.checkpoint_checks import (  # noqa: F401 (re-exported: the checks of safe_load)
     MAX_DEPTH,
@@ -77,43 +60,14 @@ from card_megatron.training.checkpoint_checks import (  # noqa: F401 (re-exporte
     check_tensor,
     expected_layout,
 )
+from card_megatron.training.safe_io import (  # noqa: F401 (install_safe_io, load_checkpoint, safe_load re-exported)
+    SaveFailure,
+    install_safe_io,
+    load_checkpoint,
+    safe_load,
+)
 
 log = logging.getLogger(__name__)
-
-_EMA_FILE = re.compile(r"^ema_tp\d+_pp\d+_dp\d+\.pt$")
-
-
-STOP_FILE = "SAVE_AND_EXIT"  # touched by slurm/pretrain.sh when SLURM signals the batch shell
-FINISHED, PREEMPTED = "finished", "preempted"  # how a run ended; each holds the step
-
-
-def mark_finished(run_dir: str, step: int) -> None:
-    """Writes ``{run_dir}/finished`` (the run reached train.train_iters at ``step``); rank 0 only."""
-    atomic_write(os.path.join(run_dir, FINISHED), str(step))
-
-
-def mark_preempted(run_dir: str, step: int) -> None:
-    """Writes ``{run_dir}/preempted`` (stopped by a signal or the stop file after saving ``step``) and
-    removes the stop file, which has been obeyed; rank 0 only."""
-    atomic_write(os.path.join(run_dir, PREEMPTED), str(step))
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(run_dir, STOP_FILE))
-
-
-def is_marked_finished(run_dir: str) -> bool:
-    return os.path.exists(os.path.join(run_dir, FINISHED))
-
-
-def clear_end_markers(run_dir: str) -> None:
-    """Removes ``finished`` and ``preempted`` when a run (re)starts training; rank 0 only."""
-    for name in (FINISHED, PREEMPTED):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(run_dir, name))
-
-
-def stop_file_exists(run_dir: str) -> bool:
-    """Whether ``{run_dir}/SAVE_AND_EXIT`` asks the run to save and exit."""
-    return os.path.exists(os.path.join(run_dir, STOP_FILE))
 
 
 def rng_state() -> dict[str, Any]:
@@ -147,41 +101,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def ema_file_name(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
-    """The file of one rank's EMA state in a checkpoint directory (dp_rank 0 unless ZeRO-3)."""
-    return f"ema_tp{tp_rank:02d}_pp{pp_rank:03d}_dp{dp_rank:05d}.pt"
+class CheckpointContents(Protocol):
+    """The files of one checkpoint beyond DeepSpeed's (``checkpoint_contents.py`` says what they are).
+
+    ``client_state``: what DeepSpeed saves with the engine (step, consumed samples, RNG states). Each
+    method passes every file it writes through ``writing(file)``, which returns it: a failed write is
+    then named."""
+
+    client_state: dict
+
+    def write_rank_files(self, path: str, writing: Callable[[str], str]) -> None:
+        """This rank's own files, after DeepSpeed's."""
+
+    def write_shared_files(self, path: str, writing: Callable[[str], str]) -> dict:
+        """Rank 0, after every rank's files; returns the fields of ``meta.json``."""
 
 
-def save_checkpoint(
-    engine,
-    run_dir: str,
-    step: int,
-    client_state: dict,
-    *,
-    config_yaml: str,
-    tokenizer_model: str,
-    export_state: Optional[dict],
-    export_writer: bool,
-    stage_index: int,
-    num_stages: int,
-    keep_last: int,
-    rank: int,
-    export_ema_state: Optional[dict] = None,
-    ema_state: Optional[dict] = None,
-    ema_file: Optional[str] = None,
-    meta_extra: Optional[dict] = None,
-) -> str:
-    """Saves a checkpoint collectively (every rank calls it); returns its directory.
+def save_checkpoint(engine, run_dir: str, step: int, contents: CheckpointContents, keep_last: int) -> str:
+    """Saves checkpoint ``step`` of ``run_dir`` collectively (every rank calls it); returns its directory.
 
-    ``export_state`` is this stage's canonical weights (from ``model.export``) on the ranks
-    with ``export_writer`` True (data- and tensor-parallel rank 0 of each pipeline stage),
-    and ``export_ema_state`` the same for the EMA weights (None without EMA). ``ema_state``
-    is the EMA state that this rank writes to ``ema_file`` (None on ranks that write none).
-    ``meta_extra`` goes into ``meta.json`` as well (the resolved precision and backend, the tokenizer's
-    sha256 and the data's fingerprints: a resume compares them). A failed write raises
-    :class:`CheckpointSaveError` on every rank, naming the file; ``latest`` then still names the
-    previous checkpoint, and the unfinished directory is removed.
+    DeepSpeed's files, then each rank's files of ``contents``, then rank 0's and ``meta.json`` (its
+    fields, and the manifest: every file and its size), then ``latest``; only the last ``keep_last``
+    are kept. A failed write raises :class:`CheckpointSaveError` on every rank, naming the file;
+    ``latest`` then still names the previous checkpoint, and the unfinished directory is removed.
     """
+    rank = dist.get_rank()
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
     path = os.path.join(root, tag)
@@ -191,82 +135,13 @@ def save_checkpoint(
         if rank == 0:
             log.info("step %d is already saved in %s: not saving it again", step, path)
         return path  # every rank decides alike: latest was written before the last barrier
-
-    def write_files() -> None:
-        """Writes every file of the checkpoint (collective). A failed write on any rank is raised on
-        every rank (:func:`_agree_on_failure`), after the collectives it would have skipped."""
-        failure = getattr(engine, "_card_save_failure", None) or _SaveFailure()
-        failure.file, failure.error = None, None
-        engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
-        failed: Optional[tuple[str, BaseException]] = (failure.file, failure.error) if failure.error else None
-        export_dir = os.path.join(path, "export")
-        if failed is None:
-            file = ""
-            try:
-                if ema_state is not None:
-                    file = os.path.join(path, ema_file)
-                    with atomic_open(file, "wb") as f:
-                        torch.save(ema_state, f)
-                if export_writer and export_state is not None:
-                    os.makedirs(export_dir, exist_ok=True)
-                    file = os.path.join(export_dir, f"stage_{stage_index:03d}.pt")
-                    with atomic_open(file, "wb") as f:
-                        torch.save({"state_dict": export_state, "ema_state_dict": export_ema_state}, f)
-            except (OSError, RuntimeError) as e:
-                failed = (file, e)
-        _agree_on_failure(failed, path, root, previous)
-        if rank == 0:
-            file = os.path.join(export_dir, "model.pt")
-            try:
-                merged: dict[str, torch.Tensor] = {}
-                merged_ema: dict[str, torch.Tensor] = {}
-                for i in range(num_stages):
-                    part = torch.load(os.path.join(export_dir, f"stage_{i:03d}.pt"), weights_only=True)
-                    merged.update(part["state_dict"])
-                    merged_ema.update(part["ema_state_dict"] or {})
-                blob = {"state_dict": merged, "step": step}
-                if merged_ema:
-                    blob["ema_state_dict"] = merged_ema
-                with atomic_open(file, "wb") as f:
-                    torch.save(blob, f)
-                for i in range(num_stages):
-                    os.remove(os.path.join(export_dir, f"stage_{i:03d}.pt"))
-                for file in (os.path.join(path, "config.yaml"), os.path.join(export_dir, "config.yaml")):
-                    atomic_write(file, config_yaml)
-                if tokenizer_model and os.path.exists(tokenizer_model):
-                    for dst in (path, export_dir):
-                        file = os.path.join(dst, "tokenizer.model")
-                        shutil.copyfile(tokenizer_model, file)
-                        sidecar = os.path.splitext(tokenizer_model)[0] + ".tokenizer.json"
-                        if os.path.exists(sidecar):
-                            file = os.path.join(dst, "tokenizer.tokenizer.json")
-                            shutil.copyfile(sidecar, file)
-                files = {
-                    os.path.relpath(os.path.join(d, f), path): os.path.getsize(os.path.join(d, f))
-                    for d, _, names in os.walk(path)
-                    for f in names
-                }
-                meta = {
-                    "step": step,
-                    "consumed_samples": client_state["consumed_samples"],
-                    "data_parallel_size": client_state.get("data_parallel_size"),
-                    "vocab_size": client_state.get("vocab_size"),  # the model's rows (train.init_from keeps its own)
-                    **(meta_extra or {}),
-                    "files": files,
-                }
-                file = os.path.join(path, "meta.json")
-                atomic_write(file, json.dumps(meta, indent=1, sort_keys=True))
-            except (OSError, RuntimeError) as e:
-                failed = (file, e)
-        _agree_on_failure(failed, path, root, previous)
-
     try:
         if rank == 0:
             os.makedirs(root, exist_ok=True)
             if os.path.isdir(path):  # an unfinished save of this step (or a broken checkpoint `latest` names)
                 shutil.rmtree(path)
         dist.barrier()
-        write_files()
+        _write_files(engine, root, tag, contents, previous)
     except CheckpointSaveError:
         if rank == 0:  # never the directory `latest` names: a save never writes into that one
             shutil.rmtree(path, ignore_errors=True)
@@ -278,6 +153,42 @@ def save_checkpoint(
         _prune(root, keep_last)
     dist.barrier()
     return path
+
+
+def _write_files(engine, root: str, tag: str, contents: CheckpointContents, previous: str) -> None:
+    """Writes every file of the checkpoint (collective). A failed write on any rank is raised on
+    every rank (:func:`_agree_on_failure`), after the collectives it would have skipped."""
+    path = os.path.join(root, tag)
+    failure = getattr(engine, "_card_save_failure", None) or SaveFailure()
+    failure.file, failure.error = None, None
+    engine.save_checkpoint(root, tag=tag, client_state=contents.client_state, save_latest=False)
+    failed: Optional[tuple[str, BaseException]] = (failure.file, failure.error) if failure.error else None
+    current = [""]  # the file being written
+
+    def writing(file: str) -> str:
+        current[0] = file
+        return file
+
+    if failed is None:
+        try:
+            contents.write_rank_files(path, writing)
+        except (OSError, RuntimeError) as e:
+            failed = (current[0], e)
+    _agree_on_failure(failed, path, root, previous)
+    if dist.get_rank() == 0:
+        try:
+            meta = contents.write_shared_files(path, writing)
+            files = {
+                os.path.relpath(os.path.join(d, f), path): os.path.getsize(os.path.join(d, f))
+                for d, _, names in os.walk(path)
+                for f in names
+            }
+            atomic_write(
+                writing(os.path.join(path, "meta.json")), json.dumps({**meta, "files": files}, indent=1, sort_keys=True)
+            )
+        except (OSError, RuntimeError) as e:
+            failed = (current[0], e)
+    _agree_on_failure(failed, path, root, previous)
 
 
 class CheckpointSaveError(OSError):
@@ -372,31 +283,6 @@ def _prune(root: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(root, t), ignore_errors=True)
 
 
-def has_ema(path: str) -> bool:
-    """Whether checkpoint ``path`` holds EMA files."""
-    return any(_EMA_FILE.match(f) for f in os.listdir(path))
-
-
-def load_ema_state(path: str, ema_file: str, layout_files: set[str]) -> Optional[dict]:
-    """The EMA state in ``ema_file`` of checkpoint ``path``; None when the checkpoint has no EMA.
-
-    ``layout_files`` are the EMA files that the current layout writes (the same set on every
-    rank, so every rank decides alike). Raises ValueError when the checkpoint's EMA files are
-    another set: the EMA was saved under another layout, and it is not resharded.
-    """
-    found = {f for f in os.listdir(path) if _EMA_FILE.match(f)}
-    if not found:
-        return None
-    if found != layout_files:
-        names = sorted(found)
-        raise ValueError(
-            f"{path} holds the EMA of another parallel layout ({len(names)} files: {', '.join(names[:3])}"
-            f"{', ...' if len(names) > 3 else ''}; this layout needs {len(layout_files)}). The EMA is not resharded: "
-            "resume with the tensor and pipeline sizes (and, under ZeRO-3, the data-parallel size) that saved it"
-        )
-    return safe_load(os.path.join(path, ema_file), map_location="cpu")  # checked like every resume file
-
-
 def saved_config(path: str) -> Optional[Config]:
     """The config that checkpoint ``path`` was saved with (its ``config.yaml``), or None without one."""
     file = os.path.join(path, "config.yaml")
@@ -413,113 +299,3 @@ def saved_meta(path: str) -> dict:
         return {}
     with open(file) as f:
         return json.load(f)
-
-
-# DeepSpeed's plain state classes that its checkpoints pickle (values, no behaviour on load).
-_DEEPSPEED_STATE_CLASSES = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
-
-
-def safe_load(path: str, map_location=None, trust: bool = False, expected: Optional[Callable] = None) -> Any:
-    """``torch.load(path, weights_only=True)`` with DeepSpeed's state classes allowlisted, then checked.
-
-    Raises ValueError naming the file when it holds anything else (a planted payload, or an
-    object this code never saves): the file is refused, nothing in it runs. ``trust`` loads with
-    ``weights_only=False`` instead (train.trust_checkpoint=true: run directories you trust).
-    Whatever loads is then checked by :func:`check_structure` (with ``trust``, other types pass) and,
-    with ``expected`` (``expected(path, obj)``, e.g. :func:`check_against_engine`), against the layout
-    the current model and optimizer need.
-    """
-    if trust:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
-        check_structure(obj, path, (object,))
-    else:
-        obj = _load_weights_only(path, map_location)
-        check_structure(obj, path, tuple(_DEEPSPEED_STATE_CLASSES))
-    if expected is not None:
-        expected(path, obj)
-    return obj
-
-
-def _load_weights_only(path: str, map_location) -> Any:
-    try:
-        with torch.serialization.safe_globals(_DEEPSPEED_STATE_CLASSES):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = next((line for line in lines if "GLOBAL" in line), None)
-        if detail is None:  # not a forbidden object: a damaged file
-            what = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
-            raise ValueError(
-                f"{path} is corrupt ({what}); move {os.path.dirname(path)} out "
-                "of the way to resume from the previous checkpoint"
-            ) from None
-        raise ValueError(
-            f"refusing to load {path}: it holds an object outside the allowlist ({detail}), and loading it could "
-            "run code. Checkpoints saved by this code hold none (those saved before the RNG states were stored as "
-            "tensors hold NumPy arrays). If you trust the run directory, resume with train.trust_checkpoint=true"
-        ) from None
-    except (EOFError, RuntimeError) as e:
-        raise ValueError(
-            f"{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"move {os.path.dirname(path)} out of the way to resume from the previous checkpoint"
-        ) from None
-
-
-class _SaveFailure:
-    """Records the first file whose write failed during a DeepSpeed save, so that the save runs its
-    collectives to the end on every rank and the failure is raised once, everywhere, naming the file."""
-
-    def __init__(self) -> None:
-        self.file: Optional[str] = None
-        self.error: Optional[BaseException] = None
-
-
-def install_safe_io(engine, trust: bool) -> _SaveFailure:
-    """Makes ``engine`` (a DeepSpeed engine) read checkpoint files with :func:`safe_load` (checked
-    against :func:`expected_layout`) and record, instead of raising, a failed write (:func:`save_checkpoint`
-    turns it into one error naming the file). Returns the failure record."""
-    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
-        raise ValueError(
-            f"checkpoint loading is only made safe for DeepSpeed's TorchCheckpointEngine, this engine "
-            f"uses {type(engine.checkpoint_engine).__name__}"
-        )
-    layout: dict = {}
-    own = f"_mp_rank_{engine.checkpoint_mp_rank:02d}_"  # this rank's model-parallel files
-
-    def expected(path: str, obj: Any) -> None:
-        # DeepSpeed also reads other model-parallel ranks' files (the first one, for its metadata; a
-        # pipeline stage's differs in shape): those get the structure checks only.
-        if own not in "_" + os.path.basename(path):
-            return
-        if not layout:
-            layout.update(expected_layout(engine))
-        check_layout(path, obj, layout)
-
-    engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location, trust, expected)
-    failure = _SaveFailure()
-    save = engine.checkpoint_engine.save
-
-    def guarded_save(state_dict, path: str) -> None:
-        if failure.error is not None:
-            return  # the checkpoint is lost already: write nothing more, let the other ranks finish
-        try:
-            save(state_dict, path)
-        except (OSError, RuntimeError) as e:
-            failure.file, failure.error = path, e
-
-    engine.checkpoint_engine.save = guarded_save
-    engine._card_save_failure = failure
-    return failure
-
-
-def load_checkpoint(engine, path: str) -> dict:
-    """Loads a DeepSpeed checkpoint directory saved by :func:`save_checkpoint`; returns the client state.
-
-    The engine must read files through :func:`install_safe_io`."""
-    root, tag = os.path.split(path.rstrip("/"))
-    load_path, client_state = engine.load_checkpoint(
-        root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-    return client_state
