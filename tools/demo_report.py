@@ -17,8 +17,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -28,12 +26,12 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=8, help="CARD's window K (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     args = p.parse_args(argv)
-    from card_megatron import quiet_warnings
+    from card_megatron import cli
 
-    quiet_warnings.install()
+    cli.start_logging(None)  # the start-up note, before Megatron-core is imported
+    from apps.study.decoding import copy_prompts, sweep
+    from apps.study.plans import DecodeSpec, decode_families
     from card_megatron.inference.loading import load_model
-    from card_megatron.study.decoding import copy_prompts, sweep
-    from card_megatron.study.plans import DecodeSpec, decode_families
 
     evals = [json.loads(line) for line in open(os.path.join(args.run_dir, "eval.jsonl")) if line.strip()]
     first, last = evals[0], evals[-1]
