@@ -204,14 +204,19 @@ def parse_options(cls: type, argv: Optional[list[str]] = None, **parser_kwargs: 
 
 
 def start_logging(
-    level: Optional[int | str] = logging.WARNING, fmt: str = "%(levelname)s %(name)s: %(message)s", **kwargs: Any
+    level: Optional[int | str] = logging.WARNING,
+    fmt: str = "%(levelname)s %(name)s: %(message)s",
+    megatron: bool = True,
+    **kwargs: Any,
 ) -> None:
     """Configures logging (``logging.basicConfig``; not when ``level`` is None: an entry point whose
     library configures it, lm-eval's) and installs the Transformer Engine/Apex start-up note
-    (``quiet_warnings``): what every entry point does first, before anything imports Megatron-core."""
+    (``quiet_warnings``): what every entry point does first, before anything imports Megatron-core.
+    ``megatron=False``: the entry point never imports Megatron-core (tokenization), so no note."""
     if level is not None:
         logging.basicConfig(level=level, format=fmt, **kwargs)
-    quiet_warnings.install()
+    if megatron:
+        quiet_warnings.install()
 
 
 def run_tool(

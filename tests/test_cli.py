@@ -103,13 +103,28 @@ def test_run_tool_reports_a_bad_value_with_the_tools_status(capsys):
 LIBRARY_TOOLS = ("generate", "evaluate", "export_hf", "import_hf", "preprocess_data", "build_index")
 
 
-@pytest.mark.parametrize("name", ["generate", "evaluate", "export_hf", "import_hf"])
+@pytest.mark.parametrize("name", ["generate", "evaluate", "export_hf", "import_hf", "preprocess_data"])
 def test_typed_tools_take_their_flags_from_the_options_dataclass(name):
     module = importlib.import_module(f"card_megatron.tools.{name}")
-    parser = module.build_parser()
-    text = parser.format_help()
+    text = module.build_parser().format_help()
     assert "--checkpoint" in text or "--input" in text
     assert "sys.path" not in open(module.__file__).read()
+
+
+def test_preprocess_keeps_megatrons_flags():
+    from card_megatron.tools.preprocess_data import PreprocessCommand
+
+    argv = ["--input", "a.jsonl", "b.txt", "--output-prefix", "o", "--tokenizer-type", "HuggingFaceTokenizer"]
+    opts = cli.parse_options(PreprocessCommand, argv + ["--append-eod", "--workers", "3"])
+    assert (opts.input, opts.json_keys, opts.tokenizer_type, opts.workers) == (
+        ["a.jsonl", "b.txt"],
+        ["text"],
+        "HuggingFaceTokenizer",
+        3,
+    )
+    assert (opts.tokenizer_model_type, opts.append_eod, opts.merge) == ("unigram", True, None)
+    with pytest.raises(SystemExit):
+        cli.parse_options(PreprocessCommand, ["--output-prefix", "o", "--tokenizer-type", "GPT2BPETokenizer"])
 
 
 def test_generate_keeps_its_flags_and_defaults():

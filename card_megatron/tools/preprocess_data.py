@@ -15,20 +15,30 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import sys
 import textwrap
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 from card_megatron import cli
+from card_megatron.cli import at_least, option
 from card_megatron.data.builtin import BUILTIN_CORPORA, BUILTIN_PREFIX
 from card_megatron.data.corpus import DEFAULT_MAX_LINE_BYTES
 from card_megatron.data.preprocess import PreprocessOptions, preprocess
 from card_megatron.data.shards import merge_shards
 from card_megatron.fileio import write_error_message
 from card_megatron.tokenizers import TOKENIZER_TYPES
+
+DESCRIPTION = __doc__.split("\n\n")[0]
+INPUT, TOKENIZER, OUTPUT, RUNTIME = (
+    "input",
+    "tokenizer (SentencePiece or Hugging Face tokenizer.json)",
+    "output",
+    "runtime",
+)
 
 
 def _builtin_help() -> str:
@@ -37,132 +47,83 @@ def _builtin_help() -> str:
     return "built-in corpora (--input builtin:NAME; nothing downloaded, fixed document order):\n" + "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=_builtin_help()
-        + "\n\n"
-        + textwrap.fill(
-            "Outputs {output_prefix}_{key}_document.bin/.idx (Megatron MMIDIDX v1; uint16 tokens when the "
-            "vocabulary is under 65500, else int32), one sequence per document ending with the end-of-document "
-            "id, and {output_prefix}.tokenizer.json with the pad/bos/eos/mask ids, the vocabulary size and, "
-            "under \"inputs\", each input's name, line and document counts, sha256 (of a file's bytes, or of a "
-            "built-in corpus's documents) and a built-in corpus's parameters. "
-            "Files are written under temporary names and renamed only when complete. User errors (bad input "
-            "line, missing key or tokenizer, existing output) exit with status 1 and a message on stderr.",
-            width=100,
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+EPILOG = (
+    _builtin_help()
+    + "\n\n"
+    + textwrap.fill(
+        "Outputs {output_prefix}_{key}_document.bin/.idx (Megatron MMIDIDX v1; uint16 tokens when the "
+        "vocabulary is under 65500, else int32), one sequence per document ending with the end-of-document "
+        "id, and {output_prefix}.tokenizer.json with the pad/bos/eos/mask ids, the vocabulary size and, "
+        "under \"inputs\", each input's name, line and document counts, sha256 (of a file's bytes, or of a "
+        "built-in corpus's documents) and a built-in corpus's parameters. "
+        "Files are written under temporary names and renamed only when complete. User errors (bad input "
+        "line, missing key or tokenizer, existing output) exit with status 1 and a message on stderr.",
+        width=100,
     )
-    g = p.add_argument_group("input")
-    g.add_argument(
-        "--input",
-        nargs="+",
-        metavar="PATH",
-        help="input files or globs (an existing path is a file, even with glob characters in its name): "
-        ".jsonl/.json/.ndjson (one JSON object per line), .txt (one document "
-        "per line), each optionally .gz or .zst; .parquet (read one row group at a time, the "
-        "--json-keys columns only; e.g. FineWeb's 'text'); or a built-in corpus: "
-        + ", ".join(BUILTIN_PREFIX + name for name in BUILTIN_CORPORA)
-        + " (listed below)",
+)
+
+
+@dataclass(kw_only=True)  # in help order: the required --output-prefix among the outputs
+class PreprocessCommand:
+    """``python -m card_megatron.tools.preprocess_data``'s options (``card-preprocess``,
+    ``tools/preprocess_data.py``); the flags follow Megatron-LM's ``tools/preprocess_data.py``."""
+
+    input: Optional[list[str]] = option(None, metavar="PATH", nargs="+", group=INPUT)
+    """Input files or globs (an existing path is a file, even with glob characters in its name):
+    .jsonl/.json/.ndjson (one JSON object per line), .txt (one document per line), each optionally .gz or
+    .zst; .parquet (read one row group at a time, the --json-keys columns only; e.g. FineWeb's 'text'); or
+    a built-in corpus (listed below)."""
+    json_keys: list[str] = option(default_factory=lambda: ["text"], metavar="KEY", nargs="+", group=INPUT)
+    """JSON keys (Parquet: string columns) to tokenize, one output shard per key."""
+    skip_bad_lines: bool = option(False, group=INPUT)
+    """Skip and count lines with invalid JSON, invalid UTF-8 or a missing/non-string key (Parquet: rows with
+    a null or invalid UTF-8 value) instead of stopping with an error naming the file and line (or row group
+    and row)."""
+    max_line_bytes: int = option(
+        DEFAULT_MAX_LINE_BYTES, metavar="N", group=INPUT, default_text=f"{DEFAULT_MAX_LINE_BYTES} = 256 MiB"
     )
-    g.add_argument(
-        "--json-keys",
-        nargs="+",
-        default=["text"],
-        metavar="KEY",
-        help="JSON keys (Parquet: string columns) to tokenize, one output shard per key (default: text)",
-    )
-    g.add_argument(
-        "--skip-bad-lines",
-        action="store_true",
-        help="skip and count lines with invalid JSON, invalid UTF-8 or a missing/non-string key "
-        "(Parquet: rows with a null or invalid UTF-8 value) instead of stopping with an error "
-        "naming the file and line (or row group and row)",
-    )
-    g.add_argument(
-        "--max-line-bytes",
-        type=int,
-        default=DEFAULT_MAX_LINE_BYTES,
-        metavar="N",
-        help="longest JSONL or text line accepted, in bytes (default: %(default)s = 256 MiB); a longer "
-        "line stops the run with an error naming the file and line, even with --skip-bad-lines (it is "
-        "not read to its end, so memory stays bounded)",
-    )
-    g = p.add_argument_group("tokenizer (SentencePiece or Hugging Face tokenizer.json)")
-    g.add_argument(
-        "--tokenizer-model",
-        metavar="PATH",
-        help="an existing SentencePiece .model file or a local Hugging Face tokenizer.json "
-        "(told apart by content; <mask> and any missing eos/bos/pad are appended after the "
-        "vocabulary, see card_megatron/tokenizers/huggingface.py)",
-    )
-    g.add_argument(
-        "--train-tokenizer",
-        action="store_true",
-        help="train a SentencePiece model on the input first and save it as {output_prefix}.model",
-    )
-    g.add_argument(
-        "--vocab-size", type=int, metavar="N", help="vocabulary size for --train-tokenizer (incl. reserved ids)"
-    )
-    g.add_argument(
-        "--tokenizer-type",
-        choices=list(TOKENIZER_TYPES),
-        default=None,
-        help="Megatron's name of the tokenizer kind; when given, --tokenizer-model must be of that kind "
-        "(default: told from the file)",
-    )
-    g.add_argument(
-        "--tokenizer-model-type",
-        choices=["unigram", "bpe"],
-        default="unigram",
-        help="SentencePiece model type for --train-tokenizer (default: unigram)",
-    )
-    g.add_argument(
-        "--tokenizer-sample-sentences",
-        type=int,
-        default=1_000_000,
-        metavar="N",
-        help="--train-tokenizer trains on a deterministic uniform sample of at most N input lines "
-        "(default: 1000000), drawn from the first 10*N lines",
-    )
-    g.add_argument("--seed", type=int, default=0, help="seed of the tokenizer training sample (default: 0)")
-    g = p.add_argument_group("output")
-    g.add_argument(
-        "--output-prefix",
-        required=True,
-        metavar="PREFIX",
-        help="path prefix of the outputs (with --merge: the exact prefix of the merged shard)",
-    )
-    g.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
-    g.add_argument(
-        "--append-eod",
-        action="store_true",
-        help="accepted for Megatron compatibility; the end-of-document id is always appended",
-    )
-    g.add_argument(
-        "--merge",
-        nargs="+",
-        metavar="PREFIX",
-        help="instead of tokenizing, concatenate these existing shards (PREFIX.bin/.idx, same dtype) "
-        "into --output-prefix",
-    )
-    g = p.add_argument_group("runtime")
-    g.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="tokenizer worker processes (default: all CPUs, %(default)s here)",
-    )
-    g.add_argument(
-        "--log-interval",
-        type=float,
-        default=2.0,
-        metavar="SECONDS",
-        help="seconds between progress lines on stderr when it is not a terminal; on a terminal "
-        "a tqdm progress bar with ETA is drawn instead (default: 2)",
-    )
-    return p
+    """Longest JSONL or text line accepted, in bytes; a longer line stops the run with an error naming the
+    file and line, even with --skip-bad-lines (it is not read to its end, so memory stays bounded)."""
+
+    tokenizer_model: Optional[str] = option(None, metavar="PATH", group=TOKENIZER)
+    """An existing SentencePiece .model file or a local Hugging Face tokenizer.json (told apart by content;
+    <mask> and any missing eos/bos/pad are appended after the vocabulary, see
+    card_megatron/tokenizers/huggingface.py)."""
+    train_tokenizer: bool = option(False, group=TOKENIZER)
+    """Train a SentencePiece model on the input first and save it as {output_prefix}.model."""
+    vocab_size: Optional[int] = option(None, metavar="N", range=at_least(1), group=TOKENIZER)
+    """Vocabulary size for --train-tokenizer (incl. reserved ids)."""
+    tokenizer_type: Optional[str] = option(None, choices=lambda: tuple(TOKENIZER_TYPES), group=TOKENIZER)
+    """Megatron's name of the tokenizer kind; when given, --tokenizer-model must be of that kind (default:
+    told from the file)."""
+    tokenizer_model_type: Literal["unigram", "bpe"] = option("unigram", group=TOKENIZER)
+    """SentencePiece model type for --train-tokenizer."""
+    tokenizer_sample_sentences: int = option(1_000_000, metavar="N", range=at_least(1), group=TOKENIZER)
+    """--train-tokenizer trains on a deterministic uniform sample of at most N input lines, drawn from the
+    first 10*N lines."""
+    seed: int = option(0, group=TOKENIZER)
+    """Seed of the tokenizer training sample."""
+
+    output_prefix: str = option(metavar="PREFIX", group=OUTPUT)
+    """Path prefix of the outputs (with --merge: the exact prefix of the merged shard)."""
+    overwrite: bool = option(False, group=OUTPUT)
+    """Replace existing outputs (default: refuse)."""
+    append_eod: bool = option(False, group=OUTPUT)
+    """Accepted for Megatron compatibility; the end-of-document id is always appended."""
+    merge: Optional[list[str]] = option(None, metavar="PREFIX", nargs="+", group=OUTPUT)
+    """Instead of tokenizing, concatenate these existing shards (PREFIX.bin/.idx, same dtype) into
+    --output-prefix."""
+
+    workers: int = option(os.cpu_count() or 1, group=RUNTIME, default_text=f"all CPUs, {os.cpu_count() or 1} here")
+    """Tokenizer worker processes."""
+    log_interval: float = option(2.0, metavar="SECONDS", range=at_least(0), group=RUNTIME)
+    """Seconds between progress lines on stderr when it is not a terminal; on a terminal a tqdm progress
+    bar with ETA is drawn instead."""
+
+
+def build_parser():
+    """The command line, generated from :class:`PreprocessCommand`."""
+    return cli.build_parser(PreprocessCommand, description=DESCRIPTION, epilog=EPILOG)
 
 
 def _terminate(signum, frame):
@@ -170,10 +131,11 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cli.start_logging(logging.INFO, "%(message)s", stream=sys.stderr)
+    args = cli.parse_options(PreprocessCommand, argv, description=DESCRIPTION, epilog=EPILOG)
+    cli.start_logging(logging.INFO, "%(message)s", megatron=False, stream=sys.stderr)  # tokenization only
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        cli.check_options(args)
         if args.merge:
             if args.input:
                 raise ValueError("give either --input or --merge, not both")
