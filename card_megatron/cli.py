@@ -47,6 +47,7 @@ def option(
     nargs: Optional[str] = None,
     choices: Optional[Callable[[], Any]] = None,
     default_text: Optional[str] = None,
+    positional: bool = False,
 ) -> Any:
     """A dataclass field with its command-line details in the metadata. No default: a required flag.
 
@@ -54,7 +55,8 @@ def option(
     ``--no-field-name``); group: the help section; range: the number's bounds; nargs: ``"+"`` for a
     list given once (a list without nargs is a repeatable flag); choices: a callable returning the
     allowed values when they come from a registry (else the ``Literal`` type is used); default_text:
-    how the help shows a default that is computed (``"all CPUs"``)."""
+    how the help shows a default that is computed (``"all CPUs"``); positional: an argument without a
+    flag (a list of them: ``section.key=value`` overrides)."""
     metadata = {
         k: v
         for k, v in dict(
@@ -65,6 +67,7 @@ def option(
             nargs=nargs,
             choices=choices,
             default_text=default_text,
+            positional=positional or None,
         ).items()
         if v is not None
     }
@@ -164,7 +167,14 @@ def build_parser(cls: type, *, description: str = "", epilog: Optional[str] = No
             if group not in groups:
                 groups[group] = parser.add_argument_group(group)
             target = groups[group]
-        target.add_argument(flag_name(f), **kwargs)
+        if f.metadata.get("positional"):
+            kwargs.pop("dest")
+            kwargs.pop("required", None)
+            if kwargs.pop("action", None) == "append":
+                kwargs["nargs"] = "*"
+            target.add_argument(f.name, **kwargs)
+        else:
+            target.add_argument(flag_name(f), **kwargs)
     return parser
 
 
@@ -199,7 +209,8 @@ def check_options(opts: Any) -> None:
 
 def parse_options(cls: type, argv: Optional[list[str]] = None, **parser_kwargs: Any) -> Any:
     """The options dataclass filled from the command line (not yet checked: :func:`check_options`)."""
-    namespace = build_parser(cls, **parser_kwargs).parse_args(argv)
+    # intermixed: positional overrides may come before and after the flags, as for training
+    namespace = build_parser(cls, **parser_kwargs).parse_intermixed_args(argv)
     return cls(**{f.name: getattr(namespace, f.name) for f in option_fields(cls)})
 
 

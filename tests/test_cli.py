@@ -198,3 +198,18 @@ def test_python_m_runs_the_same_main(module):
         [sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env, cwd=REPO, timeout=600
     )
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
+
+
+def test_positional_overrides_build_index():
+    from card_megatron.tools.build_index import BuildIndexOptions
+
+    opts = cli.parse_options(BuildIndexOptions, ["data.split=98,1,1", "--seed", "3", "train.seed=4"])
+    assert (opts.overrides, opts.seed, opts.valid_samples, opts.log_level) == (
+        ["data.split=98,1,1", "train.seed=4"],
+        3,
+        0,
+        "INFO",
+    )
+    assert cli.parse_options(BuildIndexOptions, []).overrides == []
+    with pytest.raises(ConfigError, match=r"--valid-samples \(-1\) must be >= 0"):
+        cli.check_options(BuildIndexOptions(valid_samples=-1))

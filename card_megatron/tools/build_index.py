@@ -13,34 +13,55 @@ Example:
 
 from __future__ import annotations
 
-import argparse
+import logging
 import sys
 import time
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 from card_megatron import cli
+from card_megatron.cli import at_least, option
 from card_megatron.config import load_config
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="config overrides section.key=value (e.g. data.split=98,1,1)")
-    p.add_argument("--config", help="YAML config file (as for training)")
-    p.add_argument("--data-path", help="shard prefix, or 'w1 prefix1 w2 prefix2 ...' (data.data_path)")
-    p.add_argument("--split", help="train,valid,test document weights (data.split), e.g. 969,30,1")
-    p.add_argument("--cache-dir", help="index cache directory (data.cache_dir; default {first prefix}_index_cache)")
-    p.add_argument("--seq-length", type=int, help="sequence length L; samples hold L+1 tokens (model.seq_length)")
-    p.add_argument("--seed", type=int, help="global seed of the shuffles and noise seeds (train.seed)")
-    p.add_argument("--train-samples", type=int, help="train samples (default train_iters x global_batch_size)")
-    p.add_argument("--valid-samples", type=int, default=0, help="valid samples (default 0: not built)")
-    p.add_argument("--test-samples", type=int, default=0, help="test samples (default 0: not built)")
-    p.add_argument("--lock-timeout", type=float, default=3600.0, help="seconds to wait for another builder")
-    p.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
-    return p.parse_args(argv)
+@dataclass
+class BuildIndexOptions:
+    """``python -m card_megatron.tools.build_index``'s options (``card-build-index``, ``tools/build_index.py``);
+    unset values come from --config and the overrides, as for training."""
+
+    overrides: list[str] = option(default_factory=list, positional=True)
+    """Config overrides section.key=value (e.g. data.split=98,1,1)."""
+    config: Optional[str] = None
+    """YAML config file (as for training)."""
+    data_path: Optional[str] = None
+    """Shard prefix, or 'w1 prefix1 w2 prefix2 ...' (data.data_path)."""
+    split: Optional[str] = None
+    """train,valid,test document weights (data.split), e.g. 969,30,1."""
+    cache_dir: Optional[str] = None
+    """Index cache directory (data.cache_dir; default {first prefix}_index_cache)."""
+    seq_length: Optional[int] = option(None, range=at_least(1))
+    """Sequence length L; samples hold L+1 tokens (default: model.seq_length)."""
+    seed: Optional[int] = None
+    """Global seed of the shuffles and noise seeds (default: train.seed)."""
+    train_samples: Optional[int] = option(None, range=at_least(0))
+    """Train samples (default: train_iters x global_batch_size)."""
+    valid_samples: int = option(0, range=at_least(0))
+    """Valid samples (0: not built)."""
+    test_samples: int = option(0, range=at_least(0))
+    """Test samples (0: not built)."""
+    lock_timeout: float = option(3600.0, range=at_least(0))
+    """Seconds to wait for another builder."""
+    log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
+    """Logging level."""
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cli.start_logging(args.log_level.upper(), "%(asctime)s %(name)s: %(message)s")
+def build_parser():
+    """The command line, generated from :class:`BuildIndexOptions`."""
+    return cli.build_parser(BuildIndexOptions, description=__doc__)
+
+
+def run(args: BuildIndexOptions) -> int:
+    """Builds the index of every requested split and prints where it is."""
     cfg = load_config(args.config, args.overrides)
     data = cfg.data
     for flag, field in (("data_path", "data_path"), ("split", "split"), ("cache_dir", "cache_dir")):
@@ -61,6 +82,18 @@ def main(argv: list[str] | None = None) -> None:
         where = ds.entry_dir or "(nothing requested)"
         print(f"{split:5s} {len(ds):>14,} samples of {seq_length}+1 tokens  {where}")
     print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run_tool(
+        BuildIndexOptions,
+        run,
+        argv,
+        description=__doc__,
+        log_level=logging.INFO,
+        log_format="%(asctime)s %(name)s: %(message)s",
+    )
 
 
 if __name__ == "__main__":
