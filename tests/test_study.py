@@ -118,7 +118,19 @@ def test_smoke_plan_end_to_end_and_restart(tmp_path, tiny_corpus):
     assert above_one and all(r["same_as_first"] == 1.0 for r in above_one)
     assert len(report["decoding"]["curve"]["points"]) == 2
     assert report["decoding"]["copy"]["rows"]
+    # verify mode for every CARD run of the main corpus (issue 20): lossless by construction
+    decoded = report["decoding"]["variants"]["runs"]
+    assert set(decoded) == {r.name for r in plan.runs if r.corpus == "main" and r.objective == "card"}
+    for name, part in decoded.items():
+        assert [r["setting"] for r in part["rows"]] == ["ar", "verify K=4"], name
+        assert part["rows"][1]["same_as_first"] == 1.0 and part["rows"][1]["tokens_per_forward"] >= 1.0
+    full = next(v for v in report["variants"] if v["runs"] == ["card-s0"])
+    assert full["verify"]["4"]["n"] == 1 and full["verify_identical"] == 1.0
+    # the noise floor of the sampled rule: sampled AR with 2 seeds, judged
+    seeds = main["sampled"]["ar_seeds"]
+    assert [r["seed"] for r in seeds] == [0, 1] and all(r["judge_ppl"] > 0 for r in seeds)
     md = (out / "study.md").read_text()
+    assert "Verify mode per variant" in md and "Sampled AR alone, 2 sampling seeds" in md
     for heading in ("Data efficiency", "Training cost", "Ablations", "Decoding", "Synthetic copy"):
         assert heading in md
     for png in ("perplexity.png", "ablations.png", "decoding.png", "curve.png"):

@@ -83,6 +83,9 @@ def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]
             res[mode] = {"rows": rows, "best": None if greedy else dec.best_within(rows)}
             if greedy:
                 res[mode]["identical"] = dec.best_identical(rows)
+        if judge is not None and spec.ar_sampling_seeds > 1:
+            seeds = range(spec.ar_sampling_seeds)
+            res["sampled"]["ar_seeds"] = dec.sampled_ar_spread(model, judge, prompts, spec, seeds)
         return res
 
     part("main", [card_ckpt, arm_ckpt], main_part)
@@ -114,6 +117,19 @@ def _measure_decoding(plan: Plan, out: str, corpora: dict, runs: dict[str, dict]
         return {"points": points}
 
     part("curve", ckpts + [arm_ckpt], curve_part)
+
+    studied = [r for r in plan.runs if r.corpus == MAIN and r.objective == STUDIED]
+    variant_ckpts = {r.name: latest_checkpoint(run_dir(out, r)) for r in studied}
+
+    def variants_part():
+        runs_out = {}
+        for name, ck in variant_ckpts.items():
+            model = _load(ck)
+            prompts = dec.main_prompts(corpora[MAIN].data_path, split, model.tokenizer, spec)
+            runs_out[name] = {"checkpoint": ck, "rows": dec.verify_rows(model, prompts, spec)}
+        return {"runs": runs_out}
+
+    part("variants", [f"{n}={c}" for n, c in sorted(variant_ckpts.items())], variants_part)
 
     copy_card = [r for r in plan.runs if r.corpus == COPY and r.objective == STUDIED]
     if copy_card:

