@@ -101,6 +101,7 @@ def test_run_tool_reports_a_bad_value_with_the_tools_status(capsys):
 
 
 LIBRARY_TOOLS = ("generate", "evaluate", "export_hf", "import_hf", "preprocess_data", "build_index")
+MODULES = [f"card_megatron.tools.{n}" for n in LIBRARY_TOOLS] + ["apps.study", "apps.demo.report"]
 
 
 @pytest.mark.parametrize("name", ["generate", "evaluate", "export_hf", "import_hf", "preprocess_data"])
@@ -191,7 +192,7 @@ def test_every_tool_help_works(script):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", [f"card_megatron.tools.{n}" for n in LIBRARY_TOOLS] + ["apps.study"])
+@pytest.mark.parametrize("module", MODULES)
 def test_python_m_runs_the_same_main(module):
     env = {**os.environ, "PYTHONPATH": REPO}
     r = subprocess.run(
