@@ -29,9 +29,24 @@ setup(
     version="0.1.0",
     description="Pretraining for CARD (causal autoregressive diffusion) and its ARM/MDLM/BD3LM baselines "
     "on Megatron-core and DeepSpeed",
-    packages=find_packages(include=["card_megatron", "card_megatron.*"]),
+    # the library, and the applications built on it (apps/study: the study); the library never imports apps
+    packages=find_packages(include=["card_megatron", "card_megatron.*", "apps", "apps.*"]),
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
+    # python tools/X.py and python -m card_megatron.tools.X run the same main()
+    entry_points={
+        "console_scripts": [
+            "card-train=card_megatron.train:main",
+            "card-preprocess=card_megatron.tools.preprocess_data:main",
+            "card-build-index=card_megatron.tools.build_index:main",
+            "card-generate=card_megatron.tools.generate:main",
+            "card-evaluate=card_megatron.tools.evaluate:main",
+            "card-export-hf=card_megatron.tools.export_hf:main",
+            "card-import-hf=card_megatron.tools.import_hf:main",
+            "card-lm-eval=card_megatron.tools.run_lm_eval:main",
+            "card-study=apps.study.main:main",
+        ]
+    },
     python_requires=">=3.11",
     install_requires=[
         "torch==2.13.0",

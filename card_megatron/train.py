@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from card_megatron import quiet_warnings
+from card_megatron import cli
 from card_megatron.config import ConfigError, config_help, load_config
 from card_megatron.fileio import atomic_write
 
@@ -42,14 +42,12 @@ def main(argv=None) -> int:
         print(config_help())
         return 0
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(message)s",
-        datefmt="%H:%M:%S",
+    # logging, and the start-up note before anything imports Megatron-core (the one entry helper)
+    cli.start_logging(
+        logging.INFO if rank == 0 else logging.WARNING, f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S"
     )
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "megatron"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    quiet_warnings.install()  # before anything imports Megatron-core
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -40,6 +40,8 @@ die() { echo "preprocess.sh: error: $*" >&2; exit 1; }
 if [[ -n "${SLURM_JOB_ID:-}" ]]; then ROOT=$SLURM_SUBMIT_DIR; else ROOT=$(pwd); fi
 cd "$ROOT"
 PYTHON=${PYTHON:-python}
+# the tool imports card_megatron from this checkout (as slurm/pretrain.sh), installed or not
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 TOOL=${PREPROCESS_TOOL:-tools/preprocess_data.py}
 
 # The input files of LIST_FILE, without blank lines and comments, into the array INPUTS.

@@ -80,9 +80,9 @@ def test_exact_for_causal_and_bound_for_mdlm(single_process, setup):  # noqa: F8
 
 
 def evaluate_main():
-    import runpy
+    from card_megatron.tools.evaluate import main  # what tools/evaluate.py runs
 
-    return runpy.run_path(os.path.join(REPO, "tools", "evaluate.py"))["main"]
+    return main
 
 
 def test_outputs_and_shards_checked_before_loading(setup, tmp_path, monkeypatch, capsys):

@@ -15,6 +15,7 @@ procedure with model seeds 5-14, its three configurations; x86 CPU); rtol = atol
 """
 
 import dataclasses
+import importlib
 import importlib.util
 import os
 
@@ -274,11 +275,14 @@ def test_cuda_graphs_needs_the_lean_path():
         CausalDecodeConfig(cuda_graphs=True, lean=False)
 
 
-@pytest.mark.parametrize("tool", ["generate.py", "benchmark_generate.py"])
+@pytest.mark.parametrize("tool", ["card_megatron.tools.generate", "tools/benchmark_generate.py"])
 def test_cuda_graphs_flag_in_help(tool):
-    spec = importlib.util.spec_from_file_location(f"tool_{tool[:-3]}", os.path.join(REPO, "tools", tool))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    if tool.endswith(".py"):  # a script of tools/
+        spec = importlib.util.spec_from_file_location("tool_benchmark", os.path.join(REPO, tool))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(tool)
     parser = module.build_parser()
     text = " ".join(parser.format_help().split())
     assert "--cuda-graphs" in text and "CPU" in text

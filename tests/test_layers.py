@@ -20,13 +20,13 @@ LAYERS = (
     ("fileio", "lock", "noise", "quiet_warnings", "config_checks", "rundir"),  # foundation
     ("tokenizers", "objectives"),  # each objective's maths, traits and config section; the tokenizers
     ("config",),  # the typed tree: composes every section (the objective's from objectives/)
+    ("cli",),  # options dataclasses -> command lines, checked like the config; the one entry helper
     ("data", "parallel"),
     ("model",),
     ("training",),
     ("inference",),
     ("eval", "interop"),  # evaluation; export, import and the transformers anchor
-    ("study",),
-    ("train", "launch_check"),  # entry points
+    ("train", "launch_check", "tools"),  # entry points: the trainer's and the tools' (card_megatron/tools/)
 )
 
 
@@ -144,6 +144,17 @@ def test_no_module_imports_another_modules_private_names():
                         if alias.name != "_indexer":  # the compiled extension module
                             wrong.append(f"{os.path.relpath(path, REPO)}:{node.lineno}: {node.module}.{alias.name}")
     assert not wrong, "private names imported across modules (make them public or move them):\n  " + "\n  ".join(wrong)
+
+
+def test_the_library_does_not_import_the_apps():
+    """apps/ (the study) is built on the library, never the other way round (lingua's apps/)."""
+    wrong = []
+    for path in module_files().values():
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            wrong += [f"{os.path.relpath(path, REPO)}:{node.lineno}: {n}" for n in names if n.split(".")[0] == "apps"]
+    assert not wrong, "the library imports apps/:\n  " + "\n  ".join(wrong)
 
 
 def test_the_checks_catch_a_cycle_and_an_upward_arrow():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from card_megatron.study.plans import COPY, MAIN, PLANS
+from apps.study.plans import COPY, MAIN, PLANS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,8 +47,8 @@ def test_plans_measure_like_with_like():
     """Every run of a plan validates on the same sequences (one data.valid_seed, not the run's seed),
     the probe counts confidence at every tau the plan's sweep uses, the decoder-aware ablation is in
     the cpu plan beside full CARD and strict tail, and verify mode joins the families once it exists."""
-    from card_megatron.study import plans
-    from card_megatron.study.runner import Corpus, planned_config
+    from apps.study import plans
+    from apps.study.runner import Corpus, planned_config
     from card_megatron.training.diagnostics import PROBE_THRESHOLDS
 
     corpus = Corpus("data_text_document", "data.model")
@@ -74,8 +74,8 @@ def test_decoding_rows_of_the_families():
     """Forced rows get K // f passes per block of K as a per-sequence max_steps and are labelled; the
     headline of a greedy sweep is the most tokens per forward with output identical to AR, never a
     forced row; the sampled headline ranks unforced threshold rows by judge perplexity."""
-    from card_megatron.study import decoding as dec
-    from card_megatron.study.plans import DecodeFamily, DecodeSpec, decode_families
+    from apps.study import decoding as dec
+    from apps.study.plans import DecodeFamily, DecodeSpec, decode_families
 
     spec = DecodeSpec(2, 8, 48, (0.5, 2.0), (4, 8), families=decode_families(2))
     settings = dec._settings(None, spec, {"max_new_tokens": 48}, spec.windows, spec.thresholds, 48)
@@ -158,8 +158,7 @@ def test_runs_are_reused_only_with_the_plans_config_and_inputs(tmp_path):
     refused, naming the run and what differs; equal ones pass, runs never started are ignored."""
     import json
 
-    from card_megatron.config import config_from_dict, save_config
-    from card_megatron.study.runner import (
+    from apps.study.runner import (
         RUN_RECORD,
         Corpus,
         StudyError,
@@ -168,6 +167,7 @@ def test_runs_are_reused_only_with_the_plans_config_and_inputs(tmp_path):
         planned_config,
         run_dir,
     )
+    from card_megatron.config import config_from_dict, save_config
 
     def write_shard(prefix, content):  # the fingerprint reads sizes, mtimes and the .idx bytes only
         for ext in (".bin", ".idx"):
@@ -208,8 +208,8 @@ def test_adapt_plan_end_to_end_with_a_tiny_llama_and_restart(tmp_path):
     keeps everything."""
     import itertools
 
+    from apps.study.adapt import ADAPT_PLANS, AdaptPlan, run_adapt
     from card_megatron.data.corpus import builtin_documents
-    from card_megatron.study.adapt import ADAPT_PLANS, AdaptPlan, run_adapt
     from tests.test_hf_tokenizer import train_bpe
     from tests.test_import_hf import llama_dir
 

@@ -35,8 +35,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 PROMPTS = [
     "",
     "The default value of",
@@ -180,9 +178,9 @@ def _plot(rows, path):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from card_megatron import quiet_warnings
+    from card_megatron import cli
 
-    quiet_warnings.install()
+    cli.start_logging(None)  # the start-up note, before Megatron-core is imported
     import torch
 
     from card_megatron.inference.causal import CausalDecodeConfig
@@ -273,10 +271,10 @@ def _anchor_models(args, dtype):
     """(label, loaded model, transformers model, prompts, max new tokens) for the checkpoint and the random model."""
     import yaml
 
+    from apps.study.decoding import copy_prompts
+    from apps.study.plans import DecodeSpec
     from card_megatron.inference.loading import load_model
     from card_megatron.interop.anchor import hf_model, random_export
-    from card_megatron.study.decoding import copy_prompts
-    from card_megatron.study.plans import DecodeSpec
 
     os.makedirs(args.work_dir, exist_ok=True)
     out = []

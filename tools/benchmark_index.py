@@ -125,9 +125,9 @@ def measure(what: str, args: argparse.Namespace) -> dict:
 
 def read_benchmark(shard_tokens: int, seq_length: int, num_reads: int) -> dict:
     """Builds a real shard in a temp dir, indexes it, and times random dataset[k] reads."""
-    from card_megatron import quiet_warnings
+    from card_megatron import cli
 
-    quiet_warnings.install()
+    cli.start_logging(None)  # the start-up note, before Megatron-core is imported
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from card_megatron.config import DataConfig

@@ -22,8 +22,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 IMPLEMENTATIONS = ("megatron", "chunked")
 
 
@@ -48,9 +46,9 @@ def _rss_kib(field: str) -> int:
 
 
 def child(impl: str, vocab: int, dtype_name: str, args) -> dict:
-    from card_megatron import quiet_warnings
+    from card_megatron import cli
 
-    quiet_warnings.install()
+    cli.start_logging(None)  # the start-up note, before Megatron-core is imported
     import torch
 
     from card_megatron.parallel.state import init_single_process

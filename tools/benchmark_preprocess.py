@@ -25,8 +25,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from card_megatron.data.corpus import builtin_documents
 from card_megatron.data.shards import TokenShard
 from card_megatron.tokenizers import load_tokenizer, tokenizer_from_serialized, train_tokenizer

@@ -35,7 +35,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 from card_megatron.objectives import objective_names  # noqa: E402
@@ -88,9 +87,9 @@ def _cuda() -> bool:
 def child(args) -> dict:
     import resource
 
-    from card_megatron import quiet_warnings
+    from card_megatron import cli
 
-    quiet_warnings.install()
+    cli.start_logging(None)  # the start-up note, before Megatron-core is imported
     import torch
 
     from card_megatron.config import ParallelConfig, load_config
@@ -393,9 +392,9 @@ def anchor_child(args) -> dict:
     """Times our Trainer's step and each plain-PyTorch step, interleaved; returns their median times."""
     import tempfile
 
-    from card_megatron import quiet_warnings
+    from card_megatron import cli
 
-    quiet_warnings.install()
+    cli.start_logging(None)  # the start-up note, before Megatron-core is imported
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     from card_megatron.config import load_config

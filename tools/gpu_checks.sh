@@ -70,7 +70,7 @@ if [ -z "${DRY_RUN:-}" ]; then
     else
       echo "CPU mode: $(nproc) cores"
     fi
-    "$PY" -c "from card_megatron import quiet_warnings; quiet_warnings.install()
+    "$PY" -c "from card_megatron import cli; cli.start_logging(None)
 import torch, deepspeed, megatron.core
 print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'megatron-core', megatron.core.__version__)"
   } 2>&1 | tee "$OUT/device.txt"

@@ -30,7 +30,7 @@ without a step limit runs :func:`_decode_ar`, the same passes without the window
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
 
@@ -38,7 +38,8 @@ from card_megatron import noise
 from card_megatron.inference import sampling, verify
 from card_megatron.inference.cache import ModelCache, StaticShapes
 
-COMMIT_POLICIES = ("prefix", "any", "verify")
+CommitPolicy = Literal["prefix", "any", "verify"]
+COMMIT_POLICIES = get_args(CommitPolicy)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class CausalDecodeConfig:
 
     window: int = 8
     threshold: float = 0.9
-    commit_policy: str = "prefix"
+    commit_policy: CommitPolicy = "prefix"
     max_steps: Optional[int] = None
     lean: bool = True  # run the model through inference/lean.py (False: Megatron's modules, the reference)
     cuda_graphs: bool = False  # static shapes, captured as CUDA graphs on a GPU (needs lean)

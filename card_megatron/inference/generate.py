@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence, get_args
 
 import torch
 
@@ -27,7 +27,8 @@ from card_megatron.objectives import objective_names, objective_traits
 
 log = logging.getLogger(__name__)
 
-DECODINGS = ("card", "ar", "mdlm", "bd3lm")  # which fit a checkpoint: its objective's traits.decoders
+Decoding = Literal["card", "ar", "mdlm", "bd3lm"]
+DECODINGS = get_args(Decoding)  # which fit a checkpoint: its objective's traits.decoders
 
 
 @dataclass
@@ -39,7 +40,7 @@ class GenerationConfig:
     prompt + max_new_tokens accepted (default model.seq_length).
     """
 
-    decoding: Optional[str] = None
+    decoding: Optional[Decoding] = None
     max_new_tokens: int = 64
     batch_size: int = 8
     sampling: sampling.SamplingConfig = field(default_factory=sampling.SamplingConfig)

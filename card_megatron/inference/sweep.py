@@ -1,6 +1,6 @@
 """Decoding settings measured side by side: speed, forward passes and quality in one table.
 
-Used by ``tools/benchmark_generate.py`` and the study (``card_megatron/study``). Every
+Used by ``tools/benchmark_generate.py`` and the study (``apps/study``). Every
 setting generates from the same prompts and seeds; the settings run round-robin in one
 process so that load changes hit all alike, and ratios (speed-up over the first
 setting, normally AR with its KV cache) are comparable while absolute numbers are not.

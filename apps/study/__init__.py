@@ -17,10 +17,10 @@ import sys
 import time
 from typing import Optional
 
-from card_megatron.study import decoding as dec
-from card_megatron.study import report
-from card_megatron.study.plans import COPY, MAIN, PLANS, STUDIED, Plan, get_plan
-from card_megatron.study.runner import StudyError, check_reuse, is_finished, prepare_corpora, run_dir, train_all
+from apps.study import decoding as dec
+from apps.study import report
+from apps.study.plans import COPY, MAIN, PLANS, STUDIED, Plan, get_plan
+from apps.study.runner import StudyError, check_reuse, is_finished, prepare_corpora, run_dir, train_all
 
 __all__ = ["PLANS", "Plan", "StudyError", "get_plan", "run_study"]
 

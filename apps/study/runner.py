@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from apps.study.plans import COPY, MAIN, Plan, RunSpec
 from card_megatron.fileio import file_sha256
-from card_megatron.study.plans import COPY, MAIN, Plan, RunSpec
 
 log = logging.getLogger("card_megatron.study")
 

@@ -14,9 +14,9 @@ from typing import Optional
 
 import yaml
 
+from apps.study.plans import FULL_CARD, REFERENCE, STUDIED, Plan, RunSpec
 from card_megatron.fileio import atomic_open, atomic_write
 from card_megatron.objectives import objective_names, objective_traits
-from card_megatron.study.plans import FULL_CARD, REFERENCE, STUDIED, Plan, RunSpec
 
 PROBE_KS = (0, 1, 2, 3, 5, 7)
 
@@ -77,7 +77,7 @@ def _spread(values: list[float]) -> dict:
 
 
 def summarise(plan: Plan, runs: dict[str, dict], decoding: dict) -> dict:
-    """The report's tables as data (see the module docstring of ``card_megatron.study``)."""
+    """The report's tables as data (see the module docstring of ``apps.study``)."""
 
     def final(r, key):
         return r["final"].get(key) if r.get("final") else None

@@ -28,7 +28,7 @@ import dataclasses
 import os
 from typing import Optional
 
-from card_megatron.study.plans import THRESHOLD, DecodeSpec
+from apps.study.plans import THRESHOLD, DecodeSpec
 
 
 def held_out_documents(data_path: str, split: str, count: int) -> list[list[int]]:

@@ -31,9 +31,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from apps.study.plans import MAIN, DecodeSpec, Plan, RunSpec, decode_families
+from apps.study.runner import Corpus, StudyError, is_finished, run_dir, train_all
 from card_megatron.fileio import atomic_write
-from card_megatron.study.plans import MAIN, DecodeSpec, Plan, RunSpec, decode_families
-from card_megatron.study.runner import Corpus, StudyError, is_finished, run_dir, train_all
 
 log = logging.getLogger("card_megatron.study")
 
@@ -201,7 +201,7 @@ def _load(path: str):
 def measure_checkpoints(plan: AdaptPlan, out: str, corpus: Corpus, split: str) -> dict:
     """Stage 4: decoding of the import (step 0: the mask row never trained) and at every checkpoint of
     the CARD run (cached per checkpoint)."""
-    from card_megatron.study import decoding as dec
+    from apps.study import decoding as dec
 
     path = os.path.join(out, "adapt_decoding.json")
     cached = json.load(open(path)) if os.path.exists(path) else {}
@@ -225,14 +225,14 @@ def measure_checkpoints(plan: AdaptPlan, out: str, corpus: Corpus, split: str) -
 
 
 def _evals(run_directory: str) -> dict[int, dict]:
-    from card_megatron.study.report import read_step_records
+    from apps.study.report import read_step_records
 
     return {e["step"]: e for e in read_step_records(os.path.join(run_directory, "eval.jsonl"))}
 
 
 def report(plan: AdaptPlan, out: str, decoding: dict, meta: dict) -> dict:
     """Stage 5: ``adapt.json`` (every number) and ``adapt.md`` (the table), from the run directories."""
-    from card_megatron.study.report import collect_run
+    from apps.study.report import collect_run
 
     runs = {r.name: collect_run(run_dir(out, r), r) for r in _runs(out)}
     card, arm = _evals(run_dir(out, _runs(out)[0])), _evals(run_dir(out, _runs(out)[1]))
@@ -294,7 +294,7 @@ def report(plan: AdaptPlan, out: str, decoding: dict, meta: dict) -> dict:
 
 def run_adapt(plan: AdaptPlan, out: str, source: Optional[str] = None, python: str = sys.executable) -> dict:
     """Runs (or resumes) an adapt plan into ``out``; returns the report."""
-    from card_megatron.study import machine_description
+    from apps.study import machine_description
 
     t0 = time.monotonic()
     os.makedirs(out, exist_ok=True)

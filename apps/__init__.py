@@ -1,0 +1,1 @@
+"""Applications built on the card_megatron library (lingua's ``apps/``): the library never imports them."""

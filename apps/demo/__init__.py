@@ -1,0 +1,1 @@
+"""``make demo``'s report (``tools/demo.sh`` runs ``tools/demo_report.py``)."""
