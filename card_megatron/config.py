@@ -164,6 +164,10 @@ class TrainConfig:
     """Training precision; auto = bf16 on GPU, fp32 on CPU."""
     save_interval: int = 0
     """Save a checkpoint every this many steps; 0 = only at the end or on a signal."""
+    export_interval: int = 1
+    """Write the export (export/: safetensors shards per TP/PP rank and their index) at every this many
+    saves: 1 = every save, N = the saves at multiples of N x save_interval, 0 = only the final save;
+    always at the end of the run (large models: 0 or N)."""
     keep_last_checkpoints: int = 3
     """Checkpoints kept in the run directory (older ones are deleted)."""
     exit_interval: int = 0
@@ -511,6 +515,7 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "train.global_batch_size": (1, _INF, True, False, ""),
     "train.seed": (0, 2**64 - 1, True, True, ""),
     "train.save_interval": (0, _INF, True, False, " (0 = only at the end)"),
+    "train.export_interval": (0, _INF, True, False, " (0 = only the final save)"),
     "train.keep_last_checkpoints": (1, _INF, True, False, ""),
     "train.exit_interval": (0, _INF, True, False, " (0 = off)"),
     "train.log_interval": (1, _INF, True, False, ""),
@@ -643,6 +648,7 @@ RESUMABLE = frozenset(
         "train.micro_batch_size",
         "train.run_dir",
         "train.save_interval",
+        "train.export_interval",
         "train.keep_last_checkpoints",
         "train.exit_interval",
         "train.log_interval",

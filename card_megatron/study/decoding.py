@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from card_megatron.rundir import has_export
 from card_megatron.study.plans import THRESHOLD, DecodeSpec
 
 
@@ -144,9 +145,5 @@ def checkpoints_of(run_dir: str) -> list[str]:
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
-    steps = sorted(
-        d
-        for d in os.listdir(root)
-        if d.startswith("step_") and os.path.exists(os.path.join(root, d, "export", "model.pt"))
-    )
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step_") and has_export(os.path.join(root, d, "export")))
     return [os.path.join(root, d) for d in steps]

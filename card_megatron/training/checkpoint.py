@@ -13,8 +13,12 @@ Layout of ``{run_dir}/checkpoints``::
         config.yaml             the resolved config (a resume compares it: config.resume_changes)
         meta.json               step, consumed samples, data-parallel size
         tokenizer.model         the tokenizer the run used
-        export/model.pt         consolidated weights, canonical names, loadable under any layout
-                                (with an EMA, also ``ema_state_dict``: the EMA weights, gathered alike)
+        export/                 canonical weights, loadable under any layout (model/sharded_export.py):
+                                one safetensors shard per (tensor, pipeline) rank, written in parallel
+                                by data-parallel rank 0 of each, no gathering (with an EMA, the EMA
+                                weights sharded alike), config.yaml, tokenizer.model, and the index
+                                model.index.json, written last; only at the saves that
+                                ``train.export_interval`` picks (:func:`export_due`)
         ema_tp*_pp*_dp*.pt      with an EMA: the fp32 EMA of one rank's local parameters, one file
                                 per (tensor, pipeline) rank; per data-parallel rank only under ZeRO-3
         meta.json               step, consumed samples, vocabulary rows and the manifest (every
@@ -68,7 +72,15 @@ from deepspeed.utils.tensor_fragment import fragment_address
 
 from card_megatron.config import Config, config_from_dict
 from card_megatron.fileio import atomic_open, atomic_write
-from card_megatron.rundir import checkpoint_problem, checkpoints_dir, is_checkpoint_tag, tag_for
+from card_megatron.model.sharded_export import ShardPart, shard_file, write_index, write_shards
+from card_megatron.rundir import (
+    EXPORT_INDEX,
+    checkpoint_problem,
+    checkpoints_dir,
+    has_export,
+    is_checkpoint_tag,
+    tag_for,
+)
 from card_megatron.training.checkpoint_checks import (  # noqa: F401 (re-exported: the checks of safe_load)
     MAX_DEPTH,
     CheckpointContentError,
@@ -160,22 +172,19 @@ def save_checkpoint(
     *,
     config_yaml: str,
     tokenizer_model: str,
-    export_state: Optional[dict],
-    export_writer: bool,
-    stage_index: int,
-    num_stages: int,
+    export: Optional[ShardPart],
     keep_last: int,
     rank: int,
-    export_ema_state: Optional[dict] = None,
     ema_state: Optional[dict] = None,
     ema_file: Optional[str] = None,
     meta_extra: Optional[dict] = None,
 ) -> str:
     """Saves a checkpoint collectively (every rank calls it); returns its directory.
 
-    ``export_state`` is this stage's canonical weights (from ``model.export``) on the ranks
-    with ``export_writer`` True (data- and tensor-parallel rank 0 of each pipeline stage),
-    and ``export_ema_state`` the same for the EMA weights (None without EMA). ``ema_state``
+    ``export`` is this rank's part of the export (its pieces of the canonical weights and EMA,
+    :func:`model.sharded_export.local_pieces`; empty on data-parallel ranks other than 0), or None
+    on every rank when this save writes no export. Each rank writes its shards; after a barrier
+    rank 0 writes the index, last. ``ema_state``
     is the EMA state that this rank writes to ``ema_file`` (None on ranks that write none).
     ``meta_extra`` goes into ``meta.json`` as well (the resolved precision and backend, the tokenizer's
     sha256 and the data's fingerprints: a resume compares them). A failed write raises
@@ -207,40 +216,38 @@ def save_checkpoint(
                     file = os.path.join(path, ema_file)
                     with atomic_open(file, "wb") as f:
                         torch.save(ema_state, f)
-                if export_writer and export_state is not None:
-                    os.makedirs(export_dir, exist_ok=True)
-                    file = os.path.join(export_dir, f"stage_{stage_index:03d}.pt")
-                    with atomic_open(file, "wb") as f:
-                        torch.save({"state_dict": export_state, "ema_state_dict": export_ema_state}, f)
+                if export is not None:
+                    file = os.path.join(export_dir, shard_file("weights", export.tp_rank, export.pp_rank))
+                    write_shards(export_dir, export)
             except (OSError, RuntimeError) as e:
-                failed = (file, e)
-        _agree_on_failure(failed, path, root, previous)
+                failed = ((e.filename if isinstance(e, OSError) and e.filename else file), e)
+        _agree_on_failure(failed, path, root, previous)  # a barrier: every shard is written
         if rank == 0:
-            file = os.path.join(export_dir, "model.pt")
+            file = os.path.join(path, "config.yaml")
             try:
-                merged: dict[str, torch.Tensor] = {}
-                merged_ema: dict[str, torch.Tensor] = {}
-                for i in range(num_stages):
-                    part = torch.load(os.path.join(export_dir, f"stage_{i:03d}.pt"), weights_only=True)
-                    merged.update(part["state_dict"])
-                    merged_ema.update(part["ema_state_dict"] or {})
-                blob = {"state_dict": merged, "step": step}
-                if merged_ema:
-                    blob["ema_state_dict"] = merged_ema
-                with atomic_open(file, "wb") as f:
-                    torch.save(blob, f)
-                for i in range(num_stages):
-                    os.remove(os.path.join(export_dir, f"stage_{i:03d}.pt"))
-                for file in (os.path.join(path, "config.yaml"), os.path.join(export_dir, "config.yaml")):
+                atomic_write(file, config_yaml)
+                copy_to = [path]
+                if export is not None:
+                    os.makedirs(export_dir, exist_ok=True)
+                    file = os.path.join(export_dir, "config.yaml")
                     atomic_write(file, config_yaml)
+                    copy_to.append(export_dir)
                 if tokenizer_model and os.path.exists(tokenizer_model):
-                    for dst in (path, export_dir):
+                    for dst in copy_to:
                         file = os.path.join(dst, "tokenizer.model")
                         shutil.copyfile(tokenizer_model, file)
                         sidecar = os.path.splitext(tokenizer_model)[0] + ".tokenizer.json"
                         if os.path.exists(sidecar):
                             file = os.path.join(dst, "tokenizer.tokenizer.json")
                             shutil.copyfile(sidecar, file)
+                if export is not None:  # last in the export: its presence says the export is complete
+                    file = os.path.join(export_dir, EXPORT_INDEX)
+                    layout = {
+                        "tensor_model_parallel_size": export.tp_size,
+                        "pipeline_model_parallel_size": export.pp_size,
+                        "data_parallel_size": client_state.get("data_parallel_size"),
+                    }
+                    write_index(export_dir, export.tp_size, export.pp_size, export.ema is not None, step, layout)
                 files = {
                     os.path.relpath(os.path.join(d, f), path): os.path.getsize(os.path.join(d, f))
                     for d, _, names in os.walk(path)
@@ -256,7 +263,7 @@ def save_checkpoint(
                 }
                 file = os.path.join(path, "meta.json")
                 atomic_write(file, json.dumps(meta, indent=1, sort_keys=True))
-            except (OSError, RuntimeError) as e:
+            except (OSError, RuntimeError, ValueError) as e:
                 failed = (file, e)
         _agree_on_failure(failed, path, root, previous)
 
@@ -365,11 +372,25 @@ def _save_error_text(file: str, text: str, full: bool, path: str, root: str, pre
 
 
 def _prune(root: str, keep_last: int) -> None:
+    """Keeps the newest ``keep_last`` checkpoints, and the newest one with an export when none of those
+    has one (``train.export_interval`` other than 1)."""
     tags = sorted(t for t in os.listdir(root) if is_checkpoint_tag(t))
     latest = open(os.path.join(root, "latest")).read().strip()
     done = [t for t in tags if t <= latest]
-    for t in done[:-keep_last]:
-        shutil.rmtree(os.path.join(root, t), ignore_errors=True)
+    exported = [t for t in done if has_export(os.path.join(root, t, "export"))]
+    keep = set(done[-keep_last:]) | set(exported[-1:])  # the kept ones are the newest: holds one if any does
+    for t in done:
+        if t not in keep:
+            shutil.rmtree(os.path.join(root, t), ignore_errors=True)
+
+
+def export_due(step: int, train_iters: int, save_interval: int, export_interval: int) -> bool:
+    """Whether the save at ``step`` writes the export (``train.export_interval``): 1 = every save; 0 = only
+    the final one (``step >= train_iters``); N = the final one and the periodic saves at multiples of
+    N x ``save_interval`` (a save on a signal or ``train.exit_interval`` writes none unless N is 1)."""
+    if export_interval == 1 or step >= train_iters:
+        return True
+    return export_interval > 1 and save_interval > 0 and step % (save_interval * export_interval) == 0
 
 
 def has_ema(path: str) -> bool:

@@ -108,14 +108,15 @@ def read_init_weights(cfg: Config) -> InitWeights:
             + "\n  - ".join(problems)
             + "\nRemove these keys from the YAML file and the command line (they default to the checkpoint's)."
         )
+    from card_megatron.model.sharded_export import open_export
+
     try:
-        blob = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file
-        raise ValueError(
-            f"train.init_from: {weights_path} is not a card_megatron export ({type(e).__name__}: {e})"
-        ) from None
-    state = blob.get("state_dict") if isinstance(blob, dict) else None
-    if not isinstance(state, dict) or EMBEDDING not in state:
+        with open_export(export) as weights:
+            state = weights.state_dict() if EMBEDDING in weights.names() else None
+            step = weights.step
+    except ValueError as e:
+        raise ValueError(f"train.init_from: {e}") from None
+    if state is None:
         raise ValueError(f"train.init_from: {weights_path} is not a card_megatron export (no embedding weights)")
     state = {k: v.float() for k, v in state.items()}
-    return InitWeights(path=export, step=int(blob.get("step", 0)), state=state, rows=state[EMBEDDING].shape[0])
+    return InitWeights(path=export, step=step, state=state, rows=state[EMBEDDING].shape[0])

@@ -37,9 +37,10 @@ from card_megatron.data import MicroBatchSampler, build_datasets, collate
 from card_megatron.data.dataset import data_identity, data_identity_changes
 from card_megatron.lock import ExclusiveLock, LockHeldError
 from card_megatron.model.compile import compile_layers, use_compiled_layers
-from card_megatron.model.export import gather_canonical_state, load_canonical_state
+from card_megatron.model.export import load_canonical_state
 from card_megatron.model.gpt import CardGPT, no_attention_mask, padded_vocab_size, per_token_nll, per_token_top1_logprob
 from card_megatron.model.pipeline import build_pipeline_model
+from card_megatron.model.sharded_export import ShardPart, local_pieces
 from card_megatron.objectives import LossInputs, build_objective
 from card_megatron.parallel.deepspeed_glue import MegatronMPU, deepspeed_config, resolve_dtype
 from card_megatron.parallel.state import ParallelInfo, init_distributed
@@ -584,23 +585,11 @@ class Trainer:
         }
 
     def save(self) -> str:
-        info = self.info
-
-        def gather() -> dict[str, torch.Tensor]:
-            return gather_canonical_state(
-                self.model,
-                self.cfg.model.num_layers,
-                info.tp_group,
-                info.tp_size,
-                zero3=self.cfg.parallel.zero_stage == 3,
-            )
-
-        state = gather()
-        writer = info.dp_rank == 0 and info.tp_rank == 0
-        ema_export, ema_state, ema_file = None, None, None
+        info, t = self.info, self.cfg.train
+        due = ckpt.export_due(self.step, t.train_iters, t.save_interval, t.export_interval)
+        export = self._export_part() if due else None
+        ema_state, ema_file = None, None
         if self.ema is not None:
-            with self.ema.swapped():  # the EMA is gathered exactly as the weights are
-                ema_export = gather()
             ema_file, _ = self._ema_files()
             if self.cfg.parallel.zero_stage == 3 or info.dp_rank == 0:
                 ema_state = self.ema.state_dict()
@@ -611,13 +600,9 @@ class Trainer:
             self._client_state(),
             config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
             tokenizer_model=self.cfg.data.tokenizer_model,
-            export_state=state if writer else None,
-            export_writer=writer,
-            stage_index=info.pp_rank,
-            num_stages=info.pp_size,
+            export=export,
             keep_last=self.cfg.train.keep_last_checkpoints,
             rank=info.rank,
-            export_ema_state=ema_export if writer else None,
             ema_state=ema_state,
             ema_file=ema_file,
             meta_extra={
@@ -629,6 +614,24 @@ class Trainer:
         if self.is_rank0:
             log.info("saved checkpoint %s", path)
         return path
+
+    def _export_part(self) -> ShardPart:
+        """This rank's part of the export: its slice of the canonical weights (and EMA), nothing gathered
+        across tensor or pipeline ranks; data-parallel rank 0 writes it. Collective under ZeRO-3."""
+        info = self.info
+        zero3 = self.cfg.parallel.zero_stage == 3
+        part = ShardPart(info.tp_rank, info.pp_rank, info.tp_size, info.pp_size, writes=info.dp_rank == 0)
+        if not (part.writes or zero3):
+            return part
+        named = list(self.model.named_parameters())
+        layers = self.cfg.model.num_layers
+        if self.ema is not None:
+            with self.ema.swapped():  # the EMA's pieces are taken exactly as the weights'
+                part.ema, _ = local_pieces(named, layers, info.tp_rank, info.tp_size, zero3=zero3, copy=True)
+        part.weights, part.pieces = local_pieces(named, layers, info.tp_rank, info.tp_size, zero3=zero3)
+        if not part.writes:
+            part.weights, part.ema, part.pieces = {}, None, {}
+        return part
 
     def _resolved_settings(self) -> dict[str, str]:
         """What the settings that resolve by machine became here (a resume compares them, not ``auto``)."""
