@@ -231,3 +231,21 @@ def test_export_interval_in_training_saves_and_the_index_is_written_last(tiny_co
     assert loaded.step == 4
     for name, p in loaded.model.named_parameters():
         assert torch.equal(p, weights[name]), name
+
+
+def test_a_failed_shard_write_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own error type; the writer raises it as an OSError with its
+    errno and the shard's final name (checkpoint.save_checkpoint then says "No space left on device")."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    def full_disk(tensors, path, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(sx, "save_file", full_disk)
+    part = sx.ShardPart(1, 0, 2, 1, writes=True, weights={"w": torch.zeros(2)}, pieces={})
+    with pytest.raises(OSError) as e:
+        sx.write_shards(str(tmp_path), part)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "model-tp01-pp000.safetensors")
+    assert os.listdir(tmp_path) == []

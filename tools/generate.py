@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         required=True,
         metavar="PATH",
-        help="a run directory (its latest checkpoint), a checkpoint directory, or an export "
-        "(export/ or export/model.pt); any TP/PP/ZeRO layout",
+        help="a run directory (its newest checkpoint with an export), a checkpoint directory, or an export "
+        "(export/, or its model.index.json; an older export's model.pt); any TP/PP/ZeRO layout",
     )
     g.add_argument(
         "--ema",

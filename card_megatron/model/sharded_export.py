@@ -27,14 +27,16 @@ shards (``model.pt``: one ``torch.save`` of the gathered weights) still load (:f
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from card_megatron.fileio import atomic_write, fsync_path, temp_path
@@ -147,10 +149,11 @@ def write_shards(export_dir: str, part: ShardPart) -> list[str]:
             save_file(tensors, tmp, metadata=meta)
             fsync_path(tmp)
             os.replace(tmp, file)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # safetensors reports an I/O error as "... (os error 28) ..."
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-            raise OSError(e.errno, e.strerror, file) from e
+            code = getattr(e, "errno", None) or int((re.findall(r"os error (\d+)", str(e)) or [errno.EIO])[0])
+            raise OSError(code, f"{os.strerror(code)} ({e})", file) from e
         written.append(file)
     return written
 
