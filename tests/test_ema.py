@@ -144,7 +144,7 @@ def test_ema_switched_on_and_off_between_runs(tiny_corpus, tmp_path, caplog):
     plain.train_step()
     plain.save()
     plain.close()  # a Trainer holds the run directory until then
-    with pytest.raises(ValueError, match=r"step_00000001/export/model\.pt has no EMA weights"):
+    with pytest.raises(ValueError, match=r"step_00000001/export/model\.index\.json has no EMA weights"):
         load_model(run, device="cpu", ema=True)
 
     with_ema = trainer("optim.ema_decay=0.5")

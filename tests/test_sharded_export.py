@@ -249,3 +249,18 @@ def test_a_failed_shard_write_is_an_os_error_naming_the_file(tmp_path, monkeypat
         sx.write_shards(str(tmp_path), part)
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "model-tp01-pp000.safetensors")
     assert os.listdir(tmp_path) == []
+
+
+def test_init_from_loads_straight_from_the_shards(model, exported):
+    """train.init_from reads the index only up front; each rank then reads its own slices (here one
+    process: all of them); the whole state is read only to grow rows the TP size does not divide."""
+    from card_megatron.model.gpt import CardGPT
+    from card_megatron.training.init_from import InitWeights
+
+    init = InitWeights(path=exported, step=7, state={}, rows=256)
+    fresh = CardGPT(CONFIG, "causal", 256, tp_size=1, seed=99)
+    init.load_into(fresh, NUM_LAYERS, tp_rank=0, tp_size=1)
+    expected = dict(model.named_parameters())
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, expected[name]), name
+    assert init.state == {}

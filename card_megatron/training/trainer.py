@@ -37,7 +37,6 @@ from card_megatron.data import MicroBatchSampler, build_datasets, collate
 from card_megatron.data.dataset import data_identity, data_identity_changes
 from card_megatron.lock import ExclusiveLock, LockHeldError
 from card_megatron.model.compile import compile_layers, use_compiled_layers
-from card_megatron.model.export import load_canonical_state
 from card_megatron.model.gpt import CardGPT, no_attention_mask, padded_vocab_size, per_token_nll, per_token_top1_logprob
 from card_megatron.model.pipeline import build_pipeline_model
 from card_megatron.model.sharded_export import ShardPart, local_pieces
@@ -192,7 +191,7 @@ class Trainer:
     def _load_init_weights(self) -> None:
         """Copies train.init_from's weights into this rank's shard of the model (any TP/PP layout)."""
         init, info = self._init_weights, self.info
-        load_canonical_state(self.model, init.state, self.cfg.model.num_layers, info.tp_rank, info.tp_size)
+        init.load_into(self.model, self.cfg.model.num_layers, info.tp_rank, info.tp_size)
         self._log_line(f"initialised from {init.path} (step {init.step} of its run); step 0, a fresh optimizer")
         self._init_weights = dataclasses.replace(init, state={})  # the copy is in the model now
 
