@@ -273,7 +273,10 @@ class ShardedExport:
             file = os.path.join(self.dir, name)
             if not os.path.exists(file):
                 raise FileNotFoundError(f"{file} is missing: the export {self.dir} is incomplete (its index names it)")
-            self._files[name] = self._stack.enter_context(safe_open(file, "pt"))
+            try:
+                self._files[name] = self._stack.enter_context(safe_open(file, "pt"))
+            except (SafetensorError, OSError) as e:  # a damaged or foreign file of the recorded size
+                raise ValueError(f"{file} is not a card_megatron export shard ({e})") from None
             self.opened.append(name)
         return self._files[name]
 
