@@ -264,3 +264,15 @@ def test_init_from_loads_straight_from_the_shards(model, exported):
     for name, p in fresh.named_parameters():
         assert torch.equal(p, expected[name]), name
     assert init.state == {}
+
+
+def test_a_run_without_any_export_says_so(tmp_path):
+    """train.export_interval=0 and a run stopped before its end: checkpoints, none with an export."""
+    step = tmp_path / "run" / "checkpoints" / "step_00000005"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"step": 5, "files": {}}))
+    (step.parent / "latest").write_text("step_00000005")
+    with pytest.raises(FileNotFoundError, match="none of its complete checkpoints holds an export"):
+        resolve_export_dir(str(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match=f"checkpoint {step} holds no export"):
+        resolve_export_dir(str(step))
