@@ -43,6 +43,7 @@ bench: setup
 	$(PY) tools/benchmark_index.py
 	$(PY) tools/benchmark_objectives.py
 	$(PY) tools/benchmark_train.py
+	$(PY) tools/benchmark_export.py --config configs/gpt-350m.yaml --tp 2 --pp 2
 
 # Decoding against transformers' generate on the same exported weights (needs runs/demo: make demo);
 # writes the table to runs/anchor/table.md (docs/benchmarks.md quotes it).

@@ -4,6 +4,7 @@ Multi-process runs use torchrun on gloo (2 ranks) with timeouts, like tests/test
 """
 
 import io
+import json
 import logging
 import math
 import os
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from card_megatron.training.ema import EMA
-from tests.training_runs import LOSS_REL_TOL, REPO, assert_same_weights, losses, overrides, records, train
+from tests.training_runs import LOSS_REL_TOL, REPO, assert_same_weights, losses, overrides, read_export, records, train
 
 ITERS = 6
 DECAY = 0.9
@@ -142,7 +143,7 @@ def test_ema_switched_on_and_off_between_runs(tiny_corpus, tmp_path, caplog):
     plain.train_step()
     plain.save()
     plain.close()  # a Trainer holds the run directory until then
-    with pytest.raises(ValueError, match=r"step_00000001/export/model\.pt has no EMA weights"):
+    with pytest.raises(ValueError, match=r"step_00000001/export/model\.index\.json has no EMA weights"):
         load_model(run, device="cpu", ema=True)
 
     with_ema = trainer("optim.ema_decay=0.5")
@@ -160,7 +161,7 @@ def test_ema_switched_on_and_off_between_runs(tiny_corpus, tmp_path, caplog):
     with_ema.save()
     with_ema.close()
     checkpoint = os.path.join(run, "checkpoints", "step_00000002")
-    assert "ema_state_dict" in torch.load(os.path.join(checkpoint, "export", "model.pt"), weights_only=True)
+    assert "ema_state_dict" in read_export(checkpoint)
 
     # optim.ema_decay=0 would drop the trained EMA: refused unless train.drop_ema says so (issue 21).
     from card_megatron.config import ConfigError
@@ -201,7 +202,7 @@ def ema_run(tiny_corpus, tmp_path_factory):
 
 
 def _export(run: str, step: int = ITERS) -> dict:
-    return torch.load(os.path.join(run, "checkpoints", f"step_{step:08d}", "export", "model.pt"), weights_only=True)
+    return read_export(os.path.join(run, "checkpoints", f"step_{step:08d}"))
 
 
 def _trajectory(run: str) -> list[dict]:
@@ -301,8 +302,12 @@ def test_load_model_and_generate_with_ema(ema_run, tmp_path, capsys):
     assert "EMA weights" in capsys.readouterr().err
     no_ema = tmp_path / "no_ema"
     shutil.copytree(os.path.join(run, "checkpoints", f"step_{ITERS:08d}", "export"), no_ema)
-    del blob["ema_state_dict"]
-    torch.save(blob, no_ema / "model.pt")
+    index = json.loads((no_ema / "model.index.json").read_text())  # the export as a run without EMA writes it
+    del index["ema"]
+    for name in [f for f in index["files"] if f.startswith("ema-")]:
+        del index["files"][name]
+        os.remove(no_ema / name)
+    (no_ema / "model.index.json").write_text(json.dumps(index))
     assert tool.main(["--checkpoint", str(no_ema), "--ema", "--max-new-tokens", "3"]) == 2
     err = capsys.readouterr().err
-    assert f"{no_ema / 'model.pt'} has no EMA weights" in err and "Traceback" not in err
+    assert f"{no_ema / 'model.index.json'} has no EMA weights" in err and "Traceback" not in err

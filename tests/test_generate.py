@@ -421,8 +421,13 @@ def test_cli_bad_input(runs, tmp_path, capsys):
     fails("--checkpoint", str(tmp_path / "missing"), match="checkpoint not found")
     corrupt = tmp_path / "corrupt"
     shutil.copytree(_export(ckpt), corrupt)
-    (corrupt / "model.pt").write_bytes(b"not a checkpoint")
-    fails("--checkpoint", str(corrupt), match="not a card_megatron export")
+    shard = corrupt / "model-tp00-pp000.safetensors"
+    shard.write_bytes(b"not a checkpoint".ljust(shard.stat().st_size, b"!"))  # the size the index records
+    fails("--checkpoint", str(corrupt), match=f"{shard} is not a card_megatron export shard")
+    legacy = tmp_path / "legacy"  # an export of earlier versions: model.pt
+    shutil.copytree(_export(ckpt), legacy, ignore=shutil.ignore_patterns("*.safetensors", "model.index.json"))
+    (legacy / "model.pt").write_bytes(b"not a checkpoint")
+    fails("--checkpoint", str(legacy), match="model.pt is not a card_megatron export")
     fails("--checkpoint", ckpt, "--threshold", "0", match="--threshold")
     fails("--checkpoint", ckpt, "--decoding", "mdlm", match="does not fit this card checkpoint")
     fails("--checkpoint", ckpt, "--prompt", "word " * 40, "--max-new-tokens", "8", match="--max-context")

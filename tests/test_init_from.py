@@ -13,6 +13,7 @@ import torch
 from card_megatron.config import ConfigError, load_config
 from tests.distributed import REPO, clean_env, torchrun_command
 from tests.test_import_hf import llama_dir
+from tests.training_runs import read_export
 
 pytest.importorskip("transformers")
 
@@ -126,8 +127,8 @@ def test_first_validation_is_the_imported_models_perplexity(imported, tmp_path, 
     # rel 1e-5: TP=2 / DP=2 against one process, fp32 (measured 3.6e-9 and 1.5e-9 on nll 6.81: 2,800x margin)
     assert math.isclose(ev["val_nll"], ref, rel_tol=1e-5), (ev["val_nll"], ref)
     assert abs(ref - math.log(384)) > 0.5  # far from a uniform model: the comparison has teeth
-    trained = torch.load(os.path.join(run_dir, "checkpoints", "step_00000002", "export", "model.pt"))["state_dict"]
-    start = torch.load(os.path.join(imported[0], "model.pt"))["state_dict"]
+    trained = read_export(os.path.join(run_dir, "checkpoints", "step_00000002"))["state_dict"]
+    start = read_export(imported[0])["state_dict"]
     frozen = "optim.freeze_layers=1" in layout
     for key in start:
         same = torch.equal(trained[key], start[key])

@@ -24,6 +24,7 @@ from tests.training_runs import (
     kill_tree,
     losses,
     overrides,
+    read_export,
     records,
     train,
 )
@@ -66,8 +67,8 @@ def test_layout_matches_single_process(layout, baseline, tiny_corpus, tmp_path):
     assert math.isclose(v0[0]["val_nll"], v1[0]["val_nll"], rel_tol=LOSS_REL_TOL)
     # The consolidated export is layout-independent: same weights as the single-process run
     # (tolerance and its reason: tests/training_runs.py).
-    a = torch.load(os.path.join(baseline, "checkpoints", f"step_{ITERS:08d}", "export", "model.pt"))["state_dict"]
-    b = torch.load(os.path.join(run, "checkpoints", f"step_{ITERS:08d}", "export", "model.pt"))["state_dict"]
+    a = read_export(os.path.join(baseline, "checkpoints", f"step_{ITERS:08d}"))["state_dict"]
+    b = read_export(os.path.join(run, "checkpoints", f"step_{ITERS:08d}"))["state_dict"]  # TP/PP shards
     assert_same_weights(a, b, layout)
 
 

@@ -1,6 +1,6 @@
 """The trainer's components on their own, single process, without a model or an engine: the run
 directory (lock, markers, stop requests), the EMA's files per layout and its resume, the export's
-merge of pipeline stages, and the validation log line."""
+shards and index, and the validation log line."""
 
 import os
 import signal
@@ -87,8 +87,12 @@ def test_ema_files_follow_the_layout_and_resume_refuses_another(tmp_path):
         zero1.resume(str(checkpoint), 1, False)
 
 
-def test_export_stages_merge_into_one_model_file(tmp_path):
-    from card_megatron.training.checkpoint_contents import merge_export, write_export_stage
+def test_export_shards_then_index_last(tmp_path):
+    """Each rank's part becomes its shard files (data-parallel ranks other than 0 write none); rank 0's
+    index, written after them, makes the export complete and reads back whole; a missing shard is named."""
+    from card_megatron.model.sharded_export import ShardedExport, ShardPart
+    from card_megatron.rundir import export_problem
+    from card_megatron.training.checkpoint_contents import write_export_index, write_export_shards
 
     written = []
 
@@ -97,17 +101,28 @@ def test_export_stages_merge_into_one_model_file(tmp_path):
         return file
 
     export = str(tmp_path / "export")
-    first, second = {"a": torch.zeros(2)}, {"b": torch.ones(3)}
-    write_export_stage(export, 0, first, {"a": torch.full((2,), 0.5)}, writing)
-    write_export_stage(export, 1, second, {"b": torch.full((3,), 0.25)}, writing)
-    merge_export(export, 2, 5, writing)
-    assert written == ["stage_000.pt", "stage_001.pt", "model.pt"] and os.listdir(export) == ["model.pt"]
-    blob = torch.load(os.path.join(export, "model.pt"), weights_only=True)
-    assert blob["step"] == 5 and set(blob["state_dict"]) == {"a", "b"} and set(blob["ema_state_dict"]) == {"a", "b"}
-    torch.testing.assert_close(blob["state_dict"]["b"], second["b"])
-    write_export_stage(export, 0, first, None, writing)  # without EMA: no ema_state_dict
-    merge_export(export, 1, 6, writing)
-    assert "ema_state_dict" not in torch.load(os.path.join(export, "model.pt"), weights_only=True)
+    full = torch.arange(12.0).reshape(4, 3)
+    parts = []
+    for tp in range(2):  # a weight split over TP=2 along its rows, with an EMA
+        part = ShardPart(tp, 0, 2, 1, writes=True, weights={"w": full[2 * tp : 2 * tp + 2].clone()})
+        part.pieces = {"w": {"name": "w", "start": [2 * tp, 0], "shape": [4, 3]}}
+        part.ema = {"w": part.weights["w"] / 2}
+        parts.append(part)
+        write_export_shards(export, part, writing)
+    write_export_shards(export, ShardPart(0, 0, 2, 1, writes=False), writing)  # data-parallel rank 1: nothing
+    assert export_problem(export) is not None  # shards without an index: not an export yet
+    write_export_index(export, parts[0], 5, 3, writing)
+    assert written == ["model-tp00-pp000.safetensors", "model-tp01-pp000.safetensors", "model.index.json"]
+    assert sorted(os.listdir(export)) == sorted(
+        ["model-tp00-pp000.safetensors", "model-tp01-pp000.safetensors", "ema-tp00-pp000.safetensors"]
+        + ["ema-tp01-pp000.safetensors", "model.index.json"]
+    )
+    assert export_problem(export) is None
+    with ShardedExport(export) as exp:
+        assert exp.step == 5 and torch.equal(exp.read("w"), full) and torch.equal(exp.read("w", ema=True), full / 2)
+    os.remove(os.path.join(export, "model-tp01-pp000.safetensors"))
+    with pytest.raises(FileNotFoundError, match="model-tp01-pp000.safetensors is missing"):
+        write_export_index(export, parts[0], 5, 3, writing)
 
 
 def test_validation_line():

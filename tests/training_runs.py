@@ -32,6 +32,19 @@ WEIGHT_REL_TOL = 1e-3
 does to the weight matrices."""
 
 
+def read_export(path: str) -> dict:
+    """The export at ``path`` (an export directory, checkpoint or run directory; sharded or an older
+    model.pt) as one dict: state_dict, step and, with an EMA, ema_state_dict."""
+    from card_megatron.model.sharded_export import open_export
+    from card_megatron.rundir import resolve_export_dir
+
+    with open_export(resolve_export_dir(path)) as export:
+        blob = {"state_dict": export.state_dict(), "step": export.step}
+        if export.has_ema:
+            blob["ema_state_dict"] = export.state_dict(ema=True)
+    return blob
+
+
 def assert_same_weights(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str = "") -> None:
     """The same names and shapes, and each tensor within WEIGHT_REL_TOL of ``expected`` in norm."""
     assert got.keys() == expected.keys(), what

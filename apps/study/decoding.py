@@ -29,6 +29,7 @@ import os
 from typing import Optional
 
 from apps.study.plans import THRESHOLD, DecodeSpec
+from card_megatron.rundir import has_export
 
 
 def held_out_documents(data_path: str, split: str, count: int) -> list[list[int]]:
@@ -174,9 +175,5 @@ def checkpoints_of(run_dir: str) -> list[str]:
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
-    steps = sorted(
-        d
-        for d in os.listdir(root)
-        if d.startswith("step_") and os.path.exists(os.path.join(root, d, "export", "model.pt"))
-    )
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step_") and has_export(os.path.join(root, d, "export")))
     return [os.path.join(root, d) for d in steps]

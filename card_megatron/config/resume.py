@@ -19,6 +19,7 @@ RESUMABLE = frozenset(
         "train.micro_batch_size",
         "train.run_dir",
         "train.save_interval",
+        "train.export_interval",
         "train.keep_last_checkpoints",
         "train.exit_interval",
         "train.log_interval",

@@ -143,6 +143,10 @@ class TrainConfig:
     """Training precision; auto = bf16 on GPU, fp32 on CPU."""
     save_interval: int = 0
     """Save a checkpoint every this many steps; 0 = only at the end or on a signal."""
+    export_interval: int = 1
+    """Write the export (export/: safetensors shards per TP/PP rank and their index) at every this many
+    saves: 1 = every save, N = the saves at multiples of N x save_interval, 0 = only the final save;
+    always at the end of the run (large models: 0 or N)."""
     keep_last_checkpoints: int = 3
     """Checkpoints kept in the run directory (older ones are deleted)."""
     exit_interval: int = 0

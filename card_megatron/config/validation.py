@@ -54,6 +54,7 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "train.global_batch_size": (1, _INF, True, False, ""),
     "train.seed": (0, 2**64 - 1, True, True, ""),
     "train.save_interval": (0, _INF, True, False, " (0 = only at the end)"),
+    "train.export_interval": (0, _INF, True, False, " (0 = only the final save)"),
     "train.keep_last_checkpoints": (1, _INF, True, False, ""),
     "train.exit_interval": (0, _INF, True, False, " (0 = off)"),
     "train.log_interval": (1, _INF, True, False, ""),

@@ -1,10 +1,12 @@
 """Loading a trained model into one process (CPU or one GPU), whatever layout trained it.
 
-``PATH`` may be a run directory (its latest checkpoint is used), a checkpoint directory
-(``.../checkpoints/step_00000100``), or a consolidated export (``.../export``, or the
-``model.pt`` inside it). The export holds canonical (single-process) weights, the
-resolved config and the tokenizer, so no DeepSpeed or ZeRO tooling is needed. Runs trained
-with ``optim.ema_decay > 0`` also export the EMA weights, which ``load_model(..., ema=True)`` loads.
+``PATH`` may be a run directory (its newest checkpoint with an export is used), a checkpoint
+directory (``.../checkpoints/step_00000100``), or an export (``.../export``, or its
+``model.index.json``; an older export's ``model.pt``). The export holds canonical
+(single-process) weights as safetensors shards (``model/sharded_export.py``: the one process
+reads every shard, slice by slice), the resolved config and the tokenizer, so no DeepSpeed or
+ZeRO tooling is needed. Runs trained with ``optim.ema_decay > 0`` also export the EMA weights,
+which ``load_model(..., ema=True)`` loads.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import yaml
 
 from card_megatron.config import Config, config_from_dict
 from card_megatron.rundir import export_files
+
+EMBEDDING = "embedding.embedding.word_embeddings.weight"
 
 
 @dataclass
@@ -39,8 +43,8 @@ def load_model(
     With ``ema`` it loads the EMA weights instead of the trained ones, and raises ValueError
     when the checkpoint has none.
     """
-    from card_megatron.model.export import load_canonical_state
     from card_megatron.model.gpt import CardGPT
+    from card_megatron.model.sharded_export import open_export
     from card_megatron.objectives import objective_traits
     from card_megatron.parallel.state import init_single_process
     from card_megatron.tokenizers import load_tokenizer
@@ -48,33 +52,22 @@ def load_model(
     export, cfg_path, weights_path, tok_path = export_files(path)
     with open(cfg_path) as f:
         cfg = config_from_dict(yaml.safe_load(f))
-    try:
-        blob = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file
-        raise ValueError(f"{weights_path}: not a card_megatron export ({type(e).__name__}: {e})") from None
-    if not isinstance(blob, dict) or "state_dict" not in blob:
-        raise ValueError(f"{weights_path}: not a card_megatron export (no state_dict)")
-    state = blob["state_dict"]
-    if ema:
-        if "ema_state_dict" not in blob:
-            raise ValueError(
-                f"{weights_path} has no EMA weights (the run was trained with optim.ema_decay=0); load it without EMA"
-            )
-        state = blob["ema_state_dict"]
     tokenizer = load_tokenizer(tok_path)
     init_single_process()
-    embed = state.get("embedding.embedding.word_embeddings.weight")
-    if embed is None:
-        raise ValueError(f"{weights_path}: no embedding weights; not a card_megatron export")
-    vocab_size = embed.shape[0]
-    if vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"tokenizer mismatch: {tok_path} has {tokenizer.vocab_size} tokens but the model only {vocab_size}"
+    with open_export(export) as weights:
+        names = weights.names(ema)
+        if EMBEDDING not in names:
+            raise ValueError(f"{weights_path}: no embedding weights; not a card_megatron export")
+        vocab_size = weights.shape(EMBEDDING, ema)[0]
+        if vocab_size < tokenizer.vocab_size:
+            raise ValueError(
+                f"tokenizer mismatch: {tok_path} has {tokenizer.vocab_size} tokens but the model only {vocab_size}"
+            )
+        model = CardGPT(
+            cfg.model, objective_traits(cfg.objective.name).mask_kind, vocab_size, tp_size=1, seed=cfg.train.seed
         )
-    model = CardGPT(
-        cfg.model, objective_traits(cfg.objective.name).mask_kind, vocab_size, tp_size=1, seed=cfg.train.seed
-    )
-    load_canonical_state(model, state, cfg.model.num_layers)
+        weights.load_into(model, cfg.model.num_layers, ema=ema)
+        step = weights.step
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device=dev, dtype=dtype).eval()
     return LoadedModel(
@@ -83,7 +76,7 @@ def load_model(
         tokenizer=tokenizer,
         vocab_size=vocab_size,
         device=dev,
-        step=int(blob.get("step", 0)),
+        step=step,
         path=export,
         ema=ema,
     )

@@ -31,7 +31,7 @@ def canonical_name(name: str, num_layers: int) -> str:
     return f"output.{rest}"
 
 
-def _is_glu_fc1(name: str) -> bool:
+def is_glu_fc1(name: str) -> bool:
     return name.endswith("mlp.linear_fc1.weight")
 
 
@@ -42,7 +42,7 @@ def _gather_tp(name: str, param: torch.Tensor, tp_group, tp_size: int, grads: bo
     dim = param.partition_dim
     parts = [torch.empty_like(tensor) for _ in range(tp_size)]
     dist.all_gather(parts, tensor.contiguous(), group=tp_group)
-    if _is_glu_fc1(name):
+    if is_glu_fc1(name):
         halves = [p.chunk(2, dim=dim) for p in parts]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
     return torch.cat(parts, dim=dim)
@@ -81,7 +81,7 @@ def shard_for_rank(
     if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
         return full
     dim = param.partition_dim
-    if _is_glu_fc1(name):
+    if is_glu_fc1(name):
         gate, up = full.chunk(2, dim=dim)
         return torch.cat([gate.chunk(tp_size, dim=dim)[tp_rank], up.chunk(tp_size, dim=dim)[tp_rank]], dim=dim)
     return full.chunk(tp_size, dim=dim)[tp_rank]

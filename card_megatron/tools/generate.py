@@ -79,8 +79,8 @@ class GenerateOptions:
     library's defaults (``CausalDecodeConfig``, ``GenerationConfig``, ``SamplingConfig``) are the flags'."""
 
     checkpoint: str = option(metavar="PATH", group=MODEL)
-    """A run directory (its latest checkpoint), a checkpoint directory, or an export (export/ or
-    export/model.pt); any TP/PP/ZeRO layout."""
+    """A run directory (its newest checkpoint with an export), a checkpoint directory, or an export
+    (export/, or its model.index.json; an older export's model.pt); any TP/PP/ZeRO layout."""
     ema: bool = option(False, group=MODEL)
     """Use the checkpoint's EMA weights (runs trained with optim.ema_decay > 0; an error otherwise).
     --judge always uses its checkpoint's trained weights."""

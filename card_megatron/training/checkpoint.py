@@ -9,8 +9,9 @@ Layout of ``{run_dir}/checkpoints``::
         config.yaml             the resolved config (a resume compares it: config.resume_changes)
         meta.json               step, consumed samples, data-parallel size
         tokenizer.model         the tokenizer the run used
-        export/model.pt         consolidated weights, canonical names, loadable under any layout
-                                (with an EMA, also ``ema_state_dict``: the EMA weights, gathered alike)
+        export/                 canonical weights under any layout: safetensors shards per TP/PP rank
+                                (and the EMA's), config, tokenizer, model.index.json last; at the saves
+                                ``train.export_interval`` picks (``checkpoint_contents.py`` says more)
         ema_tp*_pp*_dp*.pt      with an EMA: the fp32 EMA of one rank's local parameters, one file
                                 per (tensor, pipeline) rank; per data-parallel rank only under ZeRO-3
         meta.json               step, consumed samples, vocabulary rows and the manifest (every
@@ -22,7 +23,8 @@ killed mid-save resumes from the previous checkpoint; a save never writes into t
 directory ``latest`` names (a step already saved is not saved again). On resume, a
 checkpoint whose files disagree with its manifest (truncated, missing; an empty or
 dangling ``latest``) is named in a warning and the newest complete one is used instead
-(``card_megatron/rundir.py``, which every reader of a run directory uses). Only the last N are kept.
+(``card_megatron/rundir.py``, which every reader of a run directory uses). Only the last N are kept,
+and the newest one with an export.
 
 Reading the files safely (``weights_only``, every file checked before DeepSpeed uses it) is
 ``safe_io.py``'s.
@@ -51,7 +53,7 @@ import yaml
 
 from card_megatron.config import Config, config_from_dict
 from card_megatron.fileio import atomic_write
-from card_megatron.rundir import checkpoint_problem, checkpoints_dir, is_checkpoint_tag, tag_for
+from card_megatron.rundir import checkpoint_problem, checkpoints_dir, has_export, is_checkpoint_tag, tag_for
 from card_megatron.training.checkpoint_checks import (  # noqa: F401 (re-exported: the checks of safe_load)
     MAX_DEPTH,
     CheckpointContentError,
@@ -173,7 +175,7 @@ def _write_files(engine, root: str, tag: str, contents: CheckpointContents, prev
         try:
             contents.write_rank_files(path, writing)
         except (OSError, RuntimeError) as e:
-            failed = (current[0], e)
+            failed = (_failed_file(e, current[0]), e)
     _agree_on_failure(failed, path, root, previous)
     if dist.get_rank() == 0:
         try:
@@ -186,9 +188,14 @@ def _write_files(engine, root: str, tag: str, contents: CheckpointContents, prev
             atomic_write(
                 writing(os.path.join(path, "meta.json")), json.dumps({**meta, "files": files}, indent=1, sort_keys=True)
             )
-        except (OSError, RuntimeError) as e:
-            failed = (current[0], e)
+        except (OSError, RuntimeError, ValueError) as e:  # ValueError: the export's shards do not make an index
+            failed = (_failed_file(e, current[0]), e)
     _agree_on_failure(failed, path, root, previous)
+
+
+def _failed_file(e: BaseException, current: str) -> str:
+    """The file a failed write names: the error's own (one of several an export call writes), else ``current``."""
+    return e.filename if isinstance(e, OSError) and e.filename else current
 
 
 class CheckpointSaveError(OSError):
@@ -276,11 +283,16 @@ def _save_error_text(file: str, text: str, full: bool, path: str, root: str, pre
 
 
 def _prune(root: str, keep_last: int) -> None:
+    """Keeps the newest ``keep_last`` checkpoints, and the newest one with an export when none of those
+    has one (``train.export_interval`` other than 1)."""
     tags = sorted(t for t in os.listdir(root) if is_checkpoint_tag(t))
     latest = open(os.path.join(root, "latest")).read().strip()
     done = [t for t in tags if t <= latest]
-    for t in done[:-keep_last]:
-        shutil.rmtree(os.path.join(root, t), ignore_errors=True)
+    exported = [t for t in done if has_export(os.path.join(root, t, "export"))]
+    keep = set(done[-keep_last:]) | set(exported[-1:])  # the kept ones are the newest: holds one if any does
+    for t in done:
+        if t not in keep:
+            shutil.rmtree(os.path.join(root, t), ignore_errors=True)
 
 
 def saved_config(path: str) -> Optional[Config]:

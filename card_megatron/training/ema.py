@@ -5,7 +5,7 @@ there: tensor-parallel shards, this pipeline stage's parameters, the whole param
 under ZeRO 0-2 (replicated over data parallelism, like the weights) and only this rank's
 flat partition (``param.ds_tensor``) under ZeRO-3. Updates are local and need no
 communication. To evaluate or export the EMA, :meth:`EMA.swapped` puts it into the
-parameters for a while, so the model's own forward pass and the export's own gather
+parameters for a while, so the model's own forward pass and the export's own slicing
 see the EMA weights with no second code path.
 
 :class:`RunEMA` is the run's EMA as the trainer keeps it: built from ``optim.ema_decay`` (none at 0),

@@ -37,8 +37,21 @@ class InitWeights:
 
     path: str  # the export directory
     step: int  # the step of the run that wrote them (0 for an import)
-    state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor]  # whole canonical weights, read only when the rows must grow ({} until then)
     rows: int  # vocabulary rows of the embedding
+
+    def load_into(self, module: torch.nn.Module, num_layers: int, tp_rank: int, tp_size: int) -> None:
+        """Copies the weights into this rank's shard of ``module`` (any TP/PP layout): from ``state`` when
+        it was read (rows grown), else straight from the export, which reads only this rank's slices
+        (a sharded export: only the shards that hold them)."""
+        from card_megatron.model.export import load_canonical_state
+        from card_megatron.model.sharded_export import open_export
+
+        if self.state:
+            load_canonical_state(module, self.state, num_layers, tp_rank, tp_size)
+            return
+        with open_export(self.path) as weights:
+            weights.load_into(module, num_layers, tp_rank, tp_size)
 
     def vocab_rows(self, tokenizer, vocab_size: Optional[int], tp_size: int) -> int:
         """The run's vocabulary: the checkpoint's rows, or the next multiple of ``tp_size`` when the
@@ -53,9 +66,12 @@ class InitWeights:
             raise ConfigError("train.init_from cannot start this run:\n  - " + "\n  - ".join(p))
         if self.rows % tp_size:
             from card_megatron.model.export import extend_vocab_rows
+            from card_megatron.model.sharded_export import open_export
 
             rows = -(-self.rows // tp_size) * tp_size
-            self.state = extend_vocab_rows(self.state, rows, tokenizer.num_pieces, [])
+            with open_export(self.path) as weights:
+                state = {k: v.float() for k, v in weights.state_dict().items()}
+            self.state = extend_vocab_rows(state, rows, tokenizer.num_pieces, [])
             self.rows = rows
         return self.rows
 
@@ -108,14 +124,14 @@ def read_init_weights(cfg: Config) -> InitWeights:
             + "\n  - ".join(problems)
             + "\nRemove these keys from the YAML file and the command line (they default to the checkpoint's)."
         )
+    from card_megatron.model.sharded_export import open_export
+
     try:
-        blob = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file
-        raise ValueError(
-            f"train.init_from: {weights_path} is not a card_megatron export ({type(e).__name__}: {e})"
-        ) from None
-    state = blob.get("state_dict") if isinstance(blob, dict) else None
-    if not isinstance(state, dict) or EMBEDDING not in state:
-        raise ValueError(f"train.init_from: {weights_path} is not a card_megatron export (no embedding weights)")
-    state = {k: v.float() for k, v in state.items()}
-    return InitWeights(path=export, step=int(blob.get("step", 0)), state=state, rows=state[EMBEDDING].shape[0])
+        with open_export(export) as weights:  # the index only (or an older model.pt): the weights load later
+            if EMBEDDING not in weights.names():
+                raise ValueError(f"{weights_path} is not a card_megatron export (no embedding weights)")
+            rows = weights.shape(EMBEDDING)[0]
+            step = weights.step
+    except ValueError as e:
+        raise ValueError(f"train.init_from: {e}") from None
+    return InitWeights(path=export, step=step, state={}, rows=rows)

@@ -31,7 +31,6 @@ import torch.distributed as dist
 
 from card_megatron.config import Config, config_to_dict, validate
 from card_megatron.model.compile import compile_layers, use_compiled_layers
-from card_megatron.model.export import load_canonical_state
 from card_megatron.model.gpt import CardGPT, padded_vocab_size
 from card_megatron.model.pipeline import build_pipeline_model
 from card_megatron.objectives import build_objective
@@ -87,7 +86,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.data.tokenizer_model)
         self._build_objective_and_model(init, resumed_vocab)
         if init is not None:  # before DeepSpeed copies the weights into its optimizer state
-            load_canonical_state(self.model, init.state, cfg.model.num_layers, info.tp_rank, info.tp_size)
+            init.load_into(self.model, cfg.model.num_layers, info.tp_rank, info.tp_size)  # its own slices only
             self._log_line(f"initialised from {init.path} (step {init.step} of its run); step 0, a fresh optimizer")
             init = dataclasses.replace(init, state={})  # the copy is in the model now
         self.num_trainable = freeze_first_layers(self.model, cfg.model.num_layers, cfg.optim.freeze_layers)
