@@ -57,12 +57,18 @@ def checkpoint_problem(path: str) -> Optional[str]:
         return f"{meta_path} is missing (the save did not finish)"
     except (OSError, ValueError) as e:
         return f"{meta_path} is unreadable ({e})"
-    for name, size in meta.get("files", {}).items():
-        file = os.path.join(path, name)
+    return files_problem(path, meta.get("files", {}), f"the manifest {meta_path}")
+
+
+def files_problem(root: str, files: dict, record: str, missing: str = "") -> Optional[str]:
+    """What is wrong with the files a record (a checkpoint's manifest, an export's index) lists under
+    ``root`` with their sizes: the first one missing or of another size, or None when all are there."""
+    for name, size in files.items():
+        file = os.path.join(root, name)
         if not os.path.exists(file):
-            return f"{file} is missing"
+            return f"{file} is missing{missing} ({record} names it)"
         if os.path.getsize(file) != size:
-            return f"{file} holds {os.path.getsize(file)} bytes, the manifest {meta_path} says {size}"
+            return f"{file} holds {os.path.getsize(file)} bytes, {record} says {size}"
     return None
 
 
@@ -127,13 +133,7 @@ def export_problem(export: str) -> Optional[str]:
             files = json.load(f)["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{index} is unreadable ({type(e).__name__}: {e})"
-    for name, size in files.items():
-        file = os.path.join(export, name)
-        if not os.path.exists(file):
-            return f"{file} is missing: the export {export} is incomplete (its index {index} names it)"
-        if os.path.getsize(file) != size:
-            return f"{file} holds {os.path.getsize(file)} bytes, the index {index} says {size}"
-    return None
+    return files_problem(export, files, f"the index {index}", missing=f": the export {export} is incomplete")
 
 
 def has_export(path: str) -> bool:
