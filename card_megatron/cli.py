@@ -2,7 +2,7 @@
 
 Every tool (``card_megatron/tools/*.py``, ``apps/study``) declares its options as one dataclass of the
 same kind as the training config (``config.py``): a one-line docstring under each field is its
-``--help`` text (:func:`card_megatron.config.field_docs`), a ``Literal`` type (or a registry callable in
+``--help`` text (:func:`card_megatron.config_checks.field_docs`), a ``Literal`` type (or a registry callable in
 the field's ``choices`` metadata) gives its choices, and a :data:`~card_megatron.config_checks.Range`
 in the field's metadata bounds a number. :func:`build_parser` writes the parser from the class
 (``--field-name`` flags, defaults shown in the help), :func:`check_options` collects every choice and
@@ -30,8 +30,7 @@ import typing
 from typing import Any, Callable, Optional
 
 from card_megatron import quiet_warnings
-from card_megatron.config import ConfigError, field_docs
-from card_megatron.config_checks import Range, field_choices, field_types, range_text
+from card_megatron.config_checks import ConfigError, Range, field_choices, field_docs, field_types, range_text
 
 MISSING = dataclasses.MISSING
 

@@ -11,8 +11,12 @@ the registered objectives), a callable in the field's metadata: ``field(metadata
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import math
+import textwrap
 import typing
 from typing import Any, Literal, Optional
 
@@ -75,3 +79,21 @@ def range_problems(section_name: str, sub: Any, ranges: dict[str, Range]) -> lis
         elif not ((low <= value if low_in else low < value) and (value <= high if high_in else value < high)):
             p.append(f"{name} ({value}) must be {range_text(low, high, low_in, high_in)}{note}")
     return p
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring under each field of a config dataclass: {field name: text}."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs

@@ -158,6 +158,14 @@ def test_no_tool_puts_the_repository_on_sys_path():
     assert not wrong, f"sys.path.insert in {wrong}: the package is installed (pip install -e .)"
 
 
+def test_the_command_line_layer_does_not_import_torch():
+    """cli and the preprocess tool start without torch (1.5 s per start): the CLI tests of preprocessing spawn
+    it dozens of times, and a user who only tokenizes should not pay for it."""
+    code = "import sys, card_megatron.cli, card_megatron.tools.preprocess_data; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_the_startup_note_is_installed_in_one_place():
     """Only cli.start_logging calls quiet_warnings.install: every entry point goes through it."""
     callers = []

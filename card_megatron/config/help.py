@@ -4,34 +4,12 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
-import inspect
-import textwrap
 import typing
 from typing import Any, Optional
 
 from card_megatron.config.schema import Config
-from card_megatron.config_checks import field_choices, field_types
-
-
-@functools.lru_cache(maxsize=None)
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstring under each field of a config dataclass: {field name: text}."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(after, ast.Expr)
-            and isinstance(after.value, ast.Constant)
-            and isinstance(after.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
+from card_megatron.config_checks import field_choices, field_docs, field_types
 
 
 def _type_text(tp: Any, choices: Optional[tuple[str, ...]]) -> str:
