@@ -227,6 +227,10 @@ SlurmdParameters=config_overrides
         states = r.stdout.split()
         return len(states) == len(self.nodes) and all(s.startswith("idle") for s in states)
 
+    def wait_idle(self, timeout: float = 120.0) -> None:
+        """Returns once every node is idle (a previous test's job may still be completing on one)."""
+        self._wait_for(self._nodes_idle, timeout, "the nodes to become idle")
+
     def _wait_for(self, cond, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -959,13 +959,17 @@ def test_two_node_preprocess_array_matches_single_process(slurm2, tiny_corpus, t
         env=_local_env(PYTHONPATH=ROOT),
     )
     out = str(tmp_path / "corpus")
+    # Both nodes idle and both tasks eligible at the same instant (--begin), so the scheduler places them in
+    # one pass, one per node. Without this a node still completing an earlier test's job left one task
+    # waiting, and it started on the first node once that node's task had finished (a shard takes < 1 s).
+    slurm2.wait_idle()
     r = slurm2.run(
         ["bash", PREPROCESS, listing, out, "--tokenizer-model", tokenizer],
         env={
             "PYTHON": sys.executable,
             "PYTHONPATH": ROOT,
             "PREPROCESS_TOOL": PREPROCESS_TOOL,
-            "SBATCH_OPTIONS": "--cpus-per-task=2 --time=5",
+            "SBATCH_OPTIONS": "--cpus-per-task=2 --time=5 --begin=now+2",
         },
         cwd=tmp_path,
     )
